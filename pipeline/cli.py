@@ -1,0 +1,151 @@
+"""The `pipeline` command line. Thin: parse, call the stage, print. Errors are one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.markup import escape
+
+from pipeline import __version__
+from pipeline.errors import PipelineError
+from pipeline.progress import console, progress_bar
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Streaming data selection for affordable adversarially robust pre-training.")
+
+
+def _version(value: bool):
+    if value:
+        print(f"pipeline {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version.")):
+    pass
+
+
+@app.command()
+def prepare(
+    source: str = typer.Argument(..., help="folder:PATH | cifar10:PATH | cifar100:PATH | mnist:PATH | digits | synthetic[:N]"),
+    out: Optional[Path] = typer.Option(None, help="Output folder [default: shards/<name>]."),
+    formats: str = typer.Option("wds", help="Comma-separated: wds (always) and ffcv."),
+    image_size: Optional[int] = typer.Option(None, help="Resize the shorter side to N and centre-crop to N x N."),
+    shard_size: int = typer.Option(5000, help="Samples per tar shard."),
+    workers: int = typer.Option(1, help="Encoding processes."),
+    test_fraction: float = typer.Option(0.2, help="Held-out test share for data without its own test split."),
+    seed: int = typer.Option(0, help="Seed of the held-out split and of the sample order."),
+    overwrite: bool = typer.Option(False, help="Replace a shard set prepared with other settings."),
+):
+    """Convert a data set into a shard set (WebDataset tar shards with offset indexes, optionally FFCV)."""
+    from pipeline.shards.describe import shardset_table
+    from pipeline.shards.prepare import PrepareOptions
+    from pipeline.shards.prepare import prepare as run_prepare
+    from pipeline.shards.shardset import ShardSet
+
+    opts = PrepareOptions(out=out, formats=tuple(f.strip() for f in formats.split(",") if f.strip()),
+                          image_size=image_size, shard_size=shard_size, workers=workers,
+                          test_fraction=test_fraction, seed=seed, overwrite=overwrite)
+    result = run_prepare(source, opts)
+    console.print(shardset_table(ShardSet(result.out, result.index)))
+    if result.written:
+        console.print(f"encoded {result.written:,} images in {result.seconds:.1f} s ({result.images_per_s:,.0f} images/s)")
+    else:
+        console.print("nothing to do: the shard set was already complete")
+    skipped = result.index.get("skipped", [])
+    if skipped:
+        console.print(f"[yellow]skipped {len(skipped)} source files[/] (listed under 'skipped' in "
+                      f"{escape(str(result.out / 'index.json'))}), e.g. {escape(skipped[0]['source'])}: "
+                      f"{escape(skipped[0]['reason'])}")
+
+
+@app.command()
+def verify(directory: Path = typer.Argument(..., help="Shard-set folder.")):
+    """Re-read every shard against its index and decode every image. Exit 0 when healthy, else 1."""
+    from pipeline.shards.verify import verify as run_verify
+
+    problems = run_verify(directory)
+    if problems:
+        for p in problems:
+            console.print(f"[red]problem:[/] {escape(p)}")
+        console.print(f"{len(problems)} problem(s) in {escape(str(directory))}; prepare the shard set again "
+                      "(finished shards that are intact are kept)")
+        raise typer.Exit(1)
+    console.print(f"[green]ok[/]: {escape(str(directory))} is healthy")
+
+
+@app.command()
+def inspect(
+    path: Path = typer.Argument(..., help="A shard-set folder or a manifest (.json)."),
+    data: Optional[Path] = typer.Option(None, help="Shard set to check a manifest against."),
+):
+    """Summarise a shard set or a manifest."""
+    from pipeline.shards.describe import manifest_table, shardset_table
+    from pipeline.shards.manifest import Manifest
+    from pipeline.shards.shardset import ShardSet
+
+    if path.is_dir():
+        console.print(shardset_table(ShardSet.open(path)))
+        return
+    m = Manifest.load(path)
+    ss = None
+    if data is not None:
+        ss = ShardSet.open(data)
+        m.check_against(ss)
+    console.print(manifest_table(m, ss))
+
+
+@app.command()
+def stream(
+    data: Path = typer.Argument(..., help="Shard-set folder."),
+    split: str = typer.Option("train"),
+    manifest: Optional[Path] = typer.Option(None, help="Stream only this manifest's samples."),
+    backend: str = typer.Option("auto", help="auto | stream | indexed | ffcv"),
+    batch_size: int = typer.Option(256),
+    workers: int = typer.Option(0, help="Decoding worker processes (0: in this process)."),
+    epochs: int = typer.Option(1),
+    device: str = typer.Option("cpu", help="cpu | cuda | auto"),
+    seed: int = typer.Option(0),
+):
+    """Stream a split (or a manifest's subset) through the loader and report images/s."""
+    import numpy as np
+    import torch
+
+    from pipeline.shards.manifest import Manifest
+    from pipeline.shards.shardset import ShardSet
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    ss = ShardSet.open(data)
+    subset = Manifest.load(manifest) if manifest else None
+    loader = ss.loader(split, subset, backend=backend, batch_size=batch_size, num_workers=workers,
+                       device=device, seed=seed)
+    for epoch in range(epochs):
+        seen = 0
+        label_counts = np.zeros(len(ss.classes), dtype=np.int64)
+        start = time.perf_counter()
+        with progress_bar() as bar:
+            task = bar.add_task(f"epoch {epoch}", total=loader.samples_per_epoch if hasattr(loader, "samples_per_epoch") else None)
+            for batch in loader:
+                seen += len(batch.ids)
+                label_counts += np.bincount(batch.labels.cpu().numpy(), minlength=len(ss.classes))
+                bar.advance(task, len(batch.ids))
+        secs = time.perf_counter() - start
+        shape = "x".join(map(str, batch.images.shape[1:])) if seen else "-"
+        console.print(f"epoch {epoch}: {seen:,} images ({shape} {batch.images.dtype if seen else ''}) in {secs:.2f} s, "
+                      f"{seen / secs:,.0f} images/s; per class {label_counts.tolist()}")
+
+
+def main() -> None:
+    try:
+        app()  # typer handles usage errors and --help itself, and exits
+    except PipelineError as exc:
+        console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        console.print("interrupted; run the same command again to resume")
+        sys.exit(130)

@@ -1,0 +1,144 @@
+"""FFCV: `.beton` files written from a shard set, and a loader with the same batches as the others.
+
+ffcv is an optional extra (`pip install 'pipeline[ffcv]'`, after its system libraries); it is imported here
+only. Rows of a split's `.beton` follow the split's member table, so row r holds sample `ids[r]`; the id is
+stored too (field `id`) because ffcv batches do not say which samples they hold.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+
+from pipeline.atomic import atomic_path, write_json
+from pipeline.errors import PipelineError
+from pipeline.progress import console
+from pipeline.shards import layout
+from pipeline.shards.loaders import Batch
+from pipeline.shards.shardset import ShardSet
+
+INSTALL_HINT = ("ffcv is not installed: `apt-get install -y --no-install-recommends libturbojpeg0-dev libopencv-dev "
+                "pkg-config`, then `pip install 'pipeline[ffcv]'` (or leave out the ffcv format)")
+
+
+def _ffcv():
+    try:
+        import ffcv  # noqa: F401
+    except ImportError as exc:
+        raise PipelineError(INSTALL_HINT) from exc
+    import ffcv.fields
+    import ffcv.fields.decoders
+    import ffcv.loader
+    import ffcv.transforms
+    import ffcv.writer
+
+    return ffcv
+
+
+def available() -> bool:
+    try:
+        _ffcv()
+        return True
+    except PipelineError:
+        return False
+
+
+class _SplitRows:
+    """Indexed view of a split for ffcv's writer: row -> (HxWx3 uint8 image, label, id)."""
+
+    def __init__(self, shardset: ShardSet, split: str):
+        from pipeline.shards.loaders import TaskReader
+
+        self.reader = TaskReader(shardset, split, None, 1)
+        self.table = shardset.members(split)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, row: int):
+        (batch,) = self.reader.batches(np.array([row]))
+        img = batch.images[0].permute(1, 2, 0).numpy()
+        if img.shape[2] == 1:
+            img = np.repeat(img, 3, axis=2)  # ffcv's image field is RGB; grey sets read back channel 0
+        return np.ascontiguousarray(img), int(self.table.labels[row]), int(self.table.ids[row])
+
+
+def write_betons(out, workers: int = 1, progress: bool = True) -> dict:
+    """Write `<split>.beton` for every split that lacks an intact one; record them in index.json."""
+    ff = _ffcv()
+    shardset = ShardSet.open(out)
+    if shardset.image_size is None:
+        raise PipelineError(f"{out}: images vary in size; prepare with --image-size N to write FFCV files")
+    index = shardset.index
+    for split in shardset.splits:
+        info = index["splits"][split]
+        path = shardset.root / f"{split}.beton"
+        rec = info.get("beton")
+        if rec and path.is_file() and path.stat().st_size == rec["bytes"]:
+            continue
+        console.print(f"writing {path.name} ({info['count']} images)")
+        small = shardset.image_size <= 64
+        fields = {
+            # Small images stay raw (exact pixels); large ones are JPEG-compressed, as ffcv-imagenet does.
+            "image": ff.fields.RGBImageField(write_mode="raw" if small else "jpg", max_resolution=shardset.image_size),
+            "label": ff.fields.IntField(),
+            "id": ff.fields.IntField(),
+        }
+        with atomic_path(path) as tmp:
+            # Pages of 1 MiB keep small sets small; a page must hold the largest sample.
+            page = 1 << 20 if small else 8 << 20
+            writer = ff.writer.DatasetWriter(str(tmp), fields, num_workers=max(1, workers), page_size=page)
+            writer.from_indexed_dataset(_SplitRows(shardset, split), chunksize=256)
+        info["beton"] = {"file": path.name, "count": info["count"], "bytes": path.stat().st_size}
+    write_json(shardset.root / layout.INDEX_NAME, index)
+    return index
+
+
+class FfcvLoader:
+    """ffcv's Loader over a split's `.beton`, yielding the same `Batch`es as the shard loaders."""
+
+    def __init__(self, shardset: ShardSet, split: str, rows, *, batch_size: int, shuffle: bool, seed: int,
+                 drop_last: bool, device, num_workers: int, image_size: int | None, rank: int, world_size: int):
+        ff = _ffcv()
+        rec = shardset.index["splits"][split].get("beton")
+        path = shardset.root / f"{split}.beton"
+        if not rec or not path.is_file():
+            raise PipelineError(f"{path}: missing; run `pipeline prepare SOURCE --out {shardset.root} --formats wds,ffcv`")
+        if world_size > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise PipelineError("the ffcv backend splits work across ranks only under torch.distributed")
+        dec = ff.fields.decoders
+        tr = ff.transforms
+        size = image_size or shardset.image_size
+        image_dec = (dec.SimpleRGBImageDecoder() if size == shardset.image_size
+                     else dec.CenterCropRGBImageDecoder((size, size), ratio=1.0))
+        self.device = torch.device(device)
+        self.channels = shardset.channels
+        pipelines = {
+            "image": [image_dec, tr.ToTensor(), tr.ToTorchImage(channels_last=True)],
+            "label": [dec.IntDecoder(), tr.ToTensor(), tr.Squeeze()],
+            "id": [dec.IntDecoder(), tr.ToTensor(), tr.Squeeze()],
+        }
+        order = ff.loader.OrderOption.RANDOM if shuffle else ff.loader.OrderOption.SEQUENTIAL
+        indices = None if rows is None else np.sort(np.asarray(rows))
+        self.loader = ff.loader.Loader(
+            str(path), batch_size=batch_size, num_workers=max(1, num_workers), order=order, indices=indices,
+            drop_last=drop_last, pipelines=pipelines, seed=seed, distributed=world_size > 1, os_cache=True,
+        )
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.next_epoch = epoch
+
+    def __iter__(self):
+        for images, labels, ids in self.loader:
+            if self.channels == 1:
+                images = images[:, :1]
+            b = Batch(images, labels.long().reshape(-1), ids.long().reshape(-1))
+            if self.device.type != "cpu":
+                b = Batch(*(x.to(self.device, non_blocking=True) for x in b))
+            yield b

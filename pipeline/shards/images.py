@@ -1,0 +1,90 @@
+"""Image bytes in and out: the only place the project calls PIL.
+
+Encoding happens once in `prepare`; decoding happens on every read. Both resize the same way (shorter side
+to N, then a centre crop to N x N) so a shard set prepared with `--image-size N` batches without padding.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+# Stored members are JPEG or PNG; everything else a folder holds is transcoded to one of them.
+STORED_FORMATS = {"JPEG": "jpg", "PNG": "png"}
+SOURCE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+REENCODE_JPEG_QUALITY = 90
+
+
+class CorruptImage(Exception):
+    """An image that does not decode; prepare skips it and reports why."""
+
+
+def open_fully(data: bytes) -> Image.Image:
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()  # decodes every byte: truncated files fail here, not later in a loader
+        return img
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise CorruptImage(str(exc) or type(exc).__name__) from exc
+
+
+def resize_square(img: Image.Image, size: int) -> Image.Image:
+    """Shorter side to `size` (bilinear, antialiased), then a centre crop to size x size."""
+    w, h = img.size
+    if (w, h) == (size, size):
+        return img
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=None)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def _encode(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "jpg":
+        img.save(buf, format="JPEG", quality=REENCODE_JPEG_QUALITY)
+    else:
+        img.save(buf, format="PNG", compress_level=1)  # level 1: PNG stays lossless, writing stays fast
+    return buf.getvalue()
+
+
+def transcode_file(data: bytes, mode: str, image_size: int | None) -> tuple[bytes, str, tuple[int, int]]:
+    """Check that a source file decodes; return (stored bytes, extension, (height, width)).
+
+    JPEG and PNG files are stored byte for byte when no resize is asked for: no re-encoding loss.
+    """
+    img = open_fully(data)
+    fmt = STORED_FORMATS.get(img.format or "")
+    if image_size is None and fmt is not None:
+        return data, fmt, (img.height, img.width)
+    img = img.convert(mode)
+    if image_size is not None:
+        img = resize_square(img, image_size)
+    fmt = fmt or "png"
+    return _encode(img, fmt), fmt, (img.height, img.width)
+
+
+def encode_array(pixels: np.ndarray, image_size: int | None) -> tuple[bytes, str, tuple[int, int]]:
+    """Encode an HxW (grey) or HxWx3 uint8 array as PNG, lossless."""
+    img = Image.fromarray(pixels)
+    if image_size is not None:
+        img = resize_square(img, image_size)
+    return _encode(img, "png"), "png", (img.height, img.width)
+
+
+def decode(data: bytes, mode: str, size: int | None = None) -> np.ndarray:
+    """Decode stored bytes to an HxWxC uint8 array (C = 1 for mode L, 3 for RGB)."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        if size is not None and img.format == "JPEG":
+            img.draft(mode, (size, size))  # lets libjpeg decode large images at a reduced scale
+        img = img.convert(mode)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise CorruptImage(str(exc) or type(exc).__name__) from exc
+    if size is not None:
+        img = resize_square(img, size)
+    arr = np.asarray(img)
+    return arr[:, :, None] if arr.ndim == 2 else arr

@@ -1,0 +1,245 @@
+"""Loaders that stream a split, or a subset of it, to a device as batches of (images, labels, ids).
+
+One reader, two planners. A plan is the epoch's list of read tasks, each an array of member-table rows in
+output order. The reader fetches a task's rows with as few reads as it can (neighbouring members in one
+`pread`), decodes them and cuts the task into batches.
+- `stream`: the whole split (or a subset) in storage order: shards in a seeded random order, each started at
+  a random rotation, read in long sequential runs; samples are shuffled within windows of `window` batches.
+  Shards were shuffled when prepared, so windows are well mixed.
+- `indexed`: a seeded full permutation; each batch reads only its own members by offset, so the cost of a
+  subset grows with the subset, not with the split.
+- `ffcv`: the split's `.beton` through ffcv's Loader (`indices=` for subsets), when installed.
+Under torch.distributed every rank plans the same epoch and takes its own equal, disjoint slice.
+Images arrive NCHW uint8 (memory laid out channels_last); the trainer converts and augments on the device.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator, NamedTuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.dist import rank_and_world
+from pipeline.errors import PipelineError
+from pipeline.shards.images import CorruptImage, decode
+
+BACKENDS = ("auto", "stream", "indexed", "ffcv")
+MERGE_GAP = 16 * 1024  # read across gaps up to this size: cheaper than another system call
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor  # (B, C, H, W) uint8
+    labels: torch.Tensor  # (B,) int64
+    ids: torch.Tensor  # (B,) int64
+
+
+# --- planning ----------------------------------------------------------------------------------------------
+def _rank_slice(seq: np.ndarray, rank: int, world: int) -> np.ndarray:
+    per_rank = len(seq) // world
+    return seq[rank * per_rank:(rank + 1) * per_rank]
+
+
+def _cut(seq: np.ndarray, batch_size: int, drop_last: bool) -> np.ndarray:
+    return seq[: len(seq) - len(seq) % batch_size] if drop_last else seq
+
+
+def plan_indexed(rows: np.ndarray, batch_size: int, shuffle: bool, rng: np.random.Generator,
+                 rank: int = 0, world: int = 1, drop_last: bool = False) -> list[np.ndarray]:
+    seq = rng.permutation(rows) if shuffle else np.sort(rows)
+    seq = _cut(_rank_slice(seq, rank, world), batch_size, drop_last)
+    return [seq[i:i + batch_size] for i in range(0, len(seq), batch_size)]
+
+
+def plan_stream(rows: np.ndarray, shard_starts: np.ndarray, batch_size: int, window: int, shuffle: bool,
+                rng: np.random.Generator, rank: int = 0, world: int = 1, drop_last: bool = False) -> list[np.ndarray]:
+    rows = np.sort(rows)
+    n_shards = len(shard_starts) - 1
+    order = rng.permutation(n_shards) if shuffle else np.arange(n_shards)
+    parts = []
+    for s in order:
+        lo, hi = np.searchsorted(rows, shard_starts[s]), np.searchsorted(rows, shard_starts[s + 1])
+        part = rows[lo:hi]
+        if shuffle and len(part):
+            part = np.roll(part, -int(rng.integers(len(part))))  # new window boundaries every epoch
+        parts.append(part)
+    seq = np.concatenate(parts) if parts else rows
+    seq = _cut(_rank_slice(seq, rank, world), batch_size, drop_last)
+    span = batch_size * window
+    tasks = []
+    for i in range(0, len(seq), span):
+        w = seq[i:i + span]
+        tasks.append(w[rng.permutation(len(w))] if shuffle else w)
+    return tasks
+
+
+# --- reading -----------------------------------------------------------------------------------------------
+class TaskReader:
+    """Reads and decodes planned tasks. Picklable: file descriptors are opened lazily in each process."""
+
+    def __init__(self, shardset, split: str, image_size: int | None, batch_size: int):
+        self.table = shardset.members(split)
+        self.paths = [str(shardset.shard_path(split, i)) for i in range(len(self.table.shard_starts) - 1)]
+        self.mode, self.channels = shardset.mode, shardset.channels
+        self.size = image_size
+        self.stored_size = shardset.image_size
+        self.batch_size = batch_size
+        self._fds: dict[int, int] = {}
+        self._pid = None
+
+    def _fd(self, shard: int) -> int:
+        if self._pid != os.getpid():
+            self._fds, self._pid = {}, os.getpid()
+        if shard not in self._fds:
+            self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
+        return self._fds[shard]
+
+    def fetch(self, rows: np.ndarray) -> list[bytes]:
+        """Bytes of each row's image, in the order of `rows`."""
+        t = self.table
+        order = np.lexsort((t.offsets[rows], t.shard[rows]))
+        out: list[bytes] = [b""] * len(rows)
+        i = 0
+        while i < len(order):
+            j = i + 1
+            shard = t.shard[rows[order[i]]]
+            end = t.offsets[rows[order[i]]] + t.sizes[rows[order[i]]]
+            while (j < len(order) and t.shard[rows[order[j]]] == shard
+                   and t.offsets[rows[order[j]]] - end <= MERGE_GAP):
+                end = max(end, t.offsets[rows[order[j]]] + t.sizes[rows[order[j]]])
+                j += 1
+            start = int(t.offsets[rows[order[i]]])
+            buf = os.pread(self._fd(int(shard)), int(end) - start, start)
+            if len(buf) != int(end) - start:
+                raise PipelineError(f"{self.paths[int(shard)]}: truncated shard (short read at byte {start}); "
+                                    "run `pipeline verify` and prepare the shard set again")
+            view = memoryview(buf)
+            for k in order[i:j]:
+                o = int(t.offsets[rows[k]]) - start
+                out[k] = view[o:o + int(t.sizes[rows[k]])]
+            i = j
+        return out
+
+    def batches(self, rows: np.ndarray) -> Iterator[Batch]:
+        blobs = self.fetch(rows)
+        size = self.size or self.stored_size
+        resize = self.size is not None and self.size != self.stored_size
+        images = np.empty((len(rows), size, size, self.channels), dtype=np.uint8)
+        for k, blob in enumerate(blobs):
+            try:
+                images[k] = decode(bytes(blob), self.mode, size if resize else None)
+            except (CorruptImage, ValueError) as exc:
+                sid = int(self.table.ids[rows[k]])
+                raise PipelineError(f"{self.paths[int(self.table.shard[rows[k]])]}: sample {sid} does not decode "
+                                    f"({exc}); run `pipeline verify` and prepare the shard set again") from exc
+        images_t = torch.from_numpy(images).permute(0, 3, 1, 2)
+        labels = torch.from_numpy(self.table.labels[rows])
+        ids = torch.from_numpy(self.table.ids[rows])
+        for i in range(0, len(rows), self.batch_size):
+            sl = slice(i, i + self.batch_size)
+            yield Batch(images_t[sl], labels[sl], ids[sl])
+
+
+class _TaskStream(IterableDataset):
+    def __init__(self, reader: TaskReader, tasks: list[np.ndarray]):
+        self.reader, self.tasks = reader, tasks
+
+    def __iter__(self):
+        info = get_worker_info()
+        mine = self.tasks if info is None else self.tasks[info.id::info.num_workers]
+        for rows in mine:
+            yield from self.reader.batches(rows)
+
+
+class ShardLoader:
+    """Iterate to get one epoch of `Batch`es; each iteration starts the next epoch unless `set_epoch` is used."""
+
+    def __init__(self, shardset, split: str, rows: np.ndarray | None, *, backend: str, batch_size: int,
+                 shuffle: bool, seed: int, drop_last: bool, device, num_workers: int, image_size: int | None,
+                 window: int, rank: int, world_size: int):
+        self.shardset, self.split, self.backend = shardset, split, backend
+        self.table = shardset.members(split)
+        self.rows = np.arange(len(self.table)) if rows is None else np.asarray(rows, dtype=np.int64)
+        self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
+        self.device = torch.device(device)
+        self.num_workers, self.window = num_workers, window
+        self.rank, self.world_size = rank, world_size
+        self.reader = TaskReader(shardset, split, image_size, batch_size)
+        self.epoch = 0
+
+    @property
+    def samples_per_epoch(self) -> int:
+        n = len(self.rows) // self.world_size
+        return n - n % self.batch_size if self.drop_last else n
+
+    def __len__(self) -> int:
+        return -(-self.samples_per_epoch // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def plan(self, epoch: int) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.seed, epoch])
+        args = dict(shuffle=self.shuffle, rng=rng, rank=self.rank, world=self.world_size, drop_last=self.drop_last)
+        if self.backend == "stream":
+            return plan_stream(self.rows, self.table.shard_starts, self.batch_size, self.window, **args)
+        return plan_indexed(self.rows, self.batch_size, **args)
+
+    def __iter__(self) -> Iterator[Batch]:
+        tasks = self.plan(self.epoch)
+        self.epoch += 1
+        if self.num_workers == 0:
+            batches = (b for rows in tasks for b in self.reader.batches(rows))
+        else:
+            batches = iter(DataLoader(_TaskStream(self.reader, tasks), batch_size=None,
+                                      num_workers=min(self.num_workers, max(1, len(tasks))),
+                                      pin_memory=self.device.type == "cuda"))
+        for b in batches:
+            if self.device.type != "cpu":
+                b = Batch(*(x.to(self.device, non_blocking=True) for x in b))
+            yield b
+
+
+def _subset_rows(shardset, split: str, subset) -> np.ndarray | None:
+    if subset is None:
+        return None
+    from pipeline.shards.manifest import Manifest
+
+    if isinstance(subset, Manifest):
+        subset.check_against(shardset)
+        if subset.split != split:
+            raise PipelineError(f"{subset.path}: manifest is for split {subset.split!r}, loader asked for {split!r}")
+        subset = subset.ids
+    ids = np.asarray(subset, dtype=np.int64)
+    if len(np.unique(ids)) != len(ids):
+        raise PipelineError("subset ids contain duplicates")
+    return shardset.rows_of(split, ids)
+
+
+def create_loader(shardset, split: str = "train", subset=None, *, backend: str = "auto", batch_size: int = 256,
+                  shuffle: bool = True, seed: int = 0, drop_last: bool = False, device="cpu", num_workers: int = 0,
+                  image_size: int | None = None, window: int = 8, rank: int | None = None,
+                  world_size: int | None = None):
+    """A loader of `split` (or of `subset`: ids or a Manifest). `auto` streams a whole split and reads subsets
+    by index. `image_size` decodes to that square size (needed when stored images vary in size)."""
+    if backend not in BACKENDS:
+        raise PipelineError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if batch_size < 1:
+        raise PipelineError(f"batch size {batch_size}: must be at least 1")
+    if image_size is None and shardset.image_size is None:
+        raise PipelineError(f"{shardset.root}: images vary in size; pass an image size to decode them to")
+    rows = _subset_rows(shardset, split, subset)
+    rank, world_size = rank_and_world(rank, world_size)
+    if backend == "auto":
+        backend = "stream" if rows is None else "indexed"
+    if backend == "ffcv":
+        from pipeline.shards.ffcv_io import FfcvLoader
+
+        return FfcvLoader(shardset, split, rows, batch_size=batch_size, shuffle=shuffle, seed=seed,
+                          drop_last=drop_last, device=device, num_workers=num_workers, image_size=image_size,
+                          rank=rank, world_size=world_size)
+    return ShardLoader(shardset, split, rows, backend=backend, batch_size=batch_size, shuffle=shuffle, seed=seed,
+                       drop_last=drop_last, device=device, num_workers=num_workers, image_size=image_size,
+                       window=window, rank=rank, world_size=world_size)

@@ -1,0 +1,184 @@
+"""Subset manifests: which samples of a split to train on next.
+
+A manifest is two or three files side by side:
+    round-0003.json           header: shard-set fingerprint, split, producer and parameters, round, count, ...
+    round-0003.npy            int64 sample ids
+    round-0003.weights.npy    float32 per-sample weights (optional)
+The arrays are written first and the header last, so a header on disk means a complete manifest; the header
+carries the digest of the id file, so a header paired with another id file is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import __version__
+from pipeline.atomic import write_json, write_npy
+from pipeline.errors import DataError
+
+FORMAT = "pipeline.manifest"
+FORMAT_VERSION = 1
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:32]
+
+
+def _header_path(path: str | Path) -> Path:
+    path = Path(path)
+    if path.suffix == ".npy":
+        path = path.with_suffix("")
+    return path if path.suffix == ".json" else path.with_name(path.name + ".json")
+
+
+@dataclass
+class Manifest:
+    ids: np.ndarray
+    split: str
+    dataset_fingerprint: str
+    producer: dict = field(default_factory=dict)  # {"name": selector, "version": tool version, "params": {...}}
+    weights: np.ndarray | None = None
+    round: int | None = None
+    epoch: int | None = None
+    fraction: float | None = None
+    snapshot: str | None = None
+    extra: dict = field(default_factory=dict)  # timing, objective, validation ids, ...
+    path: Path | None = None
+
+    def __post_init__(self):
+        self.ids = np.asarray(self.ids, dtype=np.int64)
+        if self.weights is not None:
+            self.weights = np.asarray(self.weights, dtype=np.float32)
+            if self.weights.shape != self.ids.shape:
+                raise ValueError(f"{len(self.weights)} weights for {len(self.ids)} ids")
+
+    @classmethod
+    def for_shardset(cls, shardset, split: str, ids, **kwargs) -> "Manifest":
+        return cls(ids=ids, split=split, dataset_fingerprint=shardset.fingerprint, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    # -- writing ------------------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        header_path = _header_path(path)
+        stem = header_path.with_suffix("")
+        ids_path = stem.with_name(stem.name + ".npy")
+        write_npy(ids_path, self.ids)
+        header = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "dataset_fingerprint": self.dataset_fingerprint,
+            "split": self.split,
+            "producer": {"version": __version__, **self.producer},
+            "round": self.round,
+            "epoch": self.epoch,
+            "fraction": self.fraction,
+            "snapshot": self.snapshot,
+            "count": int(len(self.ids)),
+            "ids_file": ids_path.name,
+            "ids_sha256": _digest(ids_path),
+            "weights_file": None,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **self.extra,
+        }
+        if self.weights is not None:
+            wpath = stem.with_name(stem.name + ".weights.npy")
+            write_npy(wpath, self.weights)
+            header["weights_file"] = wpath.name
+        write_json(header_path, header)
+        self.path = header_path
+        return header_path
+
+    # -- reading ------------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path) -> "Manifest":
+        header_path = _header_path(path)
+        if not header_path.is_file():
+            raise DataError(f"{header_path}: no such manifest (write one with `pipeline select`)")
+        try:
+            h = json.loads(header_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DataError(f"{header_path}: malformed manifest header ({exc}); select this round again") from exc
+        if not isinstance(h, dict) or h.get("format") != FORMAT:
+            raise DataError(f"{header_path}: not a manifest of this tool")
+        if h.get("format_version") != FORMAT_VERSION:
+            raise DataError(f"{header_path}: manifest format {h.get('format_version')}, this tool reads {FORMAT_VERSION}")
+        missing = [k for k in ("dataset_fingerprint", "split", "count", "ids_file", "ids_sha256") if k not in h]
+        if missing:
+            raise DataError(f"{header_path}: malformed manifest header, missing {', '.join(missing)}")
+        ids_path = header_path.parent / Path(h["ids_file"]).name
+        if not ids_path.is_file():
+            raise DataError(f"{header_path}: its id file {ids_path.name} is missing; select this round again")
+        if _digest(ids_path) != h["ids_sha256"]:
+            raise DataError(f"{ids_path}: does not match the digest in {header_path.name} (a stale or foreign id "
+                            "file); select this round again")
+        ids = cls._load_array(ids_path, np.int64)
+        weights = None
+        if h.get("weights_file"):
+            weights = cls._load_array(header_path.parent / Path(h["weights_file"]).name, np.float32)
+        if len(ids) != h["count"] or (weights is not None and len(weights) != len(ids)):
+            raise DataError(f"{header_path}: count {h['count']} does not match {ids_path.name} ({len(ids)} ids)")
+        known = {"format", "format_version", "dataset_fingerprint", "split", "producer", "round", "epoch", "fraction",
+                 "snapshot", "count", "ids_file", "ids_sha256", "weights_file", "created"}
+        return cls(ids=ids, split=h["split"], dataset_fingerprint=h["dataset_fingerprint"],
+                   producer=h.get("producer") or {}, weights=weights, round=h.get("round"), epoch=h.get("epoch"),
+                   fraction=h.get("fraction"), snapshot=h.get("snapshot"),
+                   extra={k: v for k, v in h.items() if k not in known}, path=header_path)
+
+    @staticmethod
+    def _load_array(path: Path, dtype) -> np.ndarray:
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise DataError(f"{path}: unreadable array ({exc}); select this round again") from exc
+        if arr.ndim != 1 or arr.dtype != dtype:
+            raise DataError(f"{path}: expected a 1-d {np.dtype(dtype).name} array, found {arr.dtype} {arr.shape}")
+        return arr
+
+    # -- validation ---------------------------------------------------------------------------------------
+    def check_against(self, shardset) -> None:
+        """Refuse a manifest that does not fit `shardset`: other data, unknown split, duplicate or foreign ids."""
+        where = self.path or "manifest"
+        if self.dataset_fingerprint != shardset.fingerprint:
+            raise DataError(
+                f"{where}: made for the shard set with fingerprint {self.dataset_fingerprint}, but {shardset.root} "
+                f"has {shardset.fingerprint} (the data changed or it is another data set); select again on it"
+            )
+        if self.split not in shardset.splits:
+            raise DataError(f"{where}: split {self.split!r} not in {shardset.root} (it has {', '.join(shardset.splits)})")
+        if len(np.unique(self.ids)) != len(self.ids):
+            raise DataError(f"{where}: holds duplicate sample ids; select again")
+        try:
+            shardset.rows_of(self.split, self.ids)
+        except DataError as exc:
+            raise DataError(f"{where}: {exc}") from None
+
+
+_ROUND = re.compile(r"round-(\d+)\.json$")
+
+
+def round_path(directory: str | Path, round_no: int) -> Path:
+    return Path(directory) / f"round-{round_no:04d}.json"
+
+
+def newest_valid(directory: str | Path, shardset, split: str | None = None) -> Manifest | None:
+    """The highest-numbered manifest in `directory` that loads and fits `shardset` (others are skipped)."""
+    rounds = sorted(((int(m.group(1)), p) for p in Path(directory).glob("round-*.json") if (m := _ROUND.search(p.name))),
+                    reverse=True)
+    for _, p in rounds:
+        try:
+            m = Manifest.load(p)
+            m.check_against(shardset)
+        except DataError:
+            continue
+        if split is None or m.split == split:
+            return m
+    return None

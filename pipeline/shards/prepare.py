@@ -1,0 +1,349 @@
+"""`pipeline prepare`: a source -> a shard set (WebDataset tar shards + offset indexes, optionally FFCV).
+
+Work is cut into shards, written in parallel; each finished shard is appended to a journal, so an
+interrupted run resumes where it stopped: shards on disk that match their journal record are kept, anything
+else is written again. `index.json` is written last; its presence means the shard set is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue as queue_mod
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import __version__
+from pipeline.atomic import write_json
+from pipeline.errors import PipelineError
+from pipeline.progress import console, progress_bar
+from pipeline.shards import layout
+from pipeline.shards.images import CorruptImage
+from pipeline.shards.sources import Source, open_source
+from pipeline.shards.tarshard import ShardSample, shard_looks_intact, write_shard
+
+JOURNAL_NAME = ".prepare-journal.jsonl"
+SPLIT_ORDER = ("train", "val", "test")
+FORMATS = ("wds", "ffcv")
+
+
+@dataclass
+class PrepareOptions:
+    out: Path | None = None
+    formats: tuple[str, ...] = ("wds",)
+    image_size: int | None = None
+    shard_size: int = 5000
+    workers: int = 1
+    test_fraction: float = 0.2
+    seed: int = 0
+    overwrite: bool = False
+    progress: bool = True
+
+    def check(self) -> None:
+        bad = [f for f in self.formats if f not in FORMATS]
+        if bad or "wds" not in self.formats:
+            raise PipelineError(f"--formats {','.join(self.formats)}: choose from wds,ffcv (wds is always written)")
+        if self.image_size is not None and self.image_size < 1:
+            raise PipelineError(f"--image-size {self.image_size}: must be a positive number of pixels")
+        if self.shard_size < 1:
+            raise PipelineError(f"--shard-size {self.shard_size}: must be at least 1 sample per shard")
+        if self.workers < 1:
+            raise PipelineError(f"--workers {self.workers}: must be at least 1")
+        if not 0.0 <= self.test_fraction < 1.0:
+            raise PipelineError(f"--test-fraction {self.test_fraction}: must be in [0, 1)")
+
+
+@dataclass
+class ShardTask:
+    split: str
+    shard_no: int
+    ids: np.ndarray
+    labels: np.ndarray
+    src_split: list[str]
+    src_index: np.ndarray
+    out: Path = field(repr=False, default=None)
+
+
+def plan_splits(source: Source, test_fraction: float, seed: int) -> dict[str, tuple[list[str], np.ndarray, np.ndarray]]:
+    """split -> (source split of each item, source index, label), shuffled with `seed`.
+
+    Shuffling before sharding makes neighbouring samples unrelated, which is what lets the streaming loader
+    read long contiguous runs and still build well-mixed batches. A data set without its own test split gets
+    a per-class held-out test split of `test_fraction`.
+    """
+    rng = np.random.default_rng(seed)
+    refs: dict[str, list[tuple[str, np.ndarray]]] = {}
+    if source.native_splits:
+        for s in source.splits():
+            refs[s] = [(s, np.arange(len(source.labels(s))))]
+    else:
+        (pool,) = source.splits()
+        labels = source.labels(pool)
+        train, test = [], []
+        for c in np.unique(labels):
+            members = rng.permutation(np.flatnonzero(labels == c))
+            n_test = int(round(len(members) * test_fraction))
+            test.append(members[:n_test])
+            train.append(members[n_test:])
+        refs["train"] = [(pool, np.sort(np.concatenate(train)))]
+        if test_fraction > 0:
+            refs["test"] = [(pool, np.sort(np.concatenate(test)))]
+    plan = {}
+    for split in sorted(refs, key=lambda s: (SPLIT_ORDER.index(s) if s in SPLIT_ORDER else 99, s)):
+        src_split = [name for name, idx in refs[split] for _ in range(len(idx))]
+        src_index = np.concatenate([idx for _, idx in refs[split]])
+        if len(src_index) == 0:
+            continue
+        perm = rng.permutation(len(src_index))
+        src_split = [src_split[i] for i in perm]
+        src_index = src_index[perm]
+        labels = np.array([source.labels(s)[i] for s, i in zip(src_split, src_index)], dtype=np.int64)
+        plan[split] = (src_split, src_index, labels)
+    return plan
+
+
+# --- worker side -------------------------------------------------------------------------------------------
+_worker: dict = {}
+
+
+def _init_worker(spec: str, image_size: int | None, progress_queue) -> None:
+    _worker.update(source=open_source(spec), image_size=image_size, queue=progress_queue)
+
+
+def _run_task(task: ShardTask) -> dict:
+    source, image_size, q = _worker["source"], _worker["image_size"], _worker.get("queue")
+    skipped, shapes, exts = [], set(), set()
+
+    def samples():
+        pending = 0
+        for k in range(len(task.ids)):
+            split, index = task.src_split[k], int(task.src_index[k])
+            try:
+                enc = source.load(split, index, image_size)
+            except CorruptImage as exc:
+                skipped.append({"split": task.split, "source": source.describe(split, index), "reason": str(exc)})
+            else:
+                shapes.add(enc.shape)
+                exts.add(enc.ext)
+                yield ShardSample(int(task.ids[k]), int(task.labels[k]), index, enc.data, enc.ext)
+            pending += 1
+            if q is not None and pending == 64:
+                q.put(pending)
+                pending = 0
+        if q is not None and pending:
+            q.put(pending)
+
+    stem = layout.shard_stem(task.split, task.shard_no)
+    record = write_shard(task.out / f"{stem}.tar", task.out / f"{stem}.idx", samples())
+    # Two shapes are enough to know the set is not fixed-size; keep the record small.
+    record.update(split=task.split, shard=task.shard_no, skipped=skipped, shapes=sorted(shapes)[:2], exts=sorted(exts))
+    return record
+
+
+# --- parent side -------------------------------------------------------------------------------------------
+def _recipe(spec: str, opts: PrepareOptions, source: Source) -> dict:
+    return {
+        "source": spec,
+        "image_size": opts.image_size,
+        "shard_size": opts.shard_size,
+        "test_fraction": None if source.native_splits else opts.test_fraction,
+        "seed": opts.seed,
+        "format_version": layout.FORMAT_VERSION,
+    }
+
+
+def _previous_records(out: Path, recipe: dict, overwrite: bool) -> dict[tuple[str, int], dict]:
+    """Shard records of an earlier run into `out` (finished or interrupted) with the same recipe."""
+    index_path, journal = out / layout.INDEX_NAME, out / JOURNAL_NAME
+    found: dict[tuple[str, int], dict] = {}
+    old_recipe = None
+    if index_path.is_file():
+        try:
+            index = json.loads(index_path.read_text())
+            old_recipe = index.get("recipe")
+            for split, info in index.get("splits", {}).items():
+                for rec in info.get("shards", []):
+                    found[(split, rec["shard"])] = dict(rec, split=split)
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            old_recipe = "unreadable"
+    if journal.is_file():
+        for line in journal.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by the interruption
+            if "recipe" in entry:
+                old_recipe = entry["recipe"]
+            elif "shard" in entry:
+                found[(entry["split"], entry["shard"])] = entry
+    if old_recipe is not None and old_recipe != recipe:
+        if not overwrite:
+            diff = ", ".join(
+                f"{k} {old_recipe.get(k)!r} -> {recipe[k]!r}" for k in recipe
+                if isinstance(old_recipe, dict) and old_recipe.get(k) != recipe[k]
+            ) or "unreadable index"
+            raise PipelineError(
+                f"{out}: holds a shard set prepared with other settings ({diff}); "
+                "pass --overwrite to replace it, or choose another --out"
+            )
+        found = {}
+    if overwrite or old_recipe != recipe:
+        for p in list(out.glob("*.tar")) + list(out.glob("*.idx")) + list(out.glob("*.beton")) + [index_path, journal]:
+            if p.exists():
+                p.unlink()
+        return {}
+    return found
+
+
+def _tasks(plan: dict, shard_size: int, out: Path) -> list[ShardTask]:
+    tasks, next_id = [], 0
+    for split, (src_split, src_index, labels) in plan.items():
+        ids = np.arange(next_id, next_id + len(src_index), dtype=np.int64)
+        next_id += len(src_index)
+        for shard_no, start in enumerate(range(0, len(ids), shard_size)):
+            sl = slice(start, start + shard_size)
+            tasks.append(ShardTask(split, shard_no, ids[sl], labels[sl], src_split[sl], src_index[sl], out))
+    return tasks
+
+
+def _execute(tasks: list[ShardTask], spec: str, opts: PrepareOptions, journal, total: int, done_count: int):
+    """Run shard tasks (in a process pool when workers > 1); journal each record as it arrives."""
+
+    def finish(record):
+        journal.write(json.dumps(record) + "\n")
+        journal.flush()
+        os.fsync(journal.fileno())
+
+    with progress_bar(opts.progress) as bar:
+        bar_task = bar.add_task("prepare", total=total, completed=done_count)
+        if opts.workers == 1 or len(tasks) <= 1:
+            q = queue_mod.SimpleQueue()
+            _init_worker(spec, opts.image_size, q)
+            for t in tasks:
+                finish(_run_task(t))
+                while not q.empty():
+                    bar.advance(bar_task, q.get())
+            return
+        ctx = get_context("fork")
+        q = ctx.Manager().Queue()
+        with ProcessPoolExecutor(opts.workers, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(spec, opts.image_size, q)) as pool:
+            pending = {pool.submit(_run_task, t) for t in tasks}
+            while pending:
+                finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    finish(fut.result())
+                while not q.empty():
+                    bar.advance(bar_task, q.get())
+
+
+def _image_info(source: Source, records: list[dict], image_size: int | None) -> dict:
+    shapes = {tuple(s) for r in records for s in r["shapes"]}
+    exts = {e for r in records for e in r["exts"]}
+    size = list(next(iter(shapes))) if len(shapes) == 1 else None
+    return {
+        "mode": source.mode,
+        "channels": 1 if source.mode == "L" else 3,
+        "size": size,  # [height, width], or null when images vary in size
+        "format": exts.pop() if len(exts) == 1 else "mixed",
+        "resized_to": image_size,
+    }
+
+
+def build_index(source: Source, spec: str, recipe: dict, records: list[dict], image_size: int | None) -> dict:
+    splits: dict[str, dict] = {}
+    skipped = list(source.skipped())
+    for rec in sorted(records, key=lambda r: (r["split"], r["shard"])):
+        info = splits.setdefault(rec["split"], {"count": 0, "shards": []})
+        info["count"] += rec["count"]
+        info["shards"].append({k: rec[k] for k in ("shard", "tar", "idx", "count", "first_id", "last_id", "bytes", "sha256")})
+        skipped.extend(rec["skipped"])
+    order = [s for s in SPLIT_ORDER if s in splits] + sorted(s for s in splits if s not in SPLIT_ORDER)
+    splits = {s: splits[s] for s in order}
+    for s, info in splits.items():
+        firsts = [sh["first_id"] for sh in info["shards"] if sh["count"]]
+        lasts = [sh["last_id"] for sh in info["shards"] if sh["count"]]
+        info["id_range"] = [min(firsts), max(lasts)] if firsts else None
+    image = _image_info(source, records, image_size)
+    return {
+        "format": layout.FORMAT,
+        "format_version": layout.FORMAT_VERSION,
+        "name": source.name,
+        "tool_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "recipe": recipe,
+        "classes": list(source.classes),
+        "image": image,
+        "splits": splits,
+        "skipped": skipped,
+        "fingerprint": layout.fingerprint(list(source.classes), image, splits),
+    }
+
+
+@dataclass
+class PrepareResult:
+    out: Path
+    index: dict
+    written: int  # images encoded in this run (0 when everything was already done)
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.written / self.seconds if self.seconds > 0 else 0.0
+
+
+def prepare(spec: str, opts: PrepareOptions) -> PrepareResult:
+    """Build (or finish) the shard set for `spec`."""
+    opts.check()
+    source = open_source(spec)
+    out = Path(opts.out) if opts.out else Path("shards") / source.name
+    if out.exists() and not out.is_dir():
+        raise PipelineError(f"--out {out}: exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    recipe = _recipe(spec, opts, source)
+    previous = _previous_records(out, recipe, opts.overwrite)
+
+    plan = plan_splits(source, opts.test_fraction, opts.seed)
+    tasks = _tasks(plan, opts.shard_size, out)
+    kept, todo = [], []
+    for t in tasks:
+        stem = layout.shard_stem(t.split, t.shard_no)
+        rec = previous.get((t.split, t.shard_no))
+        if rec is not None and "skipped" in rec and shard_looks_intact(out / f"{stem}.tar", out / f"{stem}.idx", rec):
+            kept.append(rec)
+        else:
+            todo.append(t)
+    total = sum(len(t.ids) for t in tasks)
+    if kept:
+        console.print(f"resuming {out}: {len(kept)} of {len(tasks)} shards already done")
+
+    index_path = out / layout.INDEX_NAME
+    started = time.perf_counter()
+    if todo or not index_path.is_file():
+        if index_path.exists():
+            index_path.unlink()  # the set is incomplete until the new index is written
+        with open(out / JOURNAL_NAME, "w") as journal:
+            journal.write(json.dumps({"recipe": recipe}) + "\n")
+            for rec in kept:
+                journal.write(json.dumps(rec) + "\n")
+            _execute(todo, spec, opts, journal, total, total - sum(len(t.ids) for t in todo))
+        records = [json.loads(ln) for ln in (out / JOURNAL_NAME).read_text().splitlines()[1:]]
+        index = build_index(source, spec, recipe, records, opts.image_size)
+        for split, info in index["splits"].items():
+            if info["count"] == 0:
+                raise PipelineError(f"{spec}: every image of split {split!r} failed to decode; see {out / JOURNAL_NAME}")
+        write_json(index_path, index)
+        (out / JOURNAL_NAME).unlink()
+    else:
+        index = json.loads(index_path.read_text())
+    result = PrepareResult(out, index, sum(len(t.ids) for t in todo), time.perf_counter() - started)
+    if "ffcv" in opts.formats:
+        from pipeline.shards.ffcv_io import write_betons
+
+        result.index = write_betons(out, workers=opts.workers, progress=opts.progress)
+    return result

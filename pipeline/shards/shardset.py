@@ -1,0 +1,146 @@
+"""`ShardSet`: an opened shard-set folder. Metadata, the member table of each split, loaders."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import DataError, PipelineError
+from pipeline.shards import layout
+from pipeline.shards.images import decode
+
+
+@dataclass(frozen=True)
+class MemberTable:
+    """Every sample of a split, in storage order (shard by shard); ids increase along it."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+    offsets: np.ndarray
+    sizes: np.ndarray
+    sources: np.ndarray
+    shard: np.ndarray  # shard number of each row
+    shard_starts: np.ndarray  # first row of each shard, plus len at the end
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class ShardSet:
+    def __init__(self, root: Path, index: dict):
+        self.root, self.index = root, index
+        self._tables: dict[str, MemberTable] = {}
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "ShardSet":
+        root = Path(path)
+        return cls(root, layout.load_index(root))
+
+    # -- metadata ---------------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.index["name"]
+
+    @property
+    def classes(self) -> list[str]:
+        return self.index["classes"]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.index["fingerprint"]
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.index["splits"])
+
+    @property
+    def mode(self) -> str:
+        return self.index["image"]["mode"]
+
+    @property
+    def channels(self) -> int:
+        return self.index["image"]["channels"]
+
+    @cached_property
+    def image_size(self) -> int | None:
+        """Side of the (square) stored images; None when they vary or are not square."""
+        size = self.index["image"]["size"]
+        return size[0] if size and size[0] == size[1] else None
+
+    def count(self, split: str) -> int:
+        return self._split_info(split)["count"]
+
+    def _split_info(self, split: str) -> dict:
+        if split not in self.index["splits"]:
+            raise PipelineError(f"{self.root}: has no split {split!r} (it has {', '.join(self.splits)})")
+        return self.index["splits"][split]
+
+    def shard_path(self, split: str, shard_no: int) -> Path:
+        return self.root / self._split_info(split)["shards"][shard_no]["tar"]
+
+    # -- members ------------------------------------------------------------------------------------------
+    def members(self, split: str) -> MemberTable:
+        if split not in self._tables:
+            info = self._split_info(split)
+            parts, starts = [], [0]
+            for rec in info["shards"]:
+                table = layout.read_member_table(self.root / rec["idx"])
+                if len(table) != rec["count"]:
+                    raise DataError(
+                        f"{self.root / rec['idx']}: {len(table)} rows, index.json says {rec['count']}; "
+                        f"the shard set is damaged: run `pipeline verify {self.root}`, then prepare it again"
+                    )
+                parts.append(table)
+                starts.append(starts[-1] + len(table))
+            t = np.concatenate(parts) if parts else np.zeros(0, layout.MEMBER_DTYPE)
+            shard = np.repeat(np.arange(len(parts), dtype=np.int32), [len(p) for p in parts])
+            if len(t) > 1 and np.any(np.diff(t["id"]) <= 0):
+                raise DataError(f"{self.root}: ids of split {split!r} are not increasing; prepare the shard set again")
+            self._tables[split] = MemberTable(
+                t["id"].copy(), t["label"].copy(), t["offset"].copy(), t["size"].copy(), t["source"].copy(),
+                shard, np.asarray(starts, dtype=np.int64),
+            )
+        return self._tables[split]
+
+    def ids(self, split: str) -> np.ndarray:
+        return self.members(split).ids
+
+    def labels(self, split: str) -> np.ndarray:
+        return self.members(split).labels
+
+    def rows_of(self, split: str, ids: np.ndarray) -> np.ndarray:
+        """Rows of the member table holding `ids`; DataError naming the first id the split lacks."""
+        table_ids = self.members(split).ids
+        ids = np.asarray(ids, dtype=np.int64)
+        rows = np.searchsorted(table_ids, ids)
+        rows_clipped = np.minimum(rows, len(table_ids) - 1)
+        bad = (rows >= len(table_ids)) | (table_ids[rows_clipped] != ids) if len(table_ids) else np.ones(len(ids), bool)
+        if np.any(bad):
+            first = int(ids[np.flatnonzero(bad)[0]])
+            raise DataError(f"sample id {first} (and {int(bad.sum()) - 1} more) not in split {split!r} of {self.root}")
+        return rows
+
+    def read_bytes(self, split: str, sample_id: int) -> bytes:
+        t = self.members(split)
+        row = int(self.rows_of(split, np.array([sample_id]))[0])
+        with open(self.shard_path(split, int(t.shard[row])), "rb") as f:
+            return os.pread(f.fileno(), int(t.sizes[row]), int(t.offsets[row]))
+
+    def read_image(self, split: str, sample_id: int) -> np.ndarray:
+        """One decoded image, HxWxC uint8."""
+        return decode(self.read_bytes(split, sample_id), self.mode)
+
+    # -- loading ------------------------------------------------------------------------------------------
+    def loader(self, split: str = "train", subset=None, **kwargs):
+        """A loader over `split`, or over `subset` (ids, or a Manifest) of it. See loaders.create_loader."""
+        from pipeline.shards.loaders import create_loader
+
+        return create_loader(self, split, subset, **kwargs)
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{s}={self.count(s)}" for s in self.splits)
+        return f"ShardSet({str(self.root)!r}, {self.name}, {counts})"

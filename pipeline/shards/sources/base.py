@@ -1,0 +1,77 @@
+"""The interface every source reader implements, and the array-backed base most of them share."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.shards.images import encode_array
+
+
+@dataclass
+class Encoded:
+    """One image ready for a shard: stored bytes, member extension, (height, width)."""
+
+    data: bytes
+    ext: str
+    shape: tuple[int, int]
+
+
+class Source(ABC):
+    """A readable data set. Items are addressed by (split, index) in a fixed, deterministic order.
+
+    Subclasses set `name`, `classes`, `mode` ("RGB" or "L") and `native_splits` (False when the data comes as
+    one pool, so prepare holds out a test split itself).
+    """
+
+    name: str
+    classes: list[str]
+    mode: str
+    native_splits: bool = True
+
+    @abstractmethod
+    def splits(self) -> list[str]:
+        """Split names in their canonical order (train first)."""
+
+    @abstractmethod
+    def labels(self, split: str) -> np.ndarray:
+        """int64 label of every item of `split`, in item order."""
+
+    @abstractmethod
+    def load(self, split: str, index: int, image_size: int | None) -> Encoded:
+        """Encoded image of one item; raises images.CorruptImage when it does not decode."""
+
+    def describe(self, split: str, index: int) -> str:
+        """Where an item comes from, for messages and `pipeline inspect`."""
+        return f"{split}[{index}]"
+
+    def skipped(self) -> list[dict]:
+        """Source files the reader passed over while listing (not images), with the reason."""
+        return []
+
+
+class ArraySource(Source):
+    """A source whose images are already uint8 arrays in memory (CIFAR, MNIST, digits, synthetic)."""
+
+    def __init__(self) -> None:
+        self._images: dict[str, np.ndarray] = {}
+        self._labels: dict[str, np.ndarray] = {}
+
+    def _set_split(self, split: str, images: np.ndarray, labels) -> None:
+        images = np.ascontiguousarray(images, dtype=np.uint8)
+        labels = np.asarray(labels, dtype=np.int64)
+        if len(images) != len(labels):
+            raise ValueError(f"{split}: {len(images)} images but {len(labels)} labels")
+        self._images[split] = images
+        self._labels[split] = labels
+
+    def splits(self) -> list[str]:
+        return list(self._images)
+
+    def labels(self, split: str) -> np.ndarray:
+        return self._labels[split]
+
+    def load(self, split: str, index: int, image_size: int | None) -> Encoded:
+        return Encoded(*encode_array(self._images[split][index], image_size))

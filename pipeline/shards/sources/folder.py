@@ -1,0 +1,91 @@
+"""`folder:PATH` - ImageNet-style class folders of JPEG/PNG files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+from pipeline.shards.images import SOURCE_EXTENSIONS, transcode_file
+from pipeline.shards.sources.base import Encoded, Source
+
+SPLIT_DIRS = {"train": ("train",), "test": ("val", "test")}
+
+
+def _class_dirs(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+class FolderSource(Source):
+    def __init__(self, arg: str | None):
+        if not arg:
+            raise PipelineError("folder: needs a path, e.g. folder:/data/imagenet")
+        root = Path(arg).expanduser()
+        if not root.is_dir():
+            raise PipelineError(f"{root}: no such folder (folder:PATH needs a folder of class folders)")
+        self.root = root
+        self.name = root.name
+        self.mode = "RGB"
+        self._files: dict[str, list[str]] = {}
+        self._labels: dict[str, np.ndarray] = {}
+        self._skipped: list[dict] = []
+
+        split_dirs = {}
+        for split, names in SPLIT_DIRS.items():
+            found = [root / n for n in names if (root / n).is_dir()]
+            if found:
+                split_dirs[split] = found[0]
+        if "train" in split_dirs:
+            self.native_splits = True
+        else:
+            self.native_splits = False
+            split_dirs = {"train": root}
+
+        train_classes = _class_dirs(split_dirs["train"])
+        if not train_classes:
+            raise PipelineError(f"{split_dirs['train']}: holds no class folders (expected CLASS/IMAGE.jpg)")
+        self.classes = [p.name for p in train_classes]
+        for split, sdir in split_dirs.items():
+            self._list_split(split, sdir)
+
+    def _list_split(self, split: str, sdir: Path) -> None:
+        class_ids = {c: i for i, c in enumerate(self.classes)}
+        files, labels = [], []
+        for cdir in _class_dirs(sdir):
+            if cdir.name not in class_ids:
+                raise PipelineError(
+                    f"{cdir}: class folder not present in {self.root / 'train'}; "
+                    "every split must use the training classes"
+                )
+            found = 0
+            for f in sorted(cdir.iterdir()):
+                if f.name.startswith(".") or not f.is_file():
+                    continue
+                rel = str(f.relative_to(self.root))
+                if f.suffix.lower() not in SOURCE_EXTENSIONS:
+                    self._skipped.append({"split": split, "source": rel, "reason": "not an image file"})
+                    continue
+                files.append(rel)
+                labels.append(class_ids[cdir.name])
+                found += 1
+            if found == 0:
+                raise PipelineError(f"{cdir}: empty class folder (no image files); remove it or add images")
+        self._files[split] = files
+        self._labels[split] = np.asarray(labels, dtype=np.int64)
+
+    def splits(self) -> list[str]:
+        return list(self._files)
+
+    def labels(self, split: str) -> np.ndarray:
+        return self._labels[split]
+
+    def load(self, split: str, index: int, image_size: int | None) -> Encoded:
+        data = (self.root / self._files[split][index]).read_bytes()
+        return Encoded(*transcode_file(data, self.mode, image_size))
+
+    def describe(self, split: str, index: int) -> str:
+        return self._files[split][index]
+
+    def skipped(self) -> list[dict]:
+        return list(self._skipped)

@@ -1,0 +1,99 @@
+"""`pipeline verify`: re-read every shard against its index and decode every image."""
+
+from __future__ import annotations
+
+import hashlib
+import tarfile
+from pathlib import Path
+
+from pipeline.errors import DataError
+from pipeline.progress import progress_bar
+from pipeline.shards import layout
+from pipeline.shards.images import CorruptImage, open_fully
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_shard(root: Path, split: str, rec: dict, id_range, on_image) -> list[str]:
+    tar_path, idx_path = root / rec["tar"], root / rec["idx"]
+    if not tar_path.is_file():
+        return [f"{tar_path}: missing"]
+    problems = []
+    size = tar_path.stat().st_size
+    if size != rec["bytes"]:
+        problems.append(f"{tar_path}: {size} bytes, index.json says {rec['bytes']} (truncated or replaced)")
+    elif _sha256(tar_path) != rec["sha256"]:
+        problems.append(f"{tar_path}: content digest differs from index.json (the file was modified)")
+    try:
+        table = layout.read_member_table(idx_path)
+    except DataError as exc:
+        return problems + [str(exc)]
+    if len(table) != rec["count"]:
+        problems.append(f"{idx_path}: {len(table)} rows, index.json says {rec['count']}")
+    if len(table) and id_range and (table["id"].min() < id_range[0] or table["id"].max() > id_range[1]):
+        problems.append(f"{idx_path}: ids outside the split's range {id_range}")
+    expected = {}
+    for row in table:
+        expected[layout.member_key(int(row["id"]))] = row
+    seen = set()
+    try:
+        with tarfile.open(tar_path) as tar:
+            for m in tar:
+                key, _, ext = m.name.partition(".")
+                row = expected.get(key)
+                if row is None:
+                    problems.append(f"{tar_path}: member {m.name!r} not in {idx_path.name}")
+                    continue
+                data = tar.extractfile(m).read()
+                if ext == "cls":
+                    if data.decode(errors="replace").strip() != str(int(row["label"])):
+                        problems.append(f"{tar_path}: {m.name} says label {data!r}, index says {int(row['label'])}")
+                    continue
+                seen.add(key)
+                if m.offset_data != row["offset"] or m.size != row["size"]:
+                    problems.append(f"{tar_path}: {m.name} at byte {m.offset_data} size {m.size}, index says "
+                                    f"{int(row['offset'])} size {int(row['size'])}")
+                try:
+                    open_fully(data)
+                except CorruptImage as exc:
+                    problems.append(f"{tar_path}: {m.name} does not decode ({exc})")
+                on_image()
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        problems.append(f"{tar_path}: unreadable tar ({exc})")
+    missing = len(expected) - len(seen)
+    if missing:
+        problems.append(f"{tar_path}: {missing} images listed in {idx_path.name} are not in the tar")
+    return problems
+
+
+def verify(root: str | Path, progress: bool = True) -> list[str]:
+    """Every problem found, each naming its file; an empty list means healthy."""
+    root = Path(root)
+    try:
+        index = layout.load_index(root)
+    except DataError as exc:
+        return [str(exc)]
+    problems = []
+    total = sum(info["count"] for info in index["splits"].values())
+    with progress_bar(progress) as bar:
+        task = bar.add_task("verify", total=total)
+        for split, info in index["splits"].items():
+            for rec in info["shards"]:
+                problems += _check_shard(root, split, rec, info.get("id_range"), lambda: bar.advance(task))
+            beton = info.get("beton")
+            if beton:
+                path = root / beton["file"]
+                if not path.is_file():
+                    problems.append(f"{path}: missing (listed in index.json)")
+                elif path.stat().st_size != beton["bytes"]:
+                    problems.append(f"{path}: {path.stat().st_size} bytes, index.json says {beton['bytes']}")
+    got = layout.fingerprint(index["classes"], index["image"], index["splits"])
+    if got != index["fingerprint"]:
+        problems.append(f"{root / layout.INDEX_NAME}: fingerprint does not match its own shard list (edited by hand?)")
+    return problems
