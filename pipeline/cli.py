@@ -144,7 +144,7 @@ def main() -> None:
     try:
         app()  # typer handles usage errors and --help itself, and exits
     except PipelineError as exc:
-        console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        console.print(f"[red]error:[/] {escape(str(exc))}")
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         console.print("interrupted; run the same command again to resume")

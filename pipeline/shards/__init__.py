@@ -1,7 +1,22 @@
-"""Shard sets: preparing them from sources, reading them, subset manifests, loaders."""
+"""Shard sets: preparing them from sources, reading them, subset manifests, loaders.
 
-from pipeline.shards.loaders import Batch, create_loader
-from pipeline.shards.manifest import Manifest
-from pipeline.shards.shardset import ShardSet
+Exports resolve lazily, so that `pipeline prepare` or an error message does not pay for importing torch.
+"""
 
-__all__ = ["Batch", "Manifest", "ShardSet", "create_loader"]
+_EXPORTS = {
+    "Batch": "pipeline.shards.loaders",
+    "create_loader": "pipeline.shards.loaders",
+    "Manifest": "pipeline.shards.manifest",
+    "ShardSet": "pipeline.shards.shardset",
+}
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(name)
+
+
+__all__ = list(_EXPORTS)

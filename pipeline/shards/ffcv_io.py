@@ -88,8 +88,8 @@ def write_betons(out, workers: int = 1, progress: bool = True) -> dict:
             "id": ff.fields.IntField(),
         }
         with atomic_path(path) as tmp:
-            # Pages of 1 MiB keep small sets small; a page must hold the largest sample.
-            page = 1 << 20 if small else 8 << 20
+            # ffcv's smallest page (2 MiB) keeps small sets small; a page must hold the largest sample.
+            page = 2 << 20 if small else 8 << 20
             writer = ff.writer.DatasetWriter(str(tmp), fields, num_workers=max(1, workers), page_size=page)
             writer.from_indexed_dataset(_SplitRows(shardset, split), chunksize=256)
         info["beton"] = {"file": path.name, "count": info["count"], "bytes": path.stat().st_size}

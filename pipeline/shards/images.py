@@ -2,6 +2,8 @@
 
 Encoding happens once in `prepare`; decoding happens on every read. Both resize the same way (shorter side
 to N, then a centre crop to N x N) so a shard set prepared with `--image-size N` batches without padding.
+JPEG goes through simplejpeg (libjpeg-turbo without PIL's Python-level header parsing: about 4x faster on
+32x32 images); PIL handles everything else and the JPEGs simplejpeg refuses (CMYK, odd markers).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import simplejpeg
 from PIL import Image, UnidentifiedImageError
 
 # Stored members are JPEG or PNG; everything else a folder holds is transcoded to one of them.
@@ -51,11 +54,21 @@ def _encode(img: Image.Image, fmt: str) -> bytes:
     return buf.getvalue()
 
 
+def _is_jpeg(data: bytes) -> bool:
+    return data[:3] == b"\xff\xd8\xff"
+
+
 def transcode_file(data: bytes, mode: str, image_size: int | None) -> tuple[bytes, str, tuple[int, int]]:
     """Check that a source file decodes; return (stored bytes, extension, (height, width)).
 
     JPEG and PNG files are stored byte for byte when no resize is asked for: no re-encoding loss.
     """
+    if image_size is None and _is_jpeg(data):
+        try:
+            pixels = simplejpeg.decode_jpeg(data, colorspace="GRAY" if mode == "L" else "RGB", strict=True)
+            return data, "jpg", pixels.shape[:2]
+        except ValueError:
+            pass  # PIL decides: it reads some JPEGs libjpeg-turbo warns about, and refuses the truly broken
     img = open_fully(data)
     fmt = STORED_FORMATS.get(img.format or "")
     if image_size is None and fmt is not None:
@@ -77,6 +90,16 @@ def encode_array(pixels: np.ndarray, image_size: int | None) -> tuple[bytes, str
 
 def decode(data: bytes, mode: str, size: int | None = None) -> np.ndarray:
     """Decode stored bytes to an HxWxC uint8 array (C = 1 for mode L, 3 for RGB)."""
+    if _is_jpeg(data):
+        try:
+            arr = simplejpeg.decode_jpeg(data, colorspace="GRAY" if mode == "L" else "RGB", strict=False,
+                                         min_height=size or 0, min_width=size or 0)
+        except ValueError:
+            arr = None
+        if arr is not None:
+            if size is not None and arr.shape[:2] != (size, size):
+                arr = np.asarray(resize_square(Image.fromarray(arr.squeeze(-1) if mode == "L" else arr), size))
+            return arr.reshape(arr.shape[0], arr.shape[1], -1)
     try:
         img = Image.open(io.BytesIO(data))
         if size is not None and img.format == "JPEG":

@@ -126,7 +126,8 @@ def _run_task(task: ShardTask) -> dict:
             try:
                 enc = source.load(split, index, image_size)
             except CorruptImage as exc:
-                skipped.append({"split": task.split, "source": source.describe(split, index), "reason": str(exc)})
+                skipped.append({"split": task.split, "shard": task.shard_no, "source": source.describe(split, index),
+                                "reason": str(exc)})
             else:
                 shapes.add(enc.shape)
                 exts.add(enc.ext)
@@ -168,7 +169,10 @@ def _previous_records(out: Path, recipe: dict, overwrite: bool) -> dict[tuple[st
             old_recipe = index.get("recipe")
             for split, info in index.get("splits", {}).items():
                 for rec in info.get("shards", []):
-                    found[(split, rec["shard"])] = dict(rec, split=split)
+                    found[(split, rec["shard"])] = dict(rec, split=split, skipped=[])
+            for entry in index.get("skipped", []):
+                if (entry.get("split"), entry.get("shard")) in found:
+                    found[(entry["split"], entry["shard"])]["skipped"].append(entry)
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
             old_recipe = "unreadable"
     if journal.is_file():
@@ -261,7 +265,8 @@ def build_index(source: Source, spec: str, recipe: dict, records: list[dict], im
     for rec in sorted(records, key=lambda r: (r["split"], r["shard"])):
         info = splits.setdefault(rec["split"], {"count": 0, "shards": []})
         info["count"] += rec["count"]
-        info["shards"].append({k: rec[k] for k in ("shard", "tar", "idx", "count", "first_id", "last_id", "bytes", "sha256")})
+        info["shards"].append({k: rec[k] for k in ("shard", "tar", "idx", "count", "first_id", "last_id", "bytes",
+                                                    "sha256", "shapes", "exts")})
         skipped.extend(rec["skipped"])
     order = [s for s in SPLIT_ORDER if s in splits] + sorted(s for s in splits if s not in SPLIT_ORDER)
     splits = {s: splits[s] for s in order}
