@@ -31,10 +31,15 @@ fi
 stamp="$VENV/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)-${extras/,/-}"
 if [ ! -f "$stamp" ]; then
     echo "setup: installing pipeline[$extras] into $VENV"
-    "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-    if ! "$VENV/bin/python" -m pip install -q -e ".[$extras]" 2>&1 | grep -v "^WARNING: Location"; then :; fi
-    if ! "$VENV/bin/python" -c "import pipeline, torch, webdataset, faiss" 2>/dev/null; then
-        echo "setup: installation failed" >&2
+    log="$VENV/install.log"
+    if ! "$VENV/bin/python" -m pip install -e ".[$extras]" >"$log" 2>&1 && [ "$extras" = "dev,ffcv" ]; then
+        echo "setup: installing with ffcv failed (see $log); installing without it"
+        extras="dev"
+        "$VENV/bin/python" -m pip install -e ".[$extras]" >>"$log" 2>&1 || true
+    fi
+    if ! "$VENV/bin/python" -c "import pipeline, torch, webdataset, faiss, simplejpeg" 2>/dev/null; then
+        echo "setup: installation failed; the end of $log:" >&2
+        tail -n 20 "$log" >&2
         exit 1
     fi
     if [ "$extras" = "dev,ffcv" ] && ! "$VENV/bin/python" -c "import ffcv.loader" 2>/dev/null; then

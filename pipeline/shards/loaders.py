@@ -15,7 +15,9 @@ Images arrive NCHW uint8 (memory laid out channels_last); the trainer converts a
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
+from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
 import numpy as np
@@ -142,13 +144,39 @@ class TaskReader:
             yield Batch(images_t[sl], labels[sl], ids[sl])
 
 
+@dataclass
+class Planner:
+    """Everything that decides an epoch's tasks; the plan is a pure function of the epoch number."""
+
+    backend: str
+    rows: np.ndarray
+    shard_starts: np.ndarray
+    batch_size: int
+    window: int
+    shuffle: bool
+    seed: int
+    rank: int
+    world_size: int
+    drop_last: bool
+
+    def plan(self, epoch: int) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.seed, epoch])
+        args = dict(shuffle=self.shuffle, rng=rng, rank=self.rank, world=self.world_size, drop_last=self.drop_last)
+        if self.backend == "stream":
+            return plan_stream(self.rows, self.shard_starts, self.batch_size, self.window, **args)
+        return plan_indexed(self.rows, self.batch_size, **args)
+
+
 class _TaskStream(IterableDataset):
-    def __init__(self, reader: TaskReader, tasks: list[np.ndarray]):
-        self.reader, self.tasks = reader, tasks
+    """Worker side. Workers persist across epochs; each plans the epoch it reads from shared memory."""
+
+    def __init__(self, reader: TaskReader, planner: Planner, epoch):
+        self.reader, self.planner, self.epoch = reader, planner, epoch
 
     def __iter__(self):
+        tasks = self.planner.plan(self.epoch.value)
         info = get_worker_info()
-        mine = self.tasks if info is None else self.tasks[info.id::info.num_workers]
+        mine = tasks if info is None else tasks[info.id::info.num_workers]
         for rows in mine:
             yield from self.reader.batches(rows)
 
@@ -159,43 +187,46 @@ class ShardLoader:
     def __init__(self, shardset, split: str, rows: np.ndarray | None, *, backend: str, batch_size: int,
                  shuffle: bool, seed: int, drop_last: bool, device, num_workers: int, image_size: int | None,
                  window: int, rank: int, world_size: int):
-        self.shardset, self.split, self.backend = shardset, split, backend
-        self.table = shardset.members(split)
-        self.rows = np.arange(len(self.table)) if rows is None else np.asarray(rows, dtype=np.int64)
-        self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
-        self.device = torch.device(device)
-        self.num_workers, self.window = num_workers, window
-        self.rank, self.world_size = rank, world_size
+        table = shardset.members(split)
+        rows = np.arange(len(table)) if rows is None else np.asarray(rows, dtype=np.int64)
+        self.planner = Planner(backend, rows, table.shard_starts, batch_size, window, shuffle, seed, rank,
+                               world_size, drop_last)
         self.reader = TaskReader(shardset, split, image_size, batch_size)
+        self.device = torch.device(device)
+        self.num_workers = num_workers
         self.epoch = 0
+        self._shared_epoch = mp.Value("q", 0, lock=False)  # read by persistent workers
+        self._dataloader = None
 
     @property
     def samples_per_epoch(self) -> int:
-        n = len(self.rows) // self.world_size
-        return n - n % self.batch_size if self.drop_last else n
+        p = self.planner
+        n = len(p.rows) // p.world_size
+        return n - n % p.batch_size if p.drop_last else n
 
     def __len__(self) -> int:
-        return -(-self.samples_per_epoch // self.batch_size)
+        return -(-self.samples_per_epoch // self.planner.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def plan(self, epoch: int) -> list[np.ndarray]:
-        rng = np.random.default_rng([self.seed, epoch])
-        args = dict(shuffle=self.shuffle, rng=rng, rank=self.rank, world=self.world_size, drop_last=self.drop_last)
-        if self.backend == "stream":
-            return plan_stream(self.rows, self.table.shard_starts, self.batch_size, self.window, **args)
-        return plan_indexed(self.rows, self.batch_size, **args)
+        return self.planner.plan(epoch)
+
+    def _batches(self) -> Iterator[Batch]:
+        self._shared_epoch.value = self.epoch
+        dataset = _TaskStream(self.reader, self.planner, self._shared_epoch)
+        if self.num_workers == 0:
+            return iter(dataset)
+        if self._dataloader is None:
+            n_tasks = max(1, len(self.planner.plan(0)))
+            self._dataloader = DataLoader(dataset, batch_size=None, num_workers=min(self.num_workers, n_tasks),
+                                          pin_memory=self.device.type == "cuda", persistent_workers=True)
+        return iter(self._dataloader)
 
     def __iter__(self) -> Iterator[Batch]:
-        tasks = self.plan(self.epoch)
+        batches = self._batches()
         self.epoch += 1
-        if self.num_workers == 0:
-            batches = (b for rows in tasks for b in self.reader.batches(rows))
-        else:
-            batches = iter(DataLoader(_TaskStream(self.reader, tasks), batch_size=None,
-                                      num_workers=min(self.num_workers, max(1, len(tasks))),
-                                      pin_memory=self.device.type == "cuda"))
         for b in batches:
             if self.device.type != "cpu":
                 b = Batch(*(x.to(self.device, non_blocking=True) for x in b))

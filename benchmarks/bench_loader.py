@@ -1,0 +1,159 @@
+"""Loader throughput: one-file-per-sample baseline vs shard streaming, indexed subsets and FFCV.
+
+Same images, batch size and worker count for every row. The baseline is an ImageFolder-style loader (a torch
+DataLoader whose dataset opens one JPEG per sample with PIL). Each loader runs one untimed warm-up epoch (warm
+page cache, JIT compilation for ffcv), then `--epochs` timed ones. Prints one JSON line, then a table.
+
+    python benchmarks/bench_loader.py [--data FOLDER] [--batch-size 256] [--workers 2] [--epochs 1]
+
+Targets (issue 2): streaming >= 2x the baseline; a 10% subset read costs <= 15% of a full-split read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline.shards.images import decode
+from pipeline.shards.prepare import PrepareOptions, prepare
+from pipeline.shards.shardset import ShardSet
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+
+
+class PerFileDataset(Dataset):
+    """The baseline: list the class folders, open one image file per sample with PIL."""
+
+    def __init__(self, root: Path, decoder: str = "pil"):
+        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        self.items = [(f, i) for i, c in enumerate(classes) for f in sorted((root / c).iterdir())]
+        self.decoder = decoder
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, k):
+        path, label = self.items[k]
+        if self.decoder == "simplejpeg":  # the decoder the shard loaders use: separates layout from decoder
+            arr = decode(path.read_bytes(), "RGB").copy()
+        else:
+            with Image.open(path) as img:
+                arr = np.array(img.convert("RGB"))
+        return torch.from_numpy(arr).permute(2, 0, 1), label
+
+
+def _time_epochs(make_loader, epochs: int) -> tuple[float, int]:
+    """Build the loader once (as a trainer would for a selection round), warm it up, time `epochs` epochs."""
+    loader = make_loader()
+    for _ in loader:  # warm-up epoch
+        pass
+    n, start = 0, time.perf_counter()
+    for _ in range(epochs):
+        for batch in loader:
+            n += len(batch[0])
+    return time.perf_counter() - start, n
+
+
+def synthetic_folder(root: Path, count: int) -> Path:
+    from pipeline.shards.sources.synthetic import CLASSES, generate
+
+    if (root / CLASSES[0]).is_dir():
+        return root
+    images, labels, _ = generate(count)
+    for c in CLASSES:
+        (root / c).mkdir(parents=True, exist_ok=True)
+    for i, (img, label) in enumerate(zip(images, labels)):
+        Image.fromarray(img).save(root / CLASSES[label] / f"{i:06d}.jpg", quality=75)
+    return root
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=None, help="Class-folder root (with train/); default: shared CIFAR-10")
+    ap.add_argument("--split", default="train")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/pipeline-bench"), help="Where shard sets are written")
+    ap.add_argument("--synthetic-count", type=int, default=20000, help="Images to generate when no data is found")
+    ap.add_argument("--no-ffcv", action="store_true")
+    args = ap.parse_args(argv)
+
+    data = args.data or (DEFAULT_DATA if DEFAULT_DATA.is_dir() else None)
+    if data is None:
+        data = synthetic_folder(args.work / "synthetic-jpeg", args.synthetic_count)
+        split_dir, name = data, "synthetic-jpeg"
+    else:
+        split_dir, name = (data / args.split if (data / args.split).is_dir() else data), data.name
+    formats = ("wds",) if args.no_ffcv else ("wds", "ffcv")
+    if "ffcv" in formats:
+        from pipeline.shards import ffcv_io
+
+        if not ffcv_io.available():
+            print("ffcv not installed: FFCV row skipped", file=sys.stderr)
+            formats = ("wds",)
+
+    out = args.work / f"{name}-{args.split}"
+    prep = prepare(f"folder:{split_dir}", PrepareOptions(out=out, formats=("wds",), workers=args.workers,
+                                                         test_fraction=0.0, overwrite=True, progress=False))
+    if "ffcv" in formats:
+        prepare(f"folder:{split_dir}", PrepareOptions(out=out, formats=formats, workers=args.workers,
+                                                      test_fraction=0.0, progress=False))
+    ss = ShardSet.open(out)
+    n_total = ss.count("train")
+    rng = np.random.default_rng(0)
+    subsets = {f: np.sort(rng.choice(ss.ids("train"), int(n_total * f), replace=False)) for f in (0.10, 0.01)}
+    common = dict(batch_size=args.batch_size, num_workers=args.workers, seed=0)
+
+    rows = {}
+    base = PerFileDataset(split_dir)
+    rows["per-file PIL (baseline)"] = _time_epochs(
+        lambda: DataLoader(base, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                           persistent_workers=args.workers > 0), args.epochs)
+    fast = PerFileDataset(split_dir, decoder="simplejpeg")
+    rows["per-file simplejpeg"] = _time_epochs(
+        lambda: DataLoader(fast, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                           persistent_workers=args.workers > 0), args.epochs)
+    rows["stream (shards)"] = _time_epochs(lambda: ss.loader("train", backend="stream", **common), args.epochs)
+    rows["indexed, whole split"] = _time_epochs(lambda: ss.loader("train", backend="indexed", **common), args.epochs)
+    for f, ids in subsets.items():
+        rows[f"indexed, {f:.0%} subset"] = _time_epochs(lambda ids=ids: ss.loader("train", ids, **common), args.epochs)
+    if "ffcv" in formats:
+        rows["ffcv, whole split"] = _time_epochs(lambda: ss.loader("train", backend="ffcv", **common), args.epochs)
+        rows["ffcv, 10% subset"] = _time_epochs(lambda: ss.loader("train", subsets[0.10], backend="ffcv", **common),
+                                                args.epochs)
+
+    base_rate = rows["per-file PIL (baseline)"][1] / rows["per-file PIL (baseline)"][0]
+    full_time = rows["stream (shards)"][0]
+    table = []
+    for label, (secs, n) in rows.items():
+        table.append({"loader": label, "images": n, "seconds": round(secs, 3), "images_per_s": round(n / secs),
+                      "vs_baseline": round(n / secs / base_rate, 2), "cost_vs_full_stream": round(secs / full_time, 3)})
+    result = {
+        "benchmark": "loader", "date": time.strftime("%Y-%m-%d"), "machine": platform.node(),
+        "cpus": torch.get_num_threads(), "data": str(split_dir), "images": n_total, "image_format": ss.index["image"],
+        "batch_size": args.batch_size, "workers": args.workers, "epochs": args.epochs,
+        "prepare_images_per_s": round(prep.images_per_s),
+        "stream_vs_baseline": round(rows["stream (shards)"][1] / rows["stream (shards)"][0] / base_rate, 2),
+        "subset10_cost_vs_full": round(rows["indexed, 10% subset"][0] / full_time, 3),
+        "rows": table,
+    }
+    print(json.dumps(result))
+    print(f"\n{n_total:,} images from {split_dir}, batch {args.batch_size}, {args.workers} workers; "
+          f"prepare {result['prepare_images_per_s']:,} images/s")
+    print(f"{'loader':28s} {'images/s':>10s} {'x baseline':>11s} {'time vs full':>13s}")
+    for r in table:
+        print(f"{r['loader']:28s} {r['images_per_s']:>10,d} {r['vs_baseline']:>11.2f} {r['cost_vs_full_stream']:>13.3f}")
+
+
+if __name__ == "__main__":
+    main()
