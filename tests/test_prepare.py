@@ -106,3 +106,13 @@ def test_shards_are_deterministic_bytes(tmp_path):
         for rec in a.index["splits"][split]["shards"]:
             assert (a.root / rec["tar"]).read_bytes() == (b.root / rec["tar"]).read_bytes()
     assert not any(p.name.startswith(".") for p in a.root.iterdir()), os.listdir(a.root)
+
+
+def test_foreign_files_in_out_are_left_alone(tmp_path):
+    out = tmp_path / "mixed"
+    out.mkdir()
+    (out / "backup.tar").write_bytes(b"mine")
+    (out / "notes.idx").write_text("mine")
+    make_prepared("digits", out)
+    prepare("digits", PrepareOptions(out=out, seed=3, overwrite=True, progress=False))
+    assert (out / "backup.tar").read_bytes() == b"mine" and (out / "notes.idx").read_text() == "mine"

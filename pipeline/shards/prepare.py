@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import queue as queue_mod
+import re
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from pipeline.shards.sources import Source, open_source
 from pipeline.shards.tarshard import ShardSample, shard_looks_intact, write_shard
 
 JOURNAL_NAME = ".prepare-journal.jsonl"
+_OWN_FILE = re.compile(r"^[\w.]+-\d{6}\.(tar|idx)$|^[\w.]+\.beton$")
 SPLIT_ORDER = ("train", "val", "test")
 FORMATS = ("wds", "ffcv")
 
@@ -185,23 +187,21 @@ def _previous_records(out: Path, recipe: dict, overwrite: bool) -> dict[tuple[st
                 old_recipe = entry["recipe"]
             elif "shard" in entry:
                 found[(entry["split"], entry["shard"])] = entry
-    if old_recipe is not None and old_recipe != recipe:
-        if not overwrite:
-            diff = ", ".join(
-                f"{k} {old_recipe.get(k)!r} -> {recipe[k]!r}" for k in recipe
-                if isinstance(old_recipe, dict) and old_recipe.get(k) != recipe[k]
-            ) or "unreadable index"
-            raise PipelineError(
-                f"{out}: holds a shard set prepared with other settings ({diff}); "
-                "pass --overwrite to replace it, or choose another --out"
-            )
-        found = {}
-    if overwrite or old_recipe != recipe:
-        for p in list(out.glob("*.tar")) + list(out.glob("*.idx")) + list(out.glob("*.beton")) + [index_path, journal]:
-            if p.exists():
-                p.unlink()
-        return {}
-    return found
+    if old_recipe is None or (old_recipe == recipe and not overwrite):
+        return found  # a new folder (other files in it are left alone), or a run to resume
+    if not overwrite:
+        diff = ", ".join(
+            f"{k} {old_recipe.get(k)!r} -> {recipe[k]!r}" for k in recipe
+            if isinstance(old_recipe, dict) and old_recipe.get(k) != recipe[k]
+        ) or "unreadable index"
+        raise PipelineError(
+            f"{out}: holds a shard set prepared with other settings ({diff}); "
+            "pass --overwrite to replace it, or choose another --out"
+        )
+    for p in out.iterdir():  # only the files a shard set consists of
+        if _OWN_FILE.match(p.name) or p in (index_path, journal):
+            p.unlink()
+    return {}
 
 
 def _tasks(plan: dict, shard_size: int, out: Path) -> list[ShardTask]:
@@ -305,6 +305,11 @@ class PrepareResult:
 def prepare(spec: str, opts: PrepareOptions) -> PrepareResult:
     """Build (or finish) the shard set for `spec`."""
     opts.check()
+    if "ffcv" in opts.formats:
+        from pipeline.shards import ffcv_io
+
+        if not ffcv_io.available():
+            raise PipelineError(ffcv_io.INSTALL_HINT)
     source = open_source(spec)
     out = Path(opts.out) if opts.out else Path("shards") / source.name
     if out.exists() and not out.is_dir():
