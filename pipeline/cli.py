@@ -140,6 +140,89 @@ def stream(
                       f"{seen / secs:,.0f} images/s; per class {label_counts.tolist()}")
 
 
+@app.command()
+def train(
+    data: Optional[Path] = typer.Option(None, help="Shard-set folder."),
+    out: Optional[Path] = typer.Option(None, help="Run folder (checkpoints, metrics.jsonl, config.toml)."),
+    method: Optional[str] = typer.Option(None, help="acl | dynacl"),
+    config: Optional[Path] = typer.Option(None, help="TOML file with [data] [model] [method] [attack] [optim] [run]."),
+    manifest: Optional[Path] = typer.Option(None, help="Train on this subset manifest."),
+    manifests: Optional[Path] = typer.Option(None, help="At each epoch, train on the newest valid manifest here."),
+    epochs: Optional[int] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None),
+    lr: Optional[float] = typer.Option(None),
+    optimizer: Optional[str] = typer.Option(None, help="lars | sgd"),
+    arch: Optional[str] = typer.Option(None, help="smallcnn | resnet18 | resnet50"),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
+    seed: Optional[int] = typer.Option(None),
+    workers: Optional[int] = typer.Option(None, help="Loader worker processes."),
+    set_: list[str] = typer.Option([], "--set", help="Any setting, SECTION.KEY=VALUE (repeatable)."),
+    resume: Optional[Path] = typer.Option(None, help="Continue the run in this folder exactly where it stopped."),
+    stop_after: Optional[int] = typer.Option(None, help="Stop after this many epochs (the schedule keeps its length)."),
+):
+    """Pre-train an encoder (ACL, DynACL) on a shard set, a subset manifest, or a folder of manifests."""
+    from pipeline.trainers import TrainConfig, create_trainer, load_config
+
+    if resume is not None:
+        if not (resume / "config.toml").is_file():
+            raise PipelineError(f"{resume}: not a run folder (no config.toml); start it with --out instead")
+        cfg = load_config(resume / "config.toml")
+    else:
+        cfg = load_config(config) if config else TrainConfig()
+    flags = {"data.path": data, "run.out": out, "method.name": method, "data.manifest": manifest,
+             "data.manifests": manifests, "optim.epochs": epochs, "data.batch_size": batch_size, "optim.lr": lr,
+             "optim.optimizer": optimizer, "model.arch": arch, "run.device": device, "run.seed": seed,
+             "data.workers": workers}
+    for key, value in flags.items():
+        if value is not None:
+            cfg.set(key, str(value), origin=f"--{key.split('.')[1].replace('_', '-')}")
+    cfg.apply_overrides(set_)
+    if resume is not None:
+        cfg.run.out = str(resume)
+    trainer = create_trainer(cfg, resume=resume is not None)
+    try:
+        summary = trainer.fit(stop_after=stop_after)
+    finally:
+        trainer.close()
+    if trainer.is_main and summary:
+        console.print(f"epoch {summary['epoch']}: loss {summary['loss']:.4f}, {summary['images_per_s']:,.0f} images/s; "
+                      f"checkpoint {escape(str(Path(cfg.run.out) / 'checkpoints' / 'last.pt'))}")
+
+
+@app.command("eval")
+def eval_(
+    data: Path = typer.Option(..., help="Shard-set folder with train and test splits."),
+    checkpoint: Path = typer.Option(..., help="A checkpoint written by `pipeline train`."),
+    protocol: str = typer.Option("slf", help="slf | alf | aff"),
+    attack: str = typer.Option("pgd20", help="pgd20 | autoattack | none"),
+    epochs: int = typer.Option(25, help="Finetuning epochs."),
+    lr: float = typer.Option(0.01, help="Finetuning learning rate."),
+    limit: Optional[int] = typer.Option(None, help="Evaluate on the first N test samples only."),
+    eps: Optional[float] = typer.Option(None, help="l_inf budget [default: 8/255 colour, 0.3 grey]."),
+    step: Optional[float] = typer.Option(None, help="Attack step [default: eps/4]."),
+    batch_size: int = typer.Option(256),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    workers: int = typer.Option(0),
+    seed: int = typer.Option(0),
+):
+    """Finetune a pre-trained encoder (SLF, ALF, AFF) and report clean, PGD-20 and AutoAttack accuracy."""
+    from rich.table import Table
+
+    from pipeline.evaluation import FinetuneSettings, evaluate
+    from pipeline.trainers.base import resolve_device
+
+    settings = FinetuneSettings(epochs=epochs, lr=lr, seed=seed)
+    r = evaluate(data, checkpoint, protocol, attack, settings, limit, batch_size, resolve_device(device), workers,
+                 eps, step)
+    t = Table(title=f"{protocol.upper()} evaluation of {checkpoint}", title_justify="left")
+    for col in ("protocol", "clean", attack if attack != "none" else "-", "test samples", "eps", "finetune"):
+        t.add_column(col, justify="right")
+    t.add_row(protocol, f"{r['clean']:.2%}", f"{r[attack]:.2%}" if attack != "none" else "-", f"{r['samples']:,}",
+              f"{r['eps']:.4g}", f"{epochs} ep, {r['finetune_seconds']:.0f} s")
+    console.print(t)
+    console.print(f"written to {escape(r['results_path'])}")
+
+
 def main() -> None:
     try:
         app()  # typer handles usage errors and --help itself, and exits

@@ -1,0 +1,50 @@
+"""Checkpoints: plain dicts of tensors and numbers, saved atomically, loaded with weights_only=True."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipeline import __version__
+from pipeline.atomic import atomic_path
+from pipeline.errors import DataError
+
+FORMAT = "pipeline.checkpoint"
+
+
+def save_checkpoint(path: str | Path, payload: dict) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save({"format": FORMAT, "tool_version": __version__, **payload}, tmp)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such checkpoint (train one with `pipeline train`, or check the path)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated files and foreign pickles
+        raise DataError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt or "model_spec" not in ckpt:
+        raise DataError(f"{path}: not a checkpoint written by `pipeline train` (no model spec); cannot rebuild its model")
+    return ckpt
+
+
+def load_weights(model: torch.nn.Module, state: dict, path: str | Path) -> None:
+    """load_state_dict with a message that says which architecture the weights do not fit."""
+    arch = getattr(model, "spec", {}).get("arch", "?")
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        detail = str(exc).split("\n\t")[1] if "\n\t" in str(exc) else str(exc)[:200]
+        raise DataError(f"{path}: weights do not fit the model {arch} ({detail.strip()}); "
+                        "was it trained with another architecture?") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise DataError(
+            f"{path}: weights do not fit the model {arch} "
+            f"({len(result.missing_keys)} missing, {len(result.unexpected_keys)} unexpected tensors, e.g. "
+            f"{(result.missing_keys or result.unexpected_keys)[0]}); was it trained with another architecture?"
+        )

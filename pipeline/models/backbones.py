@@ -1,0 +1,127 @@
+"""Encoders with multi-branch batch norm: the CIFAR ResNet-18, ResNet-50, and a small CNN for CPU work.
+
+Inputs are images in [0, 1]; each encoder normalises them itself, so that attacks see the whole deployed
+model (eps is measured in pixel space).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline.models.multibn import DEFAULT_BRANCHES, MultiBatchNorm
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class Normalize(nn.Module):
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+def default_stats(channels: int):
+    return (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,) * channels, (0.5,) * channels)
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin, cout, stride, branches):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = MultiBatchNorm(cout, branches)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = MultiBatchNorm(cout, branches)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), MultiBatchNorm(cout, branches))
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin, width, stride, branches):
+        super().__init__()
+        cout = width * self.expansion
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = MultiBatchNorm(width, branches)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = MultiBatchNorm(width, branches)
+        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
+        self.bn3 = MultiBatchNorm(cout, branches)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), MultiBatchNorm(cout, branches))
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    def __init__(self, block, layers, in_channels=3, stem="cifar", branches=DEFAULT_BRANCHES, mean=None, std=None):
+        super().__init__()
+        mean, std = (mean, std) if mean is not None else default_stats(in_channels)
+        self.normalize = Normalize(mean, std)
+        if stem == "cifar":  # 3x3, stride 1, no max-pool: keeps 32x32 inputs large enough
+            self.stem = nn.Sequential(nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), MultiBatchNorm(64, branches),
+                                      nn.ReLU(inplace=True))
+        else:
+            self.stem = nn.Sequential(nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False), MultiBatchNorm(64, branches),
+                                      nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
+        stages, cin = [], 64
+        for i, (width, n) in enumerate(zip((64, 128, 256, 512), layers)):
+            blocks = []
+            for j in range(n):
+                blocks.append(block(cin, width, 2 if (j == 0 and i > 0) else 1, branches))
+                cin = width * block.expansion
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.feature_dim = cin
+
+    def forward(self, x):
+        return torch.flatten(self.pool(self.stages(self.stem(self.normalize(x)))), 1)
+
+
+class SmallCNN(nn.Module):
+    """Three convolutions: about 30x cheaper than ResNet-18 on 32x32 inputs; for CPU demos and tests."""
+
+    def __init__(self, in_channels=3, branches=DEFAULT_BRANCHES, mean=None, std=None, width=32, stem=None):
+        super().__init__()
+        mean, std = (mean, std) if mean is not None else default_stats(in_channels)
+        self.normalize = Normalize(mean, std)
+        w = width
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, w, 3, 1, 1, bias=False), MultiBatchNorm(w, branches), nn.ReLU(inplace=True),
+            nn.Conv2d(w, 2 * w, 3, 2, 1, bias=False), MultiBatchNorm(2 * w, branches), nn.ReLU(inplace=True),
+            nn.Conv2d(2 * w, 4 * w, 3, 2, 1, bias=False), MultiBatchNorm(4 * w, branches), nn.ReLU(inplace=True),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.feature_dim = 4 * w
+
+    def forward(self, x):
+        return torch.flatten(self.pool(self.body(self.normalize(x))), 1)
+
+
+def resnet18(**kw):
+    return ResNet(BasicBlock, (2, 2, 2, 2), **kw)
+
+
+def resnet50(**kw):
+    return ResNet(Bottleneck, (3, 4, 6, 3), **kw)
+
+
+BACKBONES = {"smallcnn": SmallCNN, "resnet18": resnet18, "resnet50": resnet50}

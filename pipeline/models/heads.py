@@ -1,0 +1,39 @@
+"""Projection heads with multi-branch batch norm."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from pipeline.models.multibn import DEFAULT_BRANCHES, MultiBatchNorm
+
+
+class MLP3Head(nn.Module):
+    """The ACL head: (Linear, BN, ReLU) twice, then Linear, BN; every BN multi-branch."""
+
+    def __init__(self, in_dim: int, width: int = 512, out_dim: int = 512, branches=DEFAULT_BRANCHES):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(in_dim, width), MultiBatchNorm(width, branches, dims=1), nn.ReLU(inplace=True),
+            nn.Linear(width, width), MultiBatchNorm(width, branches, dims=1), nn.ReLU(inplace=True),
+            nn.Linear(width, out_dim), MultiBatchNorm(out_dim, branches, dims=1),
+        )
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class MLP2Head(nn.Module):
+    """SimCLR's head: Linear, BN, ReLU, Linear."""
+
+    def __init__(self, in_dim: int, width: int = 512, out_dim: int = 128, branches=DEFAULT_BRANCHES):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(in_dim, width), MultiBatchNorm(width, branches, dims=1), nn.ReLU(inplace=True),
+            nn.Linear(width, out_dim),
+        )
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+HEADS = {"mlp3": MLP3Head, "mlp2": MLP2Head}

@@ -1,0 +1,51 @@
+"""Batch norm with one set of statistics and affine parameters per named branch ("nat", "adv", ...).
+
+Adversarial contrastive learning normalises natural and adversarial inputs separately. The active branch is
+module state rather than a forward argument, so that ordinary backbones (nn.Sequential, residual blocks) need
+no plumbing: `model(x, branch="adv")` or `with use_branch(model, "adv"):` selects it for every layer.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from torch import nn
+
+DEFAULT_BRANCHES = ("nat", "adv")
+
+
+class MultiBatchNorm(nn.Module):
+    def __init__(self, num_features: int, branches=DEFAULT_BRANCHES, dims: int = 2):
+        super().__init__()
+        bn = nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d
+        self.bns = nn.ModuleDict({b: bn(num_features) for b in branches})
+        self.branch = branches[0]
+
+    def forward(self, x):
+        return self.bns[self.branch](x)
+
+    def extra_repr(self) -> str:
+        return f"branches={list(self.bns)}, active={self.branch!r}"
+
+
+def multibn_layers(model: nn.Module) -> list[MultiBatchNorm]:
+    return [m for m in model.modules() if isinstance(m, MultiBatchNorm)]
+
+
+def set_branch(model: nn.Module, branch: str) -> None:
+    for m in multibn_layers(model):
+        if branch not in m.bns:
+            raise KeyError(f"batch-norm branch {branch!r} not in {list(m.bns)}")
+        m.branch = branch
+
+
+@contextmanager
+def use_branch(model: nn.Module, branch: str):
+    layers = multibn_layers(model)
+    before = [m.branch for m in layers]
+    set_branch(model, branch)
+    try:
+        yield model
+    finally:
+        for m, b in zip(layers, before):
+            m.branch = b
