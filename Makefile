@@ -7,10 +7,13 @@ PY := $(VENV)/bin/python
 setup:
 	@VENV=$(VENV) ./scripts/setup-venv.sh
 
+# The main job end to end on the bundled digits: shards, ACL pre-training, SLF evaluation under PGD-20.
 demo: setup
-	@$(PY) -m pipeline prepare digits --out shards/digits
-	@$(PY) -m pipeline verify shards/digits
-	@$(PY) -m pipeline stream shards/digits --split train --batch-size 128
+	@$(PY) -m pipeline prepare digits --image-size 16 --out shards/digits-16
+	@$(PY) -m pipeline stream shards/digits-16 --split train --batch-size 128
+	@$(PY) -m pipeline train --config configs/demo-digits.toml --overwrite
+	@$(PY) -m pipeline eval --data shards/digits-16 --checkpoint runs/demo/checkpoints/last.pt \
+		--protocol slf --epochs 10 --lr 0.1 --eps 0.1
 
 test: setup
 	@$(PY) -m pytest -q -p no:cacheprovider
@@ -19,4 +22,4 @@ bench: setup
 	@$(PY) benchmarks/bench_loader.py
 
 clean:
-	rm -rf $(VENV) shards .pytest_cache
+	rm -rf $(VENV) shards runs .pytest_cache

@@ -158,6 +158,7 @@ def train(
     workers: Optional[int] = typer.Option(None, help="Loader worker processes."),
     set_: list[str] = typer.Option([], "--set", help="Any setting, SECTION.KEY=VALUE (repeatable)."),
     resume: Optional[Path] = typer.Option(None, help="Continue the run in this folder exactly where it stopped."),
+    overwrite: bool = typer.Option(False, help="Start afresh in a run folder that already holds a run."),
     stop_after: Optional[int] = typer.Option(None, help="Stop after this many epochs (the schedule keeps its length)."),
 ):
     """Pre-train an encoder (ACL, DynACL) on a shard set, a subset manifest, or a folder of manifests."""
@@ -179,6 +180,8 @@ def train(
     cfg.apply_overrides(set_)
     if resume is not None:
         cfg.run.out = str(resume)
+    else:
+        _fresh_run_folder(Path(cfg.run.out) if cfg.run.out else None, overwrite)
     trainer = create_trainer(cfg, resume=resume is not None)
     try:
         summary = trainer.fit(stop_after=stop_after)
@@ -187,6 +190,18 @@ def train(
     if trainer.is_main and summary:
         console.print(f"epoch {summary['epoch']}: loss {summary['loss']:.4f}, {summary['images_per_s']:,.0f} images/s; "
                       f"checkpoint {escape(str(Path(cfg.run.out) / 'checkpoints' / 'last.pt'))}")
+
+
+def _fresh_run_folder(run: Optional[Path], overwrite: bool) -> None:
+    if run is None or not (run / "checkpoints" / "last.pt").exists():
+        return
+    if not overwrite:
+        raise PipelineError(f"{run}: already holds a run; continue it with --resume {run}, start afresh with "
+                            "--overwrite, or choose another --out")
+    for name in ("metrics.jsonl", "config.toml"):
+        (run / name).unlink(missing_ok=True)
+    for ckpt in (run / "checkpoints").glob("*.pt"):
+        ckpt.unlink()
 
 
 @app.command("eval")

@@ -144,3 +144,16 @@ def test_torchrun_two_cpu_processes(digits_set, tmp_path):
               if json.loads(l)["kind"] == "epoch"]
     assert [e["steps"] for e in epochs] == [per_rank_steps] * 2  # one writer: rank 0
     assert epochs[0]["images"] == 2 * 64 * per_rank_steps
+
+
+def test_existing_run_needs_resume_or_overwrite(digits_set, tmp_path):
+    create_trainer(tiny_cfg(digits_set.root, tmp_path / "r", **{"optim.epochs": 1}), progress=False).fit()
+    base = [sys.executable, "-m", "pipeline", "train", "--data", digits_set.root, "--out", tmp_path / "r",
+            "--arch", "smallcnn", "--epochs", "1", "--batch-size", "64", "--workers", "0",
+            "--set", "attack.steps=1", "--set", "model.head_width=32", "--set", "model.proj_dim=16"]
+    r = subprocess.run(base, capture_output=True, text=True)
+    assert r.returncode != 0 and "already holds a run" in r.stderr
+    r = subprocess.run(base + ["--overwrite"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["epoch"] for l in lines if json.loads(l)["kind"] == "epoch"] == [1]

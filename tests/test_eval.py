@@ -1,0 +1,99 @@
+"""pipeline eval: protocols on a tiny trained model, agreement with torchattacks, clear errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pipeline.checkpoint import save_checkpoint
+from pipeline.errors import PipelineError
+from pipeline.evaluation import FinetuneSettings, evaluate, load_encoder
+from pipeline.evaluation.protocols import LinearClassifier, finetune
+from pipeline.models import create_model, model_spec
+from pipeline.trainers import create_trainer
+
+from test_train import tiny_cfg
+
+
+@pytest.fixture(scope="module")
+def trained(digits_set, tmp_path_factory):
+    run = tmp_path_factory.mktemp("evalrun")
+    create_trainer(tiny_cfg(digits_set.root, run, **{"optim.epochs": 2, "optim.lr": 0.3}), progress=False).fit()
+    return run / "checkpoints" / "last.pt"
+
+
+def test_slf_beats_chance_and_pgd_lowers_accuracy(digits_set, trained):
+    r = evaluate(digits_set.root, trained, "slf", "pgd20", FinetuneSettings(epochs=4, lr=0.1), eps=0.1, step=0.025,
+                 progress=False)
+    assert r["samples"] == digits_set.count("test")
+    assert r["clean"] > 0.3  # chance is 0.1
+    assert r["pgd20"] < r["clean"]
+    saved = json.loads((trained.parent / "results.json").read_text())
+    assert saved["slf-pgd20"]["clean"] == r["clean"] and saved["slf-pgd20"]["eps"] == 0.1
+
+
+@pytest.mark.parametrize("protocol", ["alf", "aff"])
+def test_adversarial_protocols_run_and_report(digits_set, trained, protocol):
+    r = evaluate(digits_set.root, trained, protocol, "pgd20", FinetuneSettings(epochs=1, lr=0.05, train_steps=2),
+                 limit=64, eps=0.1, step=0.025, progress=False)
+    assert r["samples"] == 64 and 0 <= r["pgd20"] <= r["clean"] <= 1
+    assert len(r["finetune_losses"]) == 1
+
+
+def test_our_pgd_agrees_with_torchattacks(digits_set, trained):
+    torchattacks = pytest.importorskip("torchattacks", reason="attacks extra not installed")
+    from pipeline.attacks import PGD
+    from pipeline.augment import to_float
+
+    device = torch.device("cpu")
+    encoder, _ = load_encoder(trained, digits_set, device)
+    model = LinearClassifier(encoder, encoder.feature_dim, 10)
+    loader = digits_set.loader("train", batch_size=256, seed=0)
+    finetune(model, loader, "slf", FinetuneSettings(epochs=3, lr=0.1), device, progress=False)
+    model.eval()
+    ours = theirs = clean = n = 0
+    eps, step = 0.1, 0.025
+    ta = torchattacks.PGD(model, eps=eps, alpha=step, steps=20, random_start=True)
+    pgd = PGD(model, "ce", eps, step, 20, generator=torch.Generator().manual_seed(0))
+    for b in digits_set.loader("test", batch_size=256, shuffle=False):
+        x, y = to_float(b.images), b.labels
+        with torch.no_grad():
+            clean += int((model(x).argmax(1) == y).sum())
+        ours += int((model(pgd(x, y)).argmax(1) == y).sum())
+        theirs += int((model(ta(x, y)).argmax(1) == y).sum())
+        n += len(y)
+    assert ours / n < clean / n - 0.05  # the attack bites
+    assert abs(ours - theirs) / n <= 0.03  # same accuracy within noise
+
+
+def test_bad_checkpoints_are_clear_errors(digits_set, trained, tmp_path):
+    with pytest.raises(PipelineError, match="no such checkpoint"):
+        evaluate(digits_set.root, tmp_path / "missing.pt", progress=False)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(PipelineError, match="not a readable checkpoint"):
+        evaluate(digits_set.root, tmp_path / "junk.pt", progress=False)
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
+    with pytest.raises(PipelineError, match="not a checkpoint written by `pipeline train`"):
+        evaluate(digits_set.root, tmp_path / "foreign.pt", progress=False)
+    # resnet18 weights under a smallcnn spec: another architecture
+    other = create_model(model_spec("resnet18", 1, 8, head_width=32, proj_dim=16))
+    save_checkpoint(tmp_path / "other.pt", {"model_spec": model_spec("smallcnn", 1, 8, head_width=32, proj_dim=16),
+                                            "model": other.state_dict()})
+    with pytest.raises(PipelineError, match="weights do not fit the model smallcnn"):
+        evaluate(digits_set.root, tmp_path / "other.pt", progress=False)
+    colour = create_model(model_spec("smallcnn", 3, 8, head_width=32, proj_dim=16))
+    save_checkpoint(tmp_path / "rgb.pt", {"model_spec": colour.spec, "model": colour.state_dict()})
+    with pytest.raises(PipelineError, match="3-channel images"):
+        evaluate(digits_set.root, tmp_path / "rgb.pt", progress=False)
+
+
+def test_eval_cli_prints_a_table(digits_set, trained):
+    r = subprocess.run([sys.executable, "-m", "pipeline", "eval", "--data", digits_set.root, "--checkpoint", trained,
+                        "--epochs", "1", "--limit", "50", "--device", "cpu"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "SLF evaluation" in r.stderr and "results.json" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "pipeline", "eval", "--data", digits_set.root, "--checkpoint",
+                        "/nope.pt"], capture_output=True, text=True)
+    assert r.returncode != 0 and "no such checkpoint" in r.stderr and "Traceback" not in r.stderr
