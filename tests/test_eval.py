@@ -97,3 +97,14 @@ def test_eval_cli_prints_a_table(digits_set, trained):
     r = subprocess.run([sys.executable, "-m", "pipeline", "eval", "--data", digits_set.root, "--checkpoint",
                         "/nope.pt"], capture_output=True, text=True)
     assert r.returncode != 0 and "no such checkpoint" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_autoattack_is_at_least_as_strong_as_pgd(digits_set, trained):
+    pytest.importorskip("torchattacks", reason="attacks extra not installed")
+    settings = dict(eps=0.1, step=0.025, limit=48, progress=False)
+    pgd = evaluate(digits_set.root, trained, "slf", "pgd20", FinetuneSettings(epochs=3, lr=0.1), **settings)
+    auto = evaluate(digits_set.root, trained, "slf", "autoattack", FinetuneSettings(epochs=3, lr=0.1), **settings)
+    assert auto["clean"] == pgd["clean"]  # same seed, same finetuned model
+    assert auto["autoattack"] <= pgd["pgd20"] + 1 / 48
+    saved = json.loads((trained.parent / "results.json").read_text())
+    assert {"slf-pgd20", "slf-autoattack"} <= set(saved)
