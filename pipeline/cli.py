@@ -204,6 +204,52 @@ def _fresh_run_folder(run: Optional[Path], overwrite: bool) -> None:
         ckpt.unlink()
 
 
+@app.command()
+def select(
+    data: Path = typer.Option(..., help="Shard-set folder."),
+    selector: str = typer.Option("rcs", help="rcs | facility | random"),
+    fraction: float = typer.Option(0.1, help="Share of the pool to select."),
+    out: Optional[Path] = typer.Option(None, help="Manifest to write (.json; ids go beside it)."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Model snapshot [default: a freshly initialised model]."),
+    split: str = typer.Option("train"),
+    pool: Optional[Path] = typer.Option(None, help="Select from this manifest's samples instead of the split."),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    arch: str = typer.Option("resnet18", help="Model for selection without --checkpoint."),
+    batch_size: int = typer.Option(256, help="Proxy computation batch size."),
+    unit: Optional[str] = typer.Option(None, help="rcs: sample | batch"),
+    k: Optional[int] = typer.Option(None, help="facility: neighbours in the k-NN graph"),
+    optimizer: Optional[str] = typer.Option(None, help="facility: lazy | stochastic | naive"),
+    alignment_weight: Optional[float] = typer.Option(None, help="facility: weight of the RCS alignment term"),
+    proxy: Optional[str] = typer.Option(None, help="facility: features | gradients"),
+    per_class: bool = typer.Option(False, help="facility/random: budget per class"),
+    knn_backend: Optional[str] = typer.Option(None, help="facility: auto | faiss-flat | faiss-ivf | faiss-gpu | torch"),
+    watch: Optional[Path] = typer.Option(None, help="Keep selecting for this training run, round after round."),
+    every: int = typer.Option(1, help="--watch: select when the run's checkpoint is this many epochs newer."),
+):
+    """Select a subset with a model snapshot and write a manifest (or keep feeding a run with --watch)."""
+    from pipeline.selectors.run import run_selection
+    from pipeline.trainers.base import resolve_device
+
+    params = {k_: v for k_, v in {"unit": unit, "k": k, "optimizer": optimizer, "alignment_weight": alignment_weight,
+                                  "proxy": proxy, "knn_backend": knn_backend}.items() if v is not None}
+    if per_class:
+        params["per_class"] = True
+    dev = resolve_device(device)
+    if watch is not None:
+        from pipeline.selectors.watch import watch_run
+
+        watch_run(watch, data, selector, fraction, params, seed, dev, every)
+        return
+    if out is None:
+        raise PipelineError("--out: where to write the manifest (e.g. runs/sel/round-0001.json)")
+    m = run_selection(data, selector, fraction, out, checkpoint, split, pool, seed, dev, params, arch, batch_size)
+    t = m.extra["timing"]
+    console.print(f"selected {len(m):,} of {m.extra['pool_size']:,} ({selector}) in {t['total']:.1f} s "
+                  f"({', '.join(f'{k_} {v:.1f} s' for k_, v in t.items() if isinstance(v, float) and k_ != 'total')}); "
+                  f"wrote {escape(str(m.path))}")
+
+
 @app.command("eval")
 def eval_(
     data: Path = typer.Option(..., help="Shard-set folder with train and test splits."),

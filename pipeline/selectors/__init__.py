@@ -1,0 +1,26 @@
+"""Selectors registered by name, and `run_selection`: pool + model snapshot -> manifest."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.errors import PipelineError
+from pipeline.selectors.base import Selection, SelectionContext, Selector
+from pipeline.selectors.facility import FacilitySelector
+from pipeline.selectors.random import RandomSelector
+from pipeline.selectors.rcs import RCSSelector
+
+SELECTORS: dict[str, type[Selector]] = {"random": RandomSelector, "rcs": RCSSelector, "facility": FacilitySelector}
+
+
+def create_selector(name: str, **params) -> Selector:
+    if name not in SELECTORS:
+        raise PipelineError(f"selector {name!r}: choose one of {', '.join(SELECTORS)}")
+    return SELECTORS[name](**params)
+
+
+__all__ = ["SELECTORS", "Selection", "SelectionContext", "Selector", "create_selector"]

@@ -1,0 +1,95 @@
+"""`facility`: facility location over a FAISS k-NN graph of proxy vectors, plus an optional robustness term.
+
+Proxy vectors: encoder features of the natural images (`proxy=features`) or the compressed per-sample
+ACL head gradients (`proxy=gradients`). With `alignment_weight` > 0 the modular RCS term is added: each
+candidate's alignment of its ACL gradient with the RD gradient of the validation set, scaled to [0, 1] and to
+the size of a typical coverage gain; the sum stays monotone submodular. Weights: how many pool points each
+pick represents (its points in the k-NN graph; points with no pick among their neighbours go to the most
+similar pick by exact search).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+from pipeline.selectors.base import Selection, SelectionContext, Selector, class_budgets
+from pipeline.selectors.greedy import maximize
+from pipeline.selectors.knn import _normalise, knn_graph
+
+
+def _assign_orphans(vectors: np.ndarray, picks: np.ndarray, owner: np.ndarray) -> np.ndarray:
+    orphans = np.flatnonzero(owner < 0)
+    if len(orphans) and len(picks):
+        import faiss
+
+        x = _normalise(vectors)
+        index = faiss.IndexFlatIP(x.shape[1])
+        index.add(x[picks])
+        _, nearest = index.search(x[orphans], 1)
+        owner = owner.copy()
+        owner[orphans] = nearest[:, 0]
+    return owner
+
+
+def facility_select(vectors: np.ndarray, budget: int, k: int, optimizer: str, modular: np.ndarray | None,
+                    backend: str, seed: int, device: str = "cpu"):
+    """(picks, weights, objective, timing) for one group of candidates."""
+    t0 = time.perf_counter()
+    graph, used = knn_graph(vectors, k, backend, seed, device)
+    t1 = time.perf_counter()
+    result = maximize(graph, budget, optimizer, modular, seed)
+    t2 = time.perf_counter()
+    owner = _assign_orphans(vectors, result.picks, result.owner)
+    weights = np.bincount(owner, minlength=len(result.picks)).astype(np.float32)
+    return result.picks, weights, result.objective, {"knn": t1 - t0, "greedy": t2 - t1, "knn_backend": used}
+
+
+class FacilitySelector(Selector):
+    name = "facility"
+    needs_model = True
+    defaults = {"k": 20, "optimizer": "lazy", "per_class": False, "alignment_weight": 0.0, "proxy": "features",
+                "knn_backend": "auto"}
+
+    def select(self, ctx: SelectionContext) -> Selection:
+        p = self.params
+        if p["proxy"] not in ("features", "gradients"):
+            raise PipelineError(f"--proxy {p['proxy']!r}: choose features or gradients")
+        timing = {}
+        t = time.perf_counter()
+        proxies = ctx.proxies.compute(ctx.pool_ids, need_gradients=p["proxy"] == "gradients" or p["alignment_weight"] > 0)
+        timing["proxies"] = time.perf_counter() - t
+        vectors = proxies.features if p["proxy"] == "features" else proxies.compressed_grads
+        modular = None
+        if p["alignment_weight"] > 0:
+            align = proxies.alignment
+            span = align.max() - align.min()
+            scaled = (align - align.min()) / span if span > 0 else np.zeros_like(align)
+            modular = p["alignment_weight"] * scaled * p["k"] / 2  # a typical coverage gain is O(k) similarities
+        cand_ids = proxies.candidate_ids  # the pool less the validation part, when one was held out
+        groups = [np.arange(len(cand_ids))]
+        budgets = [ctx.budget]
+        if p["per_class"]:
+            ss = ctx.shardset
+            labels = ss.labels(ctx.split)[ss.rows_of(ctx.split, cand_ids)]
+            per = class_budgets(labels, ctx.budget)
+            groups = [np.flatnonzero(labels == c) for c in per]
+            budgets = list(per.values())
+        ids, weights, objective = [], [], 0.0
+        timing.update(knn=0.0, greedy=0.0)
+        for members, b in zip(groups, budgets):
+            if b == 0:
+                continue
+            picks, w, obj, tm = facility_select(vectors[members], b, p["k"], p["optimizer"],
+                                                None if modular is None else modular[members], p["knn_backend"],
+                                                ctx.seed, ctx.proxies.device_name if ctx.proxies else "cpu")
+            ids.append(cand_ids[members[picks]])
+            weights.append(w)
+            objective += obj
+            timing["knn"] += tm["knn"]
+            timing["greedy"] += tm["greedy"]
+            timing["knn_backend"] = tm["knn_backend"]
+        return Selection(np.concatenate(ids), np.concatenate(weights), objective, timing,
+                         {"validation_ids": proxies.validation_ids.tolist()})

@@ -1,0 +1,103 @@
+"""k-nearest-neighbour graphs under cosine similarity: FAISS (CPU flat or IVF, GPU) or torch brute force.
+
+`knn_graph` returns a symmetric sparse similarity matrix (scipy CSR, int32 indices) with entries
+max(s_ij, s_ji) for j among i's k nearest neighbours (or i among j's), self-similarity included, negative
+similarities dropped. Row i lists the points candidate i covers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import scipy.sparse as sp
+
+from pipeline.errors import PipelineError
+
+BACKENDS = ("auto", "faiss-flat", "faiss-ivf", "faiss-gpu", "torch")
+FLAT_LIMIT = 200_000  # exact search up to here; IVF above
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+def _faiss_search(x: np.ndarray, k: int, backend: str, seed: int):
+    import faiss
+
+    n, d = x.shape
+    if backend == "faiss-gpu":
+        if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+            raise PipelineError("faiss-gpu: no GPU FAISS here; install the gpu extra on a GPU machine, or use faiss-flat")
+        res = faiss.StandardGpuResources()
+        sims, idx = faiss.knn_gpu(res, x, x, min(k, 2048), metric=faiss.METRIC_INNER_PRODUCT)
+        return sims, idx
+    if backend == "faiss-ivf":
+        nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
+        quantizer = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        rng = np.random.default_rng(seed)
+        train = x[rng.choice(n, min(n, 64 * nlist), replace=False)]
+        index.train(train)
+        index.add(x)
+        index.nprobe = min(nlist, 16)
+        return index.search(x, k)
+    index = faiss.IndexFlatIP(d)
+    index.add(x)
+    return index.search(x, k)
+
+
+def _torch_search(x: np.ndarray, k: int, device: str, chunk: int = 8192):
+    import torch
+
+    xt = torch.from_numpy(x).to(device)
+    sims, idx = [], []
+    for s in range(0, len(x), chunk):
+        top = (xt[s:s + chunk] @ xt.T).topk(k, dim=1)
+        sims.append(top.values.cpu().numpy())
+        idx.append(top.indices.cpu().numpy())
+    return np.concatenate(sims), np.concatenate(idx)
+
+
+def choose_backend(n: int, backend: str = "auto") -> str:
+    if backend not in BACKENDS:
+        raise PipelineError(f"--knn-backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    try:
+        import faiss
+
+        if hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
+            return "faiss-gpu"
+    except ImportError:
+        return "torch"
+    return "faiss-flat" if n <= FLAT_LIMIT else "faiss-ivf"
+
+
+def knn_graph(vectors: np.ndarray, k: int = 20, backend: str = "auto", seed: int = 0, device: str = "cpu"):
+    """(symmetric CSR similarity graph, backend used)."""
+    x = _normalise(vectors)
+    n = len(x)
+    k = max(1, min(k, n))
+    backend = choose_backend(n, backend)
+    if backend == "torch":
+        sims, idx = _torch_search(x, k, device)
+    else:
+        sims, idx = _faiss_search(x, k, backend, seed)
+    rows = np.repeat(np.arange(n, dtype=np.int64), idx.shape[1])
+    cols, vals = idx.reshape(-1).astype(np.int64), sims.reshape(-1).astype(np.float32)
+    keep = (cols >= 0) & (vals > 0)
+    rows, cols, vals = rows[keep], cols[keep], vals[keep]
+    # every point covers itself with similarity 1, whether or not the search returned it
+    rows = np.concatenate([rows, np.arange(n)])
+    cols = np.concatenate([cols, np.arange(n)])
+    vals = np.concatenate([vals, np.ones(n, dtype=np.float32)])
+    g = sp.coo_matrix((vals, (rows, cols)), shape=(n, n)).tocsr()
+    g.sum_duplicates()
+    g = g.maximum(g.T).tocsr()
+    g.data = np.minimum(g.data, 1.0)
+    g.indices = g.indices.astype(np.int32)
+    g.indptr = g.indptr.astype(np.int32) if g.nnz < 2**31 else g.indptr
+    return g, backend

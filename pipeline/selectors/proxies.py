@@ -1,0 +1,204 @@
+"""Proxies for selection, computed in one streaming pass over the candidates with a model snapshot.
+
+- features: encoder features of the natural images (natural branch), float16;
+- per-sample ACL head gradients in closed form. In eval mode every row passes the head independently, so for
+  each linear layer l the per-sample weight gradient is sum over the sample's rows r of delta_lr a_lr^T
+  (delta: loss gradient w.r.t. the layer's output, a: its input). A sample has 4 rows: two augmented views
+  (natural branch) and their PGD views (adversarial branch); its loss is the mean of its rows' NT-Xent terms,
+  each taken with the other rows of the batch held fixed. Stored compressed as RCS does (each weight
+  gradient averaged over its output dimension, each bias gradient to a scalar), plus the head input and
+  output gradient of every row, from which the full gradient of any pick is rebuilt exactly;
+- the representational-divergence (RD) gradient of a seeded validation part U of the pool (excluded from the
+  candidates), with U's virtual-adversarial views from PGD on RD, and U's encoder features for refreshing it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.attacks import PGD
+from pipeline.augment import ContrastiveAugment, to_float
+from pipeline.losses import representational_divergence
+from pipeline.models.multibn import use_branch
+
+
+def head_linears(head: nn.Module) -> list[nn.Linear]:
+    return [m for m in head.modules() if isinstance(m, nn.Linear)]
+
+
+def compress(grads_w: list[torch.Tensor], grads_b: list[torch.Tensor]) -> torch.Tensor:
+    """RCS's compression of full head gradients: weights averaged over outputs, biases to scalars."""
+    parts = []
+    for gw, gb in zip(grads_w, grads_b):
+        parts += [gw.mean(dim=-2), gb.mean(dim=-1, keepdim=True)]
+    return torch.cat(parts, dim=-1)
+
+
+def per_row_anchor_grads(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """d(NT-Xent term of row r)/d z_r for every row, all other rows held fixed (the per-sample gradient)."""
+    z = z.detach().float().requires_grad_(True)
+    zn = F.normalize(z, dim=1)
+    others = zn.detach()
+    sim = zn @ others.t() / temperature
+    sim = sim.masked_fill(torch.eye(len(z), dtype=torch.bool, device=z.device), float("-inf"))
+    half = len(z) // 2
+    targets = torch.cat([torch.arange(half, len(z)), torch.arange(0, half)]).to(z.device)
+    (grad,) = torch.autograd.grad(F.cross_entropy(sim, targets, reduction="sum"), z)
+    return grad
+
+
+def head_rows_backward(head: nn.Module, feats: torch.Tensor, grad_out: torch.Tensor, branch: str):
+    """Per-row (input a_l, output gradient delta_l) of each linear layer, for rows that pass independently."""
+    inputs, outputs = [], []
+
+    def record(module, args, output):  # returns None: the output is kept as is
+        inputs.append(args[0])
+        outputs.append(output)
+
+    hooks = [lin.register_forward_hook(record) for lin in head_linears(head)]
+    try:
+        with use_branch(head, branch), torch.enable_grad():
+            z = head(feats)
+            deltas = torch.autograd.grad(z, outputs, grad_outputs=grad_out)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [a.detach() for a in inputs], [d.detach() for d in deltas]
+
+
+@dataclass
+class Proxies:
+    candidate_ids: np.ndarray
+    validation_ids: np.ndarray
+    features: np.ndarray  # (n, d) float16
+    compressed_grads: np.ndarray | None = None  # (n, c) float32
+    row_feats: torch.Tensor | None = None  # (n, 4, d): head inputs of each sample's rows
+    row_grads: torch.Tensor | None = None  # (n, 4, p): loss gradients at the head output of those rows
+    val_feats: tuple | None = None  # (U natural features, U virtual-adversarial features)
+    val_compressed: np.ndarray | None = None  # compressed RD gradient of U at the snapshot's head
+
+    @property
+    def alignment(self) -> np.ndarray:
+        """<ACL gradient of each candidate, RD gradient of U>, compressed: RCS's first-order gain / eta."""
+        return self.compressed_grads @ self.val_compressed
+
+
+ROW_BRANCHES = ("nat", "nat", "adv", "adv")
+
+
+class ProxyComputer:
+    def __init__(self, model, shardset, split: str, device="cpu", batch_size: int = 256, eps: float = 8 / 255,
+                 step: float = 2 / 255, attack_steps: int = 2, temperature: float = 0.5,
+                 validation_fraction: float = 0.01, seed: int = 0, min_crop_scale: float = 0.08):
+        torch.set_flush_denormal(True)  # denormal floats in trained weights slow CPU math down ~10x
+        self.model = model.to(device).eval()
+        self.shardset, self.split, self.device = shardset, split, torch.device(device)
+        self.batch_size, self.eps, self.step, self.attack_steps = batch_size, eps, step, attack_steps
+        self.temperature, self.validation_fraction, self.seed = temperature, validation_fraction, seed
+        self.augment = ContrastiveAugment(shardset.image_size, min_scale=min_crop_scale)
+
+    @property
+    def device_name(self) -> str:
+        return self.device.type
+
+    def _batches(self, ids: np.ndarray):
+        return self.shardset.loader(self.split, np.sort(ids), backend="indexed", batch_size=self.batch_size,
+                                    shuffle=False, device=self.device)
+
+    @torch.no_grad()
+    def _features(self, images: torch.Tensor, branch: str) -> torch.Tensor:
+        with use_branch(self.model, branch):
+            return self.model.encoder(images)
+
+    def split_validation(self, pool_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng([self.seed, 7])
+        n_val = max(2, int(round(len(pool_ids) * self.validation_fraction)))
+        val = np.sort(rng.choice(pool_ids, n_val, replace=False))
+        return np.setdiff1d(pool_ids, val), val
+
+    def validation_state(self, val_ids: np.ndarray):
+        """U's natural and virtual-adversarial encoder features (PGD on RD: 3 steps, step 1.25 eps / 3)."""
+        gen = torch.Generator(self.device).manual_seed(self.seed + 1)
+        attack = PGD(self.model, lambda out, target: representational_divergence(out, target), self.eps,
+                     1.25 * self.eps / 3, 3, generator=gen)
+        nat, adv = [], []
+        for b in self._batches(val_ids):
+            x = to_float(b.images)
+            with torch.no_grad(), use_branch(self.model, "nat"):
+                z_nat = self.model(x)
+            x_adv = attack(x, z_nat)
+            nat.append(self._features(x, "nat"))
+            adv.append(self._features(x_adv, "adv"))
+        return torch.cat(nat), torch.cat(adv)
+
+    def compute(self, pool_ids: np.ndarray, need_gradients: bool = True) -> Proxies:
+        pool_ids = np.asarray(pool_ids, dtype=np.int64)
+        if not need_gradients:
+            feats = [self._features(to_float(b.images), "nat").half().cpu() for b in self._batches(pool_ids)]
+            return Proxies(np.sort(pool_ids), np.zeros(0, np.int64), torch.cat(feats).numpy())
+        cand, val = self.split_validation(pool_ids)
+        val_feats = self.validation_state(val)
+        gen = torch.Generator(self.device).manual_seed(self.seed + 2)
+        attack = PGD(self.model, "ntxent", self.eps, self.step, self.attack_steps, generator=gen)
+        head = self.model.head
+        feats, comp, row_feats, row_grads = [], [], [], []
+        for b in self._batches(cand):
+            images = b.images
+            x = to_float(images)
+            feats.append(self._features(x, "nat").half().cpu())
+            views = torch.cat([self.augment(images, gen), self.augment(images, gen)])
+            adv = attack(views)
+            n = len(images)
+            f_nat, f_adv = self._features(views, "nat"), self._features(adv, "adv")
+            rows_f, rows_g = [], []
+            comp_b = 0
+            for f, branch in ((f_nat, "nat"), (f_adv, "adv")):
+                with torch.no_grad(), use_branch(head, branch):
+                    z = head(f)
+                # per-sample loss: mean of its 4 row terms, so each row's anchor gradient counts 1/4
+                g = per_row_anchor_grads(z, self.temperature) / 4
+                a_list, d_list = head_rows_backward(head, f, g, branch)
+                gw = [(d[:n].mean(1, keepdim=True) * a[:n] + d[n:].mean(1, keepdim=True) * a[n:]) for a, d in zip(a_list, d_list)]
+                gb = [d[:n].mean(1, keepdim=True) + d[n:].mean(1, keepdim=True) for d in d_list]
+                comp_b = comp_b + torch.cat([torch.cat([w, bb], 1) for w, bb in zip(gw, gb)], 1)
+                rows_f += [f[:n], f[n:]]
+                rows_g += [g[:n], g[n:]]
+            comp.append(comp_b.cpu())
+            row_feats.append(torch.stack(rows_f, 1).half().cpu())
+            row_grads.append(torch.stack(rows_g, 1).cpu())
+        val_comp = rd_gradient(head, *val_feats)
+        return Proxies(np.sort(cand), val, torch.cat(feats).numpy(), torch.cat(comp).numpy(),
+                       torch.cat(row_feats), torch.cat(row_grads), val_feats, val_comp)
+
+
+def rd_gradient(head: nn.Module, f_nat: torch.Tensor, f_adv: torch.Tensor) -> np.ndarray:
+    """Compressed gradient of RD over U with respect to the head's linear layers, at the head's current weights."""
+    lins = head_linears(head)
+    params = [p for lin in lins for p in (lin.weight, lin.bias)]
+    with torch.enable_grad():
+        with use_branch(head, "nat"):
+            z_nat = head(f_nat).detach()
+        with use_branch(head, "adv"):
+            z_adv = head(f_adv)
+        grads = torch.autograd.grad(representational_divergence(z_adv, z_nat), params)
+    return compress(list(grads[0::2]), list(grads[1::2])).cpu().numpy().astype(np.float64)
+
+
+def pick_gradient(head: nn.Module, row_feats: torch.Tensor, row_grads: torch.Tensor) -> list[torch.Tensor]:
+    """Full (uncompressed) head gradient of the samples whose rows are given: rebuilt at the current head
+    from each row's head input and loss gradient at the head output (both fixed at the snapshot)."""
+    lins = head_linears(head)
+    params = [p for lin in lins for p in (lin.weight, lin.bias)]
+    total = [torch.zeros_like(p) for p in params]
+    with torch.enable_grad():
+        for r, branch in enumerate(ROW_BRANCHES):
+            with use_branch(head, branch):
+                z = head(row_feats[:, r].float())
+            grads = torch.autograd.grad(z, params, grad_outputs=row_grads[:, r].float())
+            total = [t + g for t, g in zip(total, grads)]
+    return total
