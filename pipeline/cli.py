@@ -156,6 +156,11 @@ def train(
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
     seed: Optional[int] = typer.Option(None),
     workers: Optional[int] = typer.Option(None, help="Loader worker processes."),
+    selector: Optional[str] = typer.Option(None, help="Select subsets during training: rcs | facility | random."),
+    fraction: Optional[float] = typer.Option(None, help="Subset size as a share of the split."),
+    warmup: Optional[int] = typer.Option(None, help="Epochs on the full data before the first selection."),
+    select_every: Optional[int] = typer.Option(None, help="Epochs between selections."),
+    sync: Optional[bool] = typer.Option(None, "--sync/--overlap", help="Wait for each selection, or overlap it."),
     set_: list[str] = typer.Option([], "--set", help="Any setting, SECTION.KEY=VALUE (repeatable)."),
     resume: Optional[Path] = typer.Option(None, help="Continue the run in this folder exactly where it stopped."),
     overwrite: bool = typer.Option(False, help="Start afresh in a run folder that already holds a run."),
@@ -173,7 +178,8 @@ def train(
     flags = {"data.path": data, "run.out": out, "method.name": method, "data.manifest": manifest,
              "data.manifests": manifests, "optim.epochs": epochs, "data.batch_size": batch_size, "optim.lr": lr,
              "optim.optimizer": optimizer, "model.arch": arch, "run.device": device, "run.seed": seed,
-             "data.workers": workers}
+             "data.workers": workers, "select.selector": selector, "select.fraction": fraction,
+             "select.warmup": warmup, "select.every": select_every, "select.sync": sync}
     for key, value in flags.items():
         if value is not None:
             cfg.set(key, str(value), origin=f"--{key.split('.')[1].replace('_', '-')}")

@@ -100,8 +100,48 @@ class Trainer:
         if cfg.data.manifest:
             self.fixed_manifest = Manifest.load(cfg.data.manifest)
             self.fixed_manifest.check_against(self.shardset)
+        self.scheduler, self.rounds, self.last_selection_epoch = None, {}, -1
+        if cfg.select.selector:
+            self._init_selection()
         if resume:
             self._load_state(self.run_dir / "checkpoints" / "last.pt")
+
+    def _init_selection(self) -> None:
+        from pipeline.overlap import SelectionScheduler, parse_params
+        from pipeline.selectors import create_selector
+
+        cfg = self.cfg
+        if cfg.data.manifest or (cfg.data.manifests and Path(cfg.data.manifests) != self.run_dir / "manifests"):
+            raise PipelineError("choose either --selector (the run selects its own subsets) or --manifest/--manifests")
+        if not 0 < cfg.select.fraction <= 1:
+            raise PipelineError(f"--fraction {cfg.select.fraction}: must be in (0, 1]")
+        create_selector(cfg.select.selector, **parse_params(cfg.select.params))  # fail now, not in a background process
+        cfg.data.manifests = str(self.run_dir / "manifests")
+        if self.is_main:
+            self.scheduler = SelectionScheduler(self.run_dir, cfg.data.path, cfg.data.split, cfg.select,
+                                                str(self.device), cfg.run.seed)
+
+    def _snapshot(self, epoch: int) -> dict:
+        return {"model_spec": self.spec, "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+                "config": self.cfg.to_dict(), "epoch": epoch, "dataset_fingerprint": self.shardset.fingerprint,
+                "method": self.name}
+
+    def _selection_point(self, epoch: int) -> None:
+        """Rank 0: start this epoch's selection (if it is one); all ranks then agree on the subset."""
+        if self.scheduler is None:
+            return
+        if self.scheduler.is_selection_epoch(epoch) and epoch > self.last_selection_epoch:
+            rnd = self.scheduler.submit(epoch, self._snapshot(epoch))
+            self.rounds[rnd.number] = rnd
+            self.last_selection_epoch = epoch
+        self.scheduler.poll()
+
+    def _note_subset_change(self, epoch: int, before) -> None:
+        if self.scheduler is None or self.subset is None or self.subset.round == before:
+            return
+        rnd = self.rounds.get(self.subset.round)
+        if rnd is not None:
+            self._log(self.scheduler.record(rnd, epoch))
 
     # -- hooks ------------------------------------------------------------------------------------------
     def on_epoch_start(self, epoch: int) -> None:
@@ -169,7 +209,14 @@ class Trainer:
         summary = {}
         end = cfg.optim.epochs if stop_after is None else min(cfg.optim.epochs, self.start_epoch + stop_after)
         for epoch in range(self.start_epoch, end):
+            if self.is_main:
+                self._selection_point(epoch)
+            if self.world_size > 1:
+                dist.barrier()
+            before = getattr(self.subset, "round", None)
             summary = self._train_epoch(epoch)
+            if self.is_main:
+                self._note_subset_change(epoch, before)
             self.start_epoch = epoch + 1
             if self.is_main:
                 state = self._state(epoch + 1, summary)
@@ -179,6 +226,9 @@ class Trainer:
                 self._log({"kind": "epoch", **summary})
             if self.world_size > 1:
                 dist.barrier()
+        if self.scheduler is not None:
+            for rnd in self.scheduler.pending:  # the run is over: a selection still running would go unused
+                rnd.process.terminate()
         return summary
 
     def _train_epoch(self, epoch: int) -> dict:
@@ -256,6 +306,8 @@ class Trainer:
             "subset": {"manifest": str(self.subset.path) if self.subset is not None else "",
                        "round": self.subset.round if self.subset is not None and self.subset.round is not None else -1},
             "summary": {k: v for k, v in summary.items() if isinstance(v, (int, float)) and v is not None},
+            "selection": {**(self.scheduler.state() if self.scheduler else {}),
+                          "last_selection_epoch": self.last_selection_epoch},
         }
 
     def _load_state(self, path: Path) -> None:
@@ -268,6 +320,10 @@ class Trainer:
         self.start_epoch, self.global_step = int(ckpt["epoch"]), int(ckpt["global_step"])
         torch.set_rng_state(ckpt["rng"]["torch"].cpu())
         self.gen.set_state(ckpt["rng"]["generator"].cpu())
+        sel = ckpt.get("selection") or {}
+        self.last_selection_epoch = int(sel.get("last_selection_epoch", -1))
+        if self.scheduler is not None:
+            self.scheduler.restore(sel)
         if self.cuda and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), self.device)
         if self.is_main:  # drop metrics of work after the checkpoint: it is about to be redone

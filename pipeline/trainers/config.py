@@ -6,6 +6,7 @@
     [attack]  eps, step, steps        (eps/step 0 = pick by data: 8/255 and 2/255 for colour, 0.3 and eps/4 grey)
     [optim]   optimizer, lr, momentum, weight_decay, epochs, warmup_epochs
     [run]     out, seed, device, bf16, channels_last, compile, checkpoint_every, log_every, deterministic
+    [select]  selector, fraction, warmup, every, sync, params, attack_steps, threads
 
 `pipeline train --config FILE --set optim.lr=0.5 --epochs 20` applies FILE, then each override in turn. The
 effective configuration is written to RUN/config.toml.
@@ -83,6 +84,18 @@ class RunConfig:
 
 
 @dataclass
+class SelectConfig:
+    selector: str = ""  # empty: train on the data (or manifests) given
+    fraction: float = 0.1
+    warmup: int = 0  # epochs on the full data before the first selection
+    every: int = 1  # epochs between selections
+    sync: bool = False  # wait for each selection (the paper's behaviour) instead of overlapping it
+    params: str = ""  # selector parameters, "k=20,unit=batch"
+    attack_steps: int = 2  # PGD steps for the candidates' adversarial views
+    threads: int = 1  # torch threads of the background selection process
+
+
+@dataclass
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -90,6 +103,7 @@ class TrainConfig:
     attack: AttackConfig = field(default_factory=AttackConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,0 +1,135 @@
+"""Selection beside training: at each selection point the trainer snapshots its model and hands it to a
+background process that writes the next manifest into RUN/manifests/; the trainer keeps training on the current
+subset and switches at the first epoch boundary after the manifest appears (`--manifests` semantics).
+
+Schedule (the paper's): full data for `warmup` epochs, then a selection every `every` epochs. With `sync` the
+trainer waits for each selection (the paper's blocking behaviour). Per round the metrics log the selection time,
+how long the trainer waited (stall) and how many epochs the subset was stale.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.checkpoint import save_checkpoint
+from pipeline.errors import PipelineError
+from pipeline.shards.manifest import round_path
+
+
+def parse_params(text: str) -> dict:
+    """"k=20,unit=batch" -> {"k": 20, "unit": "batch"} (numbers and booleans converted)."""
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        if "=" not in item:
+            raise PipelineError(f"select.params {text!r}: expected KEY=VALUE,KEY=VALUE")
+        k, v = (x.strip() for x in item.split("=", 1))
+        for cast in (int, float):
+            try:
+                v = cast(v)
+                break
+            except ValueError:
+                pass
+        if v in ("true", "false"):
+            v = v == "true"
+        out[k] = v
+    return out
+
+
+def _worker(kwargs: dict, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    from pipeline.selectors.run import run_selection
+
+    run_selection(**kwargs)
+
+
+@dataclass
+class Round:
+    number: int
+    epoch: int  # epoch at whose start the snapshot was taken
+    snapshot: str
+    manifest: str
+    submitted: float = field(default_factory=time.time)
+    process: object = None
+    stall: float = 0.0
+
+
+class SelectionScheduler:
+    def __init__(self, run_dir: Path, data: str, split: str, cfg, device: str, seed: int):
+        self.run_dir, self.data, self.split, self.cfg, self.device, self.seed = run_dir, data, split, cfg, device, seed
+        self.params = parse_params(cfg.params)
+        self.pending: list[Round] = []
+        self.next_round = 1
+        self.manifest_dir = run_dir / "manifests"
+        self.ctx = mp.get_context("spawn")  # a clean interpreter: no inherited threads or CUDA state
+
+    def is_selection_epoch(self, epoch: int) -> bool:
+        c = self.cfg
+        return epoch >= c.warmup and (epoch - c.warmup) % max(1, c.every) == 0
+
+    def state(self) -> dict:
+        return {"next_round": self.next_round,
+                "pending": [{"number": r.number, "epoch": r.epoch, "snapshot": r.snapshot, "manifest": r.manifest}
+                            for r in self.pending]}
+
+    def restore(self, state: dict) -> None:
+        """After --resume: rounds that were running when the run stopped are started again from their snapshot."""
+        self.next_round = int(state.get("next_round", 1))
+        for r in state.get("pending", []):
+            if not Path(r["manifest"]).is_file() and Path(r["snapshot"]).is_file():
+                self._launch(Round(r["number"], r["epoch"], r["snapshot"], r["manifest"]))
+
+    def _launch(self, rnd: Round) -> None:
+        kwargs = dict(data=self.data, selector=self.cfg.selector, fraction=self.cfg.fraction, out=rnd.manifest,
+                      checkpoint=rnd.snapshot, split=self.split, seed=self.seed + rnd.number, device=self.device,
+                      params=self.params, round_no=rnd.number, epoch=rnd.epoch, attack_steps=self.cfg.attack_steps)
+        rnd.process = self.ctx.Process(target=_worker, args=(kwargs, self.cfg.threads), daemon=True)
+        rnd.process.start()
+        self.pending.append(rnd)
+
+    def submit(self, epoch: int, snapshot_state: dict) -> Round:
+        """Snapshot the model and start selecting the next round in the background."""
+        stall = self.wait_all()  # never two selections at once: the machine is shared with training
+        number = self.next_round
+        self.next_round += 1
+        snap = self.run_dir / "snapshots" / f"round-{number:04d}.pt"
+        save_checkpoint(snap, snapshot_state)
+        rnd = Round(number, epoch, str(snap), str(round_path(self.manifest_dir, number)))
+        rnd.stall = stall
+        self._launch(rnd)
+        if self.cfg.sync:
+            rnd.stall += self.wait_all()
+        return rnd
+
+    def wait_all(self) -> float:
+        start = time.perf_counter()
+        for r in list(self.pending):
+            r.process.join()
+            self._finish(r)
+        return time.perf_counter() - start
+
+    def poll(self) -> list[Round]:
+        done = [r for r in self.pending if not r.process.is_alive()]
+        for r in done:
+            self._finish(r)
+        return done
+
+    def _finish(self, r: Round) -> None:
+        if r in self.pending:
+            self.pending.remove(r)
+        if r.process.exitcode != 0 or not Path(r.manifest).is_file():
+            raise PipelineError(f"selection round {r.number} failed (exit code {r.process.exitcode}); its snapshot is "
+                                f"{r.snapshot}: run `pipeline select --checkpoint {r.snapshot}` to see why")
+        r.finished = time.time()
+
+    def record(self, r: Round, used_at_epoch: int) -> dict:
+        header = json.loads(Path(r.manifest).read_text())
+        # 1-based epochs, as in the epoch records: snapshot at the start of epoch r.epoch + 1
+        return {"kind": "selection", "round": r.number, "epoch": r.epoch + 1, "used_from_epoch": used_at_epoch + 1,
+                "stale_epochs": used_at_epoch - r.epoch, "selection_s": header.get("timing", {}).get("total"),
+                "stall_s": r.stall, "size": header.get("count"), "selector": self.cfg.selector}
