@@ -132,4 +132,5 @@ class SelectionScheduler:
         # 1-based epochs, as in the epoch records: snapshot at the start of epoch r.epoch + 1
         return {"kind": "selection", "round": r.number, "epoch": r.epoch + 1, "used_from_epoch": used_at_epoch + 1,
                 "stale_epochs": used_at_epoch - r.epoch, "selection_s": header.get("timing", {}).get("total"),
-                "stall_s": r.stall, "size": header.get("count"), "selector": self.cfg.selector}
+                "stall_s": r.stall, "size": header.get("count"), "selector": self.cfg.selector,
+                "submitted_at": r.submitted, "ready_at": Path(r.manifest).stat().st_mtime}

@@ -130,7 +130,9 @@ class Trainer:
         """Rank 0: start this epoch's selection (if it is one); all ranks then agree on the subset."""
         if self.scheduler is None:
             return
-        if self.scheduler.is_selection_epoch(epoch) and epoch > self.last_selection_epoch:
+        last_epoch = epoch == self.cfg.optim.epochs - 1  # an overlapped round started now could never be used
+        if (self.scheduler.is_selection_epoch(epoch) and epoch > self.last_selection_epoch
+                and (self.cfg.select.sync or not last_epoch)):
             rnd = self.scheduler.submit(epoch, self._snapshot(epoch))
             self.rounds[rnd.number] = rnd
             self.last_selection_epoch = epoch
@@ -291,7 +293,7 @@ class Trainer:
 
     def _log(self, record: dict) -> None:
         with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record, default=float) + "\n")
+            f.write(json.dumps({**record, "time": time.time()}, default=float) + "\n")
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def _state(self, epochs_done: int, summary: dict) -> dict:

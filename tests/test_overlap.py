@@ -1,0 +1,71 @@
+"""Selection overlapping training: steps continue while a round is selected; each new manifest is used."""
+
+import json
+
+import pytest
+
+from pipeline.errors import PipelineError
+from pipeline.trainers import create_trainer, load_config
+
+from test_train import tiny_cfg
+
+
+def _records(run):
+    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_overlapped_selection_runs_beside_training_and_is_switched_to(digits_set, tmp_path):
+    run = tmp_path / "ov"
+    cfg = tiny_cfg(digits_set.root, run, **{"optim.epochs": 6, "select.selector": "facility", "select.fraction": 0.3,
+                                          "select.warmup": 1, "select.every": 2, "select.attack_steps": 1,
+                                          "run.log_every": 1})
+    create_trainer(cfg, progress=False).fit()
+    recs = _records(run)
+    rounds = [r for r in recs if r["kind"] == "selection"]
+    epochs = [r for r in recs if r["kind"] == "epoch"]
+    steps = [r for r in recs if r["kind"] == "step"]
+    # snapshots at the start of epochs 2 and 4 (none at 6: overlapped, it could not be used before the end)
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert [r["epoch"] for r in rounds] == [2, 4]
+    assert sorted(p.name for p in (run / "snapshots").iterdir()) == ["round-0001.pt", "round-0002.pt"]
+    assert all(r["used_from_epoch"] > r["epoch"] - 1 for r in rounds)
+    # training went on while round 1 was being selected
+    r1 = rounds[0]
+    assert any(r1["submitted_at"] < s["time"] < r1["ready_at"] for s in steps)
+    used = [e["subset_round"] for e in epochs]
+    assert used[0] is None and {1, 2} <= set(used)
+    assert all(e["subset_size"] == 431 for e in epochs if e["subset_round"])
+    assert sum(r["stall_s"] for r in rounds) < 5.0
+
+
+def test_sync_selection_blocks_and_is_used_at_once(digits_set, tmp_path):
+    run = tmp_path / "sync"
+    cfg = tiny_cfg(digits_set.root, run, **{"optim.epochs": 3, "select.selector": "random", "select.fraction": 0.2,
+                                          "select.warmup": 1, "select.every": 1, "select.sync": True})
+    create_trainer(cfg, progress=False).fit()
+    recs = _records(run)
+    rounds = [r for r in recs if r["kind"] == "selection"]
+    assert [r["stale_epochs"] for r in rounds] == [0, 0]
+    assert all(r["stall_s"] > 0 for r in rounds)
+    assert [e["subset_round"] for e in recs if e["kind"] == "epoch"] == [None, 1, 2]
+
+
+def test_selection_resumes_with_the_right_round(digits_set, tmp_path):
+    run = tmp_path / "res"
+    cfg = tiny_cfg(digits_set.root, run, **{"optim.epochs": 3, "select.selector": "random", "select.fraction": 0.2,
+                                          "select.warmup": 1, "select.every": 1, "select.sync": True})
+    create_trainer(cfg, progress=False).fit(stop_after=2)
+    again = create_trainer(load_config(run / "config.toml"), resume=True, progress=False)
+    again.fit()
+    epochs = [r for r in _records(run) if r["kind"] == "epoch"]
+    assert [e["subset_round"] for e in epochs] == [None, 1, 2]
+    assert sorted(p.name for p in (run / "manifests").glob("*.json")) == ["round-0001.json", "round-0002.json"]
+
+
+def test_selector_and_manifest_together_are_refused(digits_set, tmp_path):
+    cfg = tiny_cfg(digits_set.root, tmp_path / "x", **{"select.selector": "rcs", "data.manifests": str(tmp_path)})
+    with pytest.raises(PipelineError, match="either --selector"):
+        create_trainer(cfg, progress=False)
+    cfg = tiny_cfg(digits_set.root, tmp_path / "y", **{"select.selector": "facility", "select.params": "k=5,bogus=1"})
+    with pytest.raises(PipelineError, match="takes no bogus"):
+        create_trainer(cfg, progress=False)
