@@ -69,3 +69,19 @@ def test_selector_and_manifest_together_are_refused(digits_set, tmp_path):
     cfg = tiny_cfg(digits_set.root, tmp_path / "y", **{"select.selector": "facility", "select.params": "k=5,bogus=1"})
     with pytest.raises(PipelineError, match="takes no bogus"):
         create_trainer(cfg, progress=False)
+
+
+def test_select_watch_feeds_a_run(digits_set, tmp_path):
+    """An external `select --watch` writes rounds into RUN/manifests; a trainer reading that folder uses them."""
+    from pipeline.selectors.watch import watch_run
+
+    run = tmp_path / "w"
+    create_trainer(tiny_cfg(digits_set.root, run, **{"optim.epochs": 3}), progress=False).fit(stop_after=1)
+    assert watch_run(run, digits_set.root, "random", 0.25, {}, 0, "cpu", poll_s=0.01, max_rounds=1) == 1
+    cfg = load_config(run / "config.toml")
+    cfg.data.manifests = str(run / "manifests")
+    t = create_trainer(cfg, resume=True, progress=False)
+    t.fit()
+    epochs = [r for r in _records(run) if r["kind"] == "epoch"]
+    assert [e["subset_round"] for e in epochs] == [None, 1, 1]
+    assert epochs[-1]["subset_size"] == round(0.25 * digits_set.count("train"))
