@@ -175,3 +175,36 @@ def test_same_seed_same_manifest(digits_set, tmp_path, selector, params):
     assert out[0].producer["name"] == selector and "timing" in out[0].extra
     if selector != "random":
         assert out[0].snapshot and len(out[0].extra["validation_ids"]) >= (0 if selector == "facility" else 2)
+
+
+def test_knn_backends_agree_on_exact_neighbours():
+    x = np.random.default_rng(2).normal(size=(500, 16)).astype(np.float32)
+    flat, used = knn_graph(x, 10, "faiss-flat")
+    brute, used2 = knn_graph(x, 10, "torch")
+    assert (used, used2) == ("faiss-flat", "torch")
+    assert abs(flat - brute).max() < 1e-5
+    ivf, _ = knn_graph(np.tile(x, (80, 1)) + 1e-3 * np.random.default_rng(3).normal(size=(40000, 16)).astype(np.float32),
+                       5, "faiss-ivf")
+    assert ivf.shape == (40000, 40000) and ivf.nnz >= 40000
+
+
+def test_select_cli(digits_set, tmp_path):
+    import subprocess
+    import sys
+
+    from pipeline.shards.manifest import Manifest
+
+    run = lambda *a: subprocess.run([sys.executable, "-m", "pipeline", "select", "--data", digits_set.root,
+                                     "--device", "cpu", *map(str, a)], capture_output=True, text=True)
+    r = run("--selector", "facility", "--fraction", "0.05", "--arch", "smallcnn", "--out", tmp_path / "m.json")
+    assert r.returncode == 0, r.stderr
+    assert "freshly initialised smallcnn" in r.stderr and "selected 72 of 1,438" in r.stderr
+    m = Manifest.load(tmp_path / "m.json")
+    m.check_against(digits_set)
+    assert m.producer["params"]["k"] == 20 and m.weights is not None and m.weights.sum() == 1438
+    for args, needle in ((("--selector", "kmeans", "--out", tmp_path / "x.json"), "selector 'kmeans'"),
+                         (("--selector", "random", "--fraction", "1.5", "--out", tmp_path / "x.json"), "--fraction 1.5"),
+                         (("--selector", "rcs", "--checkpoint", tmp_path / "none.pt", "--out", tmp_path / "x.json"),
+                          "no such checkpoint")):
+        r = run(*args)
+        assert r.returncode != 0 and needle in r.stderr and "Traceback" not in r.stderr

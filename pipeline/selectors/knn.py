@@ -61,17 +61,20 @@ def _torch_search(x: np.ndarray, k: int, device: str, chunk: int = 8192):
     return np.concatenate(sims), np.concatenate(idx)
 
 
-def choose_backend(n: int, backend: str = "auto") -> str:
+def choose_backend(n: int, backend: str = "auto", device: str = "cpu") -> str:
+    """GPU FAISS when installed with a GPU; else torch brute force when selecting on a CUDA device; else CPU
+    FAISS, exact up to FLAT_LIMIT points and IVF above."""
     if backend not in BACKENDS:
         raise PipelineError(f"--knn-backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
     try:
         import faiss
-
-        if hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
-            return "faiss-gpu"
     except ImportError:
+        return "torch"
+    if hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
+        return "faiss-gpu"
+    if str(device).startswith("cuda"):
         return "torch"
     return "faiss-flat" if n <= FLAT_LIMIT else "faiss-ivf"
 
@@ -81,7 +84,7 @@ def knn_graph(vectors: np.ndarray, k: int = 20, backend: str = "auto", seed: int
     x = _normalise(vectors)
     n = len(x)
     k = max(1, min(k, n))
-    backend = choose_backend(n, backend)
+    backend = choose_backend(n, backend, device)
     if backend == "torch":
         sims, idx = _torch_search(x, k, device)
     else:
