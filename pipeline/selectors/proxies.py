@@ -196,9 +196,11 @@ def pick_gradient(head: nn.Module, row_feats: torch.Tensor, row_grads: torch.Ten
     params = [p for lin in lins for p in (lin.weight, lin.bias)]
     total = [torch.zeros_like(p) for p in params]
     with torch.enable_grad():
-        for r, branch in enumerate(ROW_BRANCHES):
+        for branch in ("nat", "adv"):  # rows of one branch in one pass: in eval mode rows are independent
+            cols = [r for r, b in enumerate(ROW_BRANCHES) if b == branch]
+            feats = row_feats[:, cols].reshape(-1, row_feats.shape[-1]).float()
             with use_branch(head, branch):
-                z = head(row_feats[:, r].float())
-            grads = torch.autograd.grad(z, params, grad_outputs=row_grads[:, r].float())
+                z = head(feats)
+            grads = torch.autograd.grad(z, params, grad_outputs=row_grads[:, cols].reshape(len(z), -1).float())
             total = [t + g for t, g in zip(total, grads)]
     return total
