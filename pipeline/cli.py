@@ -223,6 +223,7 @@ def select(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     arch: str = typer.Option("resnet18", help="Model for selection without --checkpoint."),
     batch_size: int = typer.Option(256, help="Proxy computation batch size."),
+    attack_steps: int = typer.Option(1, help="PGD steps for the candidates' adversarial views."),
     unit: Optional[str] = typer.Option(None, help="rcs: sample | batch"),
     k: Optional[int] = typer.Option(None, help="facility: neighbours in the k-NN graph"),
     optimizer: Optional[str] = typer.Option(None, help="facility: lazy | stochastic | naive"),
@@ -249,7 +250,8 @@ def select(
         return
     if out is None:
         raise PipelineError("--out: where to write the manifest (e.g. runs/sel/round-0001.json)")
-    m = run_selection(data, selector, fraction, out, checkpoint, split, pool, seed, dev, params, arch, batch_size)
+    m = run_selection(data, selector, fraction, out, checkpoint, split, pool, seed, dev, params, arch, batch_size,
+                      attack_steps=attack_steps)
     t = m.extra["timing"]
     console.print(f"selected {len(m):,} of {m.extra['pool_size']:,} ({selector}) in {t['total']:.1f} s "
                   f"({', '.join(f'{k_} {v:.1f} s' for k_, v in t.items() if isinstance(v, float) and k_ != 'total')}); "

@@ -93,7 +93,7 @@ ROW_BRANCHES = ("nat", "nat", "adv", "adv")
 
 class ProxyComputer:
     def __init__(self, model, shardset, split: str, device="cpu", batch_size: int = 256, eps: float = 8 / 255,
-                 step: float = 2 / 255, attack_steps: int = 2, temperature: float = 0.5,
+                 step: float = 2 / 255, attack_steps: int = 1, temperature: float = 0.5,
                  validation_fraction: float = 0.01, seed: int = 0, min_crop_scale: float = 0.08):
         torch.set_flush_denormal(True)  # denormal floats in trained weights slow CPU math down ~10x
         self.model = model.to(device).eval()

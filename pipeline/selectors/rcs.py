@@ -24,6 +24,15 @@ from pipeline.selectors.proxies import head_linears, pick_gradient, rd_gradient
 
 def rcs_greedy(proxies, head, picks_wanted: int, eta: float, unit: str, batch_size: int, rng) -> tuple[np.ndarray, list]:
     """Indices into proxies.candidate_ids, in pick order, and the gain of each pick."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # every op here is tiny: on 2 threads a pick took 89 ms, on 1 it takes 13 ms
+    try:
+        return _rcs_greedy(proxies, head, picks_wanted, eta, unit, batch_size, rng)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _rcs_greedy(proxies, head, picks_wanted, eta, unit, batch_size, rng):
     n = len(proxies.candidate_ids)
     if unit == "batch":
         order = rng.permutation(n)

@@ -38,7 +38,7 @@ def load_snapshot(checkpoint, shardset: ShardSet, arch: str, seed: int):
 def run_selection(data, selector: str, fraction: float, out, checkpoint=None, split: str = "train", pool=None,
                   seed: int = 0, device="cpu", params: dict | None = None, arch: str = "resnet18",
                   batch_size: int = 256, round_no: int | None = None, epoch: int | None = None,
-                  attack_steps: int = 2, validation_fraction: float = 0.01) -> Manifest:
+                  attack_steps: int = 1, validation_fraction: float = 0.01) -> Manifest:
     started = time.perf_counter()
     ss = data if isinstance(data, ShardSet) else ShardSet.open(data)
     if not 0 < fraction <= 1:

@@ -91,7 +91,7 @@ class SelectConfig:
     every: int = 1  # epochs between selections
     sync: bool = False  # wait for each selection (the paper's behaviour) instead of overlapping it
     params: str = ""  # selector parameters, "k=20,unit=batch"
-    attack_steps: int = 2  # PGD steps for the candidates' adversarial views
+    attack_steps: int = 1  # PGD steps for the candidates' adversarial views (1 keeps RCS under half an epoch)
     threads: int = 1  # torch threads of the background selection process
 
 
