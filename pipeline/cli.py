@@ -293,6 +293,9 @@ def eval_(
 
 
 def main() -> None:
+    from pipeline.runtime import tune_allocator
+
+    tune_allocator()
     try:
         app()  # typer handles usage errors and --help itself, and exits
     except PipelineError as exc:

@@ -42,6 +42,9 @@ def parse_params(text: str) -> dict:
 def _worker(kwargs: dict, threads: int) -> None:
     import torch
 
+    from pipeline.runtime import tune_allocator
+
+    tune_allocator()
     torch.set_num_threads(threads)
     from pipeline.selectors.run import run_selection
 
