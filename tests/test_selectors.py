@@ -89,7 +89,7 @@ def _tiny_snapshot(digits_set):
 def test_closed_form_per_sample_head_gradients_equal_autograd(digits_set):
     from pipeline.losses import nt_xent
     from pipeline.models.multibn import use_branch
-    from pipeline.selectors.proxies import compress, head_linears, head_rows_backward, per_row_anchor_grads
+    from pipeline.selectors.proxies import head_linears, head_rows_backward, per_row_anchor_grads
 
     torch.manual_seed(0)
     model = _tiny_snapshot(digits_set)

@@ -1,6 +1,5 @@
 """Round trip of every sample for each source form: ids, labels, and pixels where the format is lossless."""
 
-import io
 import pickle
 import tarfile
 

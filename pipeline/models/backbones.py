@@ -28,6 +28,13 @@ def default_stats(channels: int):
     return (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,) * channels, (0.5,) * channels)
 
 
+def shortcut(cin: int, cout: int, stride: int, branches) -> nn.Module:
+    """Identity, or a strided 1x1 projection when the block changes resolution or width."""
+    if stride == 1 and cin == cout:
+        return nn.Sequential()
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), MultiBatchNorm(cout, branches))
+
+
 class BasicBlock(nn.Module):
     expansion = 1
 
@@ -38,9 +45,7 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = MultiBatchNorm(cout, branches)
         self.relu = nn.ReLU(inplace=True)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), MultiBatchNorm(cout, branches))
+        self.shortcut = shortcut(cin, cout, stride, branches)
 
     def forward(self, x):
         out = self.relu(self.bn1(self.conv1(x)))
@@ -60,9 +65,7 @@ class Bottleneck(nn.Module):
         self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
         self.bn3 = MultiBatchNorm(cout, branches)
         self.relu = nn.ReLU(inplace=True)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), MultiBatchNorm(cout, branches))
+        self.shortcut = shortcut(cin, cout, stride, branches)
 
     def forward(self, x):
         out = self.relu(self.bn1(self.conv1(x)))

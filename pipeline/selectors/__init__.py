@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
-import numpy as np
-import torch
-
 from pipeline.errors import PipelineError
 from pipeline.selectors.base import Selection, SelectionContext, Selector
 from pipeline.selectors.facility import FacilitySelector

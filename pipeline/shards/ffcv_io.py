@@ -7,8 +7,6 @@ stored too (field `id`) because ffcv batches do not say which samples they hold.
 
 from __future__ import annotations
 
-import json
-import os
 
 import numpy as np
 import torch

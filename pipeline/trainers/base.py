@@ -8,7 +8,6 @@ the learning-rate schedule, checkpoints with exact resume, metrics and the progr
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from pathlib import Path
