@@ -33,11 +33,23 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     return ckpt
 
 
+def load_model(path: str | Path, map_location="cpu"):
+    """(the model a checkpoint was trained as, with its weights; the checkpoint dict)."""
+    from pipeline.models import create_model
+
+    ckpt = load_checkpoint(path, map_location)
+    model = create_model(ckpt["model_spec"])
+    load_weights(model, ckpt["model"], path)
+    return model, ckpt
+
+
 def load_weights(model: torch.nn.Module, state: dict, path: str | Path) -> None:
     """load_state_dict with a message that says which architecture the weights do not fit."""
+    from pipeline.models import upgrade_state
+
     arch = getattr(model, "spec", {}).get("arch", "?")
     try:
-        result = model.load_state_dict(state, strict=False)
+        result = model.load_state_dict(upgrade_state(state), strict=False)
     except RuntimeError as exc:  # shape mismatches
         detail = str(exc).split("\n\t")[1] if "\n\t" in str(exc) else str(exc)[:200]
         raise DataError(f"{path}: weights do not fit the model {arch} ({detail.strip()}); "

@@ -144,7 +144,7 @@ def stream(
 def train(
     data: Optional[Path] = typer.Option(None, help="Shard-set folder."),
     out: Optional[Path] = typer.Option(None, help="Run folder (checkpoints, metrics.jsonl, config.toml)."),
-    method: Optional[str] = typer.Option(None, help="acl | dynacl"),
+    method: Optional[str] = typer.Option(None, help="Training method, by name (see --help of the trainers list)."),
     config: Optional[Path] = typer.Option(None, help="TOML file with [data] [model] [method] [attack] [optim] [run]."),
     manifest: Optional[Path] = typer.Option(None, help="Train on this subset manifest."),
     manifests: Optional[Path] = typer.Option(None, help="At each epoch, train on the newest valid manifest here."),
@@ -156,17 +156,21 @@ def train(
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
     seed: Optional[int] = typer.Option(None),
     workers: Optional[int] = typer.Option(None, help="Loader worker processes."),
-    selector: Optional[str] = typer.Option(None, help="Select subsets during training: rcs | facility | random."),
+    selector: Optional[str] = typer.Option(None, help="Select subsets during training: rcs | facility | random "
+                                           "(background) or loss (in process)."),
     fraction: Optional[float] = typer.Option(None, help="Subset size as a share of the split."),
-    warmup: Optional[int] = typer.Option(None, help="Epochs on the full data before the first selection."),
-    select_every: Optional[int] = typer.Option(None, help="Epochs between selections."),
+    warmup: Optional[int] = typer.Option(None, help="Epochs on the full data before the first selection "
+                                         "[default: 10% of the epochs]."),
+    select_every: Optional[int] = typer.Option(None, help="Epochs between selections [default: 2% of the epochs, "
+                                               "at least 1]."),
+    preset: Optional[str] = typer.Option(None, help="Selector preset, e.g. reference (RCS as the paper ran it)."),
     sync: Optional[bool] = typer.Option(None, "--sync/--overlap", help="Wait for each selection, or overlap it."),
     set_: list[str] = typer.Option([], "--set", help="Any setting, SECTION.KEY=VALUE (repeatable)."),
     resume: Optional[Path] = typer.Option(None, help="Continue the run in this folder exactly where it stopped."),
     overwrite: bool = typer.Option(False, help="Start afresh in a run folder that already holds a run."),
     stop_after: Optional[int] = typer.Option(None, help="Stop after this many epochs (the schedule keeps its length)."),
 ):
-    """Pre-train an encoder (ACL, DynACL) on a shard set, a subset manifest, or a folder of manifests."""
+    """Pre-train an encoder (ACL, DynACL, ...) on a shard set, a subset manifest, or a folder of manifests."""
     from pipeline.trainers import TrainConfig, create_trainer, load_config
 
     if resume is not None:
@@ -175,14 +179,19 @@ def train(
         cfg = load_config(resume / "config.toml")
     else:
         cfg = load_config(config) if config else TrainConfig()
-    flags = {"data.path": data, "run.out": out, "method.name": method, "data.manifest": manifest,
-             "data.manifests": manifests, "optim.epochs": epochs, "data.batch_size": batch_size, "optim.lr": lr,
-             "optim.optimizer": optimizer, "model.arch": arch, "run.device": device, "run.seed": seed,
-             "data.workers": workers, "select.selector": selector, "select.fraction": fraction,
-             "select.warmup": warmup, "select.every": select_every, "select.sync": sync}
-    for key, value in flags.items():
+    flags = {"--data": ("data.path", data), "--out": ("run.out", out), "--method": ("method.name", method),
+             "--manifest": ("data.manifest", manifest), "--manifests": ("data.manifests", manifests),
+             "--epochs": ("optim.epochs", epochs), "--batch-size": ("data.batch_size", batch_size),
+             "--lr": ("optim.lr", lr), "--optimizer": ("optim.optimizer", optimizer), "--arch": ("model.arch", arch),
+             "--device": ("run.device", device), "--seed": ("run.seed", seed), "--workers": ("data.workers", workers),
+             "--selector": ("select.selector", selector), "--fraction": ("select.fraction", fraction),
+             "--warmup": ("select.warmup", warmup), "--select-every": ("select.every", select_every),
+             "--sync/--overlap": ("select.sync", sync), "--preset": ("select.params", None if preset is None else
+                                                                     ",".join(filter(None, [f"preset={preset}",
+                                                                                            cfg.select.params])))}
+    for flag, (key, value) in flags.items():
         if value is not None:
-            cfg.set(key, str(value), origin=f"--{key.split('.')[1].replace('_', '-')}")
+            cfg.set(key, str(value), origin=flag)
     cfg.apply_overrides(set_)
     if resume is not None:
         cfg.run.out = str(resume)
@@ -223,7 +232,11 @@ def select(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     arch: str = typer.Option("resnet18", help="Model for selection without --checkpoint."),
     batch_size: int = typer.Option(256, help="Proxy computation batch size."),
-    attack_steps: int = typer.Option(1, help="PGD steps for the candidates' adversarial views."),
+    attack_steps: Optional[int] = typer.Option(None, help="PGD steps for the candidates' adversarial views "
+                                               "[default: the selector's, 1; 5 with --preset reference]."),
+    preset: Optional[str] = typer.Option(None, help="rcs: reference (the paper's minibatch greedy)."),
+    params: str = typer.Option("", help="Selector parameters as in select.params: KEY=VALUE,KEY=VALUE."),
+    refreshes: Optional[int] = typer.Option(None, help="rcs: refreshes of U's gradient per greedy (0: every pick)"),
     unit: Optional[str] = typer.Option(None, help="rcs: sample | batch"),
     k: Optional[int] = typer.Option(None, help="facility: neighbours in the k-NN graph"),
     optimizer: Optional[str] = typer.Option(None, help="facility: lazy | stochastic | naive"),
@@ -235,13 +248,14 @@ def select(
     every: int = typer.Option(1, help="--watch: select when the run's checkpoint is this many epochs newer."),
 ):
     """Select a subset with a model snapshot and write a manifest (or keep feeding a run with --watch)."""
+    from pipeline.dist import resolve_device
+    from pipeline.overlap import parse_params
     from pipeline.selectors.run import run_selection
-    from pipeline.trainers.base import resolve_device
 
-    params = {k_: v for k_, v in {"unit": unit, "k": k, "optimizer": optimizer, "alignment_weight": alignment_weight,
-                                  "proxy": proxy, "knn_backend": knn_backend}.items() if v is not None}
-    if per_class:
-        params["per_class"] = True
+    flags = {"unit": unit, "k": k, "optimizer": optimizer, "alignment_weight": alignment_weight, "proxy": proxy,
+             "knn_backend": knn_backend, "preset": preset, "refreshes": refreshes, "attack_steps": attack_steps,
+             "per_class": True if per_class else None}
+    params = {**parse_params(params), **{k_: v for k_, v in flags.items() if v is not None}}
     dev = resolve_device(device)
     if watch is not None:
         from pipeline.selectors.watch import watch_run
@@ -250,8 +264,7 @@ def select(
         return
     if out is None:
         raise PipelineError("--out: where to write the manifest (e.g. runs/sel/round-0001.json)")
-    m = run_selection(data, selector, fraction, out, checkpoint, split, pool, seed, dev, params, arch, batch_size,
-                      attack_steps=attack_steps)
+    m = run_selection(data, selector, fraction, out, checkpoint, split, pool, seed, dev, params, arch, batch_size)
     t = m.extra["timing"]
     console.print(f"selected {len(m):,} of {m.extra['pool_size']:,} ({selector}) in {t['total']:.1f} s "
                   f"({', '.join(f'{k_} {v:.1f} s' for k_, v in t.items() if isinstance(v, float) and k_ != 'total')}); "
@@ -262,33 +275,48 @@ def select(
 def eval_(
     data: Path = typer.Option(..., help="Shard-set folder with train and test splits."),
     checkpoint: Path = typer.Option(..., help="A checkpoint written by `pipeline train`."),
-    protocol: str = typer.Option("slf", help="slf | alf | aff"),
-    attack: str = typer.Option("pgd20", help="pgd20 | autoattack | none"),
-    epochs: int = typer.Option(25, help="Finetuning epochs."),
-    lr: float = typer.Option(0.01, help="Finetuning learning rate."),
+    protocol: Optional[str] = typer.Option(None, help="slf | alf | aff [default: slf]"),
+    recipe: Optional[str] = typer.Option(None, help="acl | dynacl | advcl: the RobustSSL benchmark's finetuning "
+                                         "settings [default: the checkpoint's method]."),
+    attack: Optional[str] = typer.Option(None, help="Comma-separated: pgd20, autoattack, autoattack-rand, clean "
+                                         "[default: pgd20]."),
+    epochs: Optional[int] = typer.Option(None, help="Finetuning epochs [default: the recipe's]."),
+    lr: Optional[float] = typer.Option(None, help="Finetuning learning rate [default: the recipe's]."),
+    batch_size: Optional[int] = typer.Option(None, help="Finetuning batch size [default: the recipe's]."),
     limit: Optional[int] = typer.Option(None, help="Evaluate on the first N test samples only."),
-    eps: Optional[float] = typer.Option(None, help="l_inf budget [default: 8/255 colour, 0.3 grey]."),
-    step: Optional[float] = typer.Option(None, help="Attack step [default: eps/4]."),
-    batch_size: int = typer.Option(256),
+    eps: Optional[float] = typer.Option(None, help="l_inf budget [default: the checkpoint's training eps; else "
+                                        "8/255 colour, 0.3 grey]."),
+    step: Optional[float] = typer.Option(None, help="PGD step [default: eps / 4]."),
+    steps: Optional[int] = typer.Option(None, help="PGD steps [default: 20]."),
+    config: Optional[Path] = typer.Option(None, help="TOML whose [eval] section gives defaults for these options."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     workers: int = typer.Option(0),
-    seed: int = typer.Option(0),
+    seed: Optional[int] = typer.Option(None),
 ):
     """Finetune a pre-trained encoder (SLF, ALF, AFF) and report clean, PGD-20 and AutoAttack accuracy."""
     from rich.table import Table
 
-    from pipeline.evaluation import FinetuneSettings, evaluate
-    from pipeline.trainers.base import resolve_device
+    from pipeline.dist import resolve_device
+    from pipeline.evaluation import evaluate
+    from pipeline.trainers import TrainConfig, load_config
 
-    settings = FinetuneSettings(epochs=epochs, lr=lr, seed=seed)
-    r = evaluate(data, checkpoint, protocol, attack, settings, limit, batch_size, resolve_device(device), workers,
-                 eps, step)
-    t = Table(title=f"{protocol.upper()} evaluation of {checkpoint}", title_justify="left")
-    for col in ("protocol", "clean", attack if attack != "none" else "-", "test samples", "eps", "finetune"):
+    e = (load_config(config) if config else TrainConfig()).eval
+    pick = lambda flag, value: flag if flag is not None else (value or None)  # noqa: E731
+    r = evaluate(data, checkpoint, pick(protocol, e.protocol) or "slf", pick(attack, e.attack) or "pgd20",
+                 pick(recipe, e.recipe), pick(epochs, e.epochs), pick(lr, e.lr), pick(batch_size, e.batch_size),
+                 limit=pick(limit, e.limit), device=resolve_device(device), workers=workers, eps=pick(eps, e.eps),
+                 step=pick(step, e.step), steps=pick(steps, e.steps), seed=pick(seed, e.seed) or 0)
+    names = r["measures"]
+    t = Table(title=f"{r['protocol'].upper()} evaluation of {checkpoint}", title_justify="left")
+    for col in ("protocol", "recipe", *names, "test samples", "eps", "finetune"):
         t.add_column(col, justify="right")
-    t.add_row(protocol, f"{r['clean']:.2%}", f"{r[attack]:.2%}" if attack != "none" else "-", f"{r['samples']:,}",
-              f"{r['eps']:.4g}", f"{epochs} ep, {r['finetune_seconds']:.0f} s")
+    f = r["finetune"]
+    t.add_row(r["protocol"], r["recipe"], *(f"{r[n]:.2%}" for n in names), f"{r['samples']:,}", f"{r['eps']:.4g}",
+              f"{f['epochs']} ep, bs {f['batch_size']}, lr {f['lr']:g}, {r['finetune_seconds']:.0f} s")
     console.print(t)
+    for n in names[1:]:
+        st = r["attack_settings"][n]
+        console.print(f"{n}: " + ", ".join(f"{k_}={v}" for k_, v in st.items()))
     console.print(f"written to {escape(r['results_path'])}")
 
 

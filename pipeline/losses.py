@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 
 
-def nt_xent(z: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+def nt_xent(z: torch.Tensor, temperature: float = 0.5, reduction: str = "mean") -> torch.Tensor:
     """SimCLR's NT-Xent over 2B projections where rows i and i + B are two views of one image.
 
-    Each row's positive is its partner; the other 2B - 2 rows are its negatives; mean over all 2B rows.
+    Each row's positive is its partner; the other 2B - 2 rows are its negatives. `reduction`: "mean" over all
+    2B rows, or "sample": one value per image, the mean of its two rows' terms (their mean is the "mean").
     """
     n = z.shape[0]
     if n % 2:
@@ -19,7 +20,19 @@ def nt_xent(z: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
     sim.fill_diagonal_(float("-inf"))
     half = n // 2
     targets = torch.cat([torch.arange(half, n), torch.arange(0, half)]).to(z.device)
-    return F.cross_entropy(sim, targets)
+    if reduction == "mean":
+        return F.cross_entropy(sim, targets)
+    rows = F.cross_entropy(sim, targets, reduction="none")
+    return (rows[:half] + rows[half:]) / 2
+
+
+def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean of per-sample values with per-sample weights (sum w v / sum w): a weight of 2 counts a sample
+    twice, 0 leaves it out, as if the batch held it twice or not at all."""
+    if weights is None or values.ndim == 0:
+        return values.mean()
+    w = weights.to(values.device, values.dtype)
+    return (values * w).sum() / w.sum().clamp_min(1e-12)
 
 
 def trades_kl(logits_adv: torch.Tensor, logits_nat: torch.Tensor) -> torch.Tensor:

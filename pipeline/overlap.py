@@ -2,9 +2,11 @@
 background process that writes the next manifest into RUN/manifests/; the trainer keeps training on the current
 subset and switches at the first epoch boundary after the manifest appears (`--manifests` semantics).
 
-Schedule (the paper's): full data for `warmup` epochs, then a selection every `every` epochs. With `sync` the
-trainer waits for each selection (the paper's blocking behaviour). Per round the metrics log the selection time,
-how long the trainer waited (stall) and how many epochs the subset was stale.
+The schedule lives in `trainers.subsets.SelectionRounds`; this module runs the rounds. With `sync` the trainer
+waits for each selection (the paper's blocking behaviour). The background process runs with its own thread
+count and a lower scheduling priority (`select.threads`, `select.nice`), so on a CPU machine it takes the
+cores training leaves idle. Per round the metrics log the selection time, how long the trainer waited (stall)
+and how many epochs the subset was stale.
 """
 
 from __future__ import annotations
@@ -39,11 +41,15 @@ def parse_params(text: str) -> dict:
     return out
 
 
-def _worker(kwargs: dict, threads: int) -> None:
+def _worker(kwargs: dict, threads: int, nice: int) -> None:
+    import os
+
     import torch
 
     from pipeline.runtime import tune_allocator
 
+    if nice:
+        os.nice(nice)
     tune_allocator()
     torch.set_num_threads(threads)
     from pipeline.selectors.run import run_selection
@@ -63,17 +69,15 @@ class Round:
 
 
 class SelectionScheduler:
-    def __init__(self, run_dir: Path, data: str, split: str, cfg, device: str, seed: int):
+    def __init__(self, run_dir: Path, data: str, split: str, cfg, device: str, seed: int, pool: str | None = None,
+                 validation: str | None = None):
         self.run_dir, self.data, self.split, self.cfg, self.device, self.seed = run_dir, data, split, cfg, device, seed
+        self.pool, self.validation = pool, validation
         self.params = parse_params(cfg.params)
         self.pending: list[Round] = []
         self.next_round = 1
         self.manifest_dir = run_dir / "manifests"
         self.ctx = mp.get_context("spawn")  # a clean interpreter: no inherited threads or CUDA state
-
-    def is_selection_epoch(self, epoch: int) -> bool:
-        c = self.cfg
-        return epoch >= c.warmup and (epoch - c.warmup) % max(1, c.every) == 0
 
     def state(self) -> dict:
         return {"next_round": self.next_round,
@@ -90,8 +94,9 @@ class SelectionScheduler:
     def _launch(self, rnd: Round) -> None:
         kwargs = dict(data=self.data, selector=self.cfg.selector, fraction=self.cfg.fraction, out=rnd.manifest,
                       checkpoint=rnd.snapshot, split=self.split, seed=self.seed + rnd.number, device=self.device,
-                      params=self.params, round_no=rnd.number, epoch=rnd.epoch, attack_steps=self.cfg.attack_steps)
-        rnd.process = self.ctx.Process(target=_worker, args=(kwargs, self.cfg.threads), daemon=True)
+                      params=self.params, round_no=rnd.number, epoch=rnd.epoch, attack_steps=self.cfg.attack_steps or None,
+                      pool=self.pool, validation=self.validation)
+        rnd.process = self.ctx.Process(target=_worker, args=(kwargs, self.cfg.threads, self.cfg.nice), daemon=True)
         rnd.process.start()
         self.pending.append(rnd)
 
@@ -129,6 +134,10 @@ class SelectionScheduler:
             raise PipelineError(f"selection round {r.number} failed (exit code {r.process.exitcode}); its snapshot is "
                                 f"{r.snapshot}: run `pipeline select --checkpoint {r.snapshot}` to see why")
         r.finished = time.time()
+
+    def close(self) -> None:
+        for r in self.pending:
+            r.process.terminate()
 
     def record(self, r: Round, used_at_epoch: int) -> dict:
         header = json.loads(Path(r.manifest).read_text())

@@ -9,8 +9,9 @@ import torch
 
 from pipeline.checkpoint import save_checkpoint
 from pipeline.errors import PipelineError
-from pipeline.evaluation import FinetuneSettings, evaluate, load_encoder
-from pipeline.evaluation.protocols import LinearClassifier, finetune
+from pipeline.evaluation import evaluate, load_classifier
+from pipeline.evaluation.protocols import finetune
+from pipeline.evaluation.recipes import FinetuneSettings
 from pipeline.models import create_model, model_spec
 from pipeline.trainers import create_trainer
 
@@ -25,19 +26,19 @@ def trained(digits_set, tmp_path_factory):
 
 
 def test_slf_beats_chance_and_pgd_lowers_accuracy(digits_set, trained):
-    r = evaluate(digits_set.root, trained, "slf", "pgd20", FinetuneSettings(epochs=4, lr=0.1), eps=0.1, step=0.025,
+    r = evaluate(digits_set.root, trained, "slf", "pgd20", epochs=4, lr=0.1, batch_size=128, eps=0.1, step=0.025,
                  progress=False)
     assert r["samples"] == digits_set.count("test")
     assert r["clean"] > 0.3  # chance is 0.1
     assert r["pgd20"] < r["clean"]
-    saved = json.loads((trained.parent / "results.json").read_text())
+    saved = json.loads((trained.parent.parent / "results.json").read_text())
     assert saved["slf-pgd20"]["clean"] == r["clean"] and saved["slf-pgd20"]["eps"] == 0.1
 
 
 @pytest.mark.parametrize("protocol", ["alf", "aff"])
 def test_adversarial_protocols_run_and_report(digits_set, trained, protocol):
-    r = evaluate(digits_set.root, trained, protocol, "pgd20", FinetuneSettings(epochs=1, lr=0.05, train_steps=2),
-                 limit=64, eps=0.1, step=0.025, progress=False)
+    r = evaluate(digits_set.root, trained, protocol, "pgd20", epochs=1, lr=0.05, batch_size=128, limit=64, eps=0.1,
+                 step=0.025, progress=False)
     assert r["samples"] == 64 and 0 <= r["pgd20"] <= r["clean"] <= 1
     assert len(r["finetune_losses"]) == 1
 
@@ -48,15 +49,16 @@ def test_our_pgd_agrees_with_torchattacks(digits_set, trained):
     from pipeline.augment import to_float
 
     device = torch.device("cpu")
-    encoder, _ = load_encoder(trained, digits_set, device)
-    model = LinearClassifier(encoder, encoder.feature_dim, 10)
+    model, _ = load_classifier(trained, digits_set, device)
     loader = digits_set.loader("train", batch_size=256, seed=0)
-    finetune(model, loader, "slf", FinetuneSettings(epochs=3, lr=0.1), device, progress=False)
+    finetune(model, loader, "slf", FinetuneSettings(epochs=3, lr=0.1, milestones=[]), 0.1, 0.025, device,
+             progress=False)
     model.eval()
     ours = theirs = clean = n = 0
     eps, step = 0.1, 0.025
     ta = torchattacks.PGD(model, eps=eps, alpha=step, steps=20, random_start=True)
-    pgd = PGD(model, "ce", eps, step, 20, generator=torch.Generator().manual_seed(0))
+    pgd = PGD(model, lambda out, t: torch.nn.functional.cross_entropy(out, t), eps, step, 20, module=model,
+              generator=torch.Generator().manual_seed(0))
     for b in digits_set.loader("test", batch_size=256, shuffle=False):
         x, y = to_float(b.images), b.labels
         with torch.no_grad():
@@ -78,12 +80,13 @@ def test_bad_checkpoints_are_clear_errors(digits_set, trained, tmp_path):
     with pytest.raises(PipelineError, match="not a checkpoint written by `pipeline train`"):
         evaluate(digits_set.root, tmp_path / "foreign.pt", progress=False)
     # resnet18 weights under a smallcnn spec: another architecture
-    other = create_model(model_spec("resnet18", 1, 8, head_width=32, proj_dim=16))
-    save_checkpoint(tmp_path / "other.pt", {"model_spec": model_spec("smallcnn", 1, 8, head_width=32, proj_dim=16),
+    heads = {"proj": {"kind": "mlp3", "width": 32, "out": 16}}
+    other = create_model(model_spec("resnet18", 1, 8, heads))
+    save_checkpoint(tmp_path / "other.pt", {"model_spec": model_spec("smallcnn", 1, 8, heads),
                                             "model": other.state_dict()})
     with pytest.raises(PipelineError, match="weights do not fit the model smallcnn"):
         evaluate(digits_set.root, tmp_path / "other.pt", progress=False)
-    colour = create_model(model_spec("smallcnn", 3, 8, head_width=32, proj_dim=16))
+    colour = create_model(model_spec("smallcnn", 3, 8, heads))
     save_checkpoint(tmp_path / "rgb.pt", {"model_spec": colour.spec, "model": colour.state_dict()})
     with pytest.raises(PipelineError, match="3-channel images"):
         evaluate(digits_set.root, tmp_path / "rgb.pt", progress=False)
@@ -99,12 +102,17 @@ def test_eval_cli_prints_a_table(digits_set, trained):
     assert r.returncode != 0 and "no such checkpoint" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_autoattack_is_at_least_as_strong_as_pgd(digits_set, trained):
-    pytest.importorskip("torchattacks", reason="attacks extra not installed")
-    settings = dict(eps=0.1, step=0.025, limit=48, progress=False)
-    pgd = evaluate(digits_set.root, trained, "slf", "pgd20", FinetuneSettings(epochs=3, lr=0.1), **settings)
-    auto = evaluate(digits_set.root, trained, "slf", "autoattack", FinetuneSettings(epochs=3, lr=0.1), **settings)
-    assert auto["clean"] == pgd["clean"]  # same seed, same finetuned model
-    assert auto["autoattack"] <= pgd["pgd20"] + 1 / 48
-    saved = json.loads((trained.parent / "results.json").read_text())
+def test_standard_autoattack_is_at_least_as_strong_as_pgd(digits_set, trained):
+    pytest.importorskip("pyautoattack", reason="attacks extra not installed")
+    settings = dict(eps=0.1, step=0.025, limit=48, epochs=3, lr=0.1, batch_size=128, progress=False)
+    r = evaluate(digits_set.root, trained, "slf", "pgd20,autoattack", **settings)
+    assert r["autoattack"] <= r["pgd20"] + 1 / 48
+    aa = r["attack_settings"]["autoattack"]
+    # the standard evaluation of the authors' code, not a re-implementation: 100 iterations, 9 targets
+    assert aa["package"] == "pyautoattack" and aa["version"] == "standard"
+    assert aa["attacks"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert aa["apgd_iterations"] == 100 and aa["apgd_t_target_classes"] == 9 and aa["fab_t_target_classes"] == 9
+    assert aa["square_queries"] == 5000
+    saved = json.loads((trained.parent.parent / "results.json").read_text())
     assert {"slf-pgd20", "slf-autoattack"} <= set(saved)
+    assert saved["slf-autoattack"]["finetune"]["nesterov"] is False

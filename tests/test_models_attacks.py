@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from pipeline.attacks import PGD
 from pipeline.augment import ContrastiveAugment, random_crop_flip
-from pipeline.losses import nt_xent, representational_divergence
+from pipeline.losses import nt_xent, representational_divergence, trades_kl
 from pipeline.models import create_model, model_spec, use_branch
 
 
@@ -36,7 +36,7 @@ def test_representational_divergence_is_zero_on_equal_inputs_and_positive_otherw
 @pytest.mark.parametrize("arch", ["smallcnn", "resnet18"])
 def test_dual_batch_norm_keeps_separate_statistics(arch):
     torch.manual_seed(0)
-    model = create_model(model_spec(arch, 3, 32, head_width=64, proj_dim=32)).train()
+    model = create_model(model_spec(arch, 3, 32, heads={"proj": {"kind": "mlp3", "width": 64, "out": 32}})).train()
     model(torch.rand(8, 3, 32, 32), "nat")
     model(torch.rand(8, 3, 32, 32) * 0.1 + 0.9, "adv")
     bn = model.encoder.normalize  # first multi-BN follows the normaliser
@@ -49,8 +49,12 @@ def test_dual_batch_norm_keeps_separate_statistics(arch):
     assert bn is not None
 
 
+def _spec(arch, channels, size):
+    return model_spec(arch, channels, size, heads={"proj": {"kind": "mlp3", "width": 32, "out": 16}})
+
+
 def test_use_branch_restores_the_previous_branch():
-    model = create_model(model_spec("smallcnn", 1, 16, head_width=32, proj_dim=16))
+    model = create_model(_spec("smallcnn", 1, 16))
     with use_branch(model, "adv"):
         assert all(m.branch == "adv" for m in model.modules() if hasattr(m, "bns"))
     assert all(m.branch == "nat" for m in model.modules() if hasattr(m, "bns"))
@@ -92,7 +96,8 @@ def test_pgd_raises_the_loss_and_stays_in_the_ball(loss):
     y = torch.randint(0, 10, (32,))
     target = y if loss == "ce" else model(x).detach()
     eps = 8 / 255
-    adv = PGD(model, loss, eps=eps, step=2 / 255, steps=10, generator=torch.Generator().manual_seed(0))(x, target)
+    fn = (lambda out, t: F.cross_entropy(out, t)) if loss == "ce" else trades_kl
+    adv = PGD(model, fn, eps=eps, step=2 / 255, steps=10, generator=torch.Generator().manual_seed(0))(x, target)
     assert (adv - x).abs().max() <= eps + 1e-6
     assert adv.min() >= 0 and adv.max() <= 1
     if loss == "ce":
@@ -103,10 +108,12 @@ def test_pgd_raises_the_loss_and_stays_in_the_ball(loss):
 
 def test_pgd_contrastive_attacks_the_adversarial_branch_in_eval_mode():
     torch.manual_seed(0)
-    model = create_model(model_spec("smallcnn", 3, 16, head_width=32, proj_dim=16)).train()
+    model = create_model(_spec("smallcnn", 3, 16)).train()
     views = torch.rand(16, 3, 16, 16)
-    adv = PGD(model, "ntxent", eps=8 / 255, step=2 / 255, steps=5, generator=torch.Generator().manual_seed(1))(views)
+    adv_branch = model.branch("adversarial")
+    adv = PGD(lambda x: model(x, adv_branch)["proj"], lambda z, _: nt_xent(z), eps=8 / 255, step=2 / 255, steps=5,
+              module=model, generator=torch.Generator().manual_seed(1))(views)
     assert model.training  # mode restored
     model.eval()
     with torch.no_grad():
-        assert nt_xent(model(adv, "adv")) > nt_xent(model(views, "adv"))
+        assert nt_xent(model(adv, adv_branch)["proj"]) > nt_xent(model(views, adv_branch)["proj"])

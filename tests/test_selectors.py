@@ -77,12 +77,12 @@ def _tiny_snapshot(digits_set):
     from pipeline.models import create_model, model_spec
 
     torch.manual_seed(0)
-    model = create_model(model_spec("smallcnn", 1, 8, head_width=32, proj_dim=16))
+    model = create_model(model_spec("smallcnn", 1, 8, heads={"proj": {"kind": "mlp3", "width": 32, "out": 16}}))
     model.train()
     with torch.no_grad():  # give the batch norms some statistics
         for b in digits_set.loader("train", batch_size=128):
-            model(b.images.float() / 255, "nat")
-            model(b.images.float() / 255, "adv")
+            model(b.images.float() / 255, model.branch("natural"))
+            model(b.images.float() / 255 * 0.9 + 0.05, model.branch("adversarial"))
     return model.eval()
 
 
@@ -93,12 +93,13 @@ def test_closed_form_per_sample_head_gradients_equal_autograd(digits_set):
 
     torch.manual_seed(0)
     model = _tiny_snapshot(digits_set)
-    head = model.head
+    head = model.heads["proj"]
+    nat = model.branch("natural")
     f = torch.randn(12, model.encoder.feature_dim)  # 6 samples x 2 views
-    with torch.no_grad(), use_branch(head, "nat"):
+    with torch.no_grad(), use_branch(head, nat):
         z = head(f)
     g = per_row_anchor_grads(z, 0.5)
-    a_list, d_list = head_rows_backward(head, f, g, "nat")
+    a_list, d_list = head_rows_backward(head, f, g, nat)
     lins = head_linears(head)
     for i in (0, 4):
         rows = [i, i + 6]
@@ -106,7 +107,7 @@ def test_closed_form_per_sample_head_gradients_equal_autograd(digits_set):
         # autograd: the loss terms of rows i and i + 6, each with every other row held fixed
         total = 0
         for r in rows:
-            with use_branch(head, "nat"):
+            with use_branch(head, nat):
                 zr = head(f[r:r + 1])
             zz = z.detach().clone()
             zz = torch.cat([zz[:r], zr, zz[r + 1:]])
@@ -121,35 +122,39 @@ def test_closed_form_per_sample_head_gradients_equal_autograd(digits_set):
 
 
 def test_rcs_gains_equal_the_autograd_reference(digits_set):
-    from pipeline.selectors.proxies import ProxyComputer, compress, head_linears
-    from pipeline.models.multibn import use_branch
+    """The RD gradient of U is the autograd gradient of the full RD(U; theta): both the natural and the
+    adversarial pass of the head depend on theta (a natural pass held constant gives another vector)."""
     from pipeline.losses import representational_divergence
+    from pipeline.models.multibn import use_branch
+    from pipeline.selectors.proxies import ProxyComputer, compress, head_linears, pick_gradient
 
     model = _tiny_snapshot(digits_set)
     pc = ProxyComputer(model, digits_set, "train", eps=0.1, step=0.025, attack_steps=1, seed=3,
                        validation_fraction=0.05)
     pool = digits_set.ids("train")[:200]
     p = pc.compute(pool)
-    head = model.head
-    lins = head_linears(head)
-    params = [q for lin in lins for q in (lin.weight, lin.bias)]
-    # RD gradient of U by plain autograd on the head, compressed the same way
-    with use_branch(head, "nat"):
-        z_nat = head(p.val_feats[0]).detach()
-    with use_branch(head, "adv"):
-        z_adv = head(p.val_feats[1])
-    grads = torch.autograd.grad(representational_divergence(z_adv, z_nat), params)
-    val = compress(list(grads[0::2]), list(grads[1::2])).numpy()
-    np.testing.assert_allclose(p.val_compressed, val, rtol=1e-5, atol=1e-9)
-    # candidate gradients: rebuild sample 5's full gradient by autograd from its rows, compress, compare
-    from pipeline.selectors.proxies import pick_gradient
+    head = model.heads["proj"]
+    nat, adv = model.branch("natural"), model.branch("adversarial")
+    params = [q for lin in head_linears(head) for q in (lin.weight, lin.bias)]
 
-    full = pick_gradient(head, p.row_feats[[5]], p.row_grads[[5]])
-    comp = compress(full[0::2], full[1::2]).numpy()
+    def rd_grad(detach_natural):
+        with use_branch(head, nat):
+            z_nat = head(p.val_feats[0])
+        with use_branch(head, adv):
+            z_adv = head(p.val_feats[1])
+        z_nat = z_nat.detach() if detach_natural else z_nat
+        grads = torch.autograd.grad(representational_divergence(z_adv, z_nat), params)
+        return compress(list(grads[0::2]), list(grads[1::2])).numpy()
+
+    full, half = rd_grad(False), rd_grad(True)
+    np.testing.assert_allclose(p.val_compressed, full, rtol=1e-5, atol=1e-9)
+    assert np.abs(full - half).max() > 1e-3 * np.abs(full).max()  # the natural pass matters: the test can fail
+    # candidate gradients: rebuild sample 5's full gradient by autograd from its rows, compress, compare
+    grads = pick_gradient(head, p.row_feats[[5]], p.row_grads[[5]], p.branches)
+    comp = compress(grads[0::2], grads[1::2]).numpy()
     # row features are stored in float16, so the rebuilt gradient agrees to about 1e-2 relative
     np.testing.assert_allclose(p.compressed_grads[5], comp, rtol=2e-2, atol=1e-6)
-    gains = p.alignment
-    assert gains[5] == pytest.approx(float(comp @ val), rel=2e-2, abs=1e-9)
+    assert p.alignment[5] == pytest.approx(float(comp @ full), rel=2e-2, abs=1e-9)
     assert len(set(p.validation_ids) & set(p.candidate_ids)) == 0 and len(p.validation_ids) == 10
 
 

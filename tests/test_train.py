@@ -11,7 +11,7 @@ import torch
 from pipeline.checkpoint import load_checkpoint
 from pipeline.errors import PipelineError
 from pipeline.shards.manifest import Manifest, round_path
-from pipeline.trainers import TrainConfig, create_trainer, load_config
+from pipeline.trainers import StepRecord, TrainConfig, create_trainer, load_config
 
 
 def tiny_cfg(data, out, **over) -> TrainConfig:
@@ -84,7 +84,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(digits_set, tm
     t = create_trainer(tiny_cfg(digits_set.root, tmp_path / "r", **{"optim.epochs": 3}), progress=False)
     t.fit(stop_after=1)
     good = load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")
-    t.training_step = lambda batch, epoch: (torch.tensor(float("nan"), requires_grad=True), {})
+    t.training_step = lambda batch, epoch: StepRecord(torch.full((len(batch.ids),), float("nan"), requires_grad=True))
     with pytest.raises(PipelineError, match="non-finite loss at epoch 2.*last good checkpoint.*epoch 1"):
         t.fit()
     kept = load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")
@@ -93,7 +93,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(digits_set, tm
 
 def test_dynacl_schedule(digits_set, tmp_path):
     cfg = tiny_cfg(digits_set.root, tmp_path / "d", **{"method.name": "dynacl", "optim.epochs": 100,
-                                                      "method.dynacl_period": 50})
+                                                      "dynacl.period": 50})
     t = create_trainer(cfg, progress=False)
     t.on_epoch_start(0)
     assert t.augment.strength == 1.0 and t.adv_weight(0) == 1.0

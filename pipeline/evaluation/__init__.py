@@ -1,4 +1,9 @@
-"""`pipeline eval`: finetune a pre-trained encoder by a protocol, then measure clean and robust accuracy."""
+"""`pipeline eval`: finetune a pre-trained encoder by a protocol, then measure clean and robust accuracy.
+
+Settings come from the RobustSSL benchmark's recipe for the checkpoint's method (`--recipe` to choose
+another), then the checkpoint's [eval] section, then explicit options. Every setting is written with the
+numbers to RUN/results.json (or results.json beside a checkpoint outside a run folder).
+"""
 
 from __future__ import annotations
 
@@ -10,66 +15,78 @@ from pathlib import Path
 import torch
 
 from pipeline.atomic import write_json
-from pipeline.attacks import default_budget
-from pipeline.checkpoint import load_checkpoint, load_weights
+from pipeline.attacks import budget
+from pipeline.checkpoint import load_model
 from pipeline.errors import PipelineError
-from pipeline.evaluation.protocols import PROTOCOLS, FinetuneSettings, LinearClassifier, finetune
-from pipeline.evaluation.robustness import accuracies
-from pipeline.models import create_model
+from pipeline.evaluation.measures import MEASURES, accuracies, parse_measures
+from pipeline.evaluation.protocols import PROTOCOLS, LinearClassifier, finetune
+from pipeline.evaluation.recipes import DEFAULT_RECIPE, RECIPES, FinetuneSettings, recipe_settings
 from pipeline.shards.shardset import ShardSet
 
 
-def load_encoder(checkpoint: str | Path, shardset: ShardSet, device) -> tuple[torch.nn.Module, dict]:
-    ckpt = load_checkpoint(checkpoint)
-    spec = ckpt["model_spec"]
+def load_classifier(checkpoint: str | Path, shardset: ShardSet, device) -> tuple[LinearClassifier, dict]:
+    model, ckpt = load_model(checkpoint)
+    spec = model.spec
     if spec.get("in_channels") != shardset.channels:
         raise PipelineError(f"{checkpoint}: the model takes {spec.get('in_channels')}-channel images, "
                             f"{shardset.root} has {shardset.channels}-channel ones")
-    model = create_model(spec)
-    load_weights(model, ckpt["model"], checkpoint)
-    return model.encoder.to(device), ckpt
+    roles = {role: model.branch(role) for role in spec["roles"]}
+    return LinearClassifier(model.encoder, model.feature_dim, len(shardset.classes), roles).to(device), ckpt
+
+
+def results_path(checkpoint: str | Path) -> Path:
+    ckpt = Path(checkpoint)
+    return ckpt.parent.parent / "results.json" if ckpt.parent.name == "checkpoints" else ckpt.parent / "results.json"
 
 
 def evaluate(data: str | Path, checkpoint: str | Path, protocol: str = "slf", attack: str = "pgd20",
-             settings: FinetuneSettings | None = None, limit: int | None = None, batch_size: int = 256,
+             recipe: str | None = None, epochs: int | None = None, lr: float | None = None,
+             batch_size: int | None = None, milestones=None, limit: int | None = None, eval_batch_size: int = 256,
              device="cpu", workers: int = 0, eps: float | None = None, step: float | None = None,
-             progress: bool = True) -> dict:
+             steps: int | None = None, seed: int = 0, progress: bool = True, settings: FinetuneSettings | None = None) -> dict:
     if protocol not in PROTOCOLS:
         raise PipelineError(f"--protocol {protocol!r}: choose one of {', '.join(PROTOCOLS)}")
+    names = parse_measures(attack)
     device = torch.device(device)
     torch.set_flush_denormal(True)  # denormal floats in trained weights slow CPU math down ~10x
     ss = ShardSet.open(data)
     for split in ("train", "test"):
         if split not in ss.splits:
             raise PipelineError(f"{data}: evaluation needs a train and a test split (it has {', '.join(ss.splits)})")
-    encoder, ckpt = load_encoder(checkpoint, ss, device)
-    d_eps, d_step = default_budget(ss.channels)
-    s = settings or FinetuneSettings()
-    s.eps = eps if eps is not None else d_eps
-    s.step = step if step is not None else d_step
+    model, ckpt = load_classifier(checkpoint, ss, device)
+    method = ckpt.get("method") or DEFAULT_RECIPE
+    recipe = recipe or (method if method in RECIPES else DEFAULT_RECIPE)
+    s = settings or recipe_settings(recipe, protocol, len(ss.classes), epochs, lr, batch_size, milestones, seed)
+    trained = ckpt.get("attack") or {}
+    b = budget(ss.channels, eps if eps is not None else trained.get("eps"),
+               step if step is not None else (None if eps is not None else trained.get("step")), steps, use="eval")
     torch.manual_seed(s.seed)
-    model = LinearClassifier(encoder, encoder.feature_dim, len(ss.classes)).to(device)
-    train_loader = ss.loader("train", batch_size=batch_size, seed=s.seed, device=device, num_workers=workers)
+    train_loader = ss.loader("train", batch_size=s.batch_size, seed=s.seed, device=device, num_workers=workers)
     started = time.perf_counter()
-    losses = finetune(model, train_loader, protocol, s, device, progress)
+    losses = finetune(model, train_loader, protocol, s, b.eps, b.step, device, progress)
     finetune_s = time.perf_counter() - started
     test_ids = ss.ids("test")[:limit] if limit else None
-    test_loader = ss.loader("test", test_ids, batch_size=batch_size, shuffle=False, device=device, num_workers=workers)
+    test_loader = ss.loader("test", test_ids, batch_size=eval_batch_size, shuffle=False, device=device,
+                            num_workers=workers)
     started = time.perf_counter()
-    acc = accuracies(model, test_loader, attack, s.eps, s.step, len(ss.classes), device, s.seed)
+    acc, measure_settings = accuracies(model, test_loader, names, b, len(ss.classes), device, s.seed)
     result = {
-        "protocol": protocol, **acc, "attack": attack, "eps": s.eps, "attack_step": s.step, "attack_steps": 20,
+        "protocol": protocol, "recipe": recipe, **acc, "measures": names, "attack_settings": measure_settings,
+        "eps": b.eps, "attack_step": b.step, "attack_steps": b.steps,
         "finetune": asdict(s), "finetune_losses": losses, "finetune_seconds": finetune_s,
         "attack_seconds": time.perf_counter() - started, "checkpoint": str(checkpoint),
-        "checkpoint_epoch": ckpt.get("epoch"), "method": ckpt.get("method"), "arch": ckpt["model_spec"]["arch"],
-        "data": str(data), "dataset_fingerprint": ss.fingerprint, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "checkpoint_epoch": ckpt.get("epoch"), "method": ckpt.get("method"), "arch": model.encoder.__class__.__name__
+        if "arch" not in ckpt["model_spec"] else ckpt["model_spec"]["arch"], "eval_branch": model.branches["eval"],
+        "data": str(data), "dataset_fingerprint": ss.fingerprint, "test_samples_limit": limit,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    results_path = Path(checkpoint).parent / "results.json"
-    previous = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    previous[f"{protocol}-{attack}"] = result
-    write_json(results_path, previous)
-    result["results_path"] = str(results_path)
+    path = results_path(checkpoint)
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    for name in names[1:] or ["clean"]:
+        previous[f"{protocol}-{name}"] = result
+    write_json(path, previous)
+    result["results_path"] = str(path)
     return result
 
 
-__all__ = ["evaluate", "FinetuneSettings", "PROTOCOLS"]
+__all__ = ["FinetuneSettings", "MEASURES", "PROTOCOLS", "RECIPES", "evaluate", "load_classifier", "recipe_settings"]

@@ -1,12 +1,11 @@
-"""Finetuning protocols for a pre-trained encoder: SLF, ALF and AFF (acl-and-eval.md).
+"""Finetuning protocols for a pre-trained encoder, registered by name: SLF, ALF and AFF (acl-and-eval.md).
 
-Independent of the training code on purpose: it imports the model definition, the attack module and the
-data path (loader, crop-and-flip), nothing from `pipeline.trainers`.
+Independent of the training code on purpose: it imports the model definition, the attack and the data path
+(loader, crop-and-flip), nothing from `pipeline.trainers`. The deployed model is the encoder through its eval
+batch-norm branch plus a linear layer (zero-initialised, as the benchmark does).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -14,50 +13,107 @@ from torch import nn
 
 from pipeline.attacks import PGD
 from pipeline.augment import random_crop_flip, to_float
+from pipeline.evaluation.recipes import FinetuneSettings
 from pipeline.losses import trades_kl
 from pipeline.models.multibn import set_branch
 from pipeline.progress import progress_bar
 
-PROTOCOLS = ("slf", "alf", "aff")
-
 
 class LinearClassifier(nn.Module):
-    """Encoder (adversarial batch-norm branch) + a linear layer: the deployed model that attacks target."""
+    """Encoder + a linear layer. `forward(x)` uses the eval branch; `forward(x, branch)` another one."""
 
-    def __init__(self, encoder: nn.Module, feature_dim: int, n_classes: int, branch: str = "adv"):
+    def __init__(self, encoder: nn.Module, feature_dim: int, n_classes: int, branches: dict):
         super().__init__()
-        self.encoder, self.fc = encoder, nn.Linear(feature_dim, n_classes)
-        set_branch(self.encoder, branch)
+        self.encoder, self.fc, self.branches = encoder, nn.Linear(feature_dim, n_classes), dict(branches)
+        nn.init.zeros_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
 
-    def forward(self, x):
+    def forward(self, x, branch: str | None = None):
+        set_branch(self.encoder, branch or self.branches["eval"])
         return self.fc(self.encoder(x))
 
 
-@dataclass
-class FinetuneSettings:
-    epochs: int = 25
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 2e-4
-    eps: float = 8 / 255
-    step: float = 2 / 255
-    train_steps: int = 10  # PGD-10 (ALF) / TRADES-10 (AFF)
-    trades_beta: float = 6.0
-    seed: int = 0
+class Protocol:
+    name = "base"
+    trains_encoder = False
+
+    def __init__(self, model: LinearClassifier, s: FinetuneSettings, eps: float, step: float, gen):
+        self.model, self.s, self.eps, self.step, self.gen = model, s, eps, step, gen
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
 
-def finetune(model: LinearClassifier, loader, protocol: str, s: FinetuneSettings, device, progress=True) -> list[float]:
-    """Train `model` in place by `protocol`; returns the mean training loss per epoch."""
-    full = protocol == "aff"
+class SLF(Protocol):
+    """Standard linear finetuning: frozen encoder, classifier trained on clean images."""
+
+    name = "slf"
+
+    def loss(self, x, y):
+        self.model.encoder.eval()
+        with torch.no_grad():
+            feats = self.model.encoder(x)
+        return F.cross_entropy(self.model.fc(feats), y)
+
+
+class ALF(Protocol):
+    """Adversarial linear finetuning: frozen encoder, classifier trained on PGD-10 images (eval mode)."""
+
+    name = "alf"
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.attack = PGD(self.model, lambda out, y: F.cross_entropy(out.float(), y), self.eps, self.step,
+                          self.s.train_steps, module=self.model, generator=self.gen)
+
+    def loss(self, x, y):
+        self.model.encoder.eval()
+        x_adv = self.attack(x, y)
+        with torch.no_grad():
+            feats = self.model.encoder(x_adv)
+        return F.cross_entropy(self.model.fc(feats), y)
+
+
+class AFF(Protocol):
+    """Adversarial full finetuning: TRADES (beta 6) on the whole network; natural inputs pass the natural
+    branch, adversarial ones the eval (adversarial) branch; the attack starts at x + 0.001 N(0, 1)."""
+
+    name = "aff"
+    trains_encoder = True
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        b = self.model.branches
+        self.nat_branch = b[self.s.aff_natural_branch]
+        self.attack = PGD(lambda x: self.model(x, b["eval"]), lambda out, p_nat: trades_kl(out, p_nat), self.eps,
+                          self.step, self.s.train_steps, start="normal", start_std=self.s.aff_start_std,
+                          module=self.model, generator=self.gen)
+
+    def loss(self, x, y):
+        self.model.eval()
+        with torch.no_grad():
+            nat_logits = self.model(x, self.nat_branch)
+        x_adv = self.attack(x, nat_logits)
+        self.model.train()
+        logits = self.model(x, self.nat_branch)
+        return F.cross_entropy(logits, y) + self.s.trades_beta * trades_kl(self.model(x_adv), logits)
+
+
+PROTOCOLS: dict[str, type[Protocol]] = {p.name: p for p in (SLF, ALF, AFF)}
+
+
+def finetune(model: LinearClassifier, loader, protocol: str, s: FinetuneSettings, eps: float, step: float, device,
+             progress=True) -> list[float]:
+    """Train `model` in place by `protocol`; returns the mean training loss per epoch (the last epoch's model
+    is the one evaluated)."""
+    proto_cls = PROTOCOLS[protocol]
     for p in model.encoder.parameters():
-        p.requires_grad_(full)
-    params = list(model.parameters()) if full else list(model.fc.parameters())
-    opt = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay, nesterov=True)
-    # The reference decays x0.1 at epochs 10 and 20 of 25: at 40% and 80% of the run.
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [max(1, round(s.epochs * 0.4)), max(1, round(s.epochs * 0.8))], 0.1)
+        p.requires_grad_(proto_cls.trains_encoder)
+    params = list(model.parameters()) if proto_cls.trains_encoder else list(model.fc.parameters())
+    opt = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay, nesterov=s.nesterov)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(s.milestones), s.gamma)
     gen = torch.Generator(device).manual_seed(s.seed)
-    attack_loss = "trades" if full else "ce"
-    attack = PGD(model, attack_loss, s.eps, s.step, s.train_steps, generator=gen)
+    proto = proto_cls(model, s, eps, step, gen)
     losses = []
     for epoch in range(s.epochs):
         total, count = 0.0, 0
@@ -67,25 +123,7 @@ def finetune(model: LinearClassifier, loader, protocol: str, s: FinetuneSettings
                 x = to_float(batch.images.to(device))
                 x = random_crop_flip(x, gen, padding=max(1, x.shape[-1] // 8))  # 4 px at 32 px, as the reference
                 y = batch.labels.to(device)
-                if protocol == "slf":
-                    model.encoder.eval()
-                    with torch.no_grad():
-                        feats = model.encoder(x)
-                    loss = F.cross_entropy(model.fc(feats), y)
-                elif protocol == "alf":
-                    model.encoder.eval()
-                    x_adv = attack(x, y)
-                    with torch.no_grad():
-                        feats = model.encoder(x_adv)
-                    loss = F.cross_entropy(model.fc(feats), y)
-                else:  # aff: TRADES on the whole network
-                    model.eval()
-                    with torch.no_grad():
-                        nat_logits = model(x)
-                    x_adv = attack(x, nat_logits)
-                    model.train()
-                    logits = model(x)
-                    loss = F.cross_entropy(logits, y) + s.trades_beta * trades_kl(model(x_adv), logits)
+                loss = proto.loss(x, y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -1,8 +1,11 @@
-"""Models: encoders and projection heads with multi-branch batch norm, built from a spec by `create_model`.
+"""Models built from a spec: an encoder with multi-branch batch norm plus named heads; forward returns a dict.
 
-A spec is a plain dict (it travels inside checkpoints, so evaluation can rebuild the exact model):
-    {"arch": "resnet18", "in_channels": 3, "stem": "cifar", "head": "mlp3", "head_width": 512,
-     "proj_dim": 512, "branches": ["nat", "adv"]}
+A spec is a plain dict that travels inside checkpoints, so evaluation and selection rebuild the exact model:
+    {"arch": "resnet18", "in_channels": 3, "stem": "cifar",
+     "branches": ["nat", "adv"],                                   batch-norm branches, declared by the method
+     "roles": {"natural": "nat", "adversarial": "adv", "eval": "adv"},   which branch serves which purpose
+     "heads": {"proj": {"kind": "mlp3", "width": 512, "out": 512}}}      named heads on the encoder features
+Code outside a method's own module never names a branch: it asks the spec for a role (`model.branch("eval")`).
 """
 
 from __future__ import annotations
@@ -14,38 +17,83 @@ from pipeline.models.backbones import BACKBONES
 from pipeline.models.heads import HEADS
 from pipeline.models.multibn import MultiBatchNorm, set_branch, use_branch
 
+ROLES = ("natural", "adversarial", "eval")
 
-class ContrastiveModel(nn.Module):
-    """encoder -> features; head -> projections. `forward(x, branch)` returns projections."""
 
-    def __init__(self, encoder: nn.Module, head: nn.Module, spec: dict):
+class Model(nn.Module):
+    """encoder -> "features"; each head -> its own output. `forward(x, branch)` returns {name: tensor}."""
+
+    def __init__(self, encoder: nn.Module, heads: dict[str, nn.Module], spec: dict):
         super().__init__()
-        self.encoder, self.head, self.spec = encoder, head, dict(spec)
+        self.encoder, self.heads, self.spec = encoder, nn.ModuleDict(heads), dict(spec)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.encoder.feature_dim
+
+    def branch(self, role: str) -> str:
+        """The batch-norm branch that plays `role` (natural, adversarial, eval) in this model's method."""
+        roles = self.spec["roles"]
+        if role not in roles:
+            raise KeyError(f"the model declares no {role!r} branch (roles: {', '.join(roles)})")
+        return roles[role]
 
     def features(self, x, branch: str | None = None):
         if branch is not None:
             set_branch(self, branch)
         return self.encoder(x)
 
-    def forward(self, x, branch: str | None = None):
-        return self.head(self.features(x, branch))
+    def forward(self, x, branch: str | None = None, heads=None) -> dict:
+        f = self.features(x, branch)
+        names = self.heads.keys() if heads is None else heads
+        return {"features": f, **{name: self.heads[name](f) for name in names}}
 
 
-def model_spec(arch: str, in_channels: int, image_size: int, head: str = "mlp3", head_width: int = 512,
-               proj_dim: int = 512, branches=("nat", "adv")) -> dict:
+def model_spec(arch: str, in_channels: int, image_size: int, heads: dict | None = None,
+               branches=("nat", "adv"), roles: dict | None = None) -> dict:
+    """A spec with validated names. `heads` maps a name to {"kind", "width", "out"} (default: ACL's head)."""
     if arch not in BACKBONES:
         raise PipelineError(f"model arch {arch!r}: choose one of {', '.join(BACKBONES)}")
-    if head not in HEADS:
-        raise PipelineError(f"model head {head!r}: choose one of {', '.join(HEADS)}")
+    heads = heads if heads is not None else {"proj": {"kind": "mlp3", "width": 512, "out": 512}}
+    for name, h in heads.items():
+        if h.get("kind") not in HEADS:
+            raise PipelineError(f"head {name!r} kind {h.get('kind')!r}: choose one of {', '.join(HEADS)}")
+    branches = list(branches)
+    roles = dict(roles) if roles is not None else {"natural": branches[0], "adversarial": branches[-1],
+                                                   "eval": branches[-1]}
+    unknown = {r: b for r, b in roles.items() if b not in branches}
+    if unknown:
+        raise PipelineError(f"model roles {unknown} name branches the model does not have ({branches})")
     return {"arch": arch, "in_channels": in_channels, "stem": "cifar" if image_size <= 64 else "imagenet",
-            "head": head, "head_width": head_width, "proj_dim": proj_dim, "branches": list(branches)}
+            "branches": branches, "roles": roles, "heads": {k: dict(v) for k, v in heads.items()}}
 
 
-def create_model(spec: dict) -> ContrastiveModel:
+def upgrade_spec(spec: dict) -> dict:
+    """Specs written before named heads (issue 3: one "head" and two fixed branches) in today's form."""
+    if "heads" in spec:
+        return spec
+    branches = list(spec.get("branches", ("nat", "adv")))
+    return {"arch": spec["arch"], "in_channels": spec["in_channels"], "stem": spec["stem"], "branches": branches,
+            "roles": {"natural": branches[0], "adversarial": branches[-1], "eval": branches[-1]},
+            "heads": {"proj": {"kind": spec.get("head", "mlp3"), "width": spec.get("head_width", 512),
+                               "out": spec.get("proj_dim", 512)}}}
+
+
+def upgrade_state(state: dict) -> dict:
+    """Weights saved with a single `head` module under today's name for it, `heads.proj`."""
+    if not any(k.startswith("head.") for k in state):
+        return state
+    return {("heads.proj." + k[5:] if k.startswith("head.") else k): v for k, v in state.items()}
+
+
+def create_model(spec: dict) -> Model:
+    spec = upgrade_spec(spec)
     branches = tuple(spec["branches"])
     encoder = BACKBONES[spec["arch"]](in_channels=spec["in_channels"], stem=spec["stem"], branches=branches)
-    head = HEADS[spec["head"]](encoder.feature_dim, spec["head_width"], spec["proj_dim"], branches=branches)
-    return ContrastiveModel(encoder, head, spec)
+    heads = {name: HEADS[h["kind"]](encoder.feature_dim, h["width"], h["out"], branches=branches)
+             for name, h in spec["heads"].items()}
+    return Model(encoder, heads, spec)
 
 
-__all__ = ["ContrastiveModel", "MultiBatchNorm", "create_model", "model_spec", "set_branch", "use_branch"]
+__all__ = ["Model", "MultiBatchNorm", "ROLES", "create_model", "model_spec", "set_branch", "upgrade_spec",
+           "upgrade_state", "use_branch"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.models.multibn import DEFAULT_BRANCHES, MultiBatchNorm
+from pipeline.models.multibn import MultiBatchNorm
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -74,7 +74,7 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, block, layers, in_channels=3, stem="cifar", branches=DEFAULT_BRANCHES, mean=None, std=None):
+    def __init__(self, block, layers, branches, in_channels=3, stem="cifar", mean=None, std=None):
         super().__init__()
         mean, std = (mean, std) if mean is not None else default_stats(in_channels)
         self.normalize = Normalize(mean, std)
@@ -102,7 +102,7 @@ class ResNet(nn.Module):
 class SmallCNN(nn.Module):
     """Three convolutions: about 30x cheaper than ResNet-18 on 32x32 inputs; for CPU demos and tests."""
 
-    def __init__(self, in_channels=3, branches=DEFAULT_BRANCHES, mean=None, std=None, width=32, stem=None):
+    def __init__(self, branches, in_channels=3, mean=None, std=None, width=32, stem=None):
         super().__init__()
         mean, std = (mean, std) if mean is not None else default_stats(in_channels)
         self.normalize = Normalize(mean, std)
@@ -119,12 +119,12 @@ class SmallCNN(nn.Module):
         return torch.flatten(self.pool(self.body(self.normalize(x))), 1)
 
 
-def resnet18(**kw):
-    return ResNet(BasicBlock, (2, 2, 2, 2), **kw)
+def resnet18(branches, **kw):
+    return ResNet(BasicBlock, (2, 2, 2, 2), branches, **kw)
 
 
-def resnet50(**kw):
-    return ResNet(Bottleneck, (3, 4, 6, 3), **kw)
+def resnet50(branches, **kw):
+    return ResNet(Bottleneck, (3, 4, 6, 3), branches, **kw)
 
 
 BACKBONES = {"smallcnn": SmallCNN, "resnet18": resnet18, "resnet50": resnet50}

@@ -1,16 +1,16 @@
-"""Projection heads with multi-branch batch norm."""
+"""Heads on encoder features, with multi-branch batch norm where they normalise."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from pipeline.models.multibn import DEFAULT_BRANCHES, MultiBatchNorm
+from pipeline.models.multibn import MultiBatchNorm
 
 
 class MLP3Head(nn.Module):
     """The ACL head: (Linear, BN, ReLU) twice, then Linear, BN; every BN multi-branch."""
 
-    def __init__(self, in_dim: int, width: int = 512, out_dim: int = 512, branches=DEFAULT_BRANCHES):
+    def __init__(self, in_dim: int, width: int, out_dim: int, branches):
         super().__init__()
         self.layers = nn.Sequential(
             nn.Linear(in_dim, width), MultiBatchNorm(width, branches, dims=1), nn.ReLU(inplace=True),
@@ -25,7 +25,7 @@ class MLP3Head(nn.Module):
 class MLP2Head(nn.Module):
     """SimCLR's head: Linear, BN, ReLU, Linear."""
 
-    def __init__(self, in_dim: int, width: int = 512, out_dim: int = 128, branches=DEFAULT_BRANCHES):
+    def __init__(self, in_dim: int, width: int, out_dim: int, branches):
         super().__init__()
         self.layers = nn.Sequential(
             nn.Linear(in_dim, width), MultiBatchNorm(width, branches, dims=1), nn.ReLU(inplace=True),
@@ -36,4 +36,15 @@ class MLP2Head(nn.Module):
         return self.layers(x)
 
 
-HEADS = {"mlp3": MLP3Head, "mlp2": MLP2Head}
+class LinearHead(nn.Module):
+    """One linear layer (classifiers, pseudo-label heads); `width` is unused."""
+
+    def __init__(self, in_dim: int, width: int, out_dim: int, branches):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(in_dim, out_dim))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+HEADS = {"mlp3": MLP3Head, "mlp2": MLP2Head, "linear": LinearHead}

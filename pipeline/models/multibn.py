@@ -1,8 +1,8 @@
-"""Batch norm with one set of statistics and affine parameters per named branch ("nat", "adv", ...).
+"""Batch norm with one set of statistics and affine parameters per named branch (names come from the model spec).
 
 Adversarial contrastive learning normalises natural and adversarial inputs separately. The active branch is
 module state rather than a forward argument, so that ordinary backbones (nn.Sequential, residual blocks) need
-no plumbing: `model(x, branch="adv")` or `with use_branch(model, "adv"):` selects it for every layer.
+no plumbing: `model(x, branch)` or `with use_branch(model, branch):` selects it for every layer.
 """
 
 from __future__ import annotations
@@ -11,11 +11,8 @@ from contextlib import contextmanager
 
 from torch import nn
 
-DEFAULT_BRANCHES = ("nat", "adv")
-
-
 class MultiBatchNorm(nn.Module):
-    def __init__(self, num_features: int, branches=DEFAULT_BRANCHES, dims: int = 2):
+    def __init__(self, num_features: int, branches, dims: int = 2):
         super().__init__()
         bn = nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d
         self.bns = nn.ModuleDict({b: bn(num_features) for b in branches})
@@ -40,7 +37,10 @@ def set_branch(model: nn.Module, branch: str) -> None:
 
 
 @contextmanager
-def use_branch(model: nn.Module, branch: str):
+def use_branch(model: nn.Module, branch: str | None):
+    if branch is None:
+        yield model
+        return
     layers = multibn_layers(model)
     before = [m.branch for m in layers]
     set_branch(model, branch)

@@ -17,4 +17,10 @@ def create_selector(name: str, **params) -> Selector:
     return SELECTORS[name](**params)
 
 
-__all__ = ["SELECTORS", "Selection", "SelectionContext", "Selector", "create_selector"]
+def selector_needs_validation(name: str, params: str | dict) -> bool:
+    from pipeline.overlap import parse_params
+
+    return create_selector(name, **(parse_params(params) if isinstance(params, str) else params)).needs_validation
+
+
+__all__ = ["SELECTORS", "Selection", "SelectionContext", "Selector", "create_selector", "selector_needs_validation"]

@@ -20,6 +20,7 @@ class SelectionContext:
     seed: int = 0
     params: dict = field(default_factory=dict)
     proxies: object = None  # a proxies.ProxyComputer, when the selector needs a model
+    validation_ids: np.ndarray | None = None  # U, held out of the pool, when the selector needs one
 
     @property
     def labels(self) -> np.ndarray:
@@ -37,16 +38,31 @@ class Selection:
 
 
 class Selector:
+    """Parameters are spelled the same everywhere: `pipeline select --k 20`, `select.params = "k=20"`.
+    `preset=NAME` applies a named set of parameters first (explicit ones still win)."""
+
     name = "base"
     needs_model = False
     defaults: dict = {}
+    presets: dict[str, dict] = {}
 
     def __init__(self, **params):
+        preset = params.pop("preset", None)
+        if preset is not None and preset not in self.presets:
+            raise PipelineError(f"selector {self.name!r} preset {preset!r}: choose one of "
+                                f"{', '.join(self.presets) or '(it has none)'}")
         unknown = set(params) - set(self.defaults)
         if unknown:
             raise PipelineError(f"selector {self.name!r} takes no {', '.join(sorted(unknown))} "
-                                f"(it takes {', '.join(self.defaults) or 'nothing'})")
-        self.params = {**self.defaults, **params}
+                                f"(it takes {', '.join([*self.defaults, 'preset'])})")
+        self.params = {**self.defaults, **(self.presets.get(preset) or {}), **params}
+        if preset is not None:
+            self.params["preset"] = preset
+
+    @property
+    def needs_validation(self) -> bool:
+        """Whether the selector scores candidates against a held-out validation part U of the pool."""
+        return False
 
     def select(self, ctx: SelectionContext) -> Selection:
         raise NotImplementedError

@@ -51,7 +51,11 @@ class FacilitySelector(Selector):
     name = "facility"
     needs_model = True
     defaults = {"k": 20, "optimizer": "lazy", "per_class": False, "alignment_weight": 0.0, "proxy": "features",
-                "knn_backend": "auto"}
+                "knn_backend": "auto", "attack_steps": 1}
+
+    @property
+    def needs_validation(self) -> bool:
+        return self.params["alignment_weight"] > 0
 
     def select(self, ctx: SelectionContext) -> Selection:
         p = self.params

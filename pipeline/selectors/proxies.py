@@ -8,8 +8,12 @@
   each taken with the other rows of the batch held fixed. Stored compressed as RCS does (each weight
   gradient averaged over its output dimension, each bias gradient to a scalar), plus the head input and
   output gradient of every row, from which the full gradient of any pick is rebuilt exactly;
-- the representational-divergence (RD) gradient of a seeded validation part U of the pool (excluded from the
-  candidates), with U's virtual-adversarial views from PGD on RD, and U's encoder features for refreshing it.
+- the representational-divergence (RD) gradient of a validation part U (given by the run, which holds it out
+  once and never trains on it, or else drawn from the pool with a seed and excluded from the candidates), with
+  U's virtual-adversarial views from PGD on RD, and U's encoder features for refreshing it. The gradient flows
+  through both the natural and the adversarial pass of the head, as grad RD(U; theta) in the paper.
+
+Branches are the model's roles (natural, adversarial), never names: any method's model works.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from torch import nn
 
 from pipeline.attacks import PGD
 from pipeline.augment import ContrastiveAugment, to_float
-from pipeline.losses import representational_divergence
+from pipeline.losses import nt_xent, representational_divergence
 from pipeline.models.multibn import use_branch
 
 
@@ -81,6 +85,7 @@ class Proxies:
     row_grads: torch.Tensor | None = None  # (n, 4, p): loss gradients at the head output of those rows
     val_feats: tuple | None = None  # (U natural features, U virtual-adversarial features)
     val_compressed: np.ndarray | None = None  # compressed RD gradient of U at the snapshot's head
+    branches: tuple = ()  # (natural, adversarial) batch-norm branch names of the model
 
     @property
     def alignment(self) -> np.ndarray:
@@ -88,19 +93,23 @@ class Proxies:
         return self.compressed_grads @ self.val_compressed
 
 
-ROW_BRANCHES = ("nat", "nat", "adv", "adv")
+ROW_ROLES = (0, 0, 1, 1)  # a sample's 4 rows: two natural views, then their adversarial views
 
 
 class ProxyComputer:
     def __init__(self, model, shardset, split: str, device="cpu", batch_size: int = 256, eps: float = 8 / 255,
                  step: float = 2 / 255, attack_steps: int = 1, temperature: float = 0.5,
-                 validation_fraction: float = 0.01, seed: int = 0, min_crop_scale: float = 0.08):
+                 validation_fraction: float = 0.01, seed: int = 0, min_crop_scale: float = 0.08,
+                 strength: float = 1.0, validation_ids: np.ndarray | None = None):
         torch.set_flush_denormal(True)  # denormal floats in trained weights slow CPU math down ~10x
         self.model = model.to(device).eval()
+        self.head = model.heads["proj"]
+        self.branches = (model.branch("natural"), model.branch("adversarial"))
         self.shardset, self.split, self.device = shardset, split, torch.device(device)
         self.batch_size, self.eps, self.step, self.attack_steps = batch_size, eps, step, attack_steps
         self.temperature, self.validation_fraction, self.seed = temperature, validation_fraction, seed
-        self.augment = ContrastiveAugment(shardset.image_size, min_scale=min_crop_scale)
+        self.validation_ids = None if validation_ids is None else np.sort(np.asarray(validation_ids, dtype=np.int64))
+        self.augment = ContrastiveAugment(shardset.image_size, strength=strength, min_scale=min_crop_scale)
 
     @property
     def device_name(self) -> str:
@@ -116,6 +125,9 @@ class ProxyComputer:
             return self.model.encoder(images)
 
     def split_validation(self, pool_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(candidates, U): the run's U when it gave one, else a seeded part of the pool."""
+        if self.validation_ids is not None:
+            return np.setdiff1d(pool_ids, self.validation_ids), self.validation_ids
         rng = np.random.default_rng([self.seed, 7])
         n_val = max(2, int(round(len(pool_ids) * self.validation_fraction)))
         val = np.sort(rng.choice(pool_ids, n_val, replace=False))
@@ -124,40 +136,44 @@ class ProxyComputer:
     def validation_state(self, val_ids: np.ndarray):
         """U's natural and virtual-adversarial encoder features (PGD on RD: 3 steps, step 1.25 eps / 3)."""
         gen = torch.Generator(self.device).manual_seed(self.seed + 1)
-        attack = PGD(self.model, lambda out, target: representational_divergence(out, target), self.eps,
-                     1.25 * self.eps / 3, 3, generator=gen)
+        b_nat, b_adv = self.branches
+        attack = PGD(lambda x: self.model(x, b_adv, heads=("proj",))["proj"],
+                     lambda z, z_nat: representational_divergence(z, z_nat), self.eps, 1.25 * self.eps / 3, 3,
+                     module=self.model, generator=gen)
         nat, adv = [], []
         for b in self._batches(val_ids):
             x = to_float(b.images)
-            with torch.no_grad(), use_branch(self.model, "nat"):
-                z_nat = self.model(x)
+            with torch.no_grad():
+                z_nat = self.model(x, b_nat, heads=("proj",))["proj"]
             x_adv = attack(x, z_nat)
-            nat.append(self._features(x, "nat"))
-            adv.append(self._features(x_adv, "adv"))
+            nat.append(self._features(x, b_nat))
+            adv.append(self._features(x_adv, b_adv))
         return torch.cat(nat), torch.cat(adv)
 
     def compute(self, pool_ids: np.ndarray, need_gradients: bool = True) -> Proxies:
         pool_ids = np.asarray(pool_ids, dtype=np.int64)
+        b_nat, b_adv = self.branches
         if not need_gradients:
-            feats = [self._features(to_float(b.images), "nat").half().cpu() for b in self._batches(pool_ids)]
-            return Proxies(np.sort(pool_ids), np.zeros(0, np.int64), torch.cat(feats).numpy())
+            feats = [self._features(to_float(b.images), b_nat).half().cpu() for b in self._batches(pool_ids)]
+            return Proxies(np.sort(pool_ids), np.zeros(0, np.int64), torch.cat(feats).numpy(), branches=self.branches)
         cand, val = self.split_validation(pool_ids)
         val_feats = self.validation_state(val)
         gen = torch.Generator(self.device).manual_seed(self.seed + 2)
-        attack = PGD(self.model, "ntxent", self.eps, self.step, self.attack_steps, generator=gen)
-        head = self.model.head
+        attack = PGD(lambda x: self.model(x, b_adv, heads=("proj",))["proj"], lambda z, _: nt_xent(z, self.temperature),
+                     self.eps, self.step, self.attack_steps, module=self.model, generator=gen)
+        head = self.head
         feats, comp, row_feats, row_grads = [], [], [], []
         for b in self._batches(cand):
             images = b.images
             x = to_float(images)
-            feats.append(self._features(x, "nat").half().cpu())
+            feats.append(self._features(x, b_nat).half().cpu())
             views = torch.cat([self.augment(images, gen), self.augment(images, gen)])
             adv = attack(views)
             n = len(images)
-            f_nat, f_adv = self._features(views, "nat"), self._features(adv, "adv")
+            f_nat, f_adv = self._features(views, b_nat), self._features(adv, b_adv)
             rows_f, rows_g = [], []
             comp_b = 0
-            for f, branch in ((f_nat, "nat"), (f_adv, "adv")):
+            for f, branch in ((f_nat, b_nat), (f_adv, b_adv)):
                 with torch.no_grad(), use_branch(head, branch):
                     z = head(f)
                 # per-sample loss: mean of its 4 row terms, so each row's anchor gradient counts 1/4
@@ -171,33 +187,35 @@ class ProxyComputer:
             comp.append(comp_b.cpu())
             row_feats.append(torch.stack(rows_f, 1).half().cpu())
             row_grads.append(torch.stack(rows_g, 1).cpu())
-        val_comp = rd_gradient(head, *val_feats)
+        val_comp = rd_gradient(head, *val_feats, branches=self.branches)
         return Proxies(np.sort(cand), val, torch.cat(feats).numpy(), torch.cat(comp).numpy(),
-                       torch.cat(row_feats), torch.cat(row_grads), val_feats, val_comp)
+                       torch.cat(row_feats), torch.cat(row_grads), val_feats, val_comp, self.branches)
 
 
-def rd_gradient(head: nn.Module, f_nat: torch.Tensor, f_adv: torch.Tensor) -> np.ndarray:
-    """Compressed gradient of RD over U with respect to the head's linear layers, at the head's current weights."""
+def rd_gradient(head: nn.Module, f_nat: torch.Tensor, f_adv: torch.Tensor, branches: tuple) -> np.ndarray:
+    """Compressed gradient of RD(U) = d(g(f(x~)), g(f(x))) with respect to the head's linear layers, at the
+    head's current weights, through both passes (the natural one is not a constant: it moves with theta)."""
     lins = head_linears(head)
     params = [p for lin in lins for p in (lin.weight, lin.bias)]
+    b_nat, b_adv = branches
     with torch.enable_grad():
-        with use_branch(head, "nat"):
-            z_nat = head(f_nat).detach()
-        with use_branch(head, "adv"):
+        with use_branch(head, b_nat):
+            z_nat = head(f_nat)
+        with use_branch(head, b_adv):
             z_adv = head(f_adv)
         grads = torch.autograd.grad(representational_divergence(z_adv, z_nat), params)
     return compress(list(grads[0::2]), list(grads[1::2])).cpu().numpy().astype(np.float64)
 
 
-def pick_gradient(head: nn.Module, row_feats: torch.Tensor, row_grads: torch.Tensor) -> list[torch.Tensor]:
-    """Full (uncompressed) head gradient of the samples whose rows are given: rebuilt at the current head
-    from each row's head input and loss gradient at the head output (both fixed at the snapshot)."""
+def pick_gradient(head: nn.Module, row_feats: torch.Tensor, row_grads: torch.Tensor, branches: tuple) -> list[torch.Tensor]:
+    """Full (uncompressed) head gradient of the samples whose rows are given, summed: rebuilt at the current
+    head from each row's head input and loss gradient at the head output (both fixed at the snapshot)."""
     lins = head_linears(head)
     params = [p for lin in lins for p in (lin.weight, lin.bias)]
     total = [torch.zeros_like(p) for p in params]
     with torch.enable_grad():
-        for branch in ("nat", "adv"):  # rows of one branch in one pass: in eval mode rows are independent
-            cols = [r for r, b in enumerate(ROW_BRANCHES) if b == branch]
+        for role, branch in enumerate(branches):  # rows of one branch in one pass: in eval mode rows are independent
+            cols = [r for r, b in enumerate(ROW_ROLES) if b == role]
             feats = row_feats[:, cols].reshape(-1, row_feats.shape[-1]).float()
             with use_branch(head, branch):
                 z = head(feats)

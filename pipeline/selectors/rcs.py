@@ -2,11 +2,19 @@
 reference code's defects (rcs.md).
 
 Gain of a candidate (a sample, or a shuffled minibatch with `unit=batch`) = eta * <its ACL head gradient,
-the RD gradient of the validation set U>, both compressed as in the reference. After each pick the head takes
-one step of size eta along the pick's full gradient (once), and U's RD gradient is recomputed at the new head.
-Candidate gradients stay those of the snapshot (the reference's approximation). Large pools are cut into
-chunks; each gets picks in proportion to its size and starts again from the snapshot's head. The snapshot's
-model is never modified.
+the RD gradient of the validation set U>, both compressed as in the reference. A pick moves a working copy of
+the head one step along the pick's full gradient, applied once (the reference stepped twice): for a minibatch
+eta times its mean gradient, as the reference; for one sample eta / `reference_batch` times its gradient, so
+that a selected image moves the head as far as it does inside a reference minibatch of 512. U's RD gradient
+is then recomputed at the moved head: after every pick (`refreshes=0`, the paper's greedy), or `refreshes`
+times per greedy, taking the best gains of a block of picks between refreshes (the default: the per-pick
+choices at a fraction of the cost; `tests/test_selectors.py` measures how close). Candidate gradients stay
+those of the snapshot (the reference's approximation). Large pools are cut into chunks of `chunk_size`
+(0: one greedy over the whole pool, as the reference on CIFAR); each chunk gets picks in proportion to its
+size and starts again from the snapshot's head. The snapshot's model is never modified.
+
+`preset=reference` gives the reference's choices: minibatch units of 512, one greedy over the whole pool
+with one U, the training attack (5 steps) for the candidates' views, a refresh after every pick.
 """
 
 from __future__ import annotations
@@ -22,44 +30,64 @@ from pipeline.selectors.base import Selection, SelectionContext, Selector
 from pipeline.selectors.proxies import head_linears, pick_gradient, rd_gradient
 
 
-def rcs_greedy(proxies, head, picks_wanted: int, eta: float, unit: str, batch_size: int, rng) -> tuple[np.ndarray, list]:
+def block_sizes(picks: int, refreshes: int) -> list[int]:
+    """Picks per block between refreshes of U's gradient: 1 each when refreshes is 0 (or >= picks)."""
+    if picks <= 0:
+        return []
+    if refreshes <= 0 or refreshes >= picks:
+        return [1] * picks
+    return [len(b) for b in np.array_split(np.arange(picks), refreshes)]
+
+
+def rcs_greedy(proxies, head, picks_wanted: int, eta: float, unit: str, batch_size: int, rng,
+               refreshes: int = 0, reference_batch: int = 512) -> tuple[np.ndarray, list]:
     """Indices into proxies.candidate_ids, in pick order, and the gain of each pick."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # every op here is tiny: on 2 threads a pick took 89 ms, on 1 it takes 13 ms
     try:
-        return _rcs_greedy(proxies, head, picks_wanted, eta, unit, batch_size, rng)
+        return _rcs_greedy(proxies, head, picks_wanted, eta, unit, batch_size, rng, refreshes, reference_batch)
     finally:
         torch.set_num_threads(threads)
 
 
-def _rcs_greedy(proxies, head, picks_wanted, eta, unit, batch_size, rng):
+def _rcs_greedy(proxies, head, picks_wanted, eta, unit, batch_size, rng, refreshes, reference_batch):
     n = len(proxies.candidate_ids)
     if unit == "batch":
         order = rng.permutation(n)
         groups = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+        cand = np.stack([proxies.compressed_grads[g].mean(0) for g in groups])
     else:
         groups = [np.array([i]) for i in range(n)]
-    cand = np.stack([proxies.compressed_grads[g].mean(0) for g in groups]) if unit == "batch" else proxies.compressed_grads
+        cand = proxies.compressed_grads
     work = copy.deepcopy(head)  # stepped during the greedy; the snapshot's head is left alone
     snapshot_head = copy.deepcopy(head)  # candidate gradients are those of the snapshot
-    lins = head_linears(work)
-    params = [p for lin in lins for p in (lin.weight, lin.bias)]
+    params = [p for lin in head_linears(work) for p in (lin.weight, lin.bias)]
     val_grad = proxies.val_compressed
     available = np.ones(len(groups), dtype=bool)
     chosen, gains = [], []
-    for _ in range(min(picks_wanted, len(groups))):
+    for size in block_sizes(min(picks_wanted, len(groups)), refreshes):
         scores = eta * (cand @ val_grad)
         scores[~available] = -np.inf
-        best = int(np.argmax(scores))
-        chosen.append(best)
-        gains.append(float(scores[best]))
+        best = np.argsort(-scores, kind="stable")[:size]
+        chosen += best.tolist()
+        gains += scores[best].tolist()
         available[best] = False
-        members = groups[best]
-        grads = pick_gradient(snapshot_head, proxies.row_feats[members], proxies.row_grads[members])
+        step = [torch.zeros_like(p) for p in params]
+        if unit == "batch":  # each minibatch: eta times its mean gradient
+            for g in best:
+                members = groups[g]
+                grads = pick_gradient(snapshot_head, proxies.row_feats[members], proxies.row_grads[members],
+                                      proxies.branches)
+                step = [s + gr / len(members) for s, gr in zip(step, grads)]
+        else:  # one sample: eta times its share of a reference minibatch
+            members = np.asarray(best)
+            grads = pick_gradient(snapshot_head, proxies.row_feats[members], proxies.row_grads[members],
+                                  proxies.branches)
+            step = [gr / reference_batch for gr in grads]
         with torch.no_grad():
-            for p, g in zip(params, grads):
-                p -= eta * g / len(members)  # one step, applied once (the reference stepped twice)
-        val_grad = rd_gradient(work, *proxies.val_feats)
+            for p, s in zip(params, step):
+                p -= eta * s
+        val_grad = rd_gradient(work, *proxies.val_feats, branches=proxies.branches)
     picked = np.concatenate([groups[c] for c in chosen]) if chosen else np.zeros(0, np.int64)
     return picked, gains
 
@@ -67,7 +95,10 @@ def _rcs_greedy(proxies, head, picks_wanted, eta, unit, batch_size, rng):
 class RCSSelector(Selector):
     name = "rcs"
     needs_model = True
-    defaults = {"unit": "sample", "eta": 0.01, "chunk_size": 20000, "batch_size": 512}
+    needs_validation = True  # type: ignore[assignment]
+    defaults = {"unit": "sample", "eta": 0.01, "chunk_size": 20000, "batch_size": 512, "refreshes": 32,
+                "reference_batch": 512, "attack_steps": 1}
+    presets = {"reference": {"unit": "batch", "batch_size": 512, "chunk_size": 0, "refreshes": 0, "attack_steps": 5}}
 
     def select(self, ctx: SelectionContext) -> Selection:
         p = self.params
@@ -76,23 +107,24 @@ class RCSSelector(Selector):
         rng = np.random.default_rng(ctx.seed)
         timing = {"proxies": 0.0, "greedy": 0.0}
         pool = np.asarray(ctx.pool_ids)
-        chunks = [pool] if len(pool) <= p["chunk_size"] else np.array_split(rng.permutation(pool),
-                                                                           -(-len(pool) // p["chunk_size"]))
+        chunk = p["chunk_size"] if p["chunk_size"] > 0 else len(pool)
+        chunks = [pool] if len(pool) <= chunk else np.array_split(rng.permutation(pool), -(-len(pool) // chunk))
         ids, gains, val_ids = [], [], []
-        head = ctx.proxies.model.head
-        for chunk in chunks:
+        head = ctx.proxies.head
+        for part in chunks:
             t = time.perf_counter()
-            proxies = ctx.proxies.compute(chunk, need_gradients=True)
+            proxies = ctx.proxies.compute(part, need_gradients=True)
             timing["proxies"] += time.perf_counter() - t
-            share = int(round(ctx.budget * len(chunk) / len(pool)))
+            share = int(round(ctx.budget * len(part) / len(pool)))
             size = min(p["batch_size"], share) if p["unit"] == "batch" else 1
-            picks = -(-share // size)
+            picks = -(-share // size) if size else 0
             t = time.perf_counter()
-            picked, g = rcs_greedy(proxies, head, picks, p["eta"], p["unit"], size, rng)
+            picked, g = rcs_greedy(proxies, head, picks, p["eta"], p["unit"], size, rng, p["refreshes"],
+                                   p["reference_batch"])
             picked = picked[:share]  # the last batch may overshoot the budget
             timing["greedy"] += time.perf_counter() - t
             ids.append(proxies.candidate_ids[picked])
             gains += g
             val_ids.append(proxies.validation_ids)
         return Selection(np.sort(np.concatenate(ids)), None, float(np.sum(gains)), timing,
-                         {"validation_ids": np.concatenate(val_ids).tolist(), "gains": gains[:1000]})
+                         {"validation_ids": np.unique(np.concatenate(val_ids)).tolist(), "gains": gains[:1000]})

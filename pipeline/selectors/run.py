@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.attacks import default_budget
-from pipeline.checkpoint import load_checkpoint, load_weights
+from pipeline.attacks import budget
+from pipeline.checkpoint import load_model
 from pipeline.errors import PipelineError
 from pipeline.models import create_model, model_spec
 from pipeline.progress import console
@@ -22,53 +22,73 @@ from pipeline.shards.shardset import ShardSet
 
 
 def load_snapshot(checkpoint, shardset: ShardSet, arch: str, seed: int):
-    """(model, snapshot digest, the checkpoint's training config or {})."""
+    """(model, snapshot digest, what the training step looked like at the snapshot: selection settings)."""
     if checkpoint is None:
         torch.manual_seed(seed)
-        spec = model_spec(arch, shardset.channels, shardset.image_size)
         console.print(f"no --checkpoint: selecting with a freshly initialised {arch} (seed {seed})")
-        return create_model(spec), "fresh-init", {}
-    ckpt = load_checkpoint(checkpoint)
-    model = create_model(ckpt["model_spec"])
-    load_weights(model, ckpt["model"], checkpoint)
+        return create_model(model_spec(arch, shardset.channels, shardset.image_size)), "fresh-init", {}
+    model, ckpt = load_model(checkpoint)
     digest = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()[:16]
-    return model, digest, ckpt.get("config") or {}
+    settings = dict(ckpt.get("selection_settings") or {})
+    if "attack" not in settings and ckpt.get("attack"):  # checkpoints of `pipeline train` record their attack
+        settings["attack"] = ckpt["attack"]
+    return model, digest, settings
+
+
+def _ids_of(manifest_or_ids, ss: ShardSet) -> tuple[np.ndarray, str | None]:
+    if manifest_or_ids is None:
+        return None, None
+    if isinstance(manifest_or_ids, (str, Path, Manifest)):
+        m = manifest_or_ids if isinstance(manifest_or_ids, Manifest) else Manifest.load(manifest_or_ids)
+        m.check_against(ss)
+        return m.ids, m.split
+    return np.asarray(manifest_or_ids, dtype=np.int64), None
 
 
 def run_selection(data, selector: str, fraction: float, out, checkpoint=None, split: str = "train", pool=None,
                   seed: int = 0, device="cpu", params: dict | None = None, arch: str = "resnet18",
                   batch_size: int = 256, round_no: int | None = None, epoch: int | None = None,
-                  attack_steps: int = 1, validation_fraction: float = 0.01) -> Manifest:
+                  attack_steps: int | None = None, validation=None, validation_fraction: float = 0.01) -> Manifest:
+    """`pool`, `validation`: manifests (or id arrays) of the candidates and of a held-out U; a selector that
+    needs U and gets none draws it once from the pool (seeded) and leaves it out of the candidates."""
     started = time.perf_counter()
     ss = data if isinstance(data, ShardSet) else ShardSet.open(data)
     if not 0 < fraction <= 1:
         raise PipelineError(f"--fraction {fraction}: must be in (0, 1]")
-    if pool is not None:
-        pool_m = pool if isinstance(pool, Manifest) else Manifest.load(pool)
-        pool_m.check_against(ss)
-        pool_ids, split = pool_m.ids, pool_m.split
-    else:
+    pool_ids, pool_split = _ids_of(pool, ss)
+    split = pool_split or split
+    if pool_ids is None:
         pool_ids = ss.ids(split)
-    budget = max(1, int(round(fraction * len(pool_ids))))
-    sel = create_selector(selector, **(params or {}))
-    proxies, digest, train_cfg = None, None, {}
+    params = dict(params or {})
+    sel = create_selector(selector, **params)
+    if attack_steps is not None and "attack_steps" in sel.params:  # a model-free selector attacks nothing
+        sel = create_selector(selector, **{**params, "attack_steps": attack_steps})
+    budget_n = max(1, int(round(fraction * len(pool_ids))))
+    val_ids, _ = _ids_of(validation, ss)
+    if sel.needs_validation:
+        if val_ids is None:
+            rng = np.random.default_rng([seed, 7])
+            val_ids = np.sort(rng.choice(pool_ids, max(2, int(round(len(pool_ids) * validation_fraction))), replace=False))
+        pool_ids = np.setdiff1d(pool_ids, val_ids)
+    proxies, digest, settings = None, None, {}
     if sel.needs_model:
-        model, digest, train_cfg = load_snapshot(checkpoint, ss, arch, seed)
-        eps, step = default_budget(ss.channels)
-        attack = train_cfg.get("attack", {})
-        proxies = ProxyComputer(model, ss, split, device, batch_size, attack.get("eps") or eps,
-                                attack.get("step") or step, attack_steps,
-                                train_cfg.get("method", {}).get("temperature", 0.5), validation_fraction, seed,
-                                train_cfg.get("method", {}).get("min_crop_scale", 0.08))
-    ctx = SelectionContext(ss, split, np.asarray(pool_ids), budget, seed, sel.params, proxies)
+        model, digest, settings = load_snapshot(checkpoint, ss, arch, seed)
+        a = settings.get("attack") or {}
+        b = budget(ss.channels, a.get("eps"), a.get("step"))
+        proxies = ProxyComputer(model, ss, split, device, batch_size, b.eps, b.step, sel.params.get("attack_steps", 1),
+                                settings.get("temperature", 0.5), validation_fraction, seed,
+                                settings.get("min_crop_scale", 0.08), settings.get("strength", 1.0), val_ids)
+    ctx = SelectionContext(ss, split, np.asarray(pool_ids), budget_n, seed, sel.params, proxies, val_ids)
     result = sel.select(ctx)
     timing = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.timing.items()}
     timing["total"] = round(time.perf_counter() - started, 3)
+    timing["device"] = str(device)
+    timing["process_s"] = round(time.process_time(), 3)
     manifest = Manifest.for_shardset(
         ss, split, np.sort(result.ids) if result.weights is None else result.ids, weights=result.weights,
         producer={"name": selector, "params": sel.params}, round=round_no, epoch=epoch, fraction=fraction,
         snapshot=digest,
-        extra={"seed": seed, "pool_size": int(len(pool_ids)), "budget": budget, "objective": result.objective,
-               "timing": timing, **result.extra})
+        extra={"seed": seed, "pool_size": int(len(pool_ids)), "budget": budget_n, "objective": result.objective,
+               "timing": timing, "selection_settings": settings, **result.extra})
     manifest.save(out)
     return manifest

@@ -7,7 +7,6 @@ next epoch boundary. Stops when the run has finished its epochs (or on Ctrl-C).
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 
@@ -15,14 +14,7 @@ from pipeline.checkpoint import load_checkpoint
 from pipeline.errors import PipelineError
 from pipeline.progress import console
 from pipeline.selectors.run import run_selection
-from pipeline.shards.manifest import round_path
-
-_ROUND = re.compile(r"round-(\d+)\.json$")
-
-
-def _next_round(manifests: Path) -> int:
-    found = [int(m.group(1)) for p in manifests.glob("round-*.json") if (m := _ROUND.search(p.name))]
-    return max(found, default=0) + 1
+from pipeline.shards.manifest import next_round, round_path
 
 
 def watch_run(run: Path, data, selector: str, fraction: float, params: dict, seed: int, device, every: int = 1,
@@ -40,7 +32,7 @@ def watch_run(run: Path, data, selector: str, fraction: float, params: dict, see
             ckpt = load_checkpoint(last_pt)
             epoch, total = int(ckpt["epoch"]), int((ckpt.get("config") or {}).get("optim", {}).get("epochs", 0))
             if last_epoch is None or epoch >= last_epoch + every:
-                number = _next_round(manifests)
+                number = next_round(manifests)
                 m = run_selection(data, selector, fraction, round_path(manifests, number), last_pt, seed=seed + number,
                                   device=device, params=params, round_no=number, epoch=epoch)
                 console.print(f"round {number}: {len(m):,} samples from the epoch-{epoch} snapshot "

@@ -4,7 +4,7 @@ Exports resolve lazily, so that `pipeline prepare` or an error message does not 
 """
 
 _EXPORTS = {
-    "Batch": "pipeline.shards.loaders",
+    "Batch": "pipeline.shards.batch",
     "create_loader": "pipeline.shards.loaders",
     "Manifest": "pipeline.shards.manifest",
     "ShardSet": "pipeline.shards.shardset",

@@ -15,7 +15,8 @@ from pipeline.atomic import atomic_path, write_json
 from pipeline.errors import PipelineError
 from pipeline.progress import console
 from pipeline.shards import layout
-from pipeline.shards.loaders import Batch
+from pipeline.shards.batch import Batch
+from pipeline.shards.reader import TaskReader
 from pipeline.shards.shardset import ShardSet
 
 INSTALL_HINT = ("ffcv is not installed: `apt-get install -y --no-install-recommends libturbojpeg0-dev libopencv-dev "
@@ -48,8 +49,6 @@ class _SplitRows:
     """Indexed view of a split for ffcv's writer: row -> (HxWx3 uint8 image, label, id)."""
 
     def __init__(self, shardset: ShardSet, split: str):
-        from pipeline.shards.loaders import TaskReader
-
         self.reader = TaskReader(shardset, split, None, 1)
         self.table = shardset.members(split)
 
@@ -99,8 +98,10 @@ class FfcvLoader:
     """ffcv's Loader over a split's `.beton`, yielding the same `Batch`es as the shard loaders."""
 
     def __init__(self, shardset: ShardSet, split: str, rows, *, batch_size: int, shuffle: bool, seed: int,
-                 drop_last: bool, device, num_workers: int, image_size: int | None, rank: int, world_size: int):
+                 drop_last: bool, device, num_workers: int, image_size: int | None, rank: int, world_size: int,
+                 row_weights: np.ndarray | None = None):
         ff = _ffcv()
+        self.table_ids, self.row_weights = shardset.members(split).ids, row_weights
         rec = shardset.index["splits"][split].get("beton")
         path = shardset.root / f"{split}.beton"
         if not rec or not path.is_file():
@@ -136,7 +137,9 @@ class FfcvLoader:
         for images, labels, ids in self.loader:
             if self.channels == 1:
                 images = images[:, :1]
-            b = Batch(images, labels.long().reshape(-1), ids.long().reshape(-1))
-            if self.device.type != "cpu":
-                b = Batch(*(x.to(self.device, non_blocking=True) for x in b))
-            yield b
+            ids = ids.long().reshape(-1)
+            weights = None
+            if self.row_weights is not None:  # ffcv batches say which ids they hold; the rows follow
+                weights = torch.from_numpy(self.row_weights[np.searchsorted(self.table_ids, ids.cpu().numpy())])
+            b = Batch(images, labels.long().reshape(-1), ids, weights)
+            yield b if self.device.type == "cpu" else b.to(self.device)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -26,16 +26,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.dist import rank_and_world
 from pipeline.errors import PipelineError
-from pipeline.shards.images import CorruptImage, decode
+from pipeline.shards.batch import Batch
+from pipeline.shards.reader import TaskReader
 
 BACKENDS = ("auto", "stream", "indexed", "ffcv")
-MERGE_GAP = 16 * 1024  # read across gaps up to this size: cheaper than another system call
-
-
-class Batch(NamedTuple):
-    images: torch.Tensor  # (B, C, H, W) uint8
-    labels: torch.Tensor  # (B,) int64
-    ids: torch.Tensor  # (B,) int64
+__all__ = ["BACKENDS", "Batch", "ShardLoader", "create_loader"]
 
 
 # --- planning ----------------------------------------------------------------------------------------------
@@ -75,73 +70,6 @@ def plan_stream(rows: np.ndarray, shard_starts: np.ndarray, batch_size: int, win
         w = seq[i:i + span]
         tasks.append(w[rng.permutation(len(w))] if shuffle else w)
     return tasks
-
-
-# --- reading -----------------------------------------------------------------------------------------------
-class TaskReader:
-    """Reads and decodes planned tasks. Picklable: file descriptors are opened lazily in each process."""
-
-    def __init__(self, shardset, split: str, image_size: int | None, batch_size: int):
-        self.table = shardset.members(split)
-        self.paths = [str(shardset.shard_path(split, i)) for i in range(len(self.table.shard_starts) - 1)]
-        self.mode, self.channels = shardset.mode, shardset.channels
-        self.size = image_size
-        self.stored_size = shardset.image_size
-        self.batch_size = batch_size
-        self._fds: dict[int, int] = {}
-        self._pid = None
-
-    def _fd(self, shard: int) -> int:
-        if self._pid != os.getpid():
-            self._fds, self._pid = {}, os.getpid()
-        if shard not in self._fds:
-            self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
-        return self._fds[shard]
-
-    def fetch(self, rows: np.ndarray) -> list[bytes]:
-        """Bytes of each row's image, in the order of `rows`."""
-        t = self.table
-        order = np.lexsort((t.offsets[rows], t.shard[rows]))
-        out: list[bytes] = [b""] * len(rows)
-        i = 0
-        while i < len(order):
-            j = i + 1
-            shard = t.shard[rows[order[i]]]
-            end = t.offsets[rows[order[i]]] + t.sizes[rows[order[i]]]
-            while (j < len(order) and t.shard[rows[order[j]]] == shard
-                   and t.offsets[rows[order[j]]] - end <= MERGE_GAP):
-                end = max(end, t.offsets[rows[order[j]]] + t.sizes[rows[order[j]]])
-                j += 1
-            start = int(t.offsets[rows[order[i]]])
-            buf = os.pread(self._fd(int(shard)), int(end) - start, start)
-            if len(buf) != int(end) - start:
-                raise PipelineError(f"{self.paths[int(shard)]}: truncated shard (short read at byte {start}); "
-                                    "run `pipeline verify` and prepare the shard set again")
-            view = memoryview(buf)
-            for k in order[i:j]:
-                o = int(t.offsets[rows[k]]) - start
-                out[k] = view[o:o + int(t.sizes[rows[k]])]
-            i = j
-        return out
-
-    def batches(self, rows: np.ndarray) -> Iterator[Batch]:
-        blobs = self.fetch(rows)
-        size = self.size or self.stored_size
-        resize = self.size is not None and self.size != self.stored_size
-        images = np.empty((len(rows), size, size, self.channels), dtype=np.uint8)
-        for k, blob in enumerate(blobs):
-            try:
-                images[k] = decode(bytes(blob), self.mode, size if resize else None)
-            except (CorruptImage, ValueError) as exc:
-                sid = int(self.table.ids[rows[k]])
-                raise PipelineError(f"{self.paths[int(self.table.shard[rows[k]])]}: sample {sid} does not decode "
-                                    f"({exc}); run `pipeline verify` and prepare the shard set again") from exc
-        images_t = torch.from_numpy(images).permute(0, 3, 1, 2)
-        labels = torch.from_numpy(self.table.labels[rows])
-        ids = torch.from_numpy(self.table.ids[rows])
-        for i in range(0, len(rows), self.batch_size):
-            sl = slice(i, i + self.batch_size)
-            yield Batch(images_t[sl], labels[sl], ids[sl])
 
 
 @dataclass
@@ -186,12 +114,12 @@ class ShardLoader:
 
     def __init__(self, shardset, split: str, rows: np.ndarray | None, *, backend: str, batch_size: int,
                  shuffle: bool, seed: int, drop_last: bool, device, num_workers: int, image_size: int | None,
-                 window: int, rank: int, world_size: int):
+                 window: int, rank: int, world_size: int, row_weights: np.ndarray | None = None):
         table = shardset.members(split)
         rows = np.arange(len(table)) if rows is None else np.asarray(rows, dtype=np.int64)
         self.planner = Planner(backend, rows, table.shard_starts, batch_size, window, shuffle, seed, rank,
                                world_size, drop_last)
-        self.reader = TaskReader(shardset, split, image_size, batch_size)
+        self.reader = TaskReader(shardset, split, image_size, batch_size, row_weights)
         self.device = torch.device(device)
         self.num_workers = num_workers
         self.epoch = 0
@@ -228,40 +156,47 @@ class ShardLoader:
         batches = self._batches()
         self.epoch += 1
         for b in batches:
-            if self.device.type != "cpu":
-                b = Batch(*(x.to(self.device, non_blocking=True) for x in b))
-            yield b
+            yield b if self.device.type == "cpu" else b.to(self.device)
 
 
-def _subset_rows(shardset, split: str, subset) -> np.ndarray | None:
+def _subset_rows(shardset, split: str, subset, use_weights: bool):
+    """(member-table rows of the subset or None for the whole split, per-row weights or None)."""
     if subset is None:
-        return None
+        return None, None
     from pipeline.shards.manifest import Manifest
 
+    weights = None
     if isinstance(subset, Manifest):
         subset.check_against(shardset)
         if subset.split != split:
             raise PipelineError(f"{subset.path}: manifest is for split {subset.split!r}, loader asked for {split!r}")
+        weights = subset.weights if use_weights else None
         subset = subset.ids
     ids = np.asarray(subset, dtype=np.int64)
     if len(np.unique(ids)) != len(ids):
         raise PipelineError("subset ids contain duplicates")
-    return shardset.rows_of(split, ids)
+    rows = shardset.rows_of(split, ids)
+    row_weights = None
+    if weights is not None:
+        row_weights = np.zeros(len(shardset.members(split)), dtype=np.float32)
+        row_weights[rows] = weights
+    return rows, row_weights
 
 
 def create_loader(shardset, split: str = "train", subset=None, *, backend: str = "auto", batch_size: int = 256,
                   shuffle: bool = True, seed: int = 0, drop_last: bool = False, device="cpu", num_workers: int = 0,
                   image_size: int | None = None, window: int = 8, rank: int | None = None,
-                  world_size: int | None = None):
+                  world_size: int | None = None, use_weights: bool = True):
     """A loader of `split` (or of `subset`: ids or a Manifest). `auto` streams a whole split and reads subsets
-    by index. `image_size` decodes to that square size (needed when stored images vary in size)."""
+    by index. `image_size` decodes to that square size (needed when stored images vary in size). Batches
+    carry a manifest's per-sample weights when it has them and `use_weights` is on."""
     if backend not in BACKENDS:
         raise PipelineError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if batch_size < 1:
         raise PipelineError(f"batch size {batch_size}: must be at least 1")
     if image_size is None and shardset.image_size is None:
         raise PipelineError(f"{shardset.root}: images vary in size; pass an image size to decode them to")
-    rows = _subset_rows(shardset, split, subset)
+    rows, row_weights = _subset_rows(shardset, split, subset, use_weights)
     rank, world_size = rank_and_world(rank, world_size)
     if backend == "auto":
         backend = "stream" if rows is None else "indexed"
@@ -270,7 +205,7 @@ def create_loader(shardset, split: str = "train", subset=None, *, backend: str =
 
         return FfcvLoader(shardset, split, rows, batch_size=batch_size, shuffle=shuffle, seed=seed,
                           drop_last=drop_last, device=device, num_workers=num_workers, image_size=image_size,
-                          rank=rank, world_size=world_size)
+                          rank=rank, world_size=world_size, row_weights=row_weights)
     return ShardLoader(shardset, split, rows, backend=backend, batch_size=batch_size, shuffle=shuffle, seed=seed,
                        drop_last=drop_last, device=device, num_workers=num_workers, image_size=image_size,
-                       window=window, rank=rank, world_size=world_size)
+                       window=window, rank=rank, world_size=world_size, row_weights=row_weights)

@@ -162,18 +162,27 @@ class Manifest:
             raise DataError(f"{where}: {exc}") from None
 
 
-_ROUND = re.compile(r"round-(\d+)\.json$")
+_ROUND = re.compile(r"^round-(\d+)\.json$")
 
 
 def round_path(directory: str | Path, round_no: int) -> Path:
+    """The one spelling of a round's manifest: DIR/round-NNNN.json."""
     return Path(directory) / f"round-{round_no:04d}.json"
+
+
+def round_paths(directory: str | Path) -> list[tuple[int, Path]]:
+    """(round number, header path) of every round manifest in `directory`, newest first."""
+    found = [(int(m.group(1)), p) for p in Path(directory).glob("round-*.json") if (m := _ROUND.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def next_round(directory: str | Path) -> int:
+    return max((n for n, _ in round_paths(directory)), default=0) + 1
 
 
 def newest_valid(directory: str | Path, shardset, split: str | None = None) -> Manifest | None:
     """The highest-numbered manifest in `directory` that loads and fits `shardset` (others are skipped)."""
-    rounds = sorted(((int(m.group(1)), p) for p in Path(directory).glob("round-*.json") if (m := _ROUND.search(p.name))),
-                    reverse=True)
-    for _, p in rounds:
+    for _, p in round_paths(directory):
         try:
             m = Manifest.load(p)
             m.check_against(shardset)

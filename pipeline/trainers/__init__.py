@@ -1,13 +1,24 @@
-"""Trainers registered by name; each method is a small subclass of `Trainer`."""
+"""Trainers registered by name; each method is one module with a small subclass of `Trainer` and the config
+sections it reads. A new method is its module plus one line here."""
 
 from __future__ import annotations
 
 from pipeline.errors import PipelineError
 from pipeline.trainers.acl import ACLTrainer, DynACLTrainer
-from pipeline.trainers.base import Trainer
-from pipeline.trainers.config import TrainConfig, load_config
+from pipeline.trainers.base import StepRecord, Trainer
+from pipeline.trainers.config import METHOD_SECTIONS, TrainConfig, load_config
 
-TRAINERS: dict[str, type[Trainer]] = {"acl": ACLTrainer, "dynacl": DynACLTrainer}
+TRAINERS: dict[str, type[Trainer]] = {}
+
+
+def register_trainer(cls: type[Trainer]) -> type[Trainer]:
+    TRAINERS[cls.name] = cls
+    METHOD_SECTIONS[cls.name] = cls.sections
+    return cls
+
+
+for _cls in (ACLTrainer, DynACLTrainer):
+    register_trainer(_cls)
 
 
 def create_trainer(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trainer:
@@ -16,4 +27,4 @@ def create_trainer(cfg: TrainConfig, resume: bool = False, progress: bool = True
     return TRAINERS[cfg.method.name](cfg, resume=resume, progress=progress)
 
 
-__all__ = ["TRAINERS", "TrainConfig", "Trainer", "create_trainer", "load_config"]
+__all__ = ["StepRecord", "TRAINERS", "TrainConfig", "Trainer", "create_trainer", "load_config", "register_trainer"]

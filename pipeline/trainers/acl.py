@@ -2,53 +2,91 @@
 
 from __future__ import annotations
 
-import time
+from dataclasses import dataclass
 
 import torch
 
+from pipeline.attacks import PGD
+from pipeline.augment import ContrastiveAugment
 from pipeline.losses import nt_xent
-from pipeline.trainers.base import Trainer
+from pipeline.models import model_spec
+from pipeline.trainers.base import StepRecord, Trainer
+from pipeline.trainers.config import register_section
+
+NAT, ADV = "nat", "adv"  # ACL's two batch-norm branches; the eval branch is the adversarial one
+
+
+@register_section("acl")
+@dataclass
+class ACLConfig:
+    temperature: float = 0.5
+    min_crop_scale: float = 0.08  # smallest area of RandomResizedCrop (raise it for tiny images)
+
+
+@register_section("dynacl")
+@dataclass
+class DynACLConfig:
+    period: int = 50  # epochs between augmentation-strength steps
+    swap: float = 2 / 3  # how far the loss weight moves towards the adversarial term over the run
 
 
 class ACLTrainer(Trainer):
-    """Two augmented views; PGD on the contrastive loss perturbs both; loss = mean of natural NT-Xent (natural
-    batch norm) and adversarial NT-Xent (adversarial batch norm)."""
+    """Two augmented views; PGD on the contrastive loss (eval mode, adversarial branch) perturbs both; loss =
+    mean of natural NT-Xent (natural batch norm) and adversarial NT-Xent (adversarial batch norm)."""
 
     name = "acl"
+    sections = ("acl",)
+
+    def model_spec(self) -> dict:
+        m = self.cfg.model
+        return model_spec(m.arch, self.channels, self.image_size,
+                          heads={"proj": {"kind": "mlp3", "width": m.head_width, "out": m.proj_dim}},
+                          branches=(NAT, ADV), roles={"natural": NAT, "adversarial": ADV, "eval": ADV})
+
+    def setup(self) -> None:
+        a = self.cfg.acl
+        self.augment = ContrastiveAugment(self.image_size, min_scale=a.min_crop_scale)
+        b = self.budget
+        self.attack = PGD(lambda x: self.model(x, ADV, heads=("proj",))["proj"],
+                          lambda z, _: nt_xent(z, a.temperature), b.eps, b.step, b.steps, module=self.model,
+                          generator=self.gen, autocast_dtype=self.autocast)
 
     def adv_weight(self, epoch: int) -> float:
         return 1.0
 
-    def training_step(self, batch, epoch: int):
+    def training_step(self, batch, epoch: int) -> StepRecord:
         images = batch.images.to(self.device, non_blocking=True)
         views = torch.cat([self.augment(images, self.gen), self.augment(images, self.gen)])
         views = views.contiguous(memory_format=self.memory_format)
-        t0 = time.perf_counter()
-        adv = self.attack(views)
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-        attack_s = time.perf_counter() - t0
-        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            z_nat, z_adv = self.forward([views, adv], ["nat", "adv"])
-        t = self.cfg.method.temperature
-        loss_nat, loss_adv = nt_xent(z_nat, t), nt_xent(z_adv, t)
+        adv, attack_s = self.timed(self.attack, views)
+        with self.autocast_ctx():
+            out_nat, out_adv = self.forward([views, adv], [NAT, ADV])
+        t = self.cfg.acl.temperature
+        loss_nat = nt_xent(out_nat["proj"], t, reduction="sample")
+        loss_adv = nt_xent(out_adv["proj"], t, reduction="sample")
         w = self.adv_weight(epoch)
-        loss = ((2 - w) * loss_nat + w * loss_adv) / 2
-        return loss, {"loss_nat": float(loss_nat.detach()), "loss_adv": float(loss_adv.detach()),
-                      "attack_s": attack_s, "adv_weight": w, "strength": self.augment.strength}
+        losses = ((2 - w) * loss_nat + w * loss_adv) / 2
+        return StepRecord(losses, {"loss_nat": float(loss_nat.detach().mean()),
+                                   "loss_adv": float(loss_adv.detach().mean()), "attack_s": attack_s,
+                                   "adv_weight": w, "strength": self.augment.strength})
+
+    def selection_settings(self) -> dict:
+        return {**super().selection_settings(), "temperature": self.cfg.acl.temperature,
+                "min_crop_scale": self.cfg.acl.min_crop_scale, "strength": self.augment.strength}
 
 
 class DynACLTrainer(ACLTrainer):
-    """ACL with DynACL's annealing: every `dynacl_period` epochs the augmentation strength drops (from 1
+    """ACL with DynACL's annealing: every `dynacl.period` epochs the augmentation strength drops (from 1
     towards 0 over the run) and the loss weight moves towards the adversarial term, as in the DynACL code:
     strength = 1 - floor(e / K) K / E, w_adv = min(1 + floor((e + 1) / K) (K / E) swap, 2)."""
 
     name = "dynacl"
+    sections = ("acl", "dynacl")
 
     def on_epoch_start(self, epoch: int) -> None:
-        k, e = self.cfg.method.dynacl_period, self.cfg.optim.epochs
+        k, e = self.cfg.dynacl.period, self.cfg.optim.epochs
         self.augment.strength = 1.0 - (epoch // k) * k / e
 
     def adv_weight(self, epoch: int) -> float:
-        k, e = self.cfg.method.dynacl_period, self.cfg.optim.epochs
-        return min(1.0 + ((epoch + 1) // k) * (k / e) * self.cfg.method.dynacl_swap, 2.0)
+        k, e = self.cfg.dynacl.period, self.cfg.optim.epochs
+        return min(1.0 + ((epoch + 1) // k) * (k / e) * self.cfg.dynacl.swap, 2.0)

@@ -1,15 +1,18 @@
 """Training configuration: typed sections (ffcv-imagenet style), loadable from TOML, overridable per key.
 
-    [data]    path, split, batch_size, workers, backend, manifest, manifests
-    [model]   arch, head, head_width, proj_dim
-    [method]  name, temperature, min_crop_scale, dynacl_period, dynacl_swap
-    [attack]  eps, step, steps        (eps/step 0 = pick by data: 8/255 and 2/255 for colour, 0.3 and eps/4 grey)
-    [optim]   optimizer, lr, momentum, weight_decay, epochs, warmup_epochs
+    [data]    path, split, batch_size, workers, backend, manifest, manifests, use_weights
+    [model]   arch, head_width, proj_dim
+    [method]  name                     (its own settings live in the method's sections: [acl], [dynacl], ...)
+    [attack]  eps, step, steps         (0 = the budget rule of pipeline.attacks.budget)
+    [optim]   optimizer, lr, momentum, weight_decay, epochs, warmup_epochs, schedule, milestones, gamma,
+              lars_eta, lars_exclude_1d
     [run]     out, seed, device, bf16, channels_last, compile, checkpoint_every, log_every, deterministic
-    [select]  selector, fraction, warmup, every, sync, params, attack_steps, threads
+    [select]  selector, fraction, warmup, every, sync, params, attack_steps, threads, nice, validation_fraction
+    [eval]    protocol, recipe, attack, eps, step, steps, epochs, lr, batch_size, limit, seed
 
-`pipeline train --config FILE --set optim.lr=0.5 --epochs 20` applies FILE, then each override in turn. The
-effective configuration is written to RUN/config.toml.
+A method declares its section next to its trainer with `@register_section("acl")`. `pipeline train --config
+FILE --set optim.lr=0.5 --epochs 20` applies FILE, then each override in turn. The effective configuration
+(with the sections of the chosen method) is written to RUN/config.toml.
 """
 
 from __future__ import annotations
@@ -34,12 +37,12 @@ class DataConfig:
     backend: str = "auto"
     manifest: str = ""  # train on this subset
     manifests: str = ""  # take the newest valid manifest of this folder at each epoch boundary
+    use_weights: bool = True  # weight per-sample losses by a manifest's weights when it has them
 
 
 @dataclass
 class ModelConfig:
     arch: str = "resnet18"
-    head: str = "mlp3"
     head_width: int = 512
     proj_dim: int = 512
 
@@ -47,10 +50,6 @@ class ModelConfig:
 @dataclass
 class MethodConfig:
     name: str = "acl"
-    temperature: float = 0.5
-    min_crop_scale: float = 0.08  # smallest area of RandomResizedCrop (raise it for tiny images)
-    dynacl_period: int = 50  # DynACL: epochs between augmentation-strength steps
-    dynacl_swap: float = 2 / 3  # DynACL: how far the loss weight moves towards the adversarial term
 
 
 @dataclass
@@ -68,6 +67,11 @@ class OptimConfig:
     weight_decay: float = 1e-6
     epochs: int = 1000
     warmup_epochs: int = 10
+    schedule: str = "cosine"  # cosine | step
+    milestones: list = field(default_factory=list)  # step schedule: epochs where lr is multiplied by gamma
+    gamma: float = 0.1
+    lars_eta: float = 0.001
+    lars_exclude_1d: bool = False  # the references adapt every parameter; True: biases and BN get plain SGD
 
 
 @dataclass
@@ -87,26 +91,79 @@ class RunConfig:
 class SelectConfig:
     selector: str = ""  # empty: train on the data (or manifests) given
     fraction: float = 0.1
-    warmup: int = 0  # epochs on the full data before the first selection
-    every: int = 1  # epochs between selections
+    warmup: int = -1  # epochs on the full data before the first selection; -1: 10% of the epochs (the paper's)
+    every: int = 0  # epochs between selections; 0: 2% of the epochs, at least 1 (the paper's proportion)
     sync: bool = False  # wait for each selection (the paper's behaviour) instead of overlapping it
-    params: str = ""  # selector parameters, "k=20,unit=batch"
-    attack_steps: int = 1  # PGD steps for the candidates' adversarial views (1 keeps RCS under half an epoch)
+    params: str = ""  # selector parameters, "k=20,unit=batch" or "preset=reference"
+    attack_steps: int = 0  # PGD steps for the candidates' adversarial views; 0: the selector's default
     threads: int = 1  # torch threads of the background selection process
+    nice: int = 10  # scheduling priority of the background selection process (higher yields to training)
+    validation_fraction: float = 0.01  # RCS's held-out U: chosen once per run, never trained on
+
+    def schedule(self, epochs: int) -> tuple[int, int]:
+        """(warm-up epochs, epochs between selections), resolving the automatic defaults."""
+        warmup = self.warmup if self.warmup >= 0 else int(round(0.1 * epochs))
+        every = self.every if self.every > 0 else max(1, int(round(0.02 * epochs)))
+        return warmup, every
 
 
 @dataclass
+class EvalConfig:
+    protocol: str = "slf"
+    recipe: str = ""  # acl | dynacl | advcl; empty: the checkpoint's method
+    attack: str = "pgd20"  # comma-separated measures: clean, pgd20, autoattack, autoattack-rand
+    eps: float = 0.0
+    step: float = 0.0
+    steps: int = 20
+    epochs: int = 0  # 0: the recipe's
+    lr: float = 0.0
+    batch_size: int = 0
+    limit: int = 0  # evaluate on the first N test samples only (0: all)
+    seed: int = 0
+
+
+FIXED = {"data": DataConfig, "model": ModelConfig, "method": MethodConfig, "attack": AttackConfig,
+         "optim": OptimConfig, "run": RunConfig, "select": SelectConfig, "eval": EvalConfig}
+SECTIONS: dict[str, type] = {}  # method sections, filled by @register_section next to each trainer
+METHOD_SECTIONS: dict[str, tuple[str, ...]] = {}  # method name -> the sections it reads
+
+# Settings that lived under [method] before methods had sections of their own.
+MOVED = {"method.temperature": "acl.temperature", "method.min_crop_scale": "acl.min_crop_scale",
+         "method.dynacl_period": "dynacl.period", "method.dynacl_swap": "dynacl.swap",
+         "model.head": "(the method's model spec)"}
+
+
+def register_section(name: str):
+    def deco(cls):
+        SECTIONS[name] = cls
+        return cls
+    return deco
+
+
 class TrainConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
-    attack: AttackConfig = field(default_factory=AttackConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    select: SelectConfig = field(default_factory=SelectConfig)
+    def __init__(self):
+        for name, cls in FIXED.items():
+            setattr(self, name, cls())
+        self.sections = {name: cls() for name, cls in SECTIONS.items()}
+
+    def __getattr__(self, name):  # method sections read like fixed ones: cfg.acl.temperature
+        sections = self.__dict__.get("sections", {})
+        if name in sections:
+            return sections[name]
+        raise AttributeError(name)
+
+    def section(self, name: str):
+        if name in FIXED:
+            return getattr(self, name)
+        if name not in self.sections and name in SECTIONS:
+            self.sections[name] = SECTIONS[name]()
+        return self.sections.get(name)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in FIXED}
+        for name in METHOD_SECTIONS.get(self.method.name, ()):
+            out[name] = dataclasses.asdict(self.section(name))
+        return out
 
     @classmethod
     def from_dict(cls, d: dict, origin: str = "config") -> "TrainConfig":
@@ -120,9 +177,12 @@ class TrainConfig:
 
     def set(self, dotted: str, value, origin: str = "--set") -> None:
         section, _, key = dotted.partition(".")
-        sec = getattr(self, section, None) if section in {f.name for f in fields(self)} else None
+        if dotted in MOVED:
+            raise PipelineError(f"{origin}: {dotted} is now {MOVED[dotted]}")
+        sec = self.section(section)
         if sec is None:
-            raise PipelineError(f"{origin}: unknown section {section!r} (sections: {', '.join(f.name for f in fields(self))})")
+            names = ", ".join([*FIXED, *SECTIONS])
+            raise PipelineError(f"{origin}: unknown section {section!r} (sections: {names})")
         types = {f.name: f.type for f in fields(sec)}
         if key not in types:
             raise PipelineError(f"{origin}: unknown setting {dotted!r} (in [{section}]: {', '.join(types)})")
@@ -140,7 +200,7 @@ class TrainConfig:
             tmp.write_bytes(tomli_w.dumps(self.to_dict()).encode())
 
 
-def _coerce(value, type_name: str, key: str, origin: str):
+def _coerce(value, type_name, key: str, origin: str):
     kind = type_name if isinstance(type_name, str) else type_name.__name__
     try:
         if kind == "bool":
@@ -157,6 +217,9 @@ def _coerce(value, type_name: str, key: str, origin: str):
             return int(value)
         if kind == "float":
             return float(value)
+        if kind == "list":  # of ints: "40,60" or a TOML list
+            items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v.strip()]
+            return [int(v) for v in items]
         return str(value)
     except (TypeError, ValueError):
         raise PipelineError(f"{origin}: {key} = {value!r} is not a valid {kind}") from None

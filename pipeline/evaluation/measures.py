@@ -1,0 +1,119 @@
+"""Robustness measures, registered by name: each counts the correct predictions of a classifier on a batch.
+
+- `clean`: no attack.
+- `pgd20`: PGD (l_inf, random start, 20 steps of eps / 4 by default) on the cross-entropy, eval mode.
+- `autoattack`: the standard AutoAttack of Croce and Hein (APGD-CE, APGD-T with 9 target classes, FAB-T with 9,
+  Square with 5,000 queries; 100 iterations), from the authors' code (`pyautoattack`, the `attacks` extra).
+- `autoattack-rand`: its version for randomized models (APGD-CE and APGD-DLR, each averaging 20 EOT draws).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.attacks import PGD, Budget
+from pipeline.errors import PipelineError
+
+INSTALL = ("AutoAttack needs the attacks extra: pip install 'pipeline[attacks]' (install it together with "
+           "torch==2.13.0, or pip may pull a CUDA build of torch)")
+
+
+class Measure:
+    name = "base"
+
+    def __init__(self, model, b: Budget, n_classes: int, seed: int, device):
+        self.model, self.budget, self.n_classes, self.seed, self.device = model, b, n_classes, seed, device
+
+    def settings(self) -> dict:
+        return {}
+
+    def correct(self, x: torch.Tensor, y: torch.Tensor) -> int:
+        raise NotImplementedError
+
+    def _count(self, x, y) -> int:
+        with torch.no_grad():
+            return int((self.model(x).argmax(1) == y).sum())
+
+
+class Clean(Measure):
+    name = "clean"
+
+    def correct(self, x, y):
+        return self._count(x, y)
+
+
+class PGD20(Measure):
+    name = "pgd20"
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        b = self.budget
+        self.attack = PGD(self.model, lambda out, t: F.cross_entropy(out.float(), t), b.eps, b.step, b.steps,
+                          module=self.model, generator=torch.Generator(self.device).manual_seed(self.seed))
+
+    def settings(self):
+        return {"attack": "pgd", "loss": "ce", **self.attack.settings()}
+
+    def correct(self, x, y):
+        return self._count(self.attack(x, y), y)
+
+
+class AutoAttackStandard(Measure):
+    name = "autoattack"
+    version = "standard"
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        try:
+            import pyautoattack
+        except ImportError as exc:
+            raise PipelineError(INSTALL) from exc
+        self.package_version = getattr(pyautoattack, "__version__", "?")
+        self.attack = pyautoattack.AutoAttack(self.model, norm="Linf", eps=self.budget.eps, version=self.version,
+                                              device=self.device, seed=self.seed)
+
+    def settings(self):
+        a = self.attack
+        return {"attack": "autoattack", "package": "pyautoattack", "package_version": self.package_version,
+                "version": self.version, "norm": "Linf", "eps": self.budget.eps, "attacks": list(a.attacks_to_run),
+                "apgd_iterations": a.apgd.n_iter, "apgd_restarts": a.apgd.n_restarts, "apgd_eot": a.apgd.eot_iter,
+                "apgd_t_target_classes": a.apgd_targeted.n_target_classes, "fab_t_target_classes": a.fab.n_target_classes,
+                "square_queries": a.square.n_queries, "seed": self.seed}
+
+    def correct(self, x, y):
+        x_adv, _ = self.attack.run_standard_evaluation(x, y, batch_size=len(x))
+        return self._count(x_adv, y)
+
+
+class AutoAttackRand(AutoAttackStandard):
+    name = "autoattack-rand"
+    version = "rand"
+
+
+MEASURES: dict[str, type[Measure]] = {m.name: m for m in (Clean, PGD20, AutoAttackStandard, AutoAttackRand)}
+
+
+def parse_measures(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip() and t.strip() != "none"]
+    bad = [n for n in names if n not in MEASURES]
+    if bad:
+        raise PipelineError(f"--attack {bad[0]!r}: choose from {', '.join(MEASURES)} (comma-separated)")
+    return ["clean"] + [n for n in names if n != "clean"]
+
+
+def accuracies(model, loader, names: list[str], b: Budget, n_classes: int, device, seed: int = 0) -> tuple[dict, dict]:
+    """({measure: accuracy, "samples": n}, {measure: its settings}) over every sample of `loader`."""
+    model.eval()
+    measures = [MEASURES[n](model, b, n_classes, seed, device) for n in names]
+    correct = dict.fromkeys(names, 0)
+    total = 0
+    for batch in loader:
+        from pipeline.augment import to_float
+
+        x, y = to_float(batch.images.to(device)), batch.labels.to(device)
+        for m in measures:
+            correct[m.name] += m.correct(x, y)
+        total += len(y)
+    acc = {n: c / max(total, 1) for n, c in correct.items()}
+    return {**acc, "samples": total}, {m.name: m.settings() for m in measures}

@@ -1,0 +1,17 @@
+"""`Batch`: what every loader yields, and the one place that says what a batch holds."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor  # (B, C, H, W) uint8, memory laid out channels_last
+    labels: torch.Tensor  # (B,) int64
+    ids: torch.Tensor  # (B,) int64: global sample ids
+    weights: torch.Tensor | None = None  # (B,) float32: the manifest's per-sample weights, when it has them
+
+    def to(self, device, non_blocking: bool = True) -> "Batch":
+        return Batch(*(None if x is None else x.to(device, non_blocking=non_blocking) for x in self))

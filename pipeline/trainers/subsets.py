@@ -1,0 +1,289 @@
+"""Where a run's training subset comes from, epoch by epoch: one `SubsetSource` interface, five kinds.
+
+- `WholeSplit`: every sample of the split (less a held-out validation part, when the run keeps one).
+- `FixedManifest`: one manifest for the whole run (`--manifest`).
+- `ManifestFolder`: the newest valid `round-NNNN.json` of a folder at each epoch boundary (`--manifests`,
+  fed by `pipeline select --watch` or anything else).
+- `SelectionRounds`: the run selects its own rounds in a background process (`--selector rcs|facility|random`):
+  full data for the warm-up, then a snapshot every `every` epochs, read back as a manifest folder.
+- `ScoredSubsets`: an in-process scorer (`--selector loss`): per-sample values that training steps report are
+  gathered, and at each selection point the next subset is picked from them in the trainer's own process.
+
+Rank 0 decides; the trainer broadcasts the manifest path so every rank trains on the same subset.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+from pipeline.shards.manifest import Manifest, newest_valid, next_round, round_path, round_paths
+
+
+class SubsetSource:
+    kind = "base"
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def epoch_start(self, epoch: int) -> None:
+        """Rank 0, at every epoch boundary before the subset is chosen (selection points go here)."""
+
+    def current(self, epoch: int) -> Manifest | None:
+        """Rank 0: the subset to train on this epoch (None: the whole split)."""
+        return None
+
+    def observe(self, batch, record) -> None:
+        """Every rank, after every step: the batch and its `StepRecord` (per-sample values by batch.ids)."""
+
+    def epoch_end(self, epoch: int) -> None:
+        """Every rank, after the epoch."""
+
+    def records(self) -> list[dict]:
+        """Rank 0: metrics records to log (selection rounds, ...), each returned once."""
+        return []
+
+    def state(self) -> dict:
+        return {}
+
+    def restore(self, state: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class WholeSplit(SubsetSource):
+    kind = "split"
+
+    def __init__(self, trainer, pool: Manifest | None = None):
+        super().__init__(trainer)
+        self.pool = pool  # the split less a held-out part, when the run keeps one
+
+    def current(self, epoch: int) -> Manifest | None:
+        return self.pool
+
+
+class FixedManifest(SubsetSource):
+    kind = "manifest"
+
+    def __init__(self, trainer, path: str):
+        super().__init__(trainer)
+        self.manifest = Manifest.load(path)
+        self.manifest.check_against(trainer.shardset)
+
+    def current(self, epoch: int) -> Manifest | None:
+        return self.manifest
+
+
+class ManifestFolder(SubsetSource):
+    """Newest valid round of a folder; a manifest is loaded once, and again only when a newer round appears."""
+
+    kind = "manifests"
+
+    def __init__(self, trainer, folder: str | Path, fallback: Manifest | None = None):
+        super().__init__(trainer)
+        self.folder, self.fallback = Path(folder), fallback
+        self._cached: Manifest | None = None
+        self._cached_key = None
+
+    def current(self, epoch: int) -> Manifest | None:
+        rounds = round_paths(self.folder)
+        key = (str(rounds[0][1]), rounds[0][1].stat().st_mtime_ns) if rounds else None
+        if key is None:
+            return self.fallback
+        if key != self._cached_key:
+            found = newest_valid(self.folder, self.trainer.shardset, self.trainer.cfg.data.split)
+            self._cached, self._cached_key = found, key
+        return self._cached if self._cached is not None else self.fallback
+
+
+class SelectionRounds(ManifestFolder):
+    """Background selection from snapshots (pipeline.overlap), rounds read back from RUN/manifests."""
+
+    kind = "selection"
+
+    def __init__(self, trainer, pool: Manifest | None, validation: Manifest | None):
+        from pipeline.overlap import SelectionScheduler
+
+        super().__init__(trainer, trainer.run_dir / "manifests", fallback=pool)
+        cfg = trainer.cfg
+        self.warmup, self.every = cfg.select.schedule(cfg.optim.epochs)
+        self.last_selection_epoch = -1
+        self.scheduler = SelectionScheduler(
+            trainer.run_dir, cfg.data.path, cfg.data.split, cfg.select, str(trainer.device), cfg.run.seed,
+            pool=None if pool is None else str(pool.path), validation=None if validation is None else str(validation.path))
+        self.rounds, self._pending_records, self._subset_round = {}, [], None
+
+    def is_selection_epoch(self, epoch: int) -> bool:
+        return epoch >= self.warmup and (epoch - self.warmup) % self.every == 0
+
+    def epoch_start(self, epoch: int) -> None:
+        last_epoch = epoch == self.trainer.cfg.optim.epochs - 1  # an overlapped round started now is never used
+        if (self.is_selection_epoch(epoch) and epoch > self.last_selection_epoch
+                and (self.trainer.cfg.select.sync or not last_epoch)):
+            rnd = self.scheduler.submit(epoch, self.trainer.snapshot(epoch))
+            self.rounds[rnd.number] = rnd
+            self.last_selection_epoch = epoch
+        self.scheduler.poll()
+
+    def current(self, epoch: int) -> Manifest | None:
+        m = super().current(epoch)
+        number = getattr(m, "round", None)
+        if m is not None and m is not self.fallback and number != self._subset_round:
+            rnd = self.rounds.get(number)
+            if rnd is not None:
+                self._pending_records.append(self.scheduler.record(rnd, epoch))
+            self._subset_round = number
+        return m
+
+    def records(self) -> list[dict]:
+        out, self._pending_records = self._pending_records, []
+        return out
+
+    def state(self) -> dict:
+        return {**self.scheduler.state(), "last_selection_epoch": self.last_selection_epoch}
+
+    def restore(self, state: dict) -> None:
+        self.last_selection_epoch = int(state.get("last_selection_epoch", -1))
+        self.scheduler.restore(state)
+
+    def close(self) -> None:
+        self.scheduler.close()
+
+
+class ScoredSubsets(SubsetSource):
+    """In-process selection from per-sample values that training steps report (`StepRecord.values`).
+
+    Every sample's last reported value of `key` is kept; at each selection point the `fraction` of the pool
+    with the highest values becomes the next round (samples never scored rank first, so every sample is seen
+    before it can be dropped). Rounds are written to RUN/manifests like background ones.
+    """
+
+    kind = "scored"
+
+    def __init__(self, trainer, pool_ids: np.ndarray, key: str = "loss", highest: bool = True):
+        super().__init__(trainer)
+        cfg = trainer.cfg
+        self.key, self.highest = key, highest
+        self.pool_ids = np.sort(np.asarray(pool_ids, dtype=np.int64))
+        self.scores = np.full(len(self.pool_ids), np.nan)
+        self.warmup, self.every = cfg.select.schedule(cfg.optim.epochs)
+        self.folder = trainer.run_dir / "manifests"
+        self._manifest, self._records = None, []
+
+    def observe(self, batch, record) -> None:
+        values = record.values.get(self.key)
+        if values is None:
+            raise PipelineError(f"--selector {self.trainer.cfg.select.selector}: method {self.trainer.name} reports "
+                                f"no per-sample {self.key!r}")
+        ids = batch.ids.detach().cpu().numpy()
+        vals = values.detach().float().cpu().numpy()
+        if self.trainer.dist.distributed:  # every rank keeps every rank's scores
+            import torch.distributed as dist
+
+            both = [None] * self.trainer.dist.world_size
+            dist.all_gather_object(both, (ids, vals))
+            ids, vals = np.concatenate([b[0] for b in both]), np.concatenate([b[1] for b in both])
+        pos = np.searchsorted(self.pool_ids, ids)
+        ok = (pos < len(self.pool_ids)) & (self.pool_ids[np.minimum(pos, len(self.pool_ids) - 1)] == ids)
+        self.scores[pos[ok]] = vals[ok]
+
+    def epoch_start(self, epoch: int) -> None:
+        if epoch < self.warmup or (epoch - self.warmup) % self.every:
+            return
+        if epoch == self.warmup and np.isnan(self.scores).all():
+            return  # nothing scored yet (no warm-up): keep the whole pool for one round
+        budget = max(1, int(round(self.trainer.cfg.select.fraction * len(self.pool_ids))))
+        score = np.where(np.isnan(self.scores), np.inf, self.scores if self.highest else -self.scores)
+        keep = np.sort(self.pool_ids[np.argsort(-score, kind="stable")[:budget]])
+        number = next_round(self.folder)
+        m = Manifest.for_shardset(self.trainer.shardset, self.trainer.cfg.data.split, keep,
+                                  producer={"name": self.trainer.cfg.select.selector, "params": {"key": self.key}},
+                                  round=number, epoch=epoch, fraction=self.trainer.cfg.select.fraction,
+                                  extra={"pool_size": int(len(self.pool_ids)), "in_process": True})
+        m.save(round_path(self.folder, number))
+        self._manifest = m
+        self._records.append({"kind": "selection", "round": number, "epoch": epoch + 1, "used_from_epoch": epoch + 1,
+                              "stale_epochs": 0, "selection_s": 0.0, "stall_s": 0.0, "size": len(keep),
+                              "selector": self.trainer.cfg.select.selector})
+
+    def current(self, epoch: int) -> Manifest | None:
+        if self._manifest is None:  # after --resume: the newest round this run wrote
+            self._manifest = newest_valid(self.folder, self.trainer.shardset, self.trainer.cfg.data.split)
+        return self._manifest
+
+    def records(self) -> list[dict]:
+        out, self._records = self._records, []
+        return out
+
+    def state(self) -> dict:
+        return {"scores": self.scores.tolist()}
+
+    def restore(self, state: dict) -> None:
+        if "scores" in state and len(state["scores"]) == len(self.scores):
+            self.scores = np.asarray(state["scores"], dtype=np.float64)
+
+
+SCORERS = {"loss": dict(key="loss", highest=True)}  # in-process selectors by name
+
+
+def held_out_parts(trainer) -> tuple[Manifest | None, Manifest | None]:
+    """(pool, validation) of a run whose selector keeps a validation part U: U is drawn once per run (seeded),
+    saved as RUN/selection/validation.json, and the pool (the split less U) as RUN/selection/pool.json; every
+    epoch, warm-up included, trains on the pool only. (None, None) when the selector needs no U."""
+    from pipeline.selectors import selector_needs_validation
+
+    cfg = trainer.cfg
+    if not selector_needs_validation(cfg.select.selector, cfg.select.params):
+        return None, None
+    folder = trainer.run_dir / "selection"
+    pool_path, val_path = folder / "pool.json", folder / "validation.json"
+    ss, split = trainer.shardset, cfg.data.split
+    if pool_path.is_file() and val_path.is_file():
+        pool, val = Manifest.load(pool_path), Manifest.load(val_path)
+        pool.check_against(ss)
+        val.check_against(ss)
+        return pool, val
+    ids = ss.ids(split)
+    rng = np.random.default_rng([cfg.run.seed, 7])
+    n_val = max(2, int(round(len(ids) * cfg.select.validation_fraction)))
+    val_ids = np.sort(rng.choice(ids, n_val, replace=False))
+    if trainer.dist.is_main:
+        meta = {"validation_fraction": cfg.select.validation_fraction, "seed": cfg.run.seed}
+        Manifest.for_shardset(ss, split, val_ids, producer={"name": "validation", "params": meta}).save(val_path)
+        Manifest.for_shardset(ss, split, np.setdiff1d(ids, val_ids),
+                              producer={"name": "pool", "params": meta}).save(pool_path)
+    trainer.dist.barrier()
+    return Manifest.load(pool_path), Manifest.load(val_path)
+
+
+def create_subset_source(trainer) -> SubsetSource:
+    cfg = trainer.cfg
+    sel = cfg.select.selector
+    if sel:
+        if cfg.data.manifest or (cfg.data.manifests and Path(cfg.data.manifests) != trainer.run_dir / "manifests"):
+            raise PipelineError("choose either --selector (the run selects its own subsets) or --manifest/--manifests")
+        if not 0 < cfg.select.fraction <= 1:
+            raise PipelineError(f"--fraction {cfg.select.fraction}: must be in (0, 1]")
+        if sel in SCORERS:
+            return ScoredSubsets(trainer, trainer.shardset.ids(cfg.data.split), **SCORERS[sel])
+        from pipeline.overlap import parse_params
+        from pipeline.selectors import create_selector
+
+        create_selector(sel, **parse_params(cfg.select.params))  # fail now, not in a background process
+        pool, validation = held_out_parts(trainer)
+        if not trainer.dist.is_main:
+            return ManifestFolder(trainer, trainer.run_dir / "manifests", fallback=pool)
+        return SelectionRounds(trainer, pool, validation)
+    if cfg.data.manifest:
+        return FixedManifest(trainer, cfg.data.manifest)
+    if cfg.data.manifests:
+        return ManifestFolder(trainer, cfg.data.manifests)
+    return WholeSplit(trainer)
+
+
+__all__ = ["FixedManifest", "ManifestFolder", "SCORERS", "ScoredSubsets", "SelectionRounds", "SubsetSource",
+           "WholeSplit", "create_subset_source", "held_out_parts"]
