@@ -86,3 +86,26 @@ def test_select_watch_feeds_a_run(digits_set, tmp_path):
     epochs = [r for r in _records(run) if r["kind"] == "epoch"]
     assert [e["subset_round"] for e in epochs] == [None, 1, 1]
     assert epochs[-1]["subset_size"] == round(0.25 * digits_set.count("train"))
+
+
+def test_rcs_validation_part_is_held_out_once_and_never_trained_on(digits_set, tmp_path):
+    from pipeline.shards.manifest import Manifest
+
+    run = tmp_path / "rcs"
+    cfg = tiny_cfg(digits_set.root, run, **{"method.name": "dynacl", "dynacl.period": 1, "optim.epochs": 3,
+                                           "select.selector": "rcs", "select.fraction": 0.3, "select.warmup": 1,
+                                           "select.every": 1, "select.sync": True, "select.validation_fraction": 0.05})
+    t = create_trainer(cfg, progress=False)
+    trained = set()
+    step = t.training_step
+    t.training_step = lambda batch, epoch: (trained.update(batch.ids.tolist()), step(batch, epoch))[1]
+    t.fit()
+    u = set(Manifest.load(run / "selection" / "validation.json").ids.tolist())
+    assert len(u) == round(0.05 * digits_set.count("train"))
+    assert not (trained & u)  # not in the warm-up, not in any round
+    rounds = [Manifest.load(p) for p in sorted((run / "manifests").glob("round-*.json"))]
+    assert len(rounds) == 2
+    for r in rounds:
+        assert set(r.extra["validation_ids"]) == u and not (set(r.ids.tolist()) & u)
+    # the proxy pass used the trainer's augmentation strength at the snapshot (DynACL anneals it)
+    assert [r.extra["selection_settings"]["strength"] for r in rounds] == pytest.approx([1 - 1 / 3, 1 - 2 / 3])

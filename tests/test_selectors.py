@@ -213,3 +213,37 @@ def test_select_cli(digits_set, tmp_path):
                           "no such checkpoint")):
         r = run(*args)
         assert r.returncode != 0 and needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_rcs_block_refresh_keeps_the_per_pick_choices(digits_set):
+    """Refreshing U's gradient 16 times per greedy instead of after every pick picks (nearly) the same set."""
+    from pipeline.selectors.proxies import ProxyComputer
+    from pipeline.selectors.rcs import RCSSelector, block_sizes, rcs_greedy
+
+    assert block_sizes(10, 0) == [1] * 10 and block_sizes(10, 3) == [4, 3, 3] and sum(block_sizes(7, 16)) == 7
+    model = _tiny_snapshot(digits_set)
+    pc = ProxyComputer(model, digits_set, "train", eps=0.1, step=0.025, attack_steps=1, seed=3)
+    p = pc.compute(digits_set.ids("train"))
+    k = len(p.candidate_ids) // 5
+    per_pick, gains = rcs_greedy(p, pc.head, k, 0.01, "sample", 1, np.random.default_rng(0), refreshes=0)
+    blocks, _ = rcs_greedy(p, pc.head, k, 0.01, "sample", 1, np.random.default_rng(0),
+                           refreshes=RCSSelector.defaults["refreshes"])
+    assert len(per_pick) == len(blocks) == k == len(gains)
+    assert len(set(per_pick) & set(blocks)) >= 0.95 * k
+    assert gains[0] == pytest.approx(0.01 * p.alignment.max())  # the first pick is the best first-order gain
+
+
+def test_rcs_reference_preset(digits_set, tmp_path):
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.selectors.run import run_selection
+
+    model = _tiny_snapshot(digits_set)
+    save_checkpoint(tmp_path / "snap.pt", {"model_spec": model.spec, "model": model.state_dict()})
+    m = run_selection(digits_set, "rcs", 0.2, tmp_path / "ref.json", tmp_path / "snap.pt", seed=2,
+                      params={"preset": "reference", "batch_size": 64})
+    p = m.producer["params"]
+    assert (p["preset"], p["unit"], p["chunk_size"], p["refreshes"], p["attack_steps"]) == ("reference", "batch", 0, 0, 5)
+    assert p["batch_size"] == 64  # an explicit parameter still wins over the preset
+    assert len(m) == round(0.2 * digits_set.count("train"))
+    with pytest.raises(Exception, match="preset 'fast'"):
+        run_selection(digits_set, "rcs", 0.2, tmp_path / "x.json", tmp_path / "snap.pt", params={"preset": "fast"})

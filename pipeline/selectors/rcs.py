@@ -54,7 +54,8 @@ def _rcs_greedy(proxies, head, picks_wanted, eta, unit, batch_size, rng, refresh
     n = len(proxies.candidate_ids)
     if unit == "batch":
         order = rng.permutation(n)
-        groups = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+        whole = n - n % batch_size if n >= batch_size else n  # full minibatches only: every pick fills its share
+        groups = [order[i:i + batch_size] for i in range(0, whole, batch_size)]
         cand = np.stack([proxies.compressed_grads[g].mean(0) for g in groups])
     else:
         groups = [np.array([i]) for i in range(n)]
@@ -96,7 +97,7 @@ class RCSSelector(Selector):
     name = "rcs"
     needs_model = True
     needs_validation = True  # type: ignore[assignment]
-    defaults = {"unit": "sample", "eta": 0.01, "chunk_size": 20000, "batch_size": 512, "refreshes": 32,
+    defaults = {"unit": "sample", "eta": 0.01, "chunk_size": 20000, "batch_size": 512, "refreshes": 16,
                 "reference_batch": 512, "attack_steps": 1}
     presets = {"reference": {"unit": "batch", "batch_size": 512, "chunk_size": 0, "refreshes": 0, "attack_steps": 5}}
 

@@ -169,6 +169,7 @@ class Trainer:
         end = cfg.optim.epochs if stop_after is None else min(cfg.optim.epochs, self.start_epoch + stop_after)
         try:
             for epoch in range(self.start_epoch, end):
+                self.on_epoch_start(epoch)  # first: a snapshot taken now sees this epoch's schedule (strength)
                 if self.is_main:
                     self.subsets.epoch_start(epoch)
                 self.dist.barrier()
@@ -191,7 +192,6 @@ class Trainer:
 
     def _train_epoch(self, epoch: int) -> dict:
         cfg = self.cfg
-        self.on_epoch_start(epoch)
         loader = self._loader_for(epoch)
         steps = len(loader)
         self.model.train()
