@@ -8,6 +8,14 @@ facility location (its fast path; n^2 memory) and LazyGreedy. Every objective is
     python benchmarks/bench_select.py [--sizes 10000,50000,200000,1000000] [--dim 128] [--k 20]
 
 Targets (issue 4): >= 10x faster than apricot at n = 50k with >= 99.5% of its objective; n = 1M < 10 min.
+
+`--mode rcs`: the cost of one RCS round (default parameters) against a full-pool ACL epoch of the same model,
+both measured in the same run: alone, and overlapped (the round in a background process at lower priority, as
+the trainer runs it, while the epoch trains). CIFAR-10 from ../shared/data (synthetic images when absent).
+
+    python benchmarks/bench_select.py --mode rcs --pools 10000,50000 [--image-size 16] [--fraction 0.2]
+
+Target (issue 7): a round costs at most 0.5 of a full-pool epoch, alone and overlapped.
 """
 
 from __future__ import annotations
@@ -53,13 +61,21 @@ def run_submodlib(x, budget, k):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mode", default="facility", choices=("facility", "rcs"))
+    ap.add_argument("--pools", default="10000,50000", help="rcs: pool sizes")
+    ap.add_argument("--image-size", type=int, default=16, help="rcs: image size of the shard set")
+    ap.add_argument("--device", default="cpu", help="rcs: cpu | cuda")
     ap.add_argument("--sizes", default="10000,50000,200000,1000000")
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--k", type=int, default=20)
-    ap.add_argument("--fraction", type=float, default=0.1)
+    ap.add_argument("--fraction", type=float, default=0.1, help="budget share (rcs: use 0.2)")
     ap.add_argument("--apricot-max", type=int, default=200000, help="Largest n to run apricot on")
     ap.add_argument("--submodlib-max", type=int, default=10000, help="Largest n to run submodlib on (dense: n^2 memory)")
     args = ap.parse_args(argv)
+    if args.mode == "rcs":
+        from bench_rcs import rcs_rounds
+
+        return rcs_rounds(args)
     maximize(knn_graph(make_data(100, 8), 5)[0], 5)  # compile the numba kernels outside the timings
     rows = []
     for n in map(int, args.sizes.split(",")):

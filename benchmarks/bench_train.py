@@ -33,27 +33,31 @@ def _sync(device):
 
 def floor_pass(model, views, attack_steps, device, autocast_dtype):
     """The bare passes of one ACL step: attack passes (input gradient only), then the training pass."""
+    nat, adv = model.branch("natural"), model.branch("adversarial")
     model.eval()
     x = views.clone()
     for _ in range(attack_steps):
         x.requires_grad_(True)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            out = model(x, "adv")
+            out = model(x, adv)["proj"]
         (g,) = torch.autograd.grad(out.float().sum(), x)
         x = (x.detach() + 1e-3 * g.sign()).clamp(0, 1)
     model.train()
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        loss = model(views, "nat").float().sum() + model(x, "adv").float().sum()
+        loss = model(views, nat)["proj"].float().sum() + model(x, adv)["proj"].float().sum()
     loss.backward()
     model.zero_grad(set_to_none=True)
 
 
 def pipeline_step(trainer, batch) -> float:
-    loss, logs = trainer.training_step(batch, 0)
+    from pipeline.losses import weighted_mean
+
+    record = trainer.training_step(batch, 0)
+    loss = weighted_mean(record.losses, batch.weights)
     trainer.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     trainer.optimizer.step()
-    return logs["attack_s"]
+    return record.logs["attack_s"]
 
 
 def timed(fn, device) -> float:

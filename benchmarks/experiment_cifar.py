@@ -78,8 +78,8 @@ def main(argv=None):
         run = work / "runs" / f"{name}-{fraction:g}"
         train_s = sh(py + ["train", *common, "--out", run, *extra], log)
         eval_s = sh(py + ["eval", "--data", shards, "--checkpoint", run / "checkpoints" / "last.pt", "--protocol", "slf",
-                          "--epochs", args.slf_epochs, "--lr", 0.1, "--device", "cpu"], log)
-        res = json.loads((run / "checkpoints" / "results.json").read_text())["slf-pgd20"]
+                          "--epochs", args.slf_epochs, "--lr", 0.1, "--batch-size", 128, "--device", "cpu"], log)
+        res = json.loads((run / "results.json").read_text())["slf-pgd20"]
         recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
         epochs = [r for r in recs if r["kind"] == "epoch"]
         rounds = [r for r in recs if r["kind"] == "selection"]

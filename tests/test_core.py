@@ -218,3 +218,32 @@ def test_in_process_scorer_keeps_the_highest_losses(digits_set, tmp_path):
     unseen = set(digits_set.ids("train").tolist()) - set(seen)
     ranked = [i for i, _ in sorted(seen.items(), key=lambda kv: -kv[1])]
     assert set(m.ids.tolist()) == (unseen | set(ranked[: n - len(unseen)]))
+
+
+def test_a_manifest_folder_loads_each_round_once(digits_set, tmp_path, monkeypatch):
+    from pipeline.shards import manifest as manifest_mod
+    from pipeline.shards.manifest import round_path
+
+    folder = tmp_path / "m"
+    Manifest.for_shardset(digits_set, "train", digits_set.ids("train")[:128], round=1).save(round_path(folder, 1))
+    t = create_trainer(tiny_cfg(digits_set.root, tmp_path / "r", **{"data.manifests": str(folder)}), progress=False)
+    loads = []
+    real = manifest_mod.Manifest.load.__func__
+    monkeypatch.setattr(manifest_mod.Manifest, "load", classmethod(lambda cls, p: loads.append(p) or real(cls, p)))
+    for epoch in range(3):
+        assert len(t._loader_for(epoch).planner.rows) == 128
+    assert len(loads) == 1
+    Manifest.for_shardset(digits_set, "train", digits_set.ids("train")[:256], round=2).save(round_path(folder, 2))
+    assert len(t._loader_for(3).planner.rows) == 256 and len(loads) == 2
+
+
+def test_cli_errors_name_the_flag_the_user_typed(digits_set, tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "pipeline", "train", "--data", digits_set.root, "--out", tmp_path / "x",
+                        "--selector", "rcs", "--fraction", "2"], capture_output=True, text=True)
+    assert r.returncode != 0 and "--fraction 2" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "pipeline", "train", "--data", digits_set.root, "--out", tmp_path / "y",
+                        "--set", "method.temperature=0.2"], capture_output=True, text=True)
+    assert r.returncode != 0 and "acl.temperature" in r.stderr
