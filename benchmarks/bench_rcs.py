@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor
 import platform
 import tempfile
 import time
@@ -77,15 +78,19 @@ def rcs_rounds(args) -> None:
         kwargs = dict(data=str(work / "data"), selector="rcs", fraction=args.fraction, checkpoint=str(work / "snap.pt"),
                       pool=str(work / f"pool-{n}.json"), seed=0, device=args.device)
         alone = _select({**kwargs, "out": str(work / f"alone-{n}.json"), "threads": torch.get_num_threads()})
-        # overlapped: the round in a background process (1 thread, nice 10) while the foreground trains
-        with ctx.Pool(1) as bg:
-            job = bg.apply_async(_select, ({**kwargs, "out": str(work / f"over-{n}.json"), "threads": 1, "nice": 1},))
+        # overlapped as the trainer runs it: the round in a background process (1 thread, nice 10) while the
+        # foreground trains on the cores it leaves (pipeline.overlap.SelectionScheduler._share_cores)
+        threads = torch.get_num_threads()
+        with ProcessPoolExecutor(1, mp_context=ctx) as bg:
+            job = bg.submit(_select, {**kwargs, "out": str(work / f"over-{n}.json"), "threads": 1, "nice": 1})
+            torch.set_num_threads(max(1, threads - 1) if args.device == "cpu" else threads)
             trained, start = 0, time.perf_counter()
-            while not job.ready():
+            while not job.done():
                 t2 = _trainer(work / "data", work / f"ov-{n}-{trained}", args.device, work / "sample.json")
                 trained += t2.fit(stop_after=1)["images"]
-            over = job.get()
+            over = job.result()
             train_s = time.perf_counter() - start
+            torch.set_num_threads(threads)
         epoch_s = per_image * n
         rows.append({"pool": n, "fraction": args.fraction, "epoch_s": round(epoch_s, 1),
                      "round_alone_s": alone["total"], "proxies_s": alone["proxies"], "greedy_s": alone["greedy"],

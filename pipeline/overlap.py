@@ -73,6 +73,9 @@ class SelectionScheduler:
                  validation: str | None = None):
         self.run_dir, self.data, self.split, self.cfg, self.device, self.seed = run_dir, data, split, cfg, device, seed
         self.pool, self.validation = pool, validation
+        import torch
+
+        self.train_threads = torch.get_num_threads()
         self.params = parse_params(cfg.params)
         self.pending: list[Round] = []
         self.next_round = 1
@@ -99,6 +102,7 @@ class SelectionScheduler:
         rnd.process = self.ctx.Process(target=_worker, args=(kwargs, self.cfg.threads, self.cfg.nice), daemon=True)
         rnd.process.start()
         self.pending.append(rnd)
+        self._share_cores()
 
     def submit(self, epoch: int, snapshot_state: dict) -> Round:
         """Snapshot the model and start selecting the next round in the background."""
@@ -127,9 +131,20 @@ class SelectionScheduler:
             self._finish(r)
         return done
 
+    def _share_cores(self) -> None:
+        """On a CPU, the trainer leaves the selection process its threads while a round runs: two thread
+        pools on the same cores stall each other (OpenMP threads spin), and a niced round would starve."""
+        if not self.device.startswith("cpu"):
+            return
+        import torch
+
+        busy = bool(self.pending)
+        torch.set_num_threads(max(1, self.train_threads - self.cfg.threads) if busy else self.train_threads)
+
     def _finish(self, r: Round) -> None:
         if r in self.pending:
             self.pending.remove(r)
+            self._share_cores()
         if r.process.exitcode != 0 or not Path(r.manifest).is_file():
             raise PipelineError(f"selection round {r.number} failed (exit code {r.process.exitcode}); its snapshot is "
                                 f"{r.snapshot}: run `pipeline select --checkpoint {r.snapshot}` to see why")
@@ -138,6 +153,8 @@ class SelectionScheduler:
     def close(self) -> None:
         for r in self.pending:
             r.process.terminate()
+        self.pending.clear()
+        self._share_cores()
 
     def record(self, r: Round, used_at_epoch: int) -> dict:
         header = json.loads(Path(r.manifest).read_text())

@@ -117,3 +117,37 @@ def test_pgd_contrastive_attacks_the_adversarial_branch_in_eval_mode():
     model.eval()
     with torch.no_grad():
         assert nt_xent(model(adv, adv_branch)["proj"]) > nt_xent(model(views, adv_branch)["proj"])
+
+
+def test_pgd_perturbs_several_inputs_jointly_and_sets_the_mode_it_is_given():
+    modes = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, a, b):
+            modes.append(self.training)
+            return ((a - b) ** 2).sum()
+
+    probe = Probe().eval()
+    a, b = torch.full((2, 3), 0.5), torch.full((2, 3), 0.5)
+    a[0, 0] = 0.6  # the loss pulls a and b apart where they differ
+    adv_a, adv_b = PGD(probe, lambda out, _: out, eps=0.05, step=0.01, steps=1, start="none", module=probe,
+                       train_mode=True)([a, b])
+    # d/da = 2 (a - b), d/db = -2 (a - b): one signed step each, in opposite directions, where a != b
+    assert adv_a[0, 0].item() == pytest.approx(0.61) and adv_b[0, 0].item() == pytest.approx(0.49)
+    assert torch.equal(adv_a[1], a[1]) and torch.equal(adv_b[1], b[1])  # sign(0) = 0: no move
+    assert modes == [True] and not probe.training  # attacked in train mode, mode restored
+
+
+def test_pgd_eot_averages_the_gradient_of_a_randomized_model():
+    torch.manual_seed(0)
+    calls = []
+
+    def noisy(x):  # a randomized model: each call draws its own noise
+        calls.append(1)
+        return x * (1 + 0.1 * torch.randn_like(x))
+
+    x = torch.rand(4, 3)
+    PGD(noisy, lambda out, _: out.sum(), eps=0.1, step=0.01, steps=3, eot=5)(x)
+    assert len(calls) == 15  # 5 samples of the loss per step
+    with pytest.raises(ValueError):
+        PGD(noisy, lambda out, _: out.sum(), eps=0.1, step=0.01, steps=3, eot=0)

@@ -114,7 +114,7 @@ class RCSSelector(Selector):
         head = ctx.proxies.head
         for part in chunks:
             t = time.perf_counter()
-            proxies = ctx.proxies.compute(part, need_gradients=True)
+            proxies = ctx.proxies.compute(part, need_gradients=True, need_features=False)
             timing["proxies"] += time.perf_counter() - t
             share = int(round(ctx.budget * len(part) / len(pool)))
             size = min(p["batch_size"], share) if p["unit"] == "batch" else 1

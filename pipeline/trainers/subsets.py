@@ -139,6 +139,9 @@ class SelectionRounds(ManifestFolder):
             self._subset_round = number
         return m
 
+    def observe(self, batch, record) -> None:
+        self.scheduler.poll()  # a finished round gives its cores back to training at once
+
     def records(self) -> list[dict]:
         out, self._pending_records = self._pending_records, []
         return out
