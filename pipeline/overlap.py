@@ -97,7 +97,7 @@ class SelectionScheduler:
     def _launch(self, rnd: Round) -> None:
         kwargs = dict(data=self.data, selector=self.cfg.selector, fraction=self.cfg.fraction, out=rnd.manifest,
                       checkpoint=rnd.snapshot, split=self.split, seed=self.seed + rnd.number, device=self.device,
-                      params=self.params, round_no=rnd.number, epoch=rnd.epoch, attack_steps=self.cfg.attack_steps or None,
+                      params=self.params, round_no=rnd.number, epoch=rnd.epoch,
                       pool=self.pool, validation=self.validation)
         rnd.process = self.ctx.Process(target=_worker, args=(kwargs, self.cfg.threads, self.cfg.nice), daemon=True)
         rnd.process.start()

@@ -17,7 +17,7 @@ def _records(run):
 def test_overlapped_selection_runs_beside_training_and_is_switched_to(digits_set, tmp_path):
     run = tmp_path / "ov"
     cfg = tiny_cfg(digits_set.root, run, **{"optim.epochs": 6, "select.selector": "facility", "select.fraction": 0.3,
-                                          "select.warmup": 1, "select.every": 2, "select.attack_steps": 1,
+                                          "select.warmup": 1, "select.every": 2, "select.params": "attack_steps=1",
                                           "run.log_every": 1})
     create_trainer(cfg, progress=False).fit()
     recs = _records(run)

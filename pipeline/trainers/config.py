@@ -7,7 +7,7 @@
     [optim]   optimizer, lr, momentum, weight_decay, epochs, warmup_epochs, schedule, milestones, gamma,
               lars_eta, lars_exclude_1d
     [run]     out, seed, device, bf16, channels_last, compile, checkpoint_every, log_every, deterministic
-    [select]  selector, fraction, warmup, every, sync, params, attack_steps, threads, nice, validation_fraction
+    [select]  selector, fraction, warmup, every, sync, params, threads, nice, validation_fraction
     [eval]    protocol, recipe, attack, eps, step, steps, epochs, lr, batch_size, limit, seed
 
 A method declares its section next to its trainer with `@register_section("acl")`. `pipeline train --config
@@ -95,7 +95,6 @@ class SelectConfig:
     every: int = 0  # epochs between selections; 0: 2% of the epochs, at least 1 (the paper's proportion)
     sync: bool = False  # wait for each selection (the paper's behaviour) instead of overlapping it
     params: str = ""  # selector parameters, "k=20,unit=batch" or "preset=reference"
-    attack_steps: int = 0  # PGD steps for the candidates' adversarial views; 0: the selector's default
     threads: int = 1  # torch threads of the background selection process
     nice: int = 10  # scheduling priority of the background selection process (higher yields to training)
     validation_fraction: float = 0.01  # RCS's held-out U: chosen once per run, never trained on
@@ -130,7 +129,7 @@ METHOD_SECTIONS: dict[str, tuple[str, ...]] = {}  # method name -> the sections 
 # Settings that lived under [method] before methods had sections of their own.
 MOVED = {"method.temperature": "acl.temperature", "method.min_crop_scale": "acl.min_crop_scale",
          "method.dynacl_period": "dynacl.period", "method.dynacl_swap": "dynacl.swap",
-         "model.head": "(the method's model spec)"}
+         "model.head": "(the method's model spec)", "select.attack_steps": "select.params attack_steps=N"}
 
 
 def register_section(name: str):
