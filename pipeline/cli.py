@@ -144,7 +144,7 @@ def stream(
 def train(
     data: Optional[Path] = typer.Option(None, help="Shard-set folder."),
     out: Optional[Path] = typer.Option(None, help="Run folder (checkpoints, metrics.jsonl, config.toml)."),
-    method: Optional[str] = typer.Option(None, help="Training method, by name (see --help of the trainers list)."),
+    method: Optional[str] = typer.Option(None, help="Training method by name: acl | dynacl (pipeline/trainers)."),
     config: Optional[Path] = typer.Option(None, help="TOML file with [data] [model] [method] [attack] [optim] [run]."),
     manifest: Optional[Path] = typer.Option(None, help="Train on this subset manifest."),
     manifests: Optional[Path] = typer.Option(None, help="At each epoch, train on the newest valid manifest here."),
