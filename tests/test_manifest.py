@@ -49,7 +49,8 @@ def test_wrong_split_and_foreign_ids_are_refused(digits_set, tmp_path):
 
 def test_tampered_or_malformed_files_are_refused(digits_set, tmp_path):
     path = _manifest(digits_set).save(tmp_path / "round-0001.json")
-    np.save(tmp_path / "round-0001.npy", np.arange(1, 21))  # another id file under the same name
+    ids_file = tmp_path / json.loads(path.read_text())["ids_file"]
+    np.save(ids_file, np.arange(1, 21))  # another id file under the same name
     with pytest.raises(DataError, match="does not match the digest"):
         Manifest.load(path)
     path.write_text("{not json")
@@ -70,6 +71,7 @@ def test_pickled_id_file_is_not_unpickled(digits_set, tmp_path):
     import hashlib
 
     h["ids_sha256"] = hashlib.sha256((tmp_path / "m.npy").read_bytes()).hexdigest()[:32]
+    h["ids_file"] = "m.npy"
     path.write_text(json.dumps(h))
     with pytest.raises(DataError, match="unreadable array"):
         Manifest.load(path)

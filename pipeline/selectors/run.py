@@ -13,11 +13,12 @@ import torch
 from pipeline.attacks import budget
 from pipeline.checkpoint import load_model
 from pipeline.errors import PipelineError
+from pipeline.locks import folder_lock
 from pipeline.models import create_model, model_spec
 from pipeline.progress import console
 from pipeline.selectors import SelectionContext, create_selector
 from pipeline.selectors.proxies import ProxyComputer
-from pipeline.shards.manifest import Manifest
+from pipeline.shards.manifest import Manifest, check_manifest_target
 from pipeline.shards.shardset import ShardSet
 
 
@@ -50,7 +51,16 @@ def run_selection(data, selector: str, fraction: float, out, checkpoint=None, sp
                   batch_size: int = 256, round_no: int | None = None, epoch: int | None = None,
                   attack_steps: int | None = None, validation=None, validation_fraction: float = 0.01) -> Manifest:
     """`pool`, `validation`: manifests (or id arrays) of the candidates and of a held-out U; a selector that
-    needs U and gets none draws it once from the pool (seeded) and leaves it out of the candidates."""
+    needs U and gets none draws it once from the pool (seeded) and leaves it out of the candidates. The
+    manifest's folder is locked for the whole selection: one writer at a time."""
+    check_manifest_target(out)
+    with folder_lock(Path(out).parent, f"pipeline select --selector {selector}"):
+        return _run_selection(data, selector, fraction, out, checkpoint, split, pool, seed, device, params, arch,
+                              batch_size, round_no, epoch, attack_steps, validation, validation_fraction)
+
+
+def _run_selection(data, selector, fraction, out, checkpoint, split, pool, seed, device, params, arch, batch_size,
+                   round_no, epoch, attack_steps, validation, validation_fraction) -> Manifest:
     started = time.perf_counter()
     ss = data if isinstance(data, ShardSet) else ShardSet.open(data)
     if not 0 < fraction <= 1:

@@ -1,11 +1,13 @@
 """Subset manifests: which samples of a split to train on next.
 
 A manifest is two or three files side by side:
-    round-0003.json           header: shard-set fingerprint, split, producer and parameters, round, count, ...
-    round-0003.npy            int64 sample ids
-    round-0003.weights.npy    float32 per-sample weights (optional)
-The arrays are written first and the header last, so a header on disk means a complete manifest; the header
-carries the digest of the id file, so a header paired with another id file is refused.
+    round-0003.json                        header: shard-set fingerprint, split, producer, round, count, ...
+    round-0003.<digest>.npy                int64 sample ids (named by the digest of their content)
+    round-0003.<digest>.weights.npy        float32 per-sample weights (optional)
+The arrays are written first under names of their own, the header last by one rename, so a header on disk
+always names a complete pair: rewriting a manifest never touches the pair the old header names until the new
+header has replaced it (then the old arrays are removed). The header carries the digest of the id file, so a
+header paired with another id file is refused.
 """
 
 from __future__ import annotations
@@ -36,6 +38,36 @@ def _header_path(path: str | Path) -> Path:
     if path.suffix == ".npy":
         path = path.with_suffix("")
     return path if path.suffix == ".json" else path.with_name(path.name + ".json")
+
+
+def _referenced_arrays(header_path: Path) -> set[str]:
+    """Array files an existing header of ours names (nothing for a missing or foreign header)."""
+    try:
+        h = json.loads(header_path.read_text())
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(h, dict) or h.get("format") != FORMAT:
+        return set()
+    return {Path(str(n)).name for n in (h.get("ids_file"), h.get("weights_file")) if n}
+
+
+def check_manifest_target(path: str | Path) -> None:
+    """Refuse to write a manifest onto a folder or onto a file that is not a manifest of ours (a shard set's
+    index.json, a config, ...)."""
+    given = Path(path)
+    if given.is_dir():
+        raise DataError(f"{given}: is a folder; give a manifest file name, e.g. {given / 'round-0001.json'}")
+    header_path = _header_path(path)
+    if header_path.is_dir():
+        raise DataError(f"{header_path}: is a folder; give a manifest file name")
+    if header_path.exists():
+        try:
+            ours = json.loads(header_path.read_text()).get("format") == FORMAT
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise DataError(f"{header_path}: exists and is not a manifest; refusing to replace it (choose another "
+                            "--out)")
 
 
 @dataclass
@@ -69,8 +101,11 @@ class Manifest:
     # -- writing ------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         header_path = _header_path(path)
-        stem = header_path.with_suffix("")
-        ids_path = stem.with_name(stem.name + ".npy")
+        check_manifest_target(header_path)
+        stem = header_path.with_suffix("").name
+        header_path.parent.mkdir(parents=True, exist_ok=True)
+        ids_digest = hashlib.sha256(np.ascontiguousarray(self.ids).tobytes()).hexdigest()[:16]
+        ids_path = header_path.with_name(f"{stem}.{ids_digest}.npy")
         write_npy(ids_path, self.ids)
         header = {
             "format": FORMAT,
@@ -89,11 +124,17 @@ class Manifest:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **self.extra,
         }
+        keep = {ids_path.name}
         if self.weights is not None:
-            wpath = stem.with_name(stem.name + ".weights.npy")
+            w_digest = hashlib.sha256(np.ascontiguousarray(self.weights).tobytes()).hexdigest()[:16]
+            wpath = header_path.with_name(f"{stem}.{w_digest}.weights.npy")
             write_npy(wpath, self.weights)
             header["weights_file"] = wpath.name
-        write_json(header_path, header)
+            keep.add(wpath.name)
+        old = _referenced_arrays(header_path)
+        write_json(header_path, header)  # the switch: one rename
+        for name in old - keep:  # the previous pair, now unreferenced
+            (header_path.parent / name).unlink(missing_ok=True)
         self.path = header_path
         return header_path
 

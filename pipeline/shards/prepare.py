@@ -22,6 +22,7 @@ import numpy as np
 from pipeline import __version__
 from pipeline.atomic import write_json
 from pipeline.errors import PipelineError
+from pipeline.locks import folder_lock
 from pipeline.progress import console, progress_bar
 from pipeline.shards import layout
 from pipeline.shards.images import CorruptImage
@@ -314,7 +315,11 @@ def prepare(spec: str, opts: PrepareOptions) -> PrepareResult:
     out = Path(opts.out) if opts.out else Path("shards") / source.name
     if out.exists() and not out.is_dir():
         raise PipelineError(f"--out {out}: exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out, f"pipeline prepare {spec}"):
+        return _prepare_locked(spec, opts, source, out)
+
+
+def _prepare_locked(spec: str, opts: PrepareOptions, source: Source, out: Path) -> PrepareResult:
     recipe = _recipe(spec, opts, source)
     previous = _previous_records(out, recipe, opts.overwrite)
 

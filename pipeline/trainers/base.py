@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline import locks
 from pipeline.attacks import budget
 from pipeline.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from pipeline.dist import init_distributed
@@ -70,6 +71,8 @@ class Trainer:
         self.run_dir = Path(cfg.run.out)
         self.dist = init_distributed(cfg.run.device)
         self.device, self.is_main = self.dist.device, self.dist.is_main
+        if self.is_main:  # one writer per run folder
+            locks.acquire(self.run_dir, "pipeline train")
         self.cuda = self.device.type == "cuda"
         torch.manual_seed(cfg.run.seed)
         torch.set_flush_denormal(True)  # denormal floats in trained weights slow CPU math down ~10x
@@ -295,4 +298,6 @@ class Trainer:
             console.print(f"resuming {self.run_dir} after epoch {self.start_epoch}")
 
     def close(self) -> None:
+        if self.is_main:
+            locks.release(self.run_dir)
         self.dist.close()

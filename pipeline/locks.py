@@ -1,0 +1,102 @@
+"""One writer per folder: an exclusive lock held while a command writes into a folder.
+
+The lock is `FOLDER/.pipeline.lock`, held with flock(2) (released by the kernel when its holder dies, so a
+crash never leaves a folder locked) and naming its owner: pid, host, command and start time; it is removed
+on a clean release. A second writer
+fails at once with one line naming the owner; a record left by a process that died is taken over with a
+message. Within one process a folder's lock is re-entrant (a resumed trainer in the same process, tests).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+
+LOCK_NAME = ".pipeline.lock"
+_held: dict[str, list] = {}  # real folder path -> [fd, count]
+
+
+def _record(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def acquire(folder: str | os.PathLike, command: str) -> None:
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise PipelineError(f"{folder}: exists and is not a folder; choose another output folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PipelineError(f"{folder}: cannot create the folder ({exc.strerror}); choose another one") from None
+    key = os.path.realpath(folder)
+    if key in _held:
+        _held[key][1] += 1
+        return
+    path = folder / LOCK_NAME
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise PipelineError(f"{folder}: not writable ({exc.strerror}); choose another output folder") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            owner = _record(path)
+            raise PipelineError(f"{folder}: in use by `{owner.get('command', '?')}` (pid {owner.get('pid', '?')} on "
+                                f"{owner.get('host', '?')} since {owner.get('started', '?')}); wait for it to finish "
+                                "or choose another folder") from None
+        try:  # the file may have been removed by its releasing holder between our open and our flock
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    stale = _record(path)
+    if stale.get("pid") and stale.get("pid") != os.getpid():
+        from pipeline.progress import console
+
+        console.print(f"{folder}: taking over the lock left by `{stale.get('command', '?')}` (pid {stale['pid']} "
+                      f"on {stale.get('host', '?')}), which is no longer running")
+    mine = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(mine).encode(), 0)
+    _held[key] = [fd, 1]
+
+
+def release(folder: str | os.PathLike) -> None:
+    key = os.path.realpath(folder)
+    entry = _held.get(key)
+    if entry is None:
+        return
+    entry[1] -= 1
+    if entry[1] > 0:
+        return
+    del _held[key]
+    try:
+        os.unlink(os.path.join(key, LOCK_NAME))  # released cleanly: no record left to take over
+    except OSError:
+        pass
+    finally:
+        os.close(entry[0])  # closing the descriptor releases the flock
+
+
+@contextmanager
+def folder_lock(folder: str | os.PathLike, command: str | None = None):
+    acquire(folder, command or " ".join(["pipeline", *sys.argv[1:2]]))
+    try:
+        yield
+    finally:
+        release(folder)
