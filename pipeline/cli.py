@@ -193,10 +193,18 @@ def train(
         if value is not None:
             cfg.set(key, str(value), origin=flag)
     cfg.apply_overrides(set_)
+    import os
+
+    from pipeline import locks
+    from pipeline.trainers.runfolder import start_fresh
+
     if resume is not None:
         cfg.run.out = str(resume)
-    else:
-        _fresh_run_folder(Path(cfg.run.out) if cfg.run.out else None, overwrite)
+    main_rank = os.environ.get("RANK", "0") == "0"
+    if main_rank and cfg.run.out:  # lock first: nothing is checked or deleted under another writer
+        locks.acquire(cfg.run.out, "pipeline train")
+    if resume is None and main_rank:
+        start_fresh(Path(cfg.run.out) if cfg.run.out else None, overwrite)
     trainer = create_trainer(cfg, resume=resume is not None)
     try:
         summary = trainer.fit(stop_after=stop_after)
@@ -205,18 +213,6 @@ def train(
     if trainer.is_main and summary:
         console.print(f"epoch {summary['epoch']}: loss {summary['loss']:.4f}, {summary['images_per_s']:,.0f} images/s; "
                       f"checkpoint {escape(str(Path(cfg.run.out) / 'checkpoints' / 'last.pt'))}")
-
-
-def _fresh_run_folder(run: Optional[Path], overwrite: bool) -> None:
-    if run is None or not (run / "checkpoints" / "last.pt").exists():
-        return
-    if not overwrite:
-        raise PipelineError(f"{run}: already holds a run; continue it with --resume {run}, start afresh with "
-                            "--overwrite, or choose another --out")
-    for name in ("metrics.jsonl", "config.toml"):
-        (run / name).unlink(missing_ok=True)
-    for ckpt in (run / "checkpoints").glob("*.pt"):
-        ckpt.unlink()
 
 
 @app.command()

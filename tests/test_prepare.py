@@ -112,6 +112,6 @@ def test_foreign_files_in_out_are_left_alone(tmp_path):
     out.mkdir()
     (out / "backup.tar").write_bytes(b"mine")
     (out / "notes.idx").write_text("mine")
-    make_prepared("digits", out)
-    prepare("digits", PrepareOptions(out=out, seed=3, overwrite=True, progress=False))
+    with pytest.raises(PipelineError, match="did not write \\(backup.tar, notes.idx\\)"):
+        make_prepared("digits", out)
     assert (out / "backup.tar").read_bytes() == b"mine" and (out / "notes.idx").read_text() == "mine"

@@ -146,7 +146,9 @@ def test_torchrun_two_cpu_processes(digits_set, tmp_path):
 
 
 def test_existing_run_needs_resume_or_overwrite(digits_set, tmp_path):
-    create_trainer(tiny_cfg(digits_set.root, tmp_path / "r", **{"optim.epochs": 1}), progress=False).fit()
+    t = create_trainer(tiny_cfg(digits_set.root, tmp_path / "r", **{"optim.epochs": 1}), progress=False)
+    t.fit()
+    t.close()  # the trainer holds the run folder's lock until closed
     base = [sys.executable, "-m", "pipeline", "train", "--data", digits_set.root, "--out", tmp_path / "r",
             "--arch", "smallcnn", "--epochs", "1", "--batch-size", "64", "--workers", "0",
             "--set", "attack.steps=1", "--set", "model.head_width=32", "--set", "model.proj_dim=16"]

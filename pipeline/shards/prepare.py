@@ -30,7 +30,6 @@ from pipeline.shards.sources import Source, open_source
 from pipeline.shards.tarshard import ShardSample, shard_looks_intact, write_shard
 
 JOURNAL_NAME = ".prepare-journal.jsonl"
-_OWN_FILE = re.compile(r"^[\w.]+-\d{6}\.(tar|idx)$|^[\w.]+\.beton$")
 SPLIT_ORDER = ("train", "val", "test")
 FORMATS = ("wds", "ffcv")
 
@@ -161,24 +160,33 @@ def _recipe(spec: str, opts: PrepareOptions, source: Source) -> dict:
     }
 
 
-def _previous_records(out: Path, recipe: dict, overwrite: bool) -> dict[tuple[str, int], dict]:
-    """Shard records of an earlier run into `out` (finished or interrupted) with the same recipe."""
+def _previous_records(out: Path, recipe: dict, overwrite: bool) -> tuple[dict[tuple[str, int], dict], set[str]]:
+    """(shard records of an earlier run into `out` with the same recipe, names of every file our records say
+    we wrote there). With --overwrite and another recipe, those files (and only those) are deleted first."""
     index_path, journal = out / layout.INDEX_NAME, out / JOURNAL_NAME
     found: dict[tuple[str, int], dict] = {}
+    ours: set[str] = set()
     old_recipe = None
     if index_path.is_file():
         try:
             index = json.loads(index_path.read_text())
+            if not isinstance(index, dict) or index.get("format") != layout.FORMAT:
+                raise ValueError
             old_recipe = index.get("recipe")
             for split, info in index.get("splits", {}).items():
                 for rec in info.get("shards", []):
                     found[(split, rec["shard"])] = dict(rec, split=split, skipped=[])
+                if info.get("beton"):
+                    ours.add(Path(info["beton"]["file"]).name)
             for entry in index.get("skipped", []):
                 if (entry.get("split"), entry.get("shard")) in found:
                     found[(entry["split"], entry["shard"])]["skipped"].append(entry)
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            old_recipe = "unreadable"
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+            raise PipelineError(f"{index_path}: not a shard-set index written by this tool; refusing to replace "
+                                "it (move it away, or choose another --out)") from None
+        ours.add(index_path.name)
     if journal.is_file():
+        ours.add(journal.name)
         for line in journal.read_text().splitlines():
             try:
                 entry = json.loads(line)
@@ -188,21 +196,38 @@ def _previous_records(out: Path, recipe: dict, overwrite: bool) -> dict[tuple[st
                 old_recipe = entry["recipe"]
             elif "shard" in entry:
                 found[(entry["split"], entry["shard"])] = entry
+    for rec in found.values():
+        ours.update(Path(rec[k]).name for k in ("tar", "idx") if rec.get(k))
     if old_recipe is None or (old_recipe == recipe and not overwrite):
-        return found  # a new folder (other files in it are left alone), or a run to resume
+        return found, ours  # a new folder, or a run to resume
     if not overwrite:
         diff = ", ".join(
             f"{k} {old_recipe.get(k)!r} -> {recipe[k]!r}" for k in recipe
             if isinstance(old_recipe, dict) and old_recipe.get(k) != recipe[k]
-        ) or "unreadable index"
+        ) or "unreadable recipe"
         raise PipelineError(
             f"{out}: holds a shard set prepared with other settings ({diff}); "
             "pass --overwrite to replace it, or choose another --out"
         )
-    for p in out.iterdir():  # only the files a shard set consists of
-        if _OWN_FILE.match(p.name) or p in (index_path, journal):
-            p.unlink()
-    return {}
+    _refuse_foreign(out, ours, what="replace the shard set")
+    for name in ours:  # only what our own records say we wrote
+        (out / name).unlink(missing_ok=True)
+    return {}, set()
+
+
+_OUR_TEMP = re.compile(r"^\..+\.tmp-\d+$")  # an atomic write cut short (pipeline.atomic)
+
+
+def _refuse_foreign(out: Path, ours: set[str], what: str) -> None:
+    """Refuse to work in a folder that holds anything our records do not account for."""
+    from pipeline.locks import LOCK_NAME
+
+    foreign = sorted(p.name for p in out.iterdir()
+                     if p.name not in ours and p.name != LOCK_NAME and not _OUR_TEMP.match(p.name))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise PipelineError(f"{out}: holds files this tool did not write ({shown}); refusing to {what} there "
+                            "(choose an empty or new --out)")
 
 
 def _tasks(plan: dict, shard_size: int, out: Path) -> list[ShardTask]:
@@ -321,10 +346,14 @@ def prepare(spec: str, opts: PrepareOptions) -> PrepareResult:
 
 def _prepare_locked(spec: str, opts: PrepareOptions, source: Source, out: Path) -> PrepareResult:
     recipe = _recipe(spec, opts, source)
-    previous = _previous_records(out, recipe, opts.overwrite)
+    previous, ours = _previous_records(out, recipe, opts.overwrite)
 
     plan = plan_splits(source, opts.test_fraction, opts.seed)
     tasks = _tasks(plan, opts.shard_size, out)
+    if ours:  # resuming our own run: the shards it was writing carry the planned names
+        ours |= {f"{layout.shard_stem(t.split, t.shard_no)}.{ext}" for t in tasks for ext in ("tar", "idx")}
+        ours |= {f"{s}.beton" for s in plan}
+    _refuse_foreign(out, ours, what="write a shard set")
     kept, todo = [], []
     for t in tasks:
         stem = layout.shard_stem(t.split, t.shard_no)

@@ -98,13 +98,19 @@ def write_shard(tar_path: Path, idx_path: Path, samples: Iterable[ShardSample]) 
 
 
 def shard_looks_intact(tar_path: Path, idx_path: Path, record: dict) -> bool:
-    """Cheap resume check (sizes and table, no full hash): `pipeline verify` does the thorough one."""
+    """Resume check: size, member table and the recorded SHA-256 of the tar (a same-size corruption is redone)."""
     try:
         if tar_path.stat().st_size != record["bytes"]:
             return False
         table = np.load(idx_path, allow_pickle=False)
+        if table.dtype != MEMBER_DTYPE or len(table) != record["count"]:
+            return False
+        if len(table) and int(table["offset"][-1] + table["size"][-1]) > record["bytes"]:
+            return False
+        sha = hashlib.sha256()
+        with open(tar_path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                sha.update(chunk)
     except (OSError, ValueError):
         return False
-    if table.dtype != MEMBER_DTYPE or len(table) != record["count"]:
-        return False
-    return len(table) == 0 or int(table["offset"][-1] + table["size"][-1]) <= record["bytes"]
+    return record.get("sha256") in (None, sha.hexdigest())

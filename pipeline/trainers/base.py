@@ -167,6 +167,9 @@ class Trainer:
         cfg = self.cfg
         if self.is_main:
             (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            from pipeline.trainers.runfolder import MARKER
+
+            (self.run_dir / MARKER).write_text(json.dumps({"method": self.name, "tool": "pipeline"}) + "\n")
             cfg.save(self.run_dir / "config.toml")
         summary = {}
         end = cfg.optim.epochs if stop_after is None else min(cfg.optim.epochs, self.start_epoch + stop_after)
@@ -297,7 +300,14 @@ class Trainer:
                 metrics.write_text("".join(k + "\n" for k in keep))
             console.print(f"resuming {self.run_dir} after epoch {self.start_epoch}")
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
+        """Release the run folder (its lock) and the process group."""
         if self.is_main:
             locks.release(self.run_dir)
         self.dist.close()

@@ -1,0 +1,64 @@
+"""What a run folder holds, and starting one afresh without touching anything the project did not write."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+from pipeline.locks import LOCK_NAME
+
+MARKER = ".pipeline-run.json"  # written by the trainer: this folder is a run
+_OURS = {  # sub-folder -> names the trainer writes there
+    ".": re.compile(r"^(config\.toml|metrics\.jsonl|results\.json|\.pipeline-run\.json)$"),
+    "checkpoints": re.compile(r"^(last|epoch-\d{4})\.pt$"),
+    "snapshots": re.compile(r"^round-\d{4}\.pt$"),
+}
+_MANIFEST_FOLDERS = ("manifests", "selection")
+
+
+def is_run(run: Path) -> bool:
+    return (run / MARKER).is_file() or (run / "config.toml").is_file()
+
+
+def _manifest_files(folder: Path) -> list[Path]:
+    """Manifest headers of ours in `folder` and the arrays they name."""
+    out = []
+    for header in folder.glob("*.json"):
+        try:
+            h = json.loads(header.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(h, dict) and h.get("format") == "pipeline.manifest":
+            out.append(header)
+            out += [folder / Path(str(n)).name for n in (h.get("ids_file"), h.get("weights_file")) if n]
+    return out
+
+
+def start_fresh(run: Path | None, overwrite: bool) -> None:
+    """Check `run` can take a new run; with `overwrite`, delete the files an earlier run wrote (only those)."""
+    if run is None or not run.exists():
+        return
+    if not run.is_dir():
+        raise PipelineError(f"--out {run}: exists and is not a folder; choose another run folder")
+    entries = sorted(p.name for p in run.iterdir() if p.name != LOCK_NAME)
+    if not entries:
+        return
+    if not is_run(run):
+        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        raise PipelineError(f"--out {run}: holds files that are not a training run ({shown}); choose an empty or "
+                            "new run folder")
+    if not overwrite:
+        raise PipelineError(f"{run}: already holds a run; continue it with --resume {run}, start afresh with "
+                            "--overwrite, or choose another --out")
+    for sub, pattern in _OURS.items():
+        folder = run / sub
+        if folder.is_dir():
+            for p in folder.iterdir():
+                if p.is_file() and pattern.match(p.name):
+                    p.unlink()
+    for sub in _MANIFEST_FOLDERS:
+        if (run / sub).is_dir():
+            for p in _manifest_files(run / sub):
+                p.unlink(missing_ok=True)
