@@ -46,8 +46,9 @@ def _worker(kwargs: dict, threads: int, nice: int) -> None:
 
     import torch
 
-    from pipeline.runtime import tune_allocator
+    from pipeline.runtime import die_with_parent, tune_allocator
 
+    die_with_parent()  # a killed trainer takes its selection round with it
     if nice:
         os.nice(nice)
     tune_allocator()

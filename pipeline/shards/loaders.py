@@ -109,6 +109,12 @@ class _TaskStream(IterableDataset):
             yield from self.reader.batches(rows)
 
 
+def _worker_init(_worker_id: int) -> None:
+    from pipeline.runtime import die_with_parent
+
+    die_with_parent()
+
+
 class ShardLoader:
     """Iterate to get one epoch of `Batch`es; each iteration starts the next epoch unless `set_epoch` is used."""
 
@@ -149,7 +155,8 @@ class ShardLoader:
         if self._dataloader is None:
             n_tasks = max(1, len(self.planner.plan(0)))
             self._dataloader = DataLoader(dataset, batch_size=None, num_workers=min(self.num_workers, n_tasks),
-                                          pin_memory=self.device.type == "cuda", persistent_workers=True)
+                                          pin_memory=self.device.type == "cuda", persistent_workers=True,
+                                          worker_init_fn=_worker_init)
         return iter(self._dataloader)
 
     def __iter__(self) -> Iterator[Batch]:

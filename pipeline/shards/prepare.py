@@ -45,6 +45,7 @@ class PrepareOptions:
     seed: int = 0
     overwrite: bool = False
     progress: bool = True
+    follow_symlinks: bool = False  # folder sources: read links that leave the source folder
 
     def check(self) -> None:
         bad = [f for f in self.formats if f not in FORMATS]
@@ -113,8 +114,11 @@ def plan_splits(source: Source, test_fraction: float, seed: int) -> dict[str, tu
 _worker: dict = {}
 
 
-def _init_worker(spec: str, image_size: int | None, progress_queue) -> None:
-    _worker.update(source=open_source(spec), image_size=image_size, queue=progress_queue)
+def _init_worker(spec: str, image_size: int | None, progress_queue, follow_symlinks: bool = False) -> None:
+    from pipeline.runtime import die_with_parent
+
+    die_with_parent()
+    _worker.update(source=open_source(spec, follow_symlinks), image_size=image_size, queue=progress_queue)
 
 
 def _run_task(task: ShardTask) -> dict:
@@ -253,16 +257,16 @@ def _execute(tasks: list[ShardTask], spec: str, opts: PrepareOptions, journal, t
         bar_task = bar.add_task("prepare", total=total, completed=done_count)
         if opts.workers == 1 or len(tasks) <= 1:
             q = queue_mod.SimpleQueue()
-            _init_worker(spec, opts.image_size, q)
+            _worker.update(source=open_source(spec, opts.follow_symlinks), image_size=opts.image_size, queue=q)
             for t in tasks:
                 finish(_run_task(t))
                 while not q.empty():
                     bar.advance(bar_task, q.get())
             return
         ctx = get_context("fork")
-        q = ctx.Manager().Queue()
+        q = ctx.Queue()  # inherited by the forked workers (a Manager would add a process that outlives a kill)
         with ProcessPoolExecutor(opts.workers, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(spec, opts.image_size, q)) as pool:
+                                 initargs=(spec, opts.image_size, q, opts.follow_symlinks)) as pool:
             pending = {pool.submit(_run_task, t) for t in tasks}
             while pending:
                 finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
@@ -336,7 +340,7 @@ def prepare(spec: str, opts: PrepareOptions) -> PrepareResult:
 
         if not ffcv_io.available():
             raise PipelineError(ffcv_io.INSTALL_HINT)
-    source = open_source(spec)
+    source = open_source(spec, opts.follow_symlinks)
     out = Path(opts.out) if opts.out else Path("shards") / source.name
     if out.exists() and not out.is_dir():
         raise PipelineError(f"--out {out}: exists and is not a folder")

@@ -8,10 +8,10 @@ from pipeline.errors import PipelineError
 from pipeline.shards.sources.base import Encoded, Source
 
 
-def _folder(arg):
+def _folder(arg, follow_symlinks: bool = False):
     from pipeline.shards.sources.folder import FolderSource
 
-    return FolderSource(arg)
+    return FolderSource(arg, follow_symlinks)
 
 
 def _cifar(form):
@@ -51,14 +51,15 @@ SOURCES: dict[str, Callable[[str | None], Source]] = {
 }
 
 
-def open_source(spec: str) -> Source:
-    """`form:arg` (or a bare form) -> the reader for it."""
+def open_source(spec: str, follow_symlinks: bool = False) -> Source:
+    """`form:arg` (or a bare form) -> the reader for it. `follow_symlinks`: folder sources read links whose
+    target lies outside the source folder (skipped and listed otherwise)."""
     form, _, arg = spec.partition(":")
     if form not in SOURCES:
         raise PipelineError(
             f"unknown source {spec!r}: expected one of {', '.join(f + ':PATH' if f not in ('digits', 'synthetic') else f for f in SOURCES)}"
         )
-    source = SOURCES[form](arg or None)
+    source = SOURCES[form](arg or None, follow_symlinks) if form == "folder" else SOURCES[form](arg or None)
     if sum(len(source.labels(s)) for s in source.splits()) == 0:
         raise PipelineError(f"{spec}: the data set is empty")
     return source

@@ -1,7 +1,13 @@
-"""`folder:PATH` - ImageNet-style class folders of JPEG/PNG files."""
+"""`folder:PATH` - ImageNet-style class folders of JPEG/PNG files.
+
+Entries whose real path leaves the source folder (symbolic links to files or folders elsewhere) are skipped
+and listed unless `follow_symlinks`; so are folders nested inside a class folder and files that are not
+images by their extension.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +24,15 @@ def _class_dirs(path: Path) -> list[Path]:
 
 
 class FolderSource(Source):
-    def __init__(self, arg: str | None):
+    def __init__(self, arg: str | None, follow_symlinks: bool = False):
         if not arg:
             raise PipelineError("folder: needs a path, e.g. folder:/data/imagenet")
         root = Path(arg).expanduser()
         if not root.is_dir():
             raise PipelineError(f"{root}: no such folder (folder:PATH needs a folder of class folders)")
         self.root = root
+        self.real_root = Path(os.path.realpath(root))
+        self.follow_symlinks = follow_symlinks
         self.name = root.name
         self.mode = "RGB"
         self._files: dict[str, list[str]] = {}
@@ -53,6 +61,9 @@ class FolderSource(Source):
         class_ids = {c: i for i, c in enumerate(self.classes)}
         files, labels = [], []
         for cdir in _class_dirs(sdir):
+            if not self._inside(cdir):
+                self._skip(split, cdir, "symbolic link to a folder outside the source folder (--follow-symlinks to read it)")
+                continue
             if cdir.name not in class_ids:
                 raise PipelineError(
                     f"{cdir}: class folder not present in {self.root / 'train'}; "
@@ -60,19 +71,37 @@ class FolderSource(Source):
                 )
             found = 0
             for f in sorted(cdir.iterdir()):
-                if f.name.startswith(".") or not f.is_file():
+                if f.name.startswith("."):
+                    continue
+                if f.is_dir():
+                    self._skip(split, f, "a folder inside a class folder (not read)")
+                    continue
+                if not f.is_file():
+                    self._skip(split, f, "not a regular file")
+                    continue
+                if not self._inside(f):
+                    self._skip(split, f, "symbolic link to a file outside the source folder (--follow-symlinks to read it)")
                     continue
                 rel = str(f.relative_to(self.root))
                 if f.suffix.lower() not in SOURCE_EXTENSIONS:
-                    self._skipped.append({"split": split, "source": rel, "reason": "not an image file"})
+                    self._skipped.append({"split": split, "source": rel, "reason": "not an image file (by its extension)"})
                     continue
                 files.append(rel)
                 labels.append(class_ids[cdir.name])
                 found += 1
             if found == 0:
-                raise PipelineError(f"{cdir}: empty class folder (no image files); remove it or add images")
+                raise PipelineError(f"{cdir}: empty class folder (no image files it may read); remove it or add images")
         self._files[split] = files
         self._labels[split] = np.asarray(labels, dtype=np.int64)
+
+    def _inside(self, path: Path) -> bool:
+        if self.follow_symlinks:
+            return True
+        real = os.path.realpath(path)
+        return real == str(self.real_root) or real.startswith(str(self.real_root) + os.sep)
+
+    def _skip(self, split: str, path: Path, reason: str) -> None:
+        self._skipped.append({"split": split, "source": str(path.relative_to(self.root)), "reason": reason})
 
     def splits(self) -> list[str]:
         return list(self._files)
