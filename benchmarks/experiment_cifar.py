@@ -79,7 +79,8 @@ def main(argv=None):
         train_s = sh(py + ["train", *common, "--out", run, *extra], log)
         eval_s = sh(py + ["eval", "--data", shards, "--checkpoint", run / "checkpoints" / "last.pt", "--protocol", "slf",
                           "--epochs", args.slf_epochs, "--lr", 0.1, "--batch-size", 128, "--device", "cpu"], log)
-        res = json.loads((run / "results.json").read_text())["slf-pgd20"]
+        by_ckpt = json.loads((run / "results.json").read_text())
+        res = next(e["slf-pgd20"] for e in by_ckpt.values() if e["checkpoint"].endswith("last.pt"))
         recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
         epochs = [r for r in recs if r["kind"] == "epoch"]
         rounds = [r for r in recs if r["kind"] == "selection"]

@@ -31,7 +31,7 @@ def test_slf_beats_chance_and_pgd_lowers_accuracy(digits_set, trained):
     assert r["samples"] == digits_set.count("test")
     assert r["clean"] > 0.3  # chance is 0.1
     assert r["pgd20"] < r["clean"]
-    saved = json.loads((trained.parent.parent / "results.json").read_text())
+    saved = json.loads((trained.parent.parent / "results.json").read_text())[r["checkpoint_sha256"]]
     assert saved["slf-pgd20"]["clean"] == r["clean"] and saved["slf-pgd20"]["eps"] == 0.1
 
 
@@ -113,6 +113,6 @@ def test_standard_autoattack_is_at_least_as_strong_as_pgd(digits_set, trained):
     assert aa["attacks"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
     assert aa["apgd_iterations"] == 100 and aa["apgd_t_target_classes"] == 9 and aa["fab_t_target_classes"] == 9
     assert aa["square_queries"] == 5000
-    saved = json.loads((trained.parent.parent / "results.json").read_text())
+    saved = json.loads((trained.parent.parent / "results.json").read_text())[r["checkpoint_sha256"]]
     assert {"slf-pgd20", "slf-autoattack"} <= set(saved)
     assert saved["slf-autoattack"]["finetune"]["nesterov"] is False

@@ -7,7 +7,9 @@ numbers to RUN/results.json (or results.json beside a checkpoint outside a run f
 
 from __future__ import annotations
 
+import hashlib
 import json
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -80,13 +82,43 @@ def evaluate(data: str | Path, checkpoint: str | Path, protocol: str = "slf", at
         "data": str(data), "dataset_fingerprint": ss.fingerprint, "test_samples_limit": limit,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    path = results_path(checkpoint)
-    previous = json.loads(path.read_text()) if path.is_file() else {}
-    for name in names[1:] or ["clean"]:
-        previous[f"{protocol}-{name}"] = result
-    write_json(path, previous)
-    result["results_path"] = str(path)
+    result["checkpoint_sha256"] = digest = _digest(checkpoint)
+    result["results_path"] = str(save_result(results_path(checkpoint), digest, str(checkpoint), names, result))
     return result
+
+
+def _digest(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def save_result(path: Path, digest: str, checkpoint: str, names: list[str], result: dict) -> Path:
+    """results.json holds one entry per checkpoint (by content digest), each keyed by protocol and measure, so
+    evaluating another checkpoint of the same run never replaces these numbers. An unwritable folder gets the
+    results written to a fallback file in the temporary folder, named in the message."""
+    try:
+        previous = json.loads(path.read_text()) if path.is_file() else {}
+        if not isinstance(previous, dict):
+            previous = {}
+    except (OSError, ValueError):
+        previous = {}
+    entry = previous.setdefault(digest, {})
+    entry.update(checkpoint=checkpoint, checkpoint_epoch=result.get("checkpoint_epoch"))
+    for name in names[1:] or ["clean"]:
+        entry[f"{result['protocol']}-{name}"] = {k: v for k, v in result.items() if k != "results_path"}
+    try:
+        write_json(path, previous)
+        return path
+    except OSError as exc:
+        fallback = Path(tempfile.gettempdir()) / f"pipeline-results-{digest}.json"
+        write_json(fallback, previous)
+        from pipeline.progress import console
+
+        console.print(f"{path}: not writable ({exc.strerror}); results written to {fallback} instead")
+        return fallback
 
 
 __all__ = ["FinetuneSettings", "MEASURES", "PROTOCOLS", "RECIPES", "evaluate", "load_classifier", "recipe_settings"]

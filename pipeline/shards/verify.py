@@ -1,4 +1,9 @@
-"""`pipeline verify`: re-read every shard against its index and decode every image."""
+"""`pipeline verify`: re-read every shard against its index and decode every image.
+
+Hostile shards are reported, never trusted: a member that is not a regular file is a finding (not read), a
+member's declared size is checked against the index before a byte of it is read (a tiny tar declaring a huge
+sparse member costs nothing), and every finding of every shard is listed; no traceback hides the others.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +23,14 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
+
+
+_LABEL_MAX = 32  # bytes of a label member (decimal text)
+
+
+def _kind(m: tarfile.TarInfo) -> str:
+    return ("symbolic link" if m.issym() else "hard link" if m.islnk() else "folder" if m.isdir()
+            else "special file")
 
 
 def _check_shard(root: Path, split: str, rec: dict, id_range, on_image) -> list[str]:
@@ -50,7 +63,15 @@ def _check_shard(root: Path, split: str, rec: dict, id_range, on_image) -> list[
                 if row is None:
                     problems.append(f"{tar_path}: member {m.name!r} not in {idx_path.name}")
                     continue
-                data = tar.extractfile(m).read()
+                if not m.isfile():
+                    problems.append(f"{tar_path}: member {m.name!r} is a {_kind(m)}, not a file (not read)")
+                    continue
+                limit = _LABEL_MAX if ext == "cls" else int(row["size"])
+                if m.size > limit:
+                    problems.append(f"{tar_path}: {m.name} declares {m.size} bytes, index says at most {limit} "
+                                    "(not read)")
+                    continue
+                data = tar.extractfile(m).read(limit)
                 if ext == "cls":
                     if data.decode(errors="replace").strip() != str(int(row["label"])):
                         problems.append(f"{tar_path}: {m.name} says label {data!r}, index says {int(row['label'])}")
@@ -64,8 +85,8 @@ def _check_shard(root: Path, split: str, rec: dict, id_range, on_image) -> list[
                 except CorruptImage as exc:
                     problems.append(f"{tar_path}: {m.name} does not decode ({exc})")
                 on_image()
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        problems.append(f"{tar_path}: unreadable tar ({exc})")
+    except (tarfile.TarError, OSError, EOFError, ValueError, UnicodeError) as exc:
+        problems.append(f"{tar_path}: unreadable tar ({type(exc).__name__}: {exc})")
     missing = len(expected) - len(seen)
     if missing:
         problems.append(f"{tar_path}: {missing} images listed in {idx_path.name} are not in the tar")
@@ -85,7 +106,11 @@ def verify(root: str | Path, progress: bool = True) -> list[str]:
         task = bar.add_task("verify", total=total)
         for split, info in index["splits"].items():
             for rec in info["shards"]:
-                problems += _check_shard(root, split, rec, info.get("id_range"), lambda: bar.advance(task))
+                try:
+                    problems += _check_shard(root, split, rec, info.get("id_range"), lambda: bar.advance(task))
+                except Exception as exc:  # report it with the others rather than stop at the first surprise
+                    problems.append(f"{root / str(rec.get('tar', '?'))}: could not be checked "
+                                    f"({type(exc).__name__}: {exc})")
             beton = info.get("beton")
             if beton:
                 path = root / beton["file"]
