@@ -38,6 +38,11 @@ def load_model(path: str | Path, map_location="cpu"):
     from pipeline.models import create_model
 
     ckpt = load_checkpoint(path, map_location)
+    bad = [k for k, v in ckpt["model"].items() if torch.is_tensor(v) and v.is_floating_point()
+           and not torch.isfinite(v).all()]
+    if bad:
+        raise DataError(f"{path}: holds non-finite weights (NaN or inf, e.g. {bad[0]}); it cannot be selected or "
+                        "evaluated with; use an earlier checkpoint of the run")
     model = create_model(ckpt["model_spec"])
     load_weights(model, ckpt["model"], path)
     return model, ckpt

@@ -47,6 +47,8 @@ def prepare(
     from pipeline.shards.prepare import prepare as run_prepare
     from pipeline.shards.shardset import ShardSet
 
+    _interrupt_hint(f"finished shards are kept (journaled in {out or 'shards/<name>'}); run the same command again "
+                    "to resume")
     opts = PrepareOptions(out=out, formats=tuple(f.strip() for f in formats.split(",") if f.strip()),
                           image_size=image_size, shard_size=shard_size, workers=workers,
                           test_fraction=test_fraction, seed=seed, overwrite=overwrite)
@@ -205,6 +207,18 @@ def train(
         locks.acquire(cfg.run.out, "pipeline train")
     if resume is None and main_rank:
         start_fresh(Path(cfg.run.out) if cfg.run.out else None, overwrite)
+    run_dir = Path(cfg.run.out) if cfg.run.out else None
+
+    def kept() -> str:
+        last = run_dir / "checkpoints" / "last.pt" if run_dir else None
+        if last is None or not last.is_file():
+            return "no epoch had finished, so no checkpoint was kept; start again"
+        from pipeline.checkpoint import load_checkpoint
+
+        return (f"the checkpoint of epoch {load_checkpoint(last).get('epoch')} is kept in {last}; continue with "
+                f"`pipeline train --resume {run_dir}`")
+
+    _interrupt_hint(kept)
     trainer = create_trainer(cfg, resume=resume is not None)
     try:
         summary = trainer.fit(stop_after=stop_after)
@@ -260,6 +274,8 @@ def select(
         return
     if out is None:
         raise PipelineError("--out: where to write the manifest (e.g. runs/sel/round-0001.json)")
+    _interrupt_hint(f"no manifest was written ({out} and the pair it names are as before); run the same command "
+                    "again")
     m = run_selection(data, selector, fraction, out, checkpoint, split, pool, seed, dev, params, arch, batch_size)
     t = m.extra["timing"]
     console.print(f"selected {len(m):,} of {m.extra['pool_size']:,} ({selector}) in {t['total']:.1f} s "
@@ -316,15 +332,36 @@ def eval_(
     console.print(f"written to {escape(r['results_path'])}")
 
 
+# What an interrupted command kept, and how to go on: set by each command before its long work.
+_on_interrupt = {"hint": "nothing was left half-written; run the same command again"}
+
+
+def _interrupt_hint(text) -> None:
+    _on_interrupt["hint"] = text
+
+
+class _Terminated(BaseException):
+    pass
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
 def main() -> None:
+    import signal
+
     from pipeline.runtime import tune_allocator
 
     tune_allocator()
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         app()  # typer handles usage errors and --help itself, and exits
     except PipelineError as exc:
         console.print(f"[red]error:[/] {escape(str(exc))}")
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        console.print("interrupted; run the same command again to resume")
-        sys.exit(130)
+    except (KeyboardInterrupt, _Terminated) as exc:
+        name, code = ("SIGTERM", 143) if isinstance(exc, _Terminated) else ("SIGINT", 130)
+        hint = _on_interrupt["hint"]
+        console.print(f"interrupted ({name}): {escape(hint() if callable(hint) else hint)}")
+        sys.exit(code)

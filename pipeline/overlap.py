@@ -48,7 +48,10 @@ def _worker(kwargs: dict, threads: int, nice: int) -> None:
 
     from pipeline.runtime import die_with_parent, tune_allocator
 
+    import signal
+
     die_with_parent()  # a killed trainer takes its selection round with it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle; it ends this round
     if nice:
         os.nice(nice)
     tune_allocator()

@@ -120,7 +120,7 @@ def test_config_file_overrides_and_saved_config(digits_set, tmp_path):
     (["--set", "optim.epochs=ten"], "not a valid int"),
     (["--method", "simclr"], "method 'simclr'"),
     (["--arch", "vit"], "model arch 'vit'"),
-    (["--device", "tpu"], "--device 'tpu'"),
+    (["--device", "tpu"], "run.device = 'tpu' (--device): must be auto, cpu or cuda"),
 ])
 def test_bad_training_settings_are_one_line(digits_set, tmp_path, args, needle):
     r = subprocess.run([sys.executable, "-m", "pipeline", "train", "--data", digits_set.root, "--out",

@@ -48,6 +48,18 @@ def evaluate(data: str | Path, checkpoint: str | Path, protocol: str = "slf", at
              steps: int | None = None, seed: int = 0, progress: bool = True, settings: FinetuneSettings | None = None) -> dict:
     if protocol not in PROTOCOLS:
         raise PipelineError(f"--protocol {protocol!r}: choose one of {', '.join(PROTOCOLS)}")
+    from pipeline.trainers.config import check_value
+
+    for key, value in {"eval.eps": eps, "eval.step": step, "eval.steps": steps, "eval.epochs": epochs,
+                       "eval.lr": lr, "eval.batch_size": batch_size}.items():
+        if value is not None:
+            check_value(key, value)
+    if limit is not None and limit < 1:
+        raise PipelineError(f"--limit {limit}: must be at least 1 test sample (leave it out for all)")
+    if epochs is not None and epochs < 1:
+        raise PipelineError(f"--epochs {epochs}: must be at least 1")
+    if workers < 0:
+        raise PipelineError(f"--workers {workers}: must be >= 0")
     names = parse_measures(attack)
     device = torch.device(device)
     torch.set_flush_denormal(True)  # denormal floats in trained weights slow CPU math down ~10x

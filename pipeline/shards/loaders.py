@@ -162,8 +162,19 @@ class ShardLoader:
     def __iter__(self) -> Iterator[Batch]:
         batches = self._batches()
         self.epoch += 1
-        for b in batches:
-            yield b if self.device.type == "cpu" else b.to(self.device)
+        try:
+            for b in batches:
+                yield b if self.device.type == "cpu" else b.to(self.device)
+        except PipelineError as exc:  # from a worker: its own message, not the DataLoader's wrapping of it
+            raise type(exc)(_worker_message(str(exc))) from None
+
+
+def _worker_message(text: str) -> str:
+    """The original message inside torch's "Caught X in DataLoader worker process N ... Original Traceback"."""
+    if "Original Traceback" not in text:
+        return text
+    last = [ln for ln in text.strip().splitlines() if "Error: " in ln]
+    return last[-1].split("Error: ", 1)[1] if last else text
 
 
 def _subset_rows(shardset, split: str, subset, use_weights: bool):
@@ -201,6 +212,8 @@ def create_loader(shardset, split: str = "train", subset=None, *, backend: str =
         raise PipelineError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if batch_size < 1:
         raise PipelineError(f"batch size {batch_size}: must be at least 1")
+    if num_workers < 0:
+        raise PipelineError(f"--workers {num_workers}: must be >= 0 (0 reads in this process)")
     if image_size is None and shardset.image_size is None:
         raise PipelineError(f"{shardset.root}: images vary in size; pass an image size to decode them to")
     rows, row_weights = _subset_rows(shardset, split, subset, use_weights)

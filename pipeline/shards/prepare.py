@@ -11,6 +11,7 @@ import json
 import os
 import queue as queue_mod
 import re
+import signal
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -118,6 +119,7 @@ def _init_worker(spec: str, image_size: int | None, progress_queue, follow_symli
     from pipeline.runtime import die_with_parent
 
     die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops the work
     _worker.update(source=open_source(spec, follow_symlinks), image_size=image_size, queue=progress_queue)
 
 
@@ -265,8 +267,9 @@ def _execute(tasks: list[ShardTask], spec: str, opts: PrepareOptions, journal, t
             return
         ctx = get_context("fork")
         q = ctx.Queue()  # inherited by the forked workers (a Manager would add a process that outlives a kill)
-        with ProcessPoolExecutor(opts.workers, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(spec, opts.image_size, q, opts.follow_symlinks)) as pool:
+        pool = ProcessPoolExecutor(opts.workers, mp_context=ctx, initializer=_init_worker,
+                                   initargs=(spec, opts.image_size, q, opts.follow_symlinks))
+        try:
             pending = {pool.submit(_run_task, t) for t in tasks}
             while pending:
                 finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
@@ -274,6 +277,12 @@ def _execute(tasks: list[ShardTask], spec: str, opts: PrepareOptions, journal, t
                     finish(fut.result())
                 while not q.empty():
                     bar.advance(bar_task, q.get())
+        except BaseException:  # interrupted or failed: stop now, the journal keeps the finished shards
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                proc.kill()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
 
 
 def _image_info(source: Source, records: list[dict], image_size: int | None) -> dict:

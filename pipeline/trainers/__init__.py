@@ -24,6 +24,11 @@ for _cls in (ACLTrainer, DynACLTrainer):
 def create_trainer(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trainer:
     if cfg.method.name not in TRAINERS:
         raise PipelineError(f"method {cfg.method.name!r}: choose one of {', '.join(TRAINERS)}")
+    cfg.validate()
+    if cfg.data.split == "test":
+        from pipeline.progress import console
+
+        console.print("[yellow]warning:[/] training on the test split, which evaluation measures accuracy on")
     return TRAINERS[cfg.method.name](cfg, resume=resume, progress=progress)
 
 

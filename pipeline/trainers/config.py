@@ -121,6 +121,43 @@ class EvalConfig:
     seed: int = 0
 
 
+# One place for the rules every command applies to a setting: (test, what it must be).
+_POS, _NONNEG = (lambda v: v > 0, "must be > 0"), (lambda v: v >= 0, "must be >= 0")
+_ONE = (lambda v: v >= 1, "must be at least 1")
+RULES = {
+    "data.batch_size": _ONE, "data.workers": _NONNEG,
+    "data.backend": (lambda v: v in ("auto", "stream", "indexed", "ffcv"), "must be auto, stream, indexed or ffcv"),
+    "model.head_width": _ONE, "model.proj_dim": _ONE,
+    "attack.eps": _NONNEG, "attack.step": _NONNEG, "attack.steps": _ONE,
+    "optim.optimizer": (lambda v: v in ("lars", "sgd"), "must be lars or sgd"),
+    "optim.lr": _POS, "optim.momentum": (lambda v: 0 <= v < 1, "must be in [0, 1)"), "optim.weight_decay": _NONNEG,
+    "optim.epochs": _ONE, "optim.warmup_epochs": _NONNEG, "optim.gamma": _POS, "optim.lars_eta": _POS,
+    "optim.schedule": (lambda v: v in ("cosine", "step"), "must be cosine or step"),
+    "optim.milestones": (lambda v: all(m >= 0 for m in v), "must be epochs >= 0"),
+    "run.device": (lambda v: v in ("auto", "cpu", "cuda"), "must be auto, cpu or cuda"),
+    "run.checkpoint_every": _NONNEG, "run.log_every": _NONNEG,
+    "select.fraction": (lambda v: 0 < v <= 1, "must be in (0, 1]"), "select.threads": _ONE,
+    "select.warmup": (lambda v: v >= -1, "must be >= 0 (or -1: 10% of the epochs)"), "select.every": _NONNEG,
+    "select.validation_fraction": (lambda v: 0 < v < 0.5, "must be in (0, 0.5)"),
+    "eval.protocol": (lambda v: v in ("slf", "alf", "aff"), "must be slf, alf or aff"),
+    "eval.eps": _NONNEG, "eval.step": _NONNEG, "eval.steps": _ONE, "eval.epochs": _NONNEG, "eval.lr": _NONNEG,
+    "eval.batch_size": _NONNEG, "eval.limit": _NONNEG,
+}
+FLAGS = {"data.path": "--data", "run.out": "--out", "method.name": "--method", "optim.epochs": "--epochs",
+         "data.batch_size": "--batch-size", "optim.lr": "--lr", "data.workers": "--workers",
+         "select.fraction": "--fraction", "select.warmup": "--warmup", "select.every": "--select-every",
+         "run.device": "--device", "model.arch": "--arch", "optim.optimizer": "--optimizer", "eval.eps": "--eps",
+         "eval.step": "--step", "eval.steps": "--steps", "eval.limit": "--limit", "eval.epochs": "--epochs"}
+
+
+def check_value(key: str, value) -> None:
+    """One line naming the setting (and its flag) when `value` breaks the rule for `key`."""
+    rule = RULES.get(key)
+    if rule is not None and not rule[0](value):
+        flag = f" ({FLAGS[key]})" if key in FLAGS else ""
+        raise PipelineError(f"{key} = {value!r}{flag}: {rule[1]}")
+
+
 FIXED = {"data": DataConfig, "model": ModelConfig, "method": MethodConfig, "attack": AttackConfig,
          "optim": OptimConfig, "run": RunConfig, "select": SelectConfig, "eval": EvalConfig}
 SECTIONS: dict[str, type] = {}  # method sections, filled by @register_section next to each trainer
@@ -187,6 +224,13 @@ class TrainConfig:
             raise PipelineError(f"{origin}: unknown setting {dotted!r} (in [{section}]: {', '.join(types)})")
         setattr(sec, key, _coerce(value, types[key], dotted, origin))
 
+    def validate(self) -> "TrainConfig":
+        """Apply every rule once, up front: a bad value is one line before any work starts."""
+        for name in FIXED:
+            for f in fields(getattr(self, name)):
+                check_value(f"{name}.{f.name}", getattr(getattr(self, name), f.name))
+        return self
+
     def apply_overrides(self, items: list[str]) -> None:
         for item in items:
             if "=" not in item:
@@ -229,7 +273,9 @@ def load_config(path: str | Path) -> TrainConfig:
     if not path.is_file():
         raise PipelineError(f"{path}: no such config file")
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise PipelineError(f"{path}: not UTF-8 text; save the config file as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise PipelineError(f"{path}: malformed TOML ({exc})") from exc
     return TrainConfig.from_dict(raw, origin=str(path))
