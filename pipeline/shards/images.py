@@ -30,7 +30,25 @@ def open_fully(data: bytes) -> Image.Image:
         img.load()  # decodes every byte: truncated files fail here, not later in a loader
         return img
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise CorruptImage(str(exc) or type(exc).__name__) from exc
+        raise CorruptImage(_plain(exc)) from exc
+
+
+def _plain(exc: Exception) -> str:
+    """An error's text without object addresses (`<_io.BytesIO object at 0x7f...>`): reasons stay comparable."""
+    import re
+
+    text = re.sub(r"<([^<>]*?) at 0x[0-9a-fA-F]+>", r"<\1>", str(exc))
+    return text or type(exc).__name__
+
+
+def convert(img: Image.Image, mode: str) -> Image.Image:
+    """`img.convert(mode)`, except that 16-bit greyscale (PNG's I;16, read by PIL as I;16 or I) is scaled to
+    8 bits: PIL's own conversion clips it, which turns most pixels white."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        arr = np.asarray(img).astype(np.uint32)
+        arr = (arr * 255 + 32767) // 65535 if img.mode.startswith("I;16") or arr.max() > 255 else arr
+        img = Image.fromarray(arr.astype(np.uint8), "L")
+    return img.convert(mode)
 
 
 def resize_square(img: Image.Image, size: int) -> Image.Image:
@@ -73,7 +91,7 @@ def transcode_file(data: bytes, mode: str, image_size: int | None) -> tuple[byte
     fmt = STORED_FORMATS.get(img.format or "")
     if image_size is None and fmt is not None:
         return data, fmt, (img.height, img.width)
-    img = img.convert(mode)
+    img = convert(img, mode)
     if image_size is not None:
         img = resize_square(img, image_size)
     fmt = fmt or "png"
@@ -104,9 +122,9 @@ def decode(data: bytes, mode: str, size: int | None = None) -> np.ndarray:
         img = Image.open(io.BytesIO(data))
         if size is not None and img.format == "JPEG":
             img.draft(mode, (size, size))  # lets libjpeg decode large images at a reduced scale
-        img = img.convert(mode)
+        img = convert(img, mode)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise CorruptImage(str(exc) or type(exc).__name__) from exc
+        raise CorruptImage(_plain(exc)) from exc
     if size is not None:
         img = resize_square(img, size)
     arr = np.asarray(img)

@@ -329,6 +329,19 @@ def build_index(source: Source, spec: str, recipe: dict, records: list[dict], im
     }
 
 
+def _check_classes(out: Path, source: Source, split: str, info: dict, planned_labels: np.ndarray) -> None:
+    """A class with source files of which none decoded is an error, like an empty class folder."""
+    decoded = np.zeros(len(source.classes), dtype=np.int64)
+    for rec in info["shards"]:
+        table = layout.read_member_table(out / rec["idx"])
+        decoded += np.bincount(table["label"], minlength=len(source.classes))[: len(source.classes)]
+    planned = np.bincount(planned_labels, minlength=len(source.classes))
+    lost = [source.classes[c] for c in np.flatnonzero((planned > 0) & (decoded == 0))]
+    if lost:
+        raise PipelineError(f"{source.name}: every image of class {lost[0]!r} in split {split!r} failed to decode "
+                            f"(skipped files are listed in {out / JOURNAL_NAME}); fix or remove that class")
+
+
 @dataclass
 class PrepareResult:
     out: Path
@@ -394,6 +407,7 @@ def _prepare_locked(spec: str, opts: PrepareOptions, source: Source, out: Path) 
         for split, info in index["splits"].items():
             if info["count"] == 0:
                 raise PipelineError(f"{spec}: every image of split {split!r} failed to decode; see {out / JOURNAL_NAME}")
+            _check_classes(out, source, split, info, plan[split][2])
         write_json(index_path, index)
         (out / JOURNAL_NAME).unlink()
     else:

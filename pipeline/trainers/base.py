@@ -251,10 +251,12 @@ class Trainer:
     def _check_finite(self, loss: torch.Tensor, epoch: int, step: int) -> None:
         if self.dist.any(not bool(torch.isfinite(loss.detach()).item())):
             last = self.run_dir / "checkpoints" / "last.pt"
-            kept = f"the last good checkpoint is {last} (epoch {self.start_epoch})" if last.exists() else \
-                "no checkpoint was written yet"
-            raise PipelineError(f"non-finite loss at epoch {epoch + 1}, step {step + 1}: training stopped; {kept}. "
-                                "Lower optim.lr or check the data, then --resume")
+            if last.exists():
+                kept = (f"the last good checkpoint is {last} (epoch {self.start_epoch}). Lower optim.lr or check "
+                        f"the data, then --resume {self.run_dir}")
+            else:
+                kept = "no checkpoint was written yet. Lower optim.lr or check the data, then start again"
+            raise PipelineError(f"non-finite loss at epoch {epoch + 1}, step {step + 1}: training stopped; {kept}")
 
     def _log(self, record: dict) -> None:
         with open(self.run_dir / "metrics.jsonl", "a") as f:
