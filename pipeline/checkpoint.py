@@ -24,10 +24,13 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such checkpoint (train one with `pipeline train`, or check the path)")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: not a readable checkpoint (an empty file); use another checkpoint of the run")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for truncated files and foreign pickles
-        raise DataError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise DataError(f"{path}: not a readable checkpoint ({type(exc).__name__}{': ' + first if first else ''})") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt or "model_spec" not in ckpt:
         raise DataError(f"{path}: not a checkpoint written by `pipeline train` (no model spec); cannot rebuild its model")
     return ckpt

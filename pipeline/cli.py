@@ -340,12 +340,16 @@ def _interrupt_hint(text) -> None:
     _on_interrupt["hint"] = text
 
 
-class _Terminated(BaseException):
-    pass
+class _Interrupted(BaseException):
+    """Raised by our signal handlers: not KeyboardInterrupt, which click swallows into a silent exit."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
-def _on_sigterm(signum, frame):
-    raise _Terminated()
+def _on_signal(signum, frame):
+    raise _Interrupted(signum)
 
 
 def main() -> None:
@@ -354,14 +358,16 @@ def main() -> None:
     from pipeline.runtime import tune_allocator
 
     tune_allocator()
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
     try:
         app()  # typer handles usage errors and --help itself, and exits
     except PipelineError as exc:
         console.print(f"[red]error:[/] {escape(str(exc))}")
         sys.exit(exc.exit_code)
-    except (KeyboardInterrupt, _Terminated) as exc:
-        name, code = ("SIGTERM", 143) if isinstance(exc, _Terminated) else ("SIGINT", 130)
+    except (KeyboardInterrupt, _Interrupted) as exc:
+        term = isinstance(exc, _Interrupted) and exc.signum == signal.SIGTERM
+        name, code = ("SIGTERM", 143) if term else ("SIGINT", 130)
         hint = _on_interrupt["hint"]
         console.print(f"interrupted ({name}): {escape(hint() if callable(hint) else hint)}")
         sys.exit(code)

@@ -9,6 +9,7 @@ message. Within one process a folder's lock is re-entrant (a resumed trainer in 
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import json
 import os
@@ -73,6 +74,8 @@ def acquire(folder: str | os.PathLike, command: str) -> None:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(mine).encode(), 0)
+    if not _held:
+        atexit.register(release_all)  # an error or Ctrl-C exit releases cleanly too (only kill -9 leaves a record)
     _held[key] = [fd, 1]
 
 
@@ -91,6 +94,12 @@ def release(folder: str | os.PathLike) -> None:
         pass
     finally:
         os.close(entry[0])  # closing the descriptor releases the flock
+
+
+def release_all() -> None:
+    for key in list(_held):
+        _held[key][1] = 1
+        release(key)
 
 
 @contextmanager

@@ -243,7 +243,7 @@ def test_cli_errors_name_the_flag_the_user_typed(digits_set, tmp_path):
 
     r = subprocess.run([sys.executable, "-m", "pipeline", "train", "--data", digits_set.root, "--out", tmp_path / "x",
                         "--selector", "rcs", "--fraction", "2"], capture_output=True, text=True)
-    assert r.returncode != 0 and "--fraction 2" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode != 0 and "select.fraction = 2.0 (--fraction)" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run([sys.executable, "-m", "pipeline", "train", "--data", digits_set.root, "--out", tmp_path / "y",
                         "--set", "method.temperature=0.2"], capture_output=True, text=True)
     assert r.returncode != 0 and "acl.temperature" in r.stderr
