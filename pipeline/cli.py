@@ -40,6 +40,8 @@ def prepare(
     test_fraction: float = typer.Option(0.2, help="Held-out test share for data without its own test split."),
     seed: int = typer.Option(0, help="Seed of the held-out split and of the sample order."),
     overwrite: bool = typer.Option(False, help="Replace a shard set prepared with other settings."),
+    follow_symlinks: bool = typer.Option(False, help="folder: read links whose target is outside the source folder "
+                                         "(skipped and listed by default)."),
 ):
     """Convert a data set into a shard set (WebDataset tar shards with offset indexes, optionally FFCV)."""
     from pipeline.shards.describe import shardset_table
@@ -51,7 +53,8 @@ def prepare(
                     "to resume")
     opts = PrepareOptions(out=out, formats=tuple(f.strip() for f in formats.split(",") if f.strip()),
                           image_size=image_size, shard_size=shard_size, workers=workers,
-                          test_fraction=test_fraction, seed=seed, overwrite=overwrite)
+                          test_fraction=test_fraction, seed=seed, overwrite=overwrite,
+                          follow_symlinks=follow_symlinks)
     result = run_prepare(source, opts)
     console.print(shardset_table(ShardSet(result.out, result.index)))
     if result.written:

@@ -338,3 +338,44 @@ def test_sigint_during_prepare_keeps_finished_shards(tmp_path):
     assert p.returncode == 130, err
     assert "interrupted (SIGINT)" in err and "run the same command again" in err and "Traceback" not in err
     assert len(journal.read_text().splitlines()) > 1  # the finished shards are kept for the resume
+
+
+# -- smaller ---------------------------------------------------------------------------------------------------
+def test_sixteen_bit_png_scales_to_eight_bits(tmp_path):
+    from PIL import Image
+
+    from pipeline.shards.images import decode, transcode_file
+
+    ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)  # 0 .. 63,000 of 65,535
+    path = tmp_path / "deep.png"
+    Image.fromarray(ramp).save(path)
+    data, ext, _ = transcode_file(path.read_bytes(), "L", None)
+    got = decode(data, "L")[:, :, 0].astype(int)
+    expected = np.round(ramp.astype(float) * 255 / 65535).astype(int)
+    assert np.abs(got - expected).max() <= 1  # PIL's own convert clips to 255: nearly all white
+    assert decode(transcode_file(path.read_bytes(), "L", 4)[0], "L").max() < 255
+
+
+def test_a_class_whose_every_file_fails_is_an_error(tmp_path):
+    src = tmp_path / "src"
+    write_image_folder(src, n_per_class=3)
+    for f in (src / "eel").iterdir():
+        f.write_bytes(b"\x89PNG broken")
+    with pytest.raises(PipelineError, match="every image of class 'eel'"):
+        make_prepared(f"folder:{src}", tmp_path / "o", test_fraction=0.0)
+
+
+def test_skip_reasons_carry_no_object_addresses(tmp_path):
+    src = tmp_path / "src"
+    write_image_folder(src, n_per_class=3)
+    (src / "cat" / "bad.png").write_bytes(b"nonsense")
+    ss = make_prepared(f"folder:{src}", tmp_path / "o", test_fraction=0.0)
+    reason = next(e["reason"] for e in ss.index["skipped"] if e["source"].endswith("bad.png"))
+    assert " at 0x" not in reason and reason
+
+
+def test_training_on_the_test_split_warns(digits_set, tmp_path):
+    r = run("train", "--data", digits_set.root, "--out", tmp_path / "t", "--arch", "smallcnn", "--epochs", "1",
+            "--batch-size", "128", "--workers", "0", "--set", "data.split=test", "--set", "attack.steps=1",
+            "--set", "model.head_width=16", "--set", "model.proj_dim=8")
+    assert r.returncode == 0 and "training on the test split" in r.stderr
