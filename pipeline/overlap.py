@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,7 @@ def _worker(kwargs: dict, threads: int, nice: int) -> None:
 
     die_with_parent()  # a killed trainer takes its selection round with it
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle; it ends this round
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # ended by the trainer: exit cleanly, lock released
     if nice:
         os.nice(nice)
     tune_allocator()
