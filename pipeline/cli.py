@@ -335,6 +335,18 @@ def eval_(
     console.print(f"written to {escape(r['results_path'])}")
 
 
+@app.command()
+def report(
+    runs: list[Path] = typer.Argument(..., help="Run folders (written by `pipeline train`)."),
+    out: Path = typer.Option(..., help="Folder for report.md and its PNG figures."),
+):
+    """Markdown report with PNG figures: training curves, selection timeline, evaluation, robustness vs time."""
+    from pipeline.report import build_report
+
+    md, pngs = build_report(runs, out)
+    console.print(f"wrote {escape(str(md))} and {len(pngs)} figures: " + ", ".join(escape(p.name) for p in pngs))
+
+
 # What an interrupted command kept, and how to go on: set by each command before its long work.
 _on_interrupt = {"hint": "nothing was left half-written; run the same command again"}
 

@@ -1,0 +1,86 @@
+"""`pipeline report RUN [RUN ...] --out DIR`: a Markdown report with PNG figures from run folders."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+from pipeline.atomic import atomic_path
+from pipeline.locks import folder_lock
+from pipeline.report import figures
+from pipeline.report.runs import RunRecord, load_run, robust_of
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "run"
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.2f}%"
+
+
+def results_table(runs: list[RunRecord]) -> list[str]:
+    lines = ["| run | checkpoint epoch | protocol | recipe | clean | PGD-20 | AutoAttack | eps | test samples | "
+             "train wall s | images trained on |", "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    seen = set()
+    for run in runs:
+        for r in run.results:
+            key = (run.name, r["digest"], r["protocol"], r.get("date"))
+            if key in seen:  # one evaluation is stored under each of its measures
+                continue
+            seen.add(key)
+            lines.append(f"| {run.label} | {r.get('checkpoint_epoch')} | {r['protocol']} | {r.get('recipe', '-')} | "
+                         f"{_pct(r.get('clean'))} | {_pct(r.get('pgd20'))} | {_pct(r.get('autoattack'))} | "
+                         f"{r.get('eps', 0):.4g} | {r.get('samples')} | {run.train_seconds:.1f} | {run.images:,} |")
+    return lines
+
+
+def build_report(run_paths: list[str | Path], out: str | Path) -> tuple[Path, list[Path]]:
+    """Write OUT/report.md and its figures; returns (markdown path, figure paths)."""
+    runs = [load_run(p) for p in run_paths]
+    out = Path(out)
+    with folder_lock(out, "pipeline report"):
+        pngs: list[Path] = []
+        md = [f"# Report: {', '.join(r.name for r in runs)}", "", f"Written {time.strftime('%Y-%m-%d %H:%M')} by "
+              "`pipeline report` from each run's metrics.jsonl, config.toml, manifests and results.json.", ""]
+        md += ["## Evaluation", ""] + (results_table(runs) if any(r.results for r in runs) else
+                                        ["No run has been evaluated yet (`pipeline eval`)."]) + [""]
+        trade = figures.tradeoff(runs, out / "tradeoff.png")
+        if trade:
+            pngs.append(trade)
+            md += ["![robust accuracy against training time](tradeoff.png)", ""]
+        for run in runs:
+            slug = _slug(run.name)
+            cfg = run.config
+            md += [f"## {run.label}", "", f"Method {cfg.get('method', {}).get('name')}, "
+                   f"{cfg.get('model', {}).get('arch')}, {len(run.epochs)} epochs, {run.images:,} images trained on "
+                   f"in {run.train_seconds:.1f} s of epochs ({run.wall_seconds:.1f} s wall).", ""]
+            pngs.append(figures.training(run, out / f"{slug}-training.png"))
+            md += [f"![training]({slug}-training.png)", "",
+                   "| epoch | loss | lr | images/s | attack share | subset round | subset size |",
+                   "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            for e in run.epochs:
+                share = e.get("attack_s", 0) / e["seconds"] if e.get("seconds") else 0
+                md.append(f"| {e['epoch']} | {e['loss']:.4f} | {e.get('lr') or 0:.4g} | {e.get('images_per_s', 0):,.0f} | "
+                          f"{share:.0%} | {e.get('subset_round') if e.get('subset_round') is not None else '-'} | "
+                          f"{e.get('subset_size')} |")
+            md.append("")
+            if run.rounds:
+                pngs.append(figures.selection_timeline(run, out / f"{slug}-selection.png"))
+                md += [f"![selection timeline]({slug}-selection.png)", "",
+                       "| round | snapshot at epoch | used from epoch | selection s | stall s | size | kept from previous |",
+                       "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                for r in run.rounds:
+                    kept = r.get("kept_from_previous")
+                    md.append(f"| {r['round']} | {r.get('epoch')} | {r.get('used_from_epoch')} | "
+                              f"{r.get('selection_s') or 0:.1f} | {r.get('stall_s') or 0:.2f} | {r.get('size')} | "
+                              f"{'-' if kept is None else f'{kept:.0%}'} |")
+                md.append("")
+        path = out / "report.md"
+        with atomic_path(path) as tmp:
+            tmp.write_text("\n".join(md) + "\n")
+    return path, pngs
+
+
+__all__ = ["build_report", "load_run", "robust_of"]

@@ -1,0 +1,94 @@
+"""PNG figures of runs (matplotlib, headless Agg backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+from pipeline.report.runs import RunRecord, robust_of
+
+
+def _plt():
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise PipelineError("pipeline report needs matplotlib: pip install 'pipeline[report]'") from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def training(run: RunRecord, path: Path) -> Path:
+    """Loss terms, learning rate, images/s and the attack's share of step time, per epoch."""
+    plt = _plt()
+    ep = [e["epoch"] for e in run.epochs]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    terms = sorted({k for e in run.epochs for k in e if k.startswith("loss")})
+    for k in terms:
+        axes[0].plot(ep, [e.get(k) for e in run.epochs], marker="o", label=k)
+    axes[0].set(title="loss terms", xlabel="epoch")
+    axes[0].legend(fontsize=8)
+    axes[1].plot(ep, [e.get("lr") for e in run.epochs], marker="o", color="tab:purple")
+    axes[1].set(title="learning rate (end of epoch)", xlabel="epoch")
+    axes[2].plot(ep, [e.get("images_per_s") for e in run.epochs], marker="o", color="tab:green", label="images/s")
+    axes[2].set(title="throughput and attack share", xlabel="epoch", ylabel="images/s")
+    share = axes[2].twinx()
+    share.plot(ep, [e.get("attack_s", 0) / e["seconds"] if e.get("seconds") else None for e in run.epochs],
+               marker="s", color="tab:red", label="attack share of step time")
+    share.set_ylim(0, 1)
+    share.set_ylabel("attack share")
+    fig.suptitle(run.label)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def selection_timeline(run: RunRecord, path: Path) -> Path:
+    """Training epochs and selection rounds against wall-clock time since the run started."""
+    plt = _plt()
+    t0 = run.start
+    fig, ax = plt.subplots(figsize=(11, 3.2))
+    for e in run.epochs:
+        start = e["time"] - e["seconds"] - t0
+        colour = "tab:blue" if e.get("subset_round") is None else "tab:cyan"
+        ax.barh(1, e["seconds"], left=start, color=colour, edgecolor="white")
+        ax.text(start + e["seconds"] / 2, 1, str(e["epoch"]), ha="center", va="center", fontsize=7)
+    for r in run.rounds:
+        begin, end = r.get("submitted_at", t0) - t0, r.get("ready_at", t0) - t0
+        ax.barh(0, max(end - begin, 1e-3), left=begin, color="tab:orange", edgecolor="black")
+        kept = r.get("kept_from_previous")
+        ax.text(end, 0.35, f"r{r['round']}: {r.get('size')} ids" + (f", {kept:.0%} kept" if kept is not None else "")
+                + (f", stall {r['stall_s']:.1f}s" if r.get("stall_s") else ""), fontsize=7)
+    ax.set_yticks([0, 1], ["selection", "training"])
+    ax.set_xlabel("wall-clock seconds since training started")
+    ax.set_title(f"{run.label}: epochs (cyan on a selected subset) and selection rounds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def tradeoff(runs: list[RunRecord], path: Path) -> Path | None:
+    """Robust accuracy against training wall time: what selection buys."""
+    points = []
+    for run in runs:
+        for res in run.results:
+            name, value = robust_of(res)
+            if value is not None:
+                points.append((run.train_seconds, value, f"{run.label} {res['protocol']}", name))
+    if not points:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for x, y, label, name in points:
+        ax.scatter(x, 100 * y, s=40)
+        ax.annotate(f"{label} ({name})", (x, 100 * y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set(xlabel="training wall time, s (selection overlapped)", ylabel="robust accuracy, %",
+           title="robust accuracy against training time")
+    ax.margins(0.2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -1,0 +1,114 @@
+"""What a report reads from a run folder: config, metrics, selection rounds and their manifests, results."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+from pipeline.shards.manifest import Manifest, round_paths
+
+
+@dataclass
+class RunRecord:
+    path: Path
+    config: dict
+    epochs: list[dict] = field(default_factory=list)
+    steps: list[dict] = field(default_factory=list)
+    rounds: list[dict] = field(default_factory=list)  # selection records, joined with their manifests
+    results: list[dict] = field(default_factory=list)  # one per (checkpoint, protocol-measure)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def label(self) -> str:
+        sel = self.config.get("select", {})
+        if sel.get("selector"):
+            return f"{self.name} ({sel['selector']} {sel.get('fraction', 0):g})"
+        return f"{self.name} (all data)"
+
+    @property
+    def start(self) -> float:
+        """Wall-clock start of training: the first epoch's end less its duration."""
+        return self.epochs[0]["time"] - self.epochs[0]["seconds"] if self.epochs else 0.0
+
+    @property
+    def train_seconds(self) -> float:
+        return float(sum(e["seconds"] for e in self.epochs))
+
+    @property
+    def wall_seconds(self) -> float:
+        return self.epochs[-1]["time"] - self.start if self.epochs else 0.0
+
+    @property
+    def images(self) -> int:
+        return int(sum(e["images"] for e in self.epochs))
+
+
+def _jsonl(path: Path) -> list[dict]:
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise PipelineError(f"{path}: line {n} is not JSON (an edited or foreign file?)") from None
+    return out
+
+
+def load_run(path: str | Path) -> RunRecord:
+    path = Path(path)
+    if not (path / "metrics.jsonl").is_file() or not (path / "config.toml").is_file():
+        raise PipelineError(f"{path}: not a training run (needs config.toml and metrics.jsonl); "
+                            "train one with `pipeline train --out RUN`")
+    try:
+        config = tomllib.loads((path / "config.toml").read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"{path / 'config.toml'}: unreadable ({exc})") from None
+    records = _jsonl(path / "metrics.jsonl")
+    run = RunRecord(path, config, [r for r in records if r.get("kind") == "epoch"],
+                    [r for r in records if r.get("kind") == "step"])
+    if not run.epochs:
+        raise PipelineError(f"{path}: no finished epoch in metrics.jsonl yet")
+    manifests = {n: p for n, p in round_paths(path / "manifests")}
+    previous_ids = None
+    for rec in sorted((r for r in records if r.get("kind") == "selection"), key=lambda r: r["round"]):
+        row = dict(rec)
+        m = None
+        if rec["round"] in manifests:
+            try:
+                m = Manifest.load(manifests[rec["round"]])
+            except PipelineError:
+                m = None
+        if m is not None:
+            ids = set(m.ids.tolist())
+            row["kept_from_previous"] = (len(ids & previous_ids) / len(ids)) if previous_ids and ids else None
+            row["timing"] = m.extra.get("timing", {})
+            previous_ids = ids
+        run.rounds.append(row)
+    results = path / "results.json"
+    if results.is_file():
+        try:
+            by_ckpt = json.loads(results.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise PipelineError(f"{results}: not JSON") from None
+        for digest, entry in by_ckpt.items():
+            for key, res in entry.items():
+                if isinstance(res, dict) and "protocol" in res:
+                    run.results.append({"checkpoint": entry.get("checkpoint"), "digest": digest, "key": key, **res})
+    return run
+
+
+def robust_of(result: dict) -> tuple[str, float | None]:
+    """The strongest robust accuracy a result holds: AutoAttack if measured, else PGD-20."""
+    for name in ("autoattack", "autoattack-rand", "pgd20"):
+        if result.get(name) is not None:
+            return name, result[name]
+    return "-", None
+
+
+__all__ = ["RunRecord", "load_run", "robust_of"]

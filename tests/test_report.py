@@ -1,0 +1,58 @@
+"""pipeline report: files written, figures decode and are not blank, the table's numbers are the run's."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.evaluation import evaluate
+from pipeline.trainers import create_trainer
+
+from test_train import tiny_cfg
+
+
+@pytest.fixture(scope="module")
+def selected_run(digits_set, tmp_path_factory):
+    run = tmp_path_factory.mktemp("rep") / "rcs-run"
+    cfg = tiny_cfg(digits_set.root, run, **{"optim.epochs": 2, "select.selector": "random", "select.fraction": 0.3,
+                                           "select.warmup": 1, "select.every": 1, "select.sync": True})
+    with create_trainer(cfg, progress=False) as t:
+        t.fit()
+    evaluate(digits_set.root, run / "checkpoints" / "last.pt", "slf", "pgd20", epochs=1, batch_size=256, limit=40,
+             eps=0.1, progress=False)
+    return run
+
+
+def test_report_of_a_run_with_one_selection_round(selected_run, tmp_path):
+    pytest.importorskip("matplotlib", reason="report extra not installed")
+    out = tmp_path / "report"
+    r = subprocess.run([sys.executable, "-m", "pipeline", "report", selected_run, "--out", out],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    md = (out / "report.md").read_text()
+    pngs = sorted(out.glob("*.png"))
+    assert {p.name for p in pngs} == {"tradeoff.png", "rcs-run-training.png", "rcs-run-selection.png"}
+    assert "report.md" in r.stderr and "3 figures" in r.stderr
+    for p in pngs:
+        pixels = np.asarray(Image.open(p).convert("L"), dtype=float)
+        assert pixels.shape[0] > 100 and pixels.std() > 5, p  # decodes, and is not a blank canvas
+    # the table's numbers are those in the run's files
+    saved = next(iter(json.loads((selected_run / "results.json").read_text()).values()))["slf-pgd20"]
+    row = next(line for line in md.splitlines() if line.startswith("| rcs-run (random 0.3)"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[4] == f"{100 * saved['clean']:.2f}%" and cells[5] == f"{100 * saved['pgd20']:.2f}%"
+    epochs = [json.loads(line) for line in (selected_run / "metrics.jsonl").read_text().splitlines()]
+    rounds = [e for e in epochs if e["kind"] == "selection"]
+    assert len(rounds) == 1 and f"| 1 | 2 | 2 | {rounds[0]['selection_s']:.1f} |" in md
+    train_s = sum(e["seconds"] for e in epochs if e["kind"] == "epoch")
+    assert cells[9] == f"{train_s:.1f}"
+
+
+def test_report_refuses_a_folder_that_is_not_a_run(tmp_path):
+    (tmp_path / "x").mkdir()
+    r = subprocess.run([sys.executable, "-m", "pipeline", "report", tmp_path / "x", "--out", tmp_path / "o"],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "not a training run" in r.stderr and "Traceback" not in r.stderr
