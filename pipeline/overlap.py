@@ -83,6 +83,7 @@ class SelectionScheduler:
 
         self.train_threads = torch.get_num_threads()
         self.params = parse_params(cfg.params)
+        self.selector_name = cfg.selector
         self.pending: list[Round] = []
         self.next_round = 1
         self.manifest_dir = run_dir / "manifests"
@@ -101,7 +102,7 @@ class SelectionScheduler:
                 self._launch(Round(r["number"], r["epoch"], r["snapshot"], r["manifest"]))
 
     def _launch(self, rnd: Round) -> None:
-        kwargs = dict(data=self.data, selector=self.cfg.selector, fraction=self.cfg.fraction, out=rnd.manifest,
+        kwargs = dict(data=self.data, selector=self.selector_name, fraction=self.cfg.fraction, out=rnd.manifest,
                       checkpoint=rnd.snapshot, split=self.split, seed=self.seed + rnd.number, device=self.device,
                       params=self.params, round_no=rnd.number, epoch=rnd.epoch,
                       pool=self.pool, validation=self.validation)
@@ -156,6 +157,10 @@ class SelectionScheduler:
                                 f"{r.snapshot}: run `pipeline select --checkpoint {r.snapshot}` to see why")
         r.finished = time.time()
 
+    def switch_selector(self, name: str) -> None:
+        """Later rounds use `name` (with its defaults) instead of the configured selector."""
+        self.selector_name, self.params = name, {}
+
     def close(self) -> None:
         for r in self.pending:
             r.process.terminate()
@@ -165,7 +170,11 @@ class SelectionScheduler:
     def record(self, r: Round, used_at_epoch: int) -> dict:
         header = json.loads(Path(r.manifest).read_text())
         # 1-based epochs, as in the epoch records: snapshot at the start of epoch r.epoch + 1
+        timing = header.get("timing", {})
+        ready = Path(r.manifest).stat().st_mtime
         return {"kind": "selection", "round": r.number, "epoch": r.epoch + 1, "used_from_epoch": used_at_epoch + 1,
-                "stale_epochs": used_at_epoch - r.epoch, "selection_s": header.get("timing", {}).get("total"),
-                "stall_s": r.stall, "size": header.get("count"), "selector": self.cfg.selector,
-                "submitted_at": r.submitted, "ready_at": Path(r.manifest).stat().st_mtime}
+                "stale_epochs": used_at_epoch - r.epoch, "selection_s": timing.get("total"),
+                "process_s": timing.get("process_s"), "device": timing.get("device"),
+                "stall_s": r.stall, "size": header.get("count"), "selector": header.get("producer", {}).get("name"),
+                "submitted_at": r.submitted, "ready_at": ready,
+                "wall_s": ready - r.submitted}  # process start included: what the round cost at most

@@ -109,3 +109,33 @@ def test_rcs_validation_part_is_held_out_once_and_never_trained_on(digits_set, t
         assert set(r.extra["validation_ids"]) == u and not (set(r.ids.tolist()) & u)
     # the proxy pass used the trainer's augmentation strength at the snapshot (DynACL anneals it)
     assert [r.extra["selection_settings"]["strength"] for r in rounds] == pytest.approx([1 - 1 / 3, 1 - 2 / 3])
+
+
+def test_selection_accounting_and_the_random_fallback(digits_set, tmp_path):
+    """Rounds record their cost; epochs on a subset record the images not attacked and the time saved
+    (estimated from the full-data epoch); a round costing more than its subset saves is said once, and with
+    select.fallback=random later rounds are random. (On digits every round costs more than it saves: an epoch
+    takes about a second, starting a selection process more.)"""
+    from pipeline.shards.manifest import Manifest
+
+    run = tmp_path / "acc"
+    cfg = tiny_cfg(digits_set.root, run, **{"optim.epochs": 4, "select.selector": "facility", "select.fraction": 0.3,
+                                           "select.warmup": 1, "select.every": 1, "select.sync": True,
+                                           "select.fallback": "random"})
+    with create_trainer(cfg, progress=False) as t:
+        t.fit()
+    recs = _records(run)
+    rounds = [r for r in recs if r["kind"] == "selection"]
+    assert all(r["selection_s"] > 0 and r["process_s"] > 0 and r["device"] == "cpu" for r in rounds)
+    warned = [r for r in recs if r["kind"] == "selection_not_worth"]
+    assert len(warned) == 1 and warned[0]["round"] == 1 and warned[0]["fallback"] == "random"
+    producers = [Manifest.load(p).producer["name"] for p in sorted((run / "manifests").glob("round-*.json"))]
+    assert producers[0] == "facility" and set(producers[1:]) == {"random"}
+    full = next(e for e in recs if e["kind"] == "epoch" and e["subset_round"] is None)
+    acc = [r for r in recs if r["kind"] == "accounting"]
+    sub = [e for e in recs if e["kind"] == "epoch" and e["subset_round"] is not None]
+    assert len(acc) == len(sub) >= 2
+    per_image = full["seconds"] / full["images"]
+    expected = sum(full["images"] - e["images"] for e in sub) * per_image
+    assert acc[-1]["saved_s_total"] == pytest.approx(expected)
+    assert acc[-1]["net_s"] == pytest.approx(acc[-1]["saved_s_total"] - acc[-1]["selection_s_total"])

@@ -66,6 +66,16 @@ def build_report(run_paths: list[str | Path], out: str | Path) -> tuple[Path, li
                           f"{share:.0%} | {e.get('subset_round') if e.get('subset_round') is not None else '-'} | "
                           f"{e.get('subset_size')} |")
             md.append("")
+            if run.accounting:
+                a = run.accounting[-1]
+                md += [f"Selection accounting: {len(run.rounds)} rounds took {a['selection_s_total']:.1f} s (wall, "
+                       f"process start included); epochs on subsets left {a['images_not_attacked_total']:,} images "
+                       f"unattacked, about {a['saved_s_total']:.1f} s of training (at the full-data epoch's cost "
+                       f"per image): net {a['net_s']:+.1f} s.", ""]
+            for w in run.warnings:
+                md += [f"Round {w['round']} cost {w['selection_s']:.1f} s, more than the {w['expected_saving_s']:.1f} s "
+                       "its subset saves" + (f"; the run fell back to {w['fallback']} subsets." if w.get("fallback")
+                                             else "."), ""]
             if run.rounds:
                 pngs.append(figures.selection_timeline(run, out / f"{slug}-selection.png"))
                 md += [f"![selection timeline]({slug}-selection.png)", "",

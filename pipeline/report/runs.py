@@ -19,6 +19,8 @@ class RunRecord:
     steps: list[dict] = field(default_factory=list)
     rounds: list[dict] = field(default_factory=list)  # selection records, joined with their manifests
     results: list[dict] = field(default_factory=list)  # one per (checkpoint, protocol-measure)
+    accounting: list[dict] = field(default_factory=list)  # per subset epoch: what selection cost and saved
+    warnings: list[dict] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -74,6 +76,8 @@ def load_run(path: str | Path) -> RunRecord:
                     [r for r in records if r.get("kind") == "step"])
     if not run.epochs:
         raise PipelineError(f"{path}: no finished epoch in metrics.jsonl yet")
+    run.accounting = [r for r in records if r.get("kind") == "accounting"]
+    run.warnings = [r for r in records if r.get("kind") == "selection_not_worth"]
     manifests = {n: p for n, p in round_paths(path / "manifests")}
     previous_ids = None
     for rec in sorted((r for r in records if r.get("kind") == "selection"), key=lambda r: r["round"]):

@@ -180,7 +180,7 @@ class Trainer:
                     self.subsets.epoch_start(epoch)
                 self.dist.barrier()
                 summary = self._train_epoch(epoch)
-                self.subsets.epoch_end(epoch)
+                self.subsets.epoch_end(epoch, summary)
                 self.start_epoch = epoch + 1
                 if self.is_main:
                     for rec in self.subsets.records():

@@ -7,7 +7,7 @@
     [optim]   optimizer, lr, momentum, weight_decay, epochs, warmup_epochs, schedule, milestones, gamma,
               lars_eta, lars_exclude_1d
     [run]     out, seed, device, bf16, channels_last, compile, checkpoint_every, log_every, deterministic
-    [select]  selector, fraction, warmup, every, sync, params, threads, nice, validation_fraction
+    [select]  selector, fraction, warmup, every, sync, params, threads, nice, validation_fraction, fallback
     [eval]    protocol, recipe, attack, eps, step, steps, epochs, lr, batch_size, limit, seed
 
 A method declares its section next to its trainer with `@register_section("acl")`. `pipeline train --config
@@ -98,6 +98,7 @@ class SelectConfig:
     threads: int = 1  # torch threads of the background selection process
     nice: int = 10  # scheduling priority of the background selection process (higher yields to training)
     validation_fraction: float = 0.01  # RCS's held-out U: chosen once per run, never trained on
+    fallback: str = ""  # "random": once a round costs more than its subset saves, select at random from then on
 
     def schedule(self, epochs: int) -> tuple[int, int]:
         """(warm-up epochs, epochs between selections), resolving the automatic defaults."""
@@ -139,6 +140,7 @@ RULES = {
     "select.fraction": (lambda v: 0 < v <= 1, "must be in (0, 1]"), "select.threads": _ONE,
     "select.warmup": (lambda v: v >= -1, "must be >= 0 (or -1: 10% of the epochs)"), "select.every": _NONNEG,
     "select.validation_fraction": (lambda v: 0 < v < 0.5, "must be in (0, 0.5)"),
+    "select.fallback": (lambda v: v in ("", "random"), "must be empty or random"),
     "eval.protocol": (lambda v: v in ("slf", "alf", "aff"), "must be slf, alf or aff"),
     "eval.eps": _NONNEG, "eval.step": _NONNEG, "eval.steps": _ONE, "eval.epochs": _NONNEG, "eval.lr": _NONNEG,
     "eval.batch_size": _NONNEG, "eval.limit": _NONNEG,

@@ -38,8 +38,8 @@ class SubsetSource:
     def observe(self, batch, record) -> None:
         """Every rank, after every step: the batch and its `StepRecord` (per-sample values by batch.ids)."""
 
-    def epoch_end(self, epoch: int) -> None:
-        """Every rank, after the epoch."""
+    def epoch_end(self, epoch: int, summary: dict) -> None:
+        """Every rank, after the epoch, with the epoch's summary (images, seconds, subset)."""
 
     def records(self) -> list[dict]:
         """Rank 0: metrics records to log (selection rounds, ...), each returned once."""
@@ -116,6 +116,9 @@ class SelectionRounds(ManifestFolder):
             trainer.run_dir, cfg.data.path, cfg.data.split, cfg.select, str(trainer.device), cfg.run.seed,
             pool=None if pool is None else str(pool.path), validation=None if validation is None else str(validation.path))
         self.rounds, self._pending_records, self._subset_round = {}, [], None
+        # accounting: what selection cost and what training on subsets saved, estimated from measured epochs
+        self.full_images, self.full_per_image = None, None
+        self.saved_images, self.saved_s, self.selection_s, self.warned = 0, 0.0, 0.0, False
 
     def is_selection_epoch(self, epoch: int) -> bool:
         return epoch >= self.warmup and (epoch - self.warmup) % self.every == 0
@@ -135,9 +138,49 @@ class SelectionRounds(ManifestFolder):
         if m is not None and m is not self.fallback and number != self._subset_round:
             rnd = self.rounds.get(number)
             if rnd is not None:
-                self._pending_records.append(self.scheduler.record(rnd, epoch))
+                rec = self.scheduler.record(rnd, epoch)
+                self._pending_records.append(rec)
+                self.selection_s += rec.get("wall_s") or 0.0
+                self._check_worth(rec, len(m))
             self._subset_round = number
         return m
+
+    def _check_worth(self, rec: dict, size: int) -> None:
+        """Say once per run when a round costs more than the training its subset saves until the next round."""
+        if self.full_per_image is None or self.warned:
+            return
+        pool = self.full_images or size
+        expected = self.every * max(pool - size, 0) * self.full_per_image
+        cost = rec.get("wall_s") or 0.0  # from snapshot to manifest, process start included
+        if cost <= expected:
+            return
+        self.warned = True
+        fallback = self.trainer.cfg.select.fallback
+        from pipeline.progress import console
+
+        console.print(f"[yellow]selection round {rec['round']} took {cost:.1f} s, more than the about {expected:.1f} s "
+                      f"of training its subset saves over {self.every} epoch(s)[/]" +
+                      ("; switching to random subsets for the rest of the run (select.fallback)" if fallback else
+                       "; `--set select.fallback=random` would switch to random subsets"))
+        self._pending_records.append({"kind": "selection_not_worth", "round": rec["round"], "selection_s": cost,
+                                      "expected_saving_s": expected, "fallback": fallback or None})
+        if fallback:
+            self.scheduler.switch_selector(fallback)
+
+    def epoch_end(self, epoch: int, summary: dict) -> None:
+        if summary.get("subset_round") is None:  # a full-data epoch measures what an image costs
+            self.full_images = summary["images"]
+            self.full_per_image = summary["seconds"] / max(summary["images"], 1)
+            return
+        if self.full_per_image is None:
+            return
+        not_attacked = max((self.full_images or 0) - summary["images"], 0)
+        self.saved_images += not_attacked
+        self.saved_s += not_attacked * self.full_per_image
+        self._pending_records.append({"kind": "accounting", "epoch": epoch + 1, "images_not_attacked": not_attacked,
+                                      "saved_s_total": self.saved_s, "selection_s_total": self.selection_s,
+                                      "net_s": self.saved_s - self.selection_s,
+                                      "images_not_attacked_total": self.saved_images})
 
     def observe(self, batch, record) -> None:
         self.scheduler.poll()  # a finished round gives its cores back to training at once
