@@ -7,14 +7,21 @@ PY := $(VENV)/bin/python
 setup:
 	@VENV=$(VENV) ./scripts/setup-venv.sh
 
-# The main job end to end on the bundled digits: shards, ACL pre-training, SLF evaluation under PGD-20 and the
-# standard AutoAttack. (Digits are tiny: the SLF recipe's batch of 512 would leave 3 steps an epoch, so 128.)
+# The main job end to end on the bundled digits: shards; ACL on all data and ACL with RCS selection overlapped
+# with training (same epochs and seed); SLF evaluation of both (PGD-20; and the natural branch for scale); one
+# table of what each cost and reached; a report with figures. (Digits are tiny: SLF batch 128, not 512.)
+DEMO_EVAL = --protocol slf --epochs 10 --lr 0.1 --batch-size 128 --eps 0.1
 demo: setup
 	@$(PY) -m pipeline prepare digits --image-size 16 --out shards/digits-16
-	@$(PY) -m pipeline stream shards/digits-16 --split train --batch-size 128
 	@$(PY) -m pipeline train --config configs/demo-digits.toml --overwrite
-	@$(PY) -m pipeline eval --data shards/digits-16 --checkpoint runs/demo/checkpoints/last.pt \
-		--protocol slf --epochs 10 --lr 0.1 --batch-size 128 --eps 0.1 --attack pgd20,autoattack
+	@$(PY) -m pipeline train --config configs/demo-digits.toml --out runs/demo-rcs --overwrite \
+		--selector rcs --fraction 0.3 --select-every 3
+	@for run in demo demo-rcs; do \
+		$(PY) -m pipeline eval --data shards/digits-16 --checkpoint runs/$$run/checkpoints/last.pt $(DEMO_EVAL) || exit 1; \
+		$(PY) -m pipeline eval --data shards/digits-16 --checkpoint runs/$$run/checkpoints/last.pt $(DEMO_EVAL) \
+			--branch natural --attack clean || exit 1; \
+	done
+	@$(PY) -m pipeline report runs/demo runs/demo-rcs --out runs/demo-report
 
 test: setup
 	@$(PY) -m pytest -q -p no:cacheprovider

@@ -304,6 +304,8 @@ def eval_(
     step: Optional[float] = typer.Option(None, help="PGD step [default: eps / 4]."),
     steps: Optional[int] = typer.Option(None, help="PGD steps [default: 20]."),
     config: Optional[Path] = typer.Option(None, help="TOML whose [eval] section gives defaults for these options."),
+    branch: str = typer.Option("eval", help="Which batch-norm branch to deploy, by role: eval (the method's) or "
+                               "natural (for scale)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     workers: int = typer.Option(0),
     seed: Optional[int] = typer.Option(None),
@@ -320,9 +322,10 @@ def eval_(
     r = evaluate(data, checkpoint, pick(protocol, e.protocol) or "slf", pick(attack, e.attack) or "pgd20",
                  pick(recipe, e.recipe), pick(epochs, e.epochs), pick(lr, e.lr), pick(batch_size, e.batch_size),
                  limit=pick(limit, e.limit), device=resolve_device(device), workers=workers, eps=pick(eps, e.eps),
-                 step=pick(step, e.step), steps=pick(steps, e.steps), seed=pick(seed, e.seed) or 0)
+                 step=pick(step, e.step), steps=pick(steps, e.steps), seed=pick(seed, e.seed) or 0, branch=branch)
     names = r["measures"]
-    t = Table(title=f"{r['protocol'].upper()} evaluation of {checkpoint}", title_justify="left")
+    where = "" if branch == "eval" else f" ({branch} branch)"
+    t = Table(title=f"{r['protocol'].upper()} evaluation of {checkpoint}{where}", title_justify="left")
     for col in ("protocol", "recipe", *names, "test samples", "eps", "finetune"):
         t.add_column(col, justify="right")
     f = r["finetune"]
@@ -341,9 +344,12 @@ def report(
     out: Path = typer.Option(..., help="Folder for report.md and its PNG figures."),
 ):
     """Markdown report with PNG figures: training curves, selection timeline, evaluation, robustness vs time."""
-    from pipeline.report import build_report
+    from rich.console import Console
+
+    from pipeline.report import build_report, summary_table
 
     md, pngs = build_report(runs, out)
+    Console(stderr=True, width=max(console.width, 150)).print(summary_table(runs))  # readable in logs too
     console.print(f"wrote {escape(str(md))} and {len(pngs)} figures: " + ", ".join(escape(p.name) for p in pngs))
 
 

@@ -116,3 +116,23 @@ def test_standard_autoattack_is_at_least_as_strong_as_pgd(digits_set, trained):
     saved = json.loads((trained.parent.parent / "results.json").read_text())[r["checkpoint_sha256"]]
     assert {"slf-pgd20", "slf-autoattack"} <= set(saved)
     assert saved["slf-autoattack"]["finetune"]["nesterov"] is False
+
+
+def test_natural_branch_is_deployed_and_kept_apart(digits_set, trained):
+    """--branch natural evaluates through the natural batch-norm statistics and is saved under its own key, so it
+    never overwrites the method's own (adversarial-branch) result."""
+    ss = digits_set
+    clf_nat, _ = load_classifier(trained, ss, "cpu", "natural")
+    clf_adv, _ = load_classifier(trained, ss, "cpu")
+    assert clf_nat.branches["eval"] == "nat" and clf_adv.branches["eval"] == "adv"
+    x = torch.rand(8, ss.channels, 16, 16)
+    clf_nat.eval(), clf_adv.eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(clf_nat.fc.weight), clf_adv.fc.load_state_dict(clf_nat.fc.state_dict())
+        assert not torch.allclose(clf_nat(x), clf_adv(x))  # different statistics, different outputs
+    with pytest.raises(PipelineError, match="--branch 'nope'"):
+        load_classifier(trained, ss, "cpu", "nope")
+    r = evaluate(digits_set.root, trained, "slf", "clean", epochs=1, lr=0.1, batch_size=128, limit=32,
+                 progress=False, branch="natural")
+    saved = json.loads((trained.parent.parent / "results.json").read_text())[r["checkpoint_sha256"]]
+    assert saved["slf-clean-natural"]["eval_branch"] == "nat" and saved["slf-clean-natural"]["chance"] == 0.1

@@ -26,13 +26,18 @@ from pipeline.evaluation.recipes import DEFAULT_RECIPE, RECIPES, FinetuneSetting
 from pipeline.shards.shardset import ShardSet
 
 
-def load_classifier(checkpoint: str | Path, shardset: ShardSet, device) -> tuple[LinearClassifier, dict]:
+def load_classifier(checkpoint: str | Path, shardset: ShardSet, device, role: str = "eval"):
+    """(encoder + linear layer, checkpoint); `role` picks the branch deployed: the method's eval branch, or
+    another role (e.g. "natural", to see what the encoder's natural branch gives for scale)."""
     model, ckpt = load_model(checkpoint)
     spec = model.spec
     if spec.get("in_channels") != shardset.channels:
         raise PipelineError(f"{checkpoint}: the model takes {spec.get('in_channels')}-channel images, "
                             f"{shardset.root} has {shardset.channels}-channel ones")
-    roles = {role: model.branch(role) for role in spec["roles"]}
+    if role not in spec["roles"]:
+        raise PipelineError(f"--branch {role!r}: the model has branches for {', '.join(spec['roles'])}")
+    roles = {r: model.branch(r) for r in spec["roles"]}
+    roles["eval"] = roles[role]
     return LinearClassifier(model.encoder, model.feature_dim, len(shardset.classes), roles).to(device), ckpt
 
 
@@ -45,7 +50,8 @@ def evaluate(data: str | Path, checkpoint: str | Path, protocol: str = "slf", at
              recipe: str | None = None, epochs: int | None = None, lr: float | None = None,
              batch_size: int | None = None, milestones=None, limit: int | None = None, eval_batch_size: int = 256,
              device="cpu", workers: int = 0, eps: float | None = None, step: float | None = None,
-             steps: int | None = None, seed: int = 0, progress: bool = True, settings: FinetuneSettings | None = None) -> dict:
+             steps: int | None = None, seed: int = 0, progress: bool = True, settings: FinetuneSettings | None = None,
+             branch: str = "eval") -> dict:
     if protocol not in PROTOCOLS:
         raise PipelineError(f"--protocol {protocol!r}: choose one of {', '.join(PROTOCOLS)}")
     from pipeline.trainers.config import check_value
@@ -67,7 +73,7 @@ def evaluate(data: str | Path, checkpoint: str | Path, protocol: str = "slf", at
     for split in ("train", "test"):
         if split not in ss.splits:
             raise PipelineError(f"{data}: evaluation needs a train and a test split (it has {', '.join(ss.splits)})")
-    model, ckpt = load_classifier(checkpoint, ss, device)
+    model, ckpt = load_classifier(checkpoint, ss, device, branch)
     method = ckpt.get("method") or DEFAULT_RECIPE
     recipe = recipe or (method if method in RECIPES else DEFAULT_RECIPE)
     s = settings or recipe_settings(recipe, protocol, len(ss.classes), epochs, lr, batch_size, milestones, seed)
@@ -91,7 +97,9 @@ def evaluate(data: str | Path, checkpoint: str | Path, protocol: str = "slf", at
         "attack_seconds": time.perf_counter() - started, "checkpoint": str(checkpoint),
         "checkpoint_epoch": ckpt.get("epoch"), "method": ckpt.get("method"), "arch": model.encoder.__class__.__name__
         if "arch" not in ckpt["model_spec"] else ckpt["model_spec"]["arch"], "eval_branch": model.branches["eval"],
+        "branch_role": branch,
         "data": str(data), "dataset_fingerprint": ss.fingerprint, "test_samples_limit": limit,
+        "chance": 1 / len(ss.classes),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     result["checkpoint_sha256"] = digest = _digest(checkpoint)
@@ -119,8 +127,9 @@ def save_result(path: Path, digest: str, checkpoint: str, names: list[str], resu
         previous = {}
     entry = previous.setdefault(digest, {})
     entry.update(checkpoint=checkpoint, checkpoint_epoch=result.get("checkpoint_epoch"))
+    suffix = "" if result.get("branch_role", "eval") == "eval" else f"-{result['branch_role']}"
     for name in names[1:] or ["clean"]:
-        entry[f"{result['protocol']}-{name}"] = {k: v for k, v in result.items() if k != "results_path"}
+        entry[f"{result['protocol']}-{name}{suffix}"] = {k: v for k, v in result.items() if k != "results_path"}
     try:
         write_json(path, previous)
         return path

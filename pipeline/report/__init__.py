@@ -93,4 +93,25 @@ def build_report(run_paths: list[str | Path], out: str | Path) -> tuple[Path, li
     return path, pngs
 
 
-__all__ = ["build_report", "load_run", "robust_of"]
+def summary_table(run_paths):
+    """One rich table, a row per run: what it cost and what it reached (the demo's table)."""
+    from rich.table import Table
+
+    runs = [load_run(p) for p in run_paths]
+    t = Table(title="runs side by side", title_justify="left")
+    for col in ("run", "train wall s", "images attacked", "selection s", "stall s", "clean", "PGD-20",
+                "natural-branch clean", "chance"):
+        t.add_column(col, justify="right")
+    for run in runs:
+        adv = next((r for r in run.results if r.get("branch_role", "eval") == "eval" and r.get("pgd20") is not None), {})
+        nat = next((r for r in run.results if r.get("branch_role") == "natural"), {})
+        chance = adv.get("chance") or nat.get("chance")
+        t.add_row(run.label, f"{run.wall_seconds:.1f}", f"{run.images:,}",
+                  f"{sum(r.get('wall_s') or r.get('selection_s') or 0 for r in run.rounds):.1f}" if run.rounds else "-",
+                  f"{sum(r.get('stall_s') or 0 for r in run.rounds):.2f}" if run.rounds else "-",
+                  _pct(adv.get("clean")), _pct(adv.get("pgd20")), _pct(nat.get("clean")),
+                  _pct(chance))
+    return t
+
+
+__all__ = ["build_report", "load_run", "robust_of", "summary_table"]
