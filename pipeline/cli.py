@@ -42,10 +42,12 @@ def prepare(
     overwrite: bool = typer.Option(False, help="Replace a shard set prepared with other settings."),
     follow_symlinks: bool = typer.Option(False, help="folder: read links whose target is outside the source folder "
                                          "(skipped and listed by default)."),
+    per_class: Optional[str] = typer.Option(None, help="Keep a seeded random N samples of each class in a split: "
+                                            "SPLIT=N[,SPLIT=N], e.g. train=1000 (a fixed, class-balanced subset)."),
 ):
     """Convert a data set into a shard set (WebDataset tar shards with offset indexes, optionally FFCV)."""
     from pipeline.shards.describe import shardset_table
-    from pipeline.shards.prepare import PrepareOptions
+    from pipeline.shards.prepare import PrepareOptions, parse_per_class
     from pipeline.shards.prepare import prepare as run_prepare
     from pipeline.shards.shardset import ShardSet
 
@@ -54,7 +56,7 @@ def prepare(
     opts = PrepareOptions(out=out, formats=tuple(f.strip() for f in formats.split(",") if f.strip()),
                           image_size=image_size, shard_size=shard_size, workers=workers,
                           test_fraction=test_fraction, seed=seed, overwrite=overwrite,
-                          follow_symlinks=follow_symlinks)
+                          follow_symlinks=follow_symlinks, per_class=parse_per_class(per_class))
     result = run_prepare(source, opts)
     console.print(shardset_table(ShardSet(result.out, result.index)))
     if result.written:

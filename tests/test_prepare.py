@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 from conftest import make_prepared, write_image_folder
@@ -115,3 +116,25 @@ def test_foreign_files_in_out_are_left_alone(tmp_path):
     with pytest.raises(PipelineError, match="did not write \\(backup.tar, notes.idx\\)"):
         make_prepared("digits", out)
     assert (out / "backup.tar").read_bytes() == b"mine" and (out / "notes.idx").read_text() == "mine"
+
+
+def test_per_class_keeps_a_fixed_class_balanced_subset(tmp_path):
+    from pipeline.shards.prepare import parse_per_class, plan_splits
+    from pipeline.shards.sources import open_source
+
+    src = open_source("digits")
+    full = plan_splits(src, 0.2, 0)
+    plan = plan_splits(src, 0.2, 0, {"train": 30})
+    split, idx, labels = plan["train"]
+    assert sorted(np.bincount(labels).tolist()) == [30] * 10  # exactly 30 of each class
+    assert len(set(idx.tolist())) == 300 and set(idx.tolist()) <= set(full["train"][1].tolist())
+    assert np.array_equal(labels, src.labels(split[0])[idx])  # labels are the images' own
+    assert sorted(full["test"][1]) == sorted(plan["test"][1])  # other splits keep all their samples
+    again = plan_splits(src, 0.2, 0, {"train": 30})["train"][1]
+    other = plan_splits(src, 0.2, 1, {"train": 30})["train"][1]
+    assert np.array_equal(again, idx) and set(other.tolist()) != set(idx.tolist())
+    ss = make_prepared("digits", tmp_path / "d", per_class=parse_per_class("train=30"))
+    assert ss.count("train") == 300 and ss.count("test") == len(full["test"][1])
+    assert ss.fingerprint != make_prepared("digits", tmp_path / "all").fingerprint
+    with pytest.raises(PipelineError, match="expected SPLIT=N"):
+        parse_per_class("train:30")

@@ -47,6 +47,7 @@ class PrepareOptions:
     overwrite: bool = False
     progress: bool = True
     follow_symlinks: bool = False  # folder sources: read links that leave the source folder
+    per_class: dict[str, int] = field(default_factory=dict)  # split -> keep N samples of each class (seeded)
 
     def check(self) -> None:
         bad = [f for f in self.formats if f not in FORMATS]
@@ -60,6 +61,20 @@ class PrepareOptions:
             raise PipelineError(f"--workers {self.workers}: must be at least 1")
         if not 0.0 <= self.test_fraction < 1.0:
             raise PipelineError(f"--test-fraction {self.test_fraction}: must be in [0, 1)")
+        for split, n in self.per_class.items():
+            if not isinstance(n, int) or n < 1:
+                raise PipelineError(f"--per-class {split}={n}: must be a whole number of samples >= 1")
+
+
+def parse_per_class(text: str | None) -> dict[str, int]:
+    """'train=1000,test=200' -> {'train': 1000, 'test': 200}."""
+    out: dict[str, int] = {}
+    for item in filter(None, (t.strip() for t in (text or "").split(","))):
+        split, eq, n = item.partition("=")
+        if not eq or not n.strip().isdigit():
+            raise PipelineError(f"--per-class {item!r}: expected SPLIT=N, e.g. train=1000")
+        out[split.strip()] = int(n)
+    return out
 
 
 @dataclass
@@ -73,12 +88,14 @@ class ShardTask:
     out: Path = field(repr=False, default=None)
 
 
-def plan_splits(source: Source, test_fraction: float, seed: int) -> dict[str, tuple[list[str], np.ndarray, np.ndarray]]:
+def plan_splits(source: Source, test_fraction: float, seed: int,
+                per_class: dict[str, int] | None = None) -> dict[str, tuple[list[str], np.ndarray, np.ndarray]]:
     """split -> (source split of each item, source index, label), shuffled with `seed`.
 
     Shuffling before sharding makes neighbouring samples unrelated, which is what lets the streaming loader
     read long contiguous runs and still build well-mixed batches. A data set without its own test split gets
-    a per-class held-out test split of `test_fraction`.
+    a per-class held-out test split of `test_fraction`. `per_class` keeps, in the splits it names, a seeded
+    random `n` samples of each class (a fixed, class-balanced subset: the same for the same seed).
     """
     rng = np.random.default_rng(seed)
     refs: dict[str, list[tuple[str, np.ndarray]]] = {}
@@ -97,6 +114,16 @@ def plan_splits(source: Source, test_fraction: float, seed: int) -> dict[str, tu
         refs["train"] = [(pool, np.sort(np.concatenate(train)))]
         if test_fraction > 0:
             refs["test"] = [(pool, np.sort(np.concatenate(test)))]
+    unknown = sorted(set(per_class or {}) - set(refs))
+    if unknown:
+        raise PipelineError(f"--per-class {unknown[0]}=...: the data has no {unknown[0]!r} split "
+                            f"(it has {', '.join(refs)})")
+    picker = np.random.default_rng([seed, 1])  # its own stream: the sample order of full splits is unchanged
+    for split, n in sorted((per_class or {}).items()):
+        (name, idx), = refs[split]  # every split is one part of one source split
+        labels = source.labels(name)[idx]
+        keep = [picker.permutation(idx[labels == c])[:n] for c in np.unique(labels)]
+        refs[split] = [(name, np.sort(np.concatenate(keep)))]
     plan = {}
     for split in sorted(refs, key=lambda s: (SPLIT_ORDER.index(s) if s in SPLIT_ORDER else 99, s)):
         src_split = [name for name, idx in refs[split] for _ in range(len(idx))]
@@ -163,7 +190,7 @@ def _recipe(spec: str, opts: PrepareOptions, source: Source) -> dict:
         "test_fraction": None if source.native_splits else opts.test_fraction,
         "seed": opts.seed,
         "format_version": layout.FORMAT_VERSION,
-    }
+    } | ({"per_class": dict(sorted(opts.per_class.items()))} if opts.per_class else {})
 
 
 def _previous_records(out: Path, recipe: dict, overwrite: bool) -> tuple[dict[tuple[str, int], dict], set[str]]:
@@ -374,7 +401,7 @@ def _prepare_locked(spec: str, opts: PrepareOptions, source: Source, out: Path) 
     recipe = _recipe(spec, opts, source)
     previous, ours = _previous_records(out, recipe, opts.overwrite)
 
-    plan = plan_splits(source, opts.test_fraction, opts.seed)
+    plan = plan_splits(source, opts.test_fraction, opts.seed, opts.per_class)
     tasks = _tasks(plan, opts.shard_size, out)
     if ours:  # resuming our own run: the shards it was writing carry the planned names
         ours |= {f"{layout.shard_stem(t.split, t.shard_no)}.{ext}" for t in tasks for ext in ("tar", "idx")}
