@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -353,6 +354,31 @@ def report(
     md, pngs = build_report(runs, out)
     Console(stderr=True, width=max(console.width, 150)).print(summary_table(runs))  # readable in logs too
     console.print(f"wrote {escape(str(md))} and {len(pngs)} figures: " + ", ".join(escape(p.name) for p in pngs))
+
+
+@app.command()
+def experiment(
+    config: Path = typer.Argument(..., help="Experiment TOML: [experiment], [prepare], shared training sections, "
+                                  "[[arm]] tables (see configs/experiments/)."),
+    out: Optional[Path] = typer.Option(None, help="Experiment folder [default: the file's experiment.out]."),
+    only: Optional[str] = typer.Option(None, help="Run only these arms (comma-separated names)."),
+    dry_run: bool = typer.Option(False, help="List the runs and whether each is done; run nothing."),
+):
+    """Train and evaluate a grid of arms the same way; resumable; a results table and a report."""
+    from pipeline.experiment import STATE, load_experiment, results_markdown, run_experiment
+
+    exp = load_experiment(config, out)
+    if dry_run:
+        state = json.loads((exp.out / STATE).read_text()) if (exp.out / STATE).is_file() else {"runs": {}}
+        for arm, seed, run_id in exp.runs():
+            done = "done" if run_id in state["runs"] else "to run"
+            console.print(f"{run_id}: {done}  {escape(json.dumps(arm.overrides))}")
+        return
+    _interrupt_hint(f"finished arms are kept in {exp.out / STATE}, and the arm in flight keeps its last epoch; run "
+                    "the same command again to go on")
+    rows = run_experiment(exp, only=[a.strip() for a in only.split(",")] if only else None)
+    console.print(escape(results_markdown(exp, rows)))
+    console.print(f"wrote {escape(str(exp.out / 'results.md'))}, results.json and report/report.md")
 
 
 # What an interrupted command kept, and how to go on: set by each command before its long work.

@@ -1,0 +1,110 @@
+"""pipeline experiment: a grid of arms on digits; its table equals the runs' own files; resume; bad files."""
+
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.errors import PipelineError
+from pipeline.experiment import arm_config, load_experiment, run_experiment
+from pipeline.trainers import create_trainer
+
+SHARED = """
+[experiment]
+out = "{out}"
+seeds = [0, 1]
+
+[data]
+path = "{data}"
+batch_size = 64
+[model]
+arch = "smallcnn"
+head_width = 32
+proj_dim = 16
+[attack]
+eps = 0.1
+steps = 1
+[optim]
+optimizer = "sgd"
+lr = 0.3
+epochs = 2
+warmup_epochs = 0
+[run]
+deterministic = true
+[eval]
+epochs = 1
+lr = 0.1
+batch_size = 128
+eps = 0.1
+limit = 64
+"""
+ARMS = """
+[[arm]]
+name = "full"
+
+[[arm]]
+name = "random-half"
+seeds = [0]
+select = {{ selector = "random", fraction = {fraction}, warmup = 1, every = 1, sync = true }}
+"""
+
+
+def _write(tmp_path, data, fraction=0.5, extra=""):
+    path = tmp_path / "exp.toml"
+    path.write_text(SHARED.format(out=tmp_path / "out", data=data) + ARMS.format(fraction=fraction) + extra)
+    return path
+
+
+def _stamps(out):
+    return {p.parent.parent.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*/checkpoints/last.pt")}
+
+
+def test_experiment_table_resume_and_changed_arm(digits_set, tmp_path):
+    path = _write(tmp_path, digits_set.root)
+    exp = load_experiment(path)
+    # An arm interrupted mid-training: its first epoch done before the experiment starts.
+    cfg = arm_config(exp, exp.arms[0], 1, str(digits_set.root))
+    create_trainer(cfg, progress=False).fit(stop_after=1)
+    epoch1 = json.loads((tmp_path / "out/runs/full-s1/metrics.jsonl").read_text().splitlines()[-1])
+
+    rows = run_experiment(exp, progress=False)
+    assert [(r["arm"], r["seed"]) for r in rows] == [("full", 0), ("full", 1), ("random-half", 0)]
+    recs = [json.loads(ln) for ln in (tmp_path / "out/runs/full-s1/metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in recs if r["kind"] == "epoch"]
+    assert [e["epoch"] for e in epochs] == [1, 2] and epochs[0]["time"] == epoch1["time"]  # resumed, not redone
+
+    for r in rows:  # the table's numbers are the runs' own
+        run = tmp_path / "out" / "runs" / f"{r['arm']}-s{r['seed']}"
+        saved = json.loads((run / "results.json").read_text())[r["eval"]["checkpoint_sha256"]]["slf-pgd20"]
+        assert (r["clean"], r["pgd20"], saved["samples"]) == (saved["clean"], saved["pgd20"], 64)
+        eps = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+        assert r["images"] == sum(e["images"] for e in eps if e["kind"] == "epoch")
+    full = [r for r in rows if r["arm"] == "full"]
+    mean, std = np.mean([r["clean"] for r in full]), np.std([r["clean"] for r in full], ddof=1)
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert f"| full | - | 1 | 2 | {100 * mean:.2f} ± {100 * std:.2f} |" in table
+    arms = json.loads((tmp_path / "out" / "results.json").read_text())["arms"]
+    assert arms[0]["clean"] == pytest.approx(mean) and arms[1]["clean_std"] is None  # one seed: no spread
+    assert (tmp_path / "out" / "report" / "report.md").is_file()
+    assert rows[2]["rounds"] >= 1 and rows[2]["images"] < rows[0]["images"]
+
+    # Run again: nothing is redone. Change one arm: only that arm is.
+    before = _stamps(tmp_path / "out")
+    run_experiment(load_experiment(path), progress=False)
+    assert _stamps(tmp_path / "out") == before
+    rows = run_experiment(load_experiment(_write(tmp_path, digits_set.root, fraction=0.3)), progress=False)
+    after = _stamps(tmp_path / "out")
+    assert {k for k in after if after[k] != before[k]} == {"random-half-s0"}
+    assert rows[2]["fraction"] == 0.3
+
+
+@pytest.mark.parametrize("extra, msg", [
+    ('\n[[arm]]\nname = "full"\n', "two arms are named 'full'"),
+    ('\n[[arm]]\nname = "x"\noptim = { lr = -1 }\n', "optim.lr = -1"),
+    ('\n[[arm]]\nname = "x"\nselect = { selectr = "rcs" }\n', "unknown setting 'select.selectr'"),
+    ('\n[[arm]]\nname = "a b"\n', "needs a name"),
+])
+def test_bad_experiment_files_name_the_problem(tmp_path, extra, msg):
+    with pytest.raises(PipelineError, match=msg) as err:
+        load_experiment(_write(tmp_path, tmp_path, extra=extra))
+    assert "exp.toml" in str(err.value)
