@@ -1,11 +1,16 @@
-"""Cost of one ACL step (PGD-5 on the contrastive loss + one update) against its floor.
+"""Cost of one training step of each method against its floor.
 
-The floor is the same forward/backward passes on tensors of the same shapes, timed alone: 5 attack passes
-(eval mode, gradient w.r.t. the input only) and the training pass (natural and adversarial branch, backward).
-The step is the trainer's own `training_step` + backward + optimiser step, on a batch already in memory
-(augmentation, attack bookkeeping, losses, schedule included; loading is measured by bench_loader.py).
+The floor is the same forward/backward passes on tensors of the same shapes, timed alone (`FLOORS`): the
+attack passes (gradient w.r.t. the input only, in the mode the method attacks in) and the training pass
+(every branch the step uses, backward). ACL: 5 attack passes of 2B views (eval), then natural and
+adversarial 2B; SimCLR: one pass of 2B views; AdvCL: per attack step (train mode) x_cl, x_ce and the three
+natural views of B images, then the same five passes; ASCL: 10 attack passes of 2B views (train mode), then
+natural and adversarial 2B. The step is the trainer's own `training_step` + backward + optimiser step, on a
+batch already in memory (augmentation, attack bookkeeping, losses, schedule included; loading is measured by
+bench_loader.py).
 
-    python benchmarks/bench_train.py [--archs smallcnn,resnet18] [--batch-size 64] [--steps 3] [--device cpu]
+    python benchmarks/bench_train.py [--methods acl,simclr,advcl,ascl] [--archs smallcnn,resnet18]
+                                     [--batch-size 64] [--steps 3] [--device cpu]
 
 Target (issue 3): step time at most 1.15x the floor.
 """
@@ -23,6 +28,7 @@ from pathlib import Path
 import torch
 
 from pipeline.shards.prepare import PrepareOptions, prepare
+from pipeline.shards.shardset import ShardSet
 from pipeline.trainers import TrainConfig, create_trainer
 
 
@@ -31,22 +37,54 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def floor_pass(model, views, attack_steps, device, autocast_dtype):
-    """The bare passes of one ACL step: attack passes (input gradient only), then the training pass."""
-    nat, adv = model.branch("natural"), model.branch("adversarial")
-    model.eval()
-    x = views.clone()
-    for _ in range(attack_steps):
-        x.requires_grad_(True)
+def _input_grad_passes(model, inputs, branches, steps, train, device, autocast_dtype):
+    """`steps` attack passes: every input through its branch, gradient w.r.t. the inputs only."""
+    model.train(train)
+    xs = [x.clone() for x in inputs]
+    for _ in range(steps):
+        for x in xs:
+            x.requires_grad_(True)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            out = model(x, adv)["proj"]
-        (g,) = torch.autograd.grad(out.float().sum(), x)
-        x = (x.detach() + 1e-3 * g.sign()).clamp(0, 1)
+            total = sum(model(x, b)["features"].float().sum() for x, b in zip(xs, branches))
+        grads = torch.autograd.grad(total, xs)
+        xs = [(x.detach() + 1e-3 * g.sign()).clamp(0, 1) for x, g in zip(xs, grads)]
+    return xs
+
+
+def _train_pass(model, inputs, branches, device, autocast_dtype):
     model.train()
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        loss = model(views, nat)["proj"].float().sum() + model(x, adv)["proj"].float().sum()
+        loss = sum(sum(o.float().sum() for k, o in model(x, b).items() if k != "features")
+                   for x, b in zip(inputs, branches))
     loss.backward()
     model.zero_grad(set_to_none=True)
+
+
+def floor_acl(model, views, steps, device, dt):
+    nat, adv = model.branch("natural"), model.branch("adversarial")
+    (x,) = _input_grad_passes(model, [views], [adv], steps, False, device, dt)
+    _train_pass(model, [views, x], [nat, adv], device, dt)
+
+
+def floor_simclr(model, views, steps, device, dt):
+    _train_pass(model, [views], [model.branch("natural")], device, dt)
+
+
+def floor_advcl(model, views, steps, device, dt):
+    b = len(views) // 2
+    one = views[:b]
+    branches = ["pgd", "normal", "normal", "normal", "pgd_ce"]
+    xs = _input_grad_passes(model, [one] * 5, branches, steps, True, device, dt)
+    _train_pass(model, xs, branches, device, dt)
+
+
+def floor_ascl(model, views, steps, device, dt):
+    nat = model.branch("natural")
+    (x,) = _input_grad_passes(model, [views], [nat], steps, True, device, dt)
+    _train_pass(model, [views, x], [nat, nat], device, dt)
+
+
+FLOORS = {"acl": floor_acl, "simclr": floor_simclr, "advcl": floor_advcl, "ascl": floor_ascl}
 
 
 def pipeline_step(trainer, batch) -> float:
@@ -57,7 +95,7 @@ def pipeline_step(trainer, batch) -> float:
     trainer.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     trainer.optimizer.step()
-    return record.logs["attack_s"]
+    return record.logs.get("attack_s", 0.0)
 
 
 def timed(fn, device) -> float:
@@ -71,6 +109,7 @@ def timed(fn, device) -> float:
 def measure(trainer, batch, views, attack_steps, repeats):
     """Alternate step and floor measurements and take medians: drift of a shared machine hits both alike."""
     dev = trainer.device
+    floor_pass = FLOORS[trainer.name]
     pipeline_step(trainer, batch)  # warm-up (allocator, autotuning)
     floor_pass(trainer.model, views, attack_steps, dev, trainer.autocast)
     steps, floors, attacks = [], [], []
@@ -83,8 +122,21 @@ def measure(trainer, batch, views, attack_steps, repeats):
     return med(steps), med(attacks), med(floors)
 
 
+def random_pseudo_labels(ss, path):
+    """AdvCL's five pseudo-labellings, drawn at random: the step's cost does not depend on what they are."""
+    import numpy as np
+
+    from pipeline.pseudolabels import DEFAULT_COUNTS, PseudoLabels
+
+    ids = np.sort(ss.ids("train"))
+    rng = np.random.default_rng(0)
+    labels = np.stack([rng.integers(0, k, len(ids)) for k in DEFAULT_COUNTS], 1).astype(np.int32)
+    return PseudoLabels(ids, labels, DEFAULT_COUNTS, ss.fingerprint).save(path)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", default="acl", help=f"Comma-separated, of {', '.join(FLOORS)}")
     ap.add_argument("--archs", default="smallcnn,resnet18")
     ap.add_argument("--batch-size", type=int, default=64, help="Images per step (2x as many views)")
     ap.add_argument("--image-size", type=int, default=32)
@@ -95,14 +147,17 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    prepare(f"synthetic:{max(4 * args.batch_size, 256)}", PrepareOptions(out=work / "data", image_size=args.image_size,
-                                                                        test_fraction=0.0, progress=False))
+    prepare(f"synthetic:{max(4 * args.batch_size, 256)}", PrepareOptions(
+        out=work / "data", image_size=args.image_size, test_fraction=0.0, progress=False))
+    ss = ShardSet.open(work / "data")
+    pseudo = random_pseudo_labels(ss, work / "pseudo")
     rows = []
-    for arch in args.archs.split(","):
+    for method, arch in [(m, a) for m in args.methods.split(",") for a in args.archs.split(",")]:
         cfg = TrainConfig()
-        for k, v in {"data.path": str(work / "data"), "run.out": str(work / arch), "model.arch": arch,
-                     "data.batch_size": args.batch_size, "data.workers": 0, "run.device": args.device,
-                     "run.bf16": args.bf16, "run.channels_last": args.channels_last, "optim.epochs": 10}.items():
+        for k, v in {"method.name": method, "data.path": str(work / "data"), "run.out": str(work / f"{method}-{arch}"),
+                     "model.arch": arch, "data.batch_size": args.batch_size, "data.workers": 0,
+                     "run.device": args.device, "run.bf16": args.bf16, "run.channels_last": args.channels_last,
+                     "optim.epochs": 10, **({"advcl.pseudo_labels": str(pseudo)} if method == "advcl" else {})}.items():
             cfg.set(k, v)
         trainer = create_trainer(cfg, progress=False)
         loader = trainer._loader_for(0)
@@ -111,7 +166,7 @@ def main(argv=None):
                            device=trainer.device).contiguous(memory_format=trainer.memory_format)
         step_s, attack_s, floor_s = measure(trainer, batch, views, cfg.attack.steps, args.steps)
         images = len(batch.ids)
-        rows.append({"arch": arch, "batch": images, "step_s": round(step_s, 4), "attack_s": round(attack_s, 4),
+        rows.append({"method": method, "arch": arch, "batch": images, "attack_steps": cfg.attack.steps, "step_s": round(step_s, 4), "attack_s": round(attack_s, 4),
                      "update_s": round(step_s - attack_s, 4), "floor_s": round(floor_s, 4),
                      "images_per_s": round(images / step_s, 1), "floor_images_per_s": round(images / floor_s, 1),
                      "ratio_to_floor": round(step_s / floor_s, 3)})
@@ -119,11 +174,12 @@ def main(argv=None):
               "device": str(trainer.device), "threads": torch.get_num_threads(), "image_size": args.image_size,
               "bf16": args.bf16, "channels_last": args.channels_last, "rows": rows}
     print(json.dumps(result))
-    print(f"\nACL step (PGD-5 + update), {args.image_size}px, device {trainer.device}")
-    print(f"{'arch':10s} {'batch':>6s} {'images/s':>10s} {'attack s':>9s} {'update s':>9s} {'floor s':>8s} {'x floor':>8s}")
+    print(f"\ntraining step (attack + update) against its floor, {args.image_size}px, device {trainer.device}")
+    print(f"{'method':7s} {'arch':10s} {'batch':>6s} {'pgd':>4s} {'images/s':>10s} {'attack s':>9s} {'update s':>9s} "
+          f"{'floor s':>8s} {'x floor':>8s}")
     for r in rows:
-        print(f"{r['arch']:10s} {r['batch']:>6d} {r['images_per_s']:>10.1f} {r['attack_s']:>9.3f} {r['update_s']:>9.3f} "
-              f"{r['floor_s']:>8.3f} {r['ratio_to_floor']:>8.3f}")
+        print(f"{r['method']:7s} {r['arch']:10s} {r['batch']:>6d} {r['attack_steps']:>4d} {r['images_per_s']:>10.1f} "
+              f"{r['attack_s']:>9.3f} {r['update_s']:>9.3f} {r['floor_s']:>8.3f} {r['ratio_to_floor']:>8.3f}")
 
 
 if __name__ == "__main__":

@@ -66,6 +66,18 @@ def random_crop_flip(x: torch.Tensor, gen: torch.Generator, padding: int = 4, fl
     return out.gather(3, idx_c)
 
 
+def high_pass(x: torch.Tensor, radius: float) -> torch.Tensor:
+    """AdvCL's high-frequency view: per image and channel, the 2-D FFT with the zero frequency shifted to the
+    centre (h/2, w/2), every frequency closer than `radius` to it set to zero (an ideal high-pass filter), the
+    inverse FFT, its real part. A constant image gives zeros; r = 8 at 32 px in the reference."""
+    h, w = x.shape[-2:]
+    spectrum = torch.fft.fftshift(torch.fft.fft2(x.float()), dim=(-2, -1))
+    i = torch.arange(h, device=x.device, dtype=torch.float32).view(-1, 1) - h / 2
+    j = torch.arange(w, device=x.device, dtype=torch.float32).view(1, -1) - w / 2
+    keep = (i.square() + j.square()).sqrt() >= radius
+    return torch.fft.ifft2(torch.fft.ifftshift(spectrum * keep, dim=(-2, -1))).real
+
+
 def _grey(x: torch.Tensor) -> torch.Tensor:
     r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
     return 0.299 * r + 0.587 * g + 0.114 * b

@@ -152,7 +152,7 @@ def stream(
 def train(
     data: Optional[Path] = typer.Option(None, help="Shard-set folder."),
     out: Optional[Path] = typer.Option(None, help="Run folder (checkpoints, metrics.jsonl, config.toml)."),
-    method: Optional[str] = typer.Option(None, help="Training method by name: acl | dynacl (pipeline/trainers)."),
+    method: Optional[str] = typer.Option(None, help="Training method by name: acl | dynacl | simclr | advcl | ascl (pipeline/trainers)."),
     config: Optional[Path] = typer.Option(None, help="TOML file with [data] [model] [method] [attack] [optim] [run]."),
     manifest: Optional[Path] = typer.Option(None, help="Train on this subset manifest."),
     manifests: Optional[Path] = typer.Option(None, help="At each epoch, train on the newest valid manifest here."),
@@ -293,7 +293,7 @@ def select(
 def eval_(
     data: Path = typer.Option(..., help="Shard-set folder with train and test splits."),
     checkpoint: Path = typer.Option(..., help="A checkpoint written by `pipeline train`."),
-    protocol: Optional[str] = typer.Option(None, help="slf | alf | aff [default: slf]"),
+    protocol: Optional[str] = typer.Option(None, help="slf | alf | aff, or direct: the model's own classifier, no finetuning (ascl) [default: slf]"),
     recipe: Optional[str] = typer.Option(None, help="acl | dynacl | advcl: the RobustSSL benchmark's finetuning "
                                          "settings [default: the checkpoint's method]."),
     attack: Optional[str] = typer.Option(None, help="Comma-separated: pgd20, autoattack, autoattack-rand, clean "
@@ -354,6 +354,31 @@ def report(
     md, pngs = build_report(runs, out)
     Console(stderr=True, width=max(console.width, 150)).print(summary_table(runs))  # readable in logs too
     console.print(f"wrote {escape(str(md))} and {len(pngs)} figures: " + ", ".join(escape(p.name) for p in pngs))
+
+
+@app.command("pseudo-labels")
+def pseudo_labels(
+    data: Path = typer.Option(..., help="Shard-set folder."),
+    checkpoint: Path = typer.Option(..., help="Encoder checkpoint (e.g. a `--method simclr` run's last.pt)."),
+    out: Path = typer.Option(..., help="File to write: OUT.json beside OUT.ids.npy and OUT.labels.npy."),
+    clusters: str = typer.Option("2,10,50,100,500", help="Cluster counts, one labelling each (AdvCL's five)."),
+    split: str = typer.Option("train"),
+    seed: int = typer.Option(0, help="k-means seed: the same seed gives the same labels."),
+    branch: str = typer.Option("eval", help="Batch-norm branch by role whose features are clustered."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+):
+    """k-means pseudo-labels of every training sample from an encoder's features (for AdvCL)."""
+    from pipeline.dist import resolve_device
+    from pipeline.pseudolabels import make_pseudo_labels
+
+    try:
+        counts = [int(c) for c in clusters.split(",") if c.strip()]
+    except ValueError:
+        raise PipelineError(f"--clusters {clusters!r}: expected whole numbers, e.g. 2,10,50,100,500") from None
+    pl = make_pseudo_labels(data, checkpoint, counts, split, seed, resolve_device(device), branch)
+    header = pl.save(out)
+    sizes = ", ".join(f"{k}: {len(set(pl.labels[:, i].tolist()))} clusters" for i, k in enumerate(pl.counts))
+    console.print(f"wrote {escape(str(header))}: {len(pl.ids):,} samples; {sizes}")
 
 
 @app.command()

@@ -8,6 +8,10 @@ three things of its own:
                   (prepared once; a complete set is reused, an interrupted one resumed)
     [[arm]]       name = "rcs-0.2", then any sections it changes, e.g. select = {selector = "rcs", fraction = 0.2}
 
+A setting given as "pseudo-labels:ARM" names the k-means pseudo-labels (AdvCL's five counts) of the encoder
+that arm ARM trained with the same seed: made once, after that arm, under OUT/pseudo-labels/ (e.g.
+advcl = {pseudo_labels = "pseudo-labels:simclr"}, with the simclr arm earlier in the file).
+
 Each (arm, seed) is a run folder OUT/runs/ARM-sSEED with the usual config.toml, so any arm can be rerun by
 hand with `pipeline train --config OUT/runs/ARM-sSEED/config.toml`. Progress is kept in OUT/experiment.json
 after every arm: an interrupted experiment resumes with the arms it has not finished (an arm interrupted
@@ -105,16 +109,47 @@ def load_experiment(path: str | Path, out: str | Path | None = None) -> Experime
     return exp
 
 
+PSEUDO = "pseudo-labels:"
+
+
+def _pseudo_refs(arm: Arm) -> list[str]:
+    return [v[len(PSEUDO):] for values in arm.overrides.values() if isinstance(values, dict)
+            for v in values.values() if isinstance(v, str) and v.startswith(PSEUDO)]
+
+
+def _pseudo_path(exp: Experiment, ref: str, seed: int) -> Path:
+    return exp.out / "pseudo-labels" / f"{ref}-s{seed}.json"
+
+
+def _ensure_pseudo_labels(exp: Experiment, arm: Arm, seed: int, data_path: str, progress: bool) -> None:
+    from pipeline.pseudolabels import DEFAULT_COUNTS, make_pseudo_labels
+
+    for ref in _pseudo_refs(arm):
+        path = _pseudo_path(exp, ref, seed)
+        if path.is_file():
+            continue
+        ckpt = exp.out / "runs" / f"{ref}-s{seed}" / "checkpoints" / "last.pt"
+        if ref not in {a.name for a in exp.arms} or not ckpt.is_file():
+            raise PipelineError(f"{exp.path}: arm {arm.name} takes pseudo-labels from arm {ref!r}, seed {seed}, "
+                                f"which has no trained run ({ckpt}): put that arm earlier in the file")
+        console.print(f"pseudo-labels of {ckpt} -> {path}")
+        make_pseudo_labels(data_path, ckpt, DEFAULT_COUNTS, seed=seed, progress=progress).save(path)
+
+
 def arm_config(exp: Experiment, arm: Arm, seed: int, data_path: str):
-    from pipeline.trainers import TrainConfig
+    from pipeline.trainers import TRAINERS, TrainConfig
 
     merged = copy.deepcopy(exp.shared)
     for section, values in arm.overrides.items():
-        merged.setdefault(section, {}).update(values)
+        merged.setdefault(section, {}).update(
+            {k: str(_pseudo_path(exp, v[len(PSEUDO):], seed)) if isinstance(v, str) and v.startswith(PSEUDO) else v
+             for k, v in values.items()} if isinstance(values, dict) else values)
     merged.setdefault("data", {})["path"] = str(data_path)
     merged.setdefault("run", {}).update(out=str(exp.out / "runs" / f"{arm.name}-s{seed}"), seed=seed)
     origin = f"{exp.path}: arm {arm.name}"
     cfg = TrainConfig.from_dict(merged, origin=origin)
+    trainer = TRAINERS.get(cfg.method.name)
+    cfg.apply_defaults(trainer.config_defaults if trainer else {})  # as `pipeline train` will: same config.toml
     try:
         return cfg.validate()
     except PipelineError as exc:
@@ -231,6 +266,7 @@ def run_experiment(exp: Experiment, progress: bool = True, only: list[str] | Non
                 continue
             console.print(f"[{n}/{len(todo)}] {run_id}: training ({cfg.run.out}/config.toml)")
             started = time.perf_counter()
+            _ensure_pseudo_labels(exp, arm, seed, data_path, progress)
             note = _train(cfg, progress)
             console.print(f"[{n}/{len(todo)}] {run_id}: {note}; evaluating")
             row = _row(arm, seed, cfg, _evaluate(cfg, seed, progress))

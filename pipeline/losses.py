@@ -6,24 +6,62 @@ import torch
 import torch.nn.functional as F
 
 
+def _view_targets(n: int, views: int, device) -> torch.Tensor:
+    """(n, n) mask of positives: rows v * B + i (v < views) are views of image i; a row is not its own."""
+    b = n // views
+    img = torch.arange(n, device=device) % b
+    pos = img[:, None] == img[None, :]
+    return pos & ~torch.eye(n, dtype=torch.bool, device=device)
+
+
+def multiview_contrastive(z: torch.Tensor, views: int = 2, temperature: float = 0.5, scale: float = 1.0,
+                          reduction: str = "mean", detach_others: bool = False) -> torch.Tensor:
+    """The contrastive loss over `views` views per image without labels (SupCon's form; NT-Xent when views=2).
+
+    Rows v * B + i are view v of image i. Anchor row a: -scale * mean over its positives p (the other views of
+    its image) of log(exp(s_ap) / sum_{k != a} exp(s_ak)), s = cosine / temperature. `scale` is AdvCL's
+    temperature / base_temperature. `reduction`: "mean" over rows, "rows" (one per row), "sample" (the mean of
+    an image's rows: their mean is the "mean"). `detach_others`: every row against the others held fixed,
+    so that d(row a's loss)/d z_a is that row's own gradient (the per-sample gradient selection needs).
+    """
+    n = z.shape[0]
+    if n % views:
+        raise ValueError(f"contrastive loss: {n} rows is not a multiple of {views} views")
+    zn = F.normalize(z.float(), dim=1)
+    sim = zn @ (zn.detach() if detach_others else zn).t() / temperature
+    eye = torch.eye(n, dtype=torch.bool, device=z.device)
+    log_prob = sim.masked_fill(eye, float("-inf")).log_softmax(1)
+    pos = _view_targets(n, views, z.device)
+    rows = -scale * log_prob.masked_fill(~pos, 0).sum(1) / (views - 1)
+    if reduction == "rows":
+        return rows
+    if reduction == "sample":
+        return rows.view(views, -1).mean(0)
+    return rows.mean()
+
+
 def nt_xent(z: torch.Tensor, temperature: float = 0.5, reduction: str = "mean") -> torch.Tensor:
     """SimCLR's NT-Xent over 2B projections where rows i and i + B are two views of one image.
 
     Each row's positive is its partner; the other 2B - 2 rows are its negatives. `reduction`: "mean" over all
     2B rows, or "sample": one value per image, the mean of its two rows' terms (their mean is the "mean").
     """
-    n = z.shape[0]
-    if n % 2:
-        raise ValueError(f"nt_xent needs an even number of rows (two views per image), got {n}")
-    z = F.normalize(z.float(), dim=1)
-    sim = z @ z.t() / temperature
-    sim.fill_diagonal_(float("-inf"))
-    half = n // 2
-    targets = torch.cat([torch.arange(half, n), torch.arange(0, half)]).to(z.device)
-    if reduction == "mean":
-        return F.cross_entropy(sim, targets)
-    rows = F.cross_entropy(sim, targets, reduction="none")
-    return (rows[:half] + rows[half:]) / 2
+    if z.shape[0] % 2:
+        raise ValueError(f"nt_xent needs an even number of rows (two views per image), got {z.shape[0]}")
+    return multiview_contrastive(z, 2, temperature, reduction=reduction)
+
+
+def row_gradients(z: torch.Tensor, row_losses) -> torch.Tensor:
+    """d(row r's loss)/d z_r for every row, from `row_losses(z)` computed with the other rows held fixed."""
+    z = z.detach().float().requires_grad_(True)
+    (grad,) = torch.autograd.grad(row_losses(z).sum(), z)
+    return grad
+
+
+def kl_per_sample(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """KL(softmax p || softmax q) per sample, summed over classes."""
+    lp, lq = F.log_softmax(logits_p.float(), 1), F.log_softmax(logits_q.float(), 1)
+    return (lp.exp() * (lp - lq)).sum(1)
 
 
 def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:

@@ -89,7 +89,8 @@ def _tiny_snapshot(digits_set):
 def test_closed_form_per_sample_head_gradients_equal_autograd(digits_set):
     from pipeline.losses import nt_xent
     from pipeline.models.multibn import use_branch
-    from pipeline.selectors.proxies import head_linears, head_rows_backward, per_row_anchor_grads
+    from pipeline.losses import multiview_contrastive, row_gradients
+    from pipeline.selectors.proxies import head_linears, head_rows_backward
 
     torch.manual_seed(0)
     model = _tiny_snapshot(digits_set)
@@ -98,7 +99,7 @@ def test_closed_form_per_sample_head_gradients_equal_autograd(digits_set):
     f = torch.randn(12, model.encoder.feature_dim)  # 6 samples x 2 views
     with torch.no_grad(), use_branch(head, nat):
         z = head(f)
-    g = per_row_anchor_grads(z, 0.5)
+    g = row_gradients(z, lambda zz: multiview_contrastive(zz, 2, 0.5, reduction="rows", detach_others=True))
     a_list, d_list = head_rows_backward(head, f, g, nat)
     lins = head_linears(head)
     for i in (0, 4):
@@ -150,7 +151,7 @@ def test_rcs_gains_equal_the_autograd_reference(digits_set):
     np.testing.assert_allclose(p.val_compressed, full, rtol=1e-5, atol=1e-9)
     assert np.abs(full - half).max() > 1e-3 * np.abs(full).max()  # the natural pass matters: the test can fail
     # candidate gradients: rebuild sample 5's full gradient by autograd from its rows, compress, compare
-    grads = pick_gradient(head, p.row_feats[[5]], p.row_grads[[5]], p.branches)
+    grads = pick_gradient(head, p.row_feats[[5]], p.row_grads[[5]], p.row_branches)
     comp = compress(grads[0::2], grads[1::2]).numpy()
     # row features are stored in float16, so the rebuilt gradient agrees to about 1e-2 relative
     np.testing.assert_allclose(p.compressed_grads[5], comp, rtol=2e-2, atol=1e-6)

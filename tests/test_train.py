@@ -118,7 +118,7 @@ def test_config_file_overrides_and_saved_config(digits_set, tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["--set", "optim.lrr=1"], "unknown setting 'optim.lrr'"),
     (["--set", "optim.epochs=ten"], "not a valid int"),
-    (["--method", "simclr"], "method 'simclr'"),
+    (["--method", "byol"], "method 'byol'"),
     (["--arch", "vit"], "model arch 'vit'"),
     (["--device", "tpu"], "run.device = 'tpu' (--device): must be auto, cpu or cuda"),
 ])

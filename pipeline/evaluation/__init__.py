@@ -21,7 +21,7 @@ from pipeline.attacks import budget
 from pipeline.checkpoint import load_model
 from pipeline.errors import PipelineError
 from pipeline.evaluation.measures import MEASURES, accuracies, parse_measures
-from pipeline.evaluation.protocols import PROTOCOLS, LinearClassifier, finetune
+from pipeline.evaluation.protocols import PROTOCOLS, LinearClassifier, OwnClassifier, finetune
 from pipeline.evaluation.recipes import DEFAULT_RECIPE, RECIPES, FinetuneSettings, recipe_settings
 from pipeline.shards.shardset import ShardSet
 
@@ -39,6 +39,22 @@ def load_classifier(checkpoint: str | Path, shardset: ShardSet, device, role: st
     roles = {r: model.branch(r) for r in spec["roles"]}
     roles["eval"] = roles[role]
     return LinearClassifier(model.encoder, model.feature_dim, len(shardset.classes), roles).to(device), ckpt
+
+
+def load_own_classifier(checkpoint: str | Path, shardset: ShardSet, device, role: str = "eval"):
+    """(the model's own classifier through the `role` branch, checkpoint), for `--protocol direct`."""
+    model, ckpt = load_model(checkpoint)
+    heads = model.spec["heads"]
+    if "logits" not in heads:
+        raise PipelineError(f"{checkpoint}: --protocol direct needs a model with its own classifier (a 'logits' "
+                            f"head, as ascl trains); this {ckpt.get('method')} model has {', '.join(heads)}: "
+                            "use --protocol slf, alf or aff")
+    if heads["logits"]["out"] != len(shardset.classes):
+        raise PipelineError(f"{checkpoint}: its classifier has {heads['logits']['out']} classes, "
+                            f"{shardset.root} has {len(shardset.classes)}")
+    if role not in model.spec["roles"]:
+        raise PipelineError(f"--branch {role!r}: the model has branches for {', '.join(model.spec['roles'])}")
+    return OwnClassifier(model, model.branch(role)).to(device), ckpt
 
 
 def results_path(checkpoint: str | Path) -> Path:
@@ -73,17 +89,25 @@ def evaluate(data: str | Path, checkpoint: str | Path, protocol: str = "slf", at
     for split in ("train", "test"):
         if split not in ss.splits:
             raise PipelineError(f"{data}: evaluation needs a train and a test split (it has {', '.join(ss.splits)})")
-    model, ckpt = load_classifier(checkpoint, ss, device, branch)
+    direct = PROTOCOLS[protocol].own_classifier
+    model, ckpt = (load_own_classifier if direct else load_classifier)(checkpoint, ss, device, branch)
     method = ckpt.get("method") or DEFAULT_RECIPE
     recipe = recipe or (method if method in RECIPES else DEFAULT_RECIPE)
-    s = settings or recipe_settings(recipe, protocol, len(ss.classes), epochs, lr, batch_size, milestones, seed)
+    if direct:  # nothing is finetuned: the settings only record that
+        recipe = "-"
+        s = FinetuneSettings(recipe=recipe, protocol=protocol, epochs=0, lr=0.0, batch_size=0, milestones=[],
+                             seed=seed)
+    else:
+        s = settings or recipe_settings(recipe, protocol, len(ss.classes), epochs, lr, batch_size, milestones, seed)
     trained = ckpt.get("attack") or {}
     b = budget(ss.channels, eps if eps is not None else trained.get("eps"),
                step if step is not None else (None if eps is not None else trained.get("step")), steps, use="eval")
     torch.manual_seed(s.seed)
-    train_loader = ss.loader("train", batch_size=s.batch_size, seed=s.seed, device=device, num_workers=workers)
     started = time.perf_counter()
-    losses = finetune(model, train_loader, protocol, s, b.eps, b.step, device, progress)
+    losses = []
+    if not direct:
+        train_loader = ss.loader("train", batch_size=s.batch_size, seed=s.seed, device=device, num_workers=workers)
+        losses = finetune(model, train_loader, protocol, s, b.eps, b.step, device, progress)
     finetune_s = time.perf_counter() - started
     test_ids = ss.ids("test")[:limit] if limit else None
     test_loader = ss.loader("test", test_ids, batch_size=eval_batch_size, shuffle=False, device=device,

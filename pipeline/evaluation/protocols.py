@@ -36,6 +36,7 @@ class LinearClassifier(nn.Module):
 class Protocol:
     name = "base"
     trains_encoder = False
+    own_classifier = False  # True: evaluate the model's own classifier, no finetuning
 
     def __init__(self, model: LinearClassifier, s: FinetuneSettings, eps: float, step: float, gen):
         self.model, self.s, self.eps, self.step, self.gen = model, s, eps, step, gen
@@ -99,7 +100,27 @@ class AFF(Protocol):
         return F.cross_entropy(logits, y) + self.s.trades_beta * trades_kl(self.model(x_adv), logits)
 
 
-PROTOCOLS: dict[str, type[Protocol]] = {p.name: p for p in (SLF, ALF, AFF)}
+class Direct(Protocol):
+    """No finetuning: the pre-trained model's own classifier (its "logits" head, supervised methods such as
+    ASCL) through the eval branch."""
+
+    name = "direct"
+    own_classifier = True
+
+
+class OwnClassifier(nn.Module):
+    """A model's own classifier head as a plain classifier: `forward(x)` -> logits through the eval branch."""
+
+    def __init__(self, model: nn.Module, branch: str, head: str = "logits"):
+        super().__init__()
+        self.model, self.branch, self.head = model, branch, head
+        self.branches = {"eval": branch}
+
+    def forward(self, x):
+        return self.model(x, self.branch, heads=(self.head,))[self.head]
+
+
+PROTOCOLS: dict[str, type[Protocol]] = {p.name: p for p in (SLF, ALF, AFF, Direct)}
 
 
 def finetune(model: LinearClassifier, loader, protocol: str, s: FinetuneSettings, eps: float, step: float, device,

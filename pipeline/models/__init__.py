@@ -5,6 +5,7 @@ A spec is a plain dict that travels inside checkpoints, so evaluation and select
      "branches": ["nat", "adv"],                                   batch-norm branches, declared by the method
      "roles": {"natural": "nat", "adversarial": "adv", "eval": "adv"},   which branch serves which purpose
      "heads": {"proj": {"kind": "mlp3", "width": 512, "out": 512}}}      named heads on the encoder features
+A head with "shared_bn": true normalises every branch with one set of statistics (AdvCL's projection head).
 Code outside a method's own module never names a branch: it asks the spec for a role (`model.branch("eval")`).
 """
 
@@ -15,7 +16,7 @@ from torch import nn
 from pipeline.errors import PipelineError
 from pipeline.models.backbones import BACKBONES
 from pipeline.models.heads import HEADS
-from pipeline.models.multibn import MultiBatchNorm, set_branch, use_branch
+from pipeline.models.multibn import SHARED, MultiBatchNorm, set_branch, use_branch
 
 ROLES = ("natural", "adversarial", "eval")
 
@@ -90,7 +91,8 @@ def create_model(spec: dict) -> Model:
     spec = upgrade_spec(spec)
     branches = tuple(spec["branches"])
     encoder = BACKBONES[spec["arch"]](in_channels=spec["in_channels"], stem=spec["stem"], branches=branches)
-    heads = {name: HEADS[h["kind"]](encoder.feature_dim, h["width"], h["out"], branches=branches)
+    heads = {name: HEADS[h["kind"]](encoder.feature_dim, h["width"], h["out"],
+                                    branches=(SHARED,) if h.get("shared_bn") else branches)
              for name, h in spec["heads"].items()}
     return Model(encoder, heads, spec)
 

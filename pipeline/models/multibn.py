@@ -11,12 +11,16 @@ from contextlib import contextmanager
 
 from torch import nn
 
+SHARED = "shared"  # the one branch of a layer every branch shares (AdvCL's projection head)
+
+
 class MultiBatchNorm(nn.Module):
     def __init__(self, num_features: int, branches, dims: int = 2):
         super().__init__()
         bn = nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d
         self.bns = nn.ModuleDict({b: bn(num_features) for b in branches})
         self.branch = branches[0]
+        self.shared = list(branches) == [SHARED]  # follows no branch switch
 
     def forward(self, x):
         return self.bns[self.branch](x)
@@ -31,6 +35,8 @@ def multibn_layers(model: nn.Module) -> list[MultiBatchNorm]:
 
 def set_branch(model: nn.Module, branch: str) -> None:
     for m in multibn_layers(model):
+        if m.shared:
+            continue
         if branch not in m.bns:
             raise KeyError(f"batch-norm branch {branch!r} not in {list(m.bns)}")
         m.branch = branch

@@ -1,11 +1,12 @@
 """Proxies for selection, computed in one streaming pass over the candidates with a model snapshot.
 
 - features: encoder features of the natural images (natural branch), float16;
-- per-sample ACL head gradients in closed form. In eval mode every row passes the head independently, so for
-  each linear layer l the per-sample weight gradient is sum over the sample's rows r of delta_lr a_lr^T
-  (delta: loss gradient w.r.t. the layer's output, a: its input). A sample has 4 rows: two augmented views
-  (natural branch) and their PGD views (adversarial branch); its loss is the mean of its rows' NT-Xent terms,
-  each taken with the other rows of the batch held fixed. Stored compressed as RCS does (each weight
+- per-sample head gradients of the checkpoint's method, in closed form. The method says how its loss meets its
+  selection head (`Trainer.selection_rows`: ACL, 4 rows per sample, two views on the natural branch and their
+  PGD views on the adversarial one; SimCLR 2; AdvCL 4; ASCL 2 at its classifier), each row's loss taken with
+  the other rows of the batch held fixed. In eval mode every row passes the head independently, so for each
+  linear layer l the per-sample weight gradient is sum over the sample's rows r of delta_lr a_lr^T (delta:
+  loss gradient w.r.t. the layer's output, a: its input). Stored compressed as RCS does (each weight
   gradient averaged over its output dimension, each bias gradient to a scalar), plus the head input and
   output gradient of every row, from which the full gradient of any pick is rebuilt exactly;
 - the representational-divergence (RD) gradient of a validation part U (given by the run, which holds it out
@@ -13,7 +14,7 @@
   U's virtual-adversarial views from PGD on RD, and U's encoder features for refreshing it. The gradient flows
   through both the natural and the adversarial pass of the head, as grad RD(U; theta) in the paper.
 
-Branches are the model's roles (natural, adversarial), never names: any method's model works.
+Branches are the model's roles (natural, adversarial) or the method's rows, never names: any method's model works.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.attacks import PGD
-from pipeline.augment import ContrastiveAugment, to_float
-from pipeline.losses import nt_xent, representational_divergence
+from pipeline.errors import PipelineError
+from pipeline.augment import to_float
+from pipeline.attacks import Budget
+from pipeline.losses import representational_divergence
 from pipeline.models.multibn import use_branch
 
 
@@ -41,19 +44,6 @@ def compress(grads_w: list[torch.Tensor], grads_b: list[torch.Tensor]) -> torch.
     for gw, gb in zip(grads_w, grads_b):
         parts += [gw.mean(dim=-2), gb.mean(dim=-1, keepdim=True)]
     return torch.cat(parts, dim=-1)
-
-
-def per_row_anchor_grads(z: torch.Tensor, temperature: float) -> torch.Tensor:
-    """d(NT-Xent term of row r)/d z_r for every row, all other rows held fixed (the per-sample gradient)."""
-    z = z.detach().float().requires_grad_(True)
-    zn = F.normalize(z, dim=1)
-    others = zn.detach()
-    sim = zn @ others.t() / temperature
-    sim = sim.masked_fill(torch.eye(len(z), dtype=torch.bool, device=z.device), float("-inf"))
-    half = len(z) // 2
-    targets = torch.cat([torch.arange(half, len(z)), torch.arange(0, half)]).to(z.device)
-    (grad,) = torch.autograd.grad(F.cross_entropy(sim, targets, reduction="sum"), z)
-    return grad
 
 
 def head_rows_backward(head: nn.Module, feats: torch.Tensor, grad_out: torch.Tensor, branch: str):
@@ -81,11 +71,13 @@ class Proxies:
     validation_ids: np.ndarray
     features: np.ndarray  # (n, d) float16
     compressed_grads: np.ndarray | None = None  # (n, c) float32
-    row_feats: torch.Tensor | None = None  # (n, 4, d): head inputs of each sample's rows
-    row_grads: torch.Tensor | None = None  # (n, 4, p): loss gradients at the head output of those rows
+    row_feats: torch.Tensor | None = None  # (n, R, d): head inputs of each sample's R rows
+    row_grads: torch.Tensor | None = None  # (n, R, p): loss gradients at the head output of those rows
     val_feats: tuple | None = None  # (U natural features, U virtual-adversarial features)
     val_compressed: np.ndarray | None = None  # compressed RD gradient of U at the snapshot's head
     branches: tuple = ()  # (natural, adversarial) batch-norm branch names of the model
+    row_branches: tuple = ()  # the batch-norm branch of each of the R rows
+    divergence: str = "minmax_kl"  # RCS's RD at the selection head
 
     @property
     def alignment(self) -> np.ndarray:
@@ -93,23 +85,32 @@ class Proxies:
         return self.compressed_grads @ self.val_compressed
 
 
-ROW_ROLES = (0, 0, 1, 1)  # a sample's 4 rows: two natural views, then their adversarial views
-
-
 class ProxyComputer:
+    """`method`: the checkpoint's training method by name (its `selection_rows`, `selection_head` and
+    `divergence`); `settings`: what its step looked like at the snapshot (Trainer.selection_settings)."""
+
     def __init__(self, model, shardset, split: str, device="cpu", batch_size: int = 256, eps: float = 8 / 255,
                  step: float = 2 / 255, attack_steps: int = 1, temperature: float = 0.5,
                  validation_fraction: float = 0.01, seed: int = 0, min_crop_scale: float = 0.08,
-                 strength: float = 1.0, validation_ids: np.ndarray | None = None):
+                 strength: float = 1.0, validation_ids: np.ndarray | None = None, method: str = "acl",
+                 settings: dict | None = None):
+        from pipeline.trainers import TRAINERS  # the selection process needs the method's hooks, not a trainer
+
         torch.set_flush_denormal(True)  # denormal floats in trained weights slow CPU math down ~10x
+        if method not in TRAINERS:
+            raise PipelineError(f"the snapshot was trained by method {method!r}, which this version does not know "
+                                f"({', '.join(TRAINERS)})")
+        self.method = TRAINERS[method]
         self.model = model.to(device).eval()
-        self.head = model.heads["proj"]
+        self.head_name = self.method.selection_head
+        self.head = model.heads[self.head_name]
         self.branches = (model.branch("natural"), model.branch("adversarial"))
         self.shardset, self.split, self.device = shardset, split, torch.device(device)
         self.batch_size, self.eps, self.step, self.attack_steps = batch_size, eps, step, attack_steps
-        self.temperature, self.validation_fraction, self.seed = temperature, validation_fraction, seed
+        self.validation_fraction, self.seed = validation_fraction, seed
         self.validation_ids = None if validation_ids is None else np.sort(np.asarray(validation_ids, dtype=np.int64))
-        self.augment = ContrastiveAugment(shardset.image_size, strength=strength, min_scale=min_crop_scale)
+        self.settings = {"temperature": temperature, "min_crop_scale": min_crop_scale, "strength": strength,
+                         **(settings or {})}
 
     @property
     def device_name(self) -> str:
@@ -137,14 +138,15 @@ class ProxyComputer:
         """U's natural and virtual-adversarial encoder features (PGD on RD: 3 steps, step 1.25 eps / 3)."""
         gen = torch.Generator(self.device).manual_seed(self.seed + 1)
         b_nat, b_adv = self.branches
-        attack = PGD(lambda x: self.model(x, b_adv, heads=("proj",))["proj"],
-                     lambda z, z_nat: representational_divergence(z, z_nat), self.eps, 1.25 * self.eps / 3, 3,
+        head, kind = self.head_name, self.method.divergence
+        attack = PGD(lambda x: self.model(x, b_adv, heads=(head,))[head],
+                     lambda z, z_nat: representational_divergence(z, z_nat, kind), self.eps, 1.25 * self.eps / 3, 3,
                      module=self.model, generator=gen)
         nat, adv = [], []
         for b in self._batches(val_ids):
             x = to_float(b.images)
             with torch.no_grad():
-                z_nat = self.model(x, b_nat, heads=("proj",))["proj"]
+                z_nat = self.model(x, b_nat, heads=(head,))[head]
             x_adv = attack(x, z_nat)
             nat.append(self._features(x, b_nat))
             adv.append(self._features(x_adv, b_adv))
@@ -161,42 +163,44 @@ class ProxyComputer:
         cand, val = self.split_validation(pool_ids)
         val_feats = self.validation_state(val)
         gen = torch.Generator(self.device).manual_seed(self.seed + 2)
-        attack = PGD(lambda x: self.model(x, b_adv, heads=("proj",))["proj"], lambda z, _: nt_xent(z, self.temperature),
-                     self.eps, self.step, self.attack_steps, module=self.model, generator=gen)
+        budget = Budget(self.eps, self.step, self.attack_steps)
         head = self.head
-        feats, comp, row_feats, row_grads = [], [], [], []
+        feats, comp, row_feats, row_grads, row_branches = [], [], [], [], None
         for b in self._batches(cand):
-            images = b.images
-            x = to_float(images)
             if need_features:
-                feats.append(self._features(x, b_nat).half().cpu())
-            views = torch.cat([self.augment(images, gen), self.augment(images, gen)])
-            adv = attack(views)
-            n = len(images)
-            f_nat, f_adv = self._features(views, b_nat), self._features(adv, b_adv)
-            rows_f, rows_g = [], []
-            comp_b = 0
-            for f, branch in ((f_nat, b_nat), (f_adv, b_adv)):
-                with torch.no_grad(), use_branch(head, branch):
-                    z = head(f)
-                # per-sample loss: mean of its 4 row terms, so each row's anchor gradient counts 1/4
-                g = per_row_anchor_grads(z, self.temperature) / 4
-                a_list, d_list = head_rows_backward(head, f, g, branch)
-                gw = [(d[:n].mean(1, keepdim=True) * a[:n] + d[n:].mean(1, keepdim=True) * a[n:]) for a, d in zip(a_list, d_list)]
-                gb = [d[:n].mean(1, keepdim=True) + d[n:].mean(1, keepdim=True) for d in d_list]
-                comp_b = comp_b + torch.cat([torch.cat([w, bb], 1) for w, bb in zip(gw, gb)], 1)
-                rows_f += [f[:n], f[n:]]
-                rows_g += [g[:n], g[n:]]
-            comp.append(comp_b.cpu())
-            row_feats.append(torch.stack(rows_f, 1).half().cpu())
-            row_grads.append(torch.stack(rows_g, 1).cpu())
-        val_comp = rd_gradient(head, *val_feats, branches=self.branches)
+                feats.append(self._features(to_float(b.images), b_nat).half().cpu())
+            rows = self.method.selection_rows(self.model, b, gen, self.settings, budget)
+            row_branches = tuple(rows.branches)
+            comp.append(compressed_rows(head, rows).cpu())
+            row_feats.append(torch.stack(rows.feats, 1).half().cpu())
+            row_grads.append(torch.stack(rows.grads, 1).float().cpu())
+        val_comp = rd_gradient(head, *val_feats, branches=self.branches, kind=self.method.divergence)
         features = torch.cat(feats).numpy() if feats else np.zeros((len(cand), 0), np.float16)
         return Proxies(np.sort(cand), val, features, torch.cat(comp).numpy(),
-                       torch.cat(row_feats), torch.cat(row_grads), val_feats, val_comp, self.branches)
+                       torch.cat(row_feats), torch.cat(row_grads), val_feats, val_comp, self.branches,
+                       row_branches, self.method.divergence)
 
 
-def rd_gradient(head: nn.Module, f_nat: torch.Tensor, f_adv: torch.Tensor, branches: tuple) -> np.ndarray:
+def compressed_rows(head: nn.Module, rows) -> torch.Tensor:
+    """Each sample's compressed head gradient: per linear layer, sum over its rows of mean(delta) a (the
+    weight gradient averaged over outputs) and mean(delta) (the bias gradient's mean), one pass per branch."""
+    n = len(rows.feats[0])
+    total = 0
+    for branch in dict.fromkeys(rows.branches):
+        idx = [r for r, b in enumerate(rows.branches) if b == branch]
+        f = torch.cat([rows.feats[r] for r in idx])
+        g = torch.cat([rows.grads[r] for r in idx]).float()
+        a_list, d_list = head_rows_backward(head, f, g, branch)
+        parts = []
+        for a, d in zip(a_list, d_list):
+            dm = d.reshape(len(idx), n, -1).mean(2, keepdim=True)
+            parts += [(dm * a.reshape(len(idx), n, -1)).sum(0), dm.sum(0)]
+        total = total + torch.cat(parts, 1)
+    return total
+
+
+def rd_gradient(head: nn.Module, f_nat: torch.Tensor, f_adv: torch.Tensor, branches: tuple,
+                kind: str = "minmax_kl") -> np.ndarray:
     """Compressed gradient of RD(U) = d(g(f(x~)), g(f(x))) with respect to the head's linear layers, at the
     head's current weights, through both passes (the natural one is not a constant: it moves with theta)."""
     lins = head_linears(head)
@@ -207,19 +211,19 @@ def rd_gradient(head: nn.Module, f_nat: torch.Tensor, f_adv: torch.Tensor, branc
             z_nat = head(f_nat)
         with use_branch(head, b_adv):
             z_adv = head(f_adv)
-        grads = torch.autograd.grad(representational_divergence(z_adv, z_nat), params)
+        grads = torch.autograd.grad(representational_divergence(z_adv, z_nat, kind), params)
     return compress(list(grads[0::2]), list(grads[1::2])).cpu().numpy().astype(np.float64)
 
 
-def pick_gradient(head: nn.Module, row_feats: torch.Tensor, row_grads: torch.Tensor, branches: tuple) -> list[torch.Tensor]:
+def pick_gradient(head: nn.Module, row_feats: torch.Tensor, row_grads: torch.Tensor, row_branches: tuple) -> list[torch.Tensor]:
     """Full (uncompressed) head gradient of the samples whose rows are given, summed: rebuilt at the current
     head from each row's head input and loss gradient at the head output (both fixed at the snapshot)."""
     lins = head_linears(head)
     params = [p for lin in lins for p in (lin.weight, lin.bias)]
     total = [torch.zeros_like(p) for p in params]
     with torch.enable_grad():
-        for role, branch in enumerate(branches):  # rows of one branch in one pass: in eval mode rows are independent
-            cols = [r for r, b in enumerate(ROW_ROLES) if b == role]
+        for branch in dict.fromkeys(row_branches):  # rows of one branch in one pass: in eval mode rows are independent
+            cols = [r for r, b in enumerate(row_branches) if b == branch]
             feats = row_feats[:, cols].reshape(-1, row_feats.shape[-1]).float()
             with use_branch(head, branch):
                 z = head(feats)

@@ -78,17 +78,17 @@ def _rcs_greedy(proxies, head, picks_wanted, eta, unit, batch_size, rng, refresh
             for g in best:
                 members = groups[g]
                 grads = pick_gradient(snapshot_head, proxies.row_feats[members], proxies.row_grads[members],
-                                      proxies.branches)
+                                      proxies.row_branches)
                 step = [s + gr / len(members) for s, gr in zip(step, grads)]
         else:  # one sample: eta times its share of a reference minibatch
             members = np.asarray(best)
             grads = pick_gradient(snapshot_head, proxies.row_feats[members], proxies.row_grads[members],
-                                  proxies.branches)
+                                  proxies.row_branches)
             step = [gr / reference_batch for gr in grads]
         with torch.no_grad():
             for p, s in zip(params, step):
                 p -= eta * s
-        val_grad = rd_gradient(work, *proxies.val_feats, branches=proxies.branches)
+        val_grad = rd_gradient(work, *proxies.val_feats, branches=proxies.branches, kind=proxies.divergence)
     picked = np.concatenate([groups[c] for c in chosen]) if chosen else np.zeros(0, np.int64)
     return picked, gains
 

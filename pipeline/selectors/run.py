@@ -33,6 +33,7 @@ def load_snapshot(checkpoint, shardset: ShardSet, arch: str, seed: int):
     settings = dict(ckpt.get("selection_settings") or {})
     if "attack" not in settings and ckpt.get("attack"):  # checkpoints of `pipeline train` record their attack
         settings["attack"] = ckpt["attack"]
+    settings.setdefault("method", ckpt.get("method") or "acl")  # whose loss the proxies take gradients of
     return model, digest, settings
 
 
@@ -87,7 +88,8 @@ def _run_selection(data, selector, fraction, out, checkpoint, split, pool, seed,
         b = budget(ss.channels, a.get("eps"), a.get("step"))
         proxies = ProxyComputer(model, ss, split, device, batch_size, b.eps, b.step, sel.params.get("attack_steps", 1),
                                 settings.get("temperature", 0.5), validation_fraction, seed,
-                                settings.get("min_crop_scale", 0.08), settings.get("strength", 1.0), val_ids)
+                                settings.get("min_crop_scale", 0.08), settings.get("strength", 1.0), val_ids,
+                                method=settings.get("method", "acl"), settings=settings)
     ctx = SelectionContext(ss, split, np.asarray(pool_ids), budget_n, seed, sel.params, proxies, val_ids)
     result = sel.select(ctx)
     timing = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.timing.items()}

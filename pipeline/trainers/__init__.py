@@ -5,8 +5,11 @@ from __future__ import annotations
 
 from pipeline.errors import PipelineError
 from pipeline.trainers.acl import ACLTrainer, DynACLTrainer
-from pipeline.trainers.base import StepRecord, Trainer
+from pipeline.trainers.advcl import AdvCLTrainer
+from pipeline.trainers.ascl import ASCLTrainer
+from pipeline.trainers.base import HeadRows, StepRecord, Trainer
 from pipeline.trainers.config import METHOD_SECTIONS, TrainConfig, load_config
+from pipeline.trainers.simclr import SimCLRTrainer
 
 TRAINERS: dict[str, type[Trainer]] = {}
 
@@ -17,13 +20,14 @@ def register_trainer(cls: type[Trainer]) -> type[Trainer]:
     return cls
 
 
-for _cls in (ACLTrainer, DynACLTrainer):
+for _cls in (ACLTrainer, DynACLTrainer, SimCLRTrainer, AdvCLTrainer, ASCLTrainer):
     register_trainer(_cls)
 
 
 def create_trainer(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trainer:
     if cfg.method.name not in TRAINERS:
         raise PipelineError(f"method {cfg.method.name!r}: choose one of {', '.join(TRAINERS)}")
+    cfg.apply_defaults(TRAINERS[cfg.method.name].config_defaults)
     cfg.validate()
     if cfg.data.split == "test":
         from pipeline.progress import console
@@ -32,4 +36,4 @@ def create_trainer(cfg: TrainConfig, resume: bool = False, progress: bool = True
     return TRAINERS[cfg.method.name](cfg, resume=resume, progress=progress)
 
 
-__all__ = ["StepRecord", "TRAINERS", "TrainConfig", "Trainer", "create_trainer", "load_config", "register_trainer"]
+__all__ = ["HeadRows", "StepRecord", "TRAINERS", "TrainConfig", "Trainer", "create_trainer", "load_config", "register_trainer"]

@@ -8,9 +8,10 @@ import torch
 
 from pipeline.attacks import PGD
 from pipeline.augment import ContrastiveAugment
-from pipeline.losses import nt_xent
+from pipeline.losses import multiview_contrastive, nt_xent, row_gradients
 from pipeline.models import model_spec
-from pipeline.trainers.base import StepRecord, Trainer
+from pipeline.models.multibn import use_branch
+from pipeline.trainers.base import HeadRows, StepRecord, Trainer
 from pipeline.trainers.config import register_section
 
 NAT, ADV = "nat", "adv"  # ACL's two batch-norm branches; the eval branch is the adversarial one
@@ -73,6 +74,48 @@ class ACLTrainer(Trainer):
     def selection_settings(self) -> dict:
         return {**super().selection_settings(), "temperature": self.cfg.acl.temperature,
                 "min_crop_scale": self.cfg.acl.min_crop_scale, "strength": self.augment.strength}
+
+    @classmethod
+    def selection_rows(cls, model, batch, gen, settings, attack) -> HeadRows:
+        """4 rows per sample: its two views (natural branch) and their PGD views (adversarial branch); each
+        row's NT-Xent term against the batch held fixed, over 4 (the sample's loss is the mean of its rows)."""
+        t = settings.get("temperature", 0.5)
+        augment = ContrastiveAugment(batch.images.shape[-1], settings.get("strength", 1.0),
+                                     settings.get("min_crop_scale", 0.08))
+        views = torch.cat([augment(batch.images, gen), augment(batch.images, gen)])
+        return contrastive_rows(model, [views], views_per_row_group=2, temperature=t, attack=attack, gen=gen)
+
+
+def contrastive_rows(model, inputs: list, views_per_row_group: int, temperature: float, attack, gen,
+                     scale: float = 1.0, head: str = "proj") -> HeadRows:
+    """Rows of a contrastive method for selection: `inputs` (each 2B views stacked) on the natural branch and,
+    when the model's adversarial branch differs or an attack is asked for, their PGD versions (eval mode, on
+    the adversarial branch); gradients of each row's term with the others held fixed."""
+    nat, adv = model.branch("natural"), model.branch("adversarial")
+    n = len(inputs[0]) // views_per_row_group
+    feats, branches = [], []
+    with torch.no_grad():
+        for x in inputs:
+            feats.append(model.features(x, nat))
+            branches += [nat] * views_per_row_group
+    if attack is not None and attack.steps > 0:
+        pgd = PGD(lambda x: model(x, adv, heads=(head,))[head],
+                  lambda z, _: multiview_contrastive(z, views_per_row_group, temperature, scale),
+                  attack.eps, attack.step, attack.steps, module=model, generator=gen)
+        for x in inputs:
+            with torch.no_grad():
+                feats.append(model.features(pgd(x), adv))
+            branches += [adv] * views_per_row_group
+    rows_f, rows_g = [], []
+    for f, branch in zip(feats, branches[::views_per_row_group]):
+        with torch.no_grad(), use_branch(model.heads[head], branch):
+            z = model.heads[head](f)
+        g = row_gradients(z, lambda zz: multiview_contrastive(zz, views_per_row_group, temperature, scale,
+                                                              reduction="rows", detach_others=True))
+        rows_f += list(f.split(n))
+        rows_g += list(g.split(n))
+    total = len(rows_f)
+    return HeadRows(rows_f, [g / total for g in rows_g], branches)
 
 
 class DynACLTrainer(ACLTrainer):

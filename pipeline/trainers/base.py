@@ -6,6 +6,11 @@ Hooks (solo-learn style):
     on_epoch_start(epoch)        -> schedules inside the method (DynACL's strength, ...)
     training_step(batch, epoch)  -> StepRecord(per-sample losses, logs, per-sample values)
     selection_settings()         -> what a selector needs to mimic the method's step (temperature, strength, ...)
+    selection_rows(model, batch, gen, settings, attack)   (classmethod, run by the selection process on a
+                                    snapshot) -> HeadRows: the method's per-sample loss gradient at its
+                                    `selection_head`, which RCS and facility location select with
+A method's reference optimiser and schedule go in `config_defaults` ({"optim.lr": 0.5, ...}): applied to the
+settings the user did not set.
 The loop owns the rest: device and torchrun (pipeline.dist), where subsets come from (`SubsetSource`), the
 weighted reduction of per-sample losses, the learning-rate schedule, checkpoints with exact resume, metrics and
 the progress bar.
@@ -47,6 +52,18 @@ class StepRecord:
     values: dict = field(default_factory=dict)
 
 
+@dataclass
+class HeadRows:
+    """A batch's per-sample training loss as selection sees it at one head of the model: sample i enters the
+    head R times (row r: input `feats[r][i]` on batch-norm branch `branches[r]`), and `grads[r][i]` is the
+    gradient of sample i's loss with respect to the head's output for that row, the other samples held fixed.
+    The head's per-sample parameter gradient follows exactly: sum over rows of (output gradient x input)."""
+
+    feats: list
+    grads: list
+    branches: list
+
+
 class BranchForward(nn.Module):
     """Runs the model once per (input, batch-norm branch) pair: one DDP forward for a whole step."""
 
@@ -54,13 +71,18 @@ class BranchForward(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, inputs: list[torch.Tensor], branches: list[str]) -> list[dict]:
-        return [self.model(x, b) for x, b in zip(inputs, branches)]
+    def forward(self, inputs: list[torch.Tensor], branches: list[str], heads: list | None = None) -> list[dict]:
+        """`heads`: per input, the heads to run (None: all), so a pass touches only the heads its loss uses."""
+        heads = heads or [None] * len(inputs)
+        return [self.model(x, b, heads=h) for x, b, h in zip(inputs, branches, heads)]
 
 
 class Trainer:
     name = "base"
     sections: tuple[str, ...] = ()  # config sections the method reads, besides the fixed ones
+    config_defaults: dict = {}  # the method's reference settings, for what the user left unset
+    selection_head = "proj"  # the head whose per-sample gradients selection uses (and RCS's RD is measured at)
+    divergence = "minmax_kl"  # RCS's representational divergence at that head (losses.representational_divergence)
 
     def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True):
         self.cfg, self.progress = cfg, progress
@@ -121,6 +143,13 @@ class Trainer:
 
     def selection_settings(self) -> dict:
         return {"attack": self.budget.as_dict()}
+
+    @classmethod
+    def selection_rows(cls, model, batch, gen: torch.Generator, settings: dict, attack) -> HeadRows:
+        """The per-sample loss gradient at `selection_head` for one batch (model in eval mode, `attack` the
+        proxy's budget: eps, step, steps). Runs in the selection process, from a snapshot: no trainer there."""
+        raise PipelineError(f"method {cls.name!r} does not tell selection how it sees its loss (selection_rows): "
+                            "use --selector random")
 
     # -- helpers for methods ----------------------------------------------------------------------------
     def autocast_ctx(self):
@@ -202,7 +231,7 @@ class Trainer:
         steps = len(loader)
         self.model.train()
         totals = {"loss": 0.0, "images": 0, "attack_s": 0.0}
-        parts: dict[str, float] = {}  # per-sample means of the loss terms a method logs (loss_nat, loss_adv)
+        parts: dict[str, float] = {}  # per-sample means of what a method logs (loss terms, fractions kept, ...)
         started, lr = time.perf_counter(), None
         o = cfg.optim
         with progress_bar(self.progress and self.is_main) as bar:
@@ -230,7 +259,7 @@ class Trainer:
                 totals["images"] += n
                 totals["attack_s"] += logs.get("attack_s", 0.0)
                 for k, v in logs.items():
-                    if k.startswith("loss_"):
+                    if k != "attack_s":  # summed on its own
                         parts[k] = parts.get(k, 0.0) + v * n
                 bar.update(task, advance=n, description=f"{self.name} epoch {epoch + 1}/{o.epochs} loss {value:.3f}")
                 if self.is_main and cfg.run.log_every and self.global_step % cfg.run.log_every == 0:

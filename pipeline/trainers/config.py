@@ -141,7 +141,7 @@ RULES = {
     "select.warmup": (lambda v: v >= -1, "must be >= 0 (or -1: 10% of the epochs)"), "select.every": _NONNEG,
     "select.validation_fraction": (lambda v: 0 < v < 0.5, "must be in (0, 0.5)"),
     "select.fallback": (lambda v: v in ("", "random"), "must be empty or random"),
-    "eval.protocol": (lambda v: v in ("slf", "alf", "aff"), "must be slf, alf or aff"),
+    "eval.protocol": (lambda v: v in ("slf", "alf", "aff", "direct"), "must be slf, alf, aff or direct"),
     "eval.eps": _NONNEG, "eval.step": _NONNEG, "eval.steps": _ONE, "eval.epochs": _NONNEG, "eval.lr": _NONNEG,
     "eval.batch_size": _NONNEG, "eval.limit": _NONNEG,
 }
@@ -183,6 +183,7 @@ class TrainConfig:
         for name, cls in FIXED.items():
             setattr(self, name, cls())
         self.sections = {name: cls() for name, cls in SECTIONS.items()}
+        self.explicit: set[str] = set()  # keys set from a file, a flag or --set (method defaults skip them)
 
     def __getattr__(self, name):  # method sections read like fixed ones: cfg.acl.temperature
         sections = self.__dict__.get("sections", {})
@@ -225,6 +226,14 @@ class TrainConfig:
         if key not in types:
             raise PipelineError(f"{origin}: unknown setting {dotted!r} (in [{section}]: {', '.join(types)})")
         setattr(sec, key, _coerce(value, types[key], dotted, origin))
+        self.explicit.add(dotted)
+
+    def apply_defaults(self, defaults: dict) -> None:
+        """A method's reference settings for every key nobody set explicitly."""
+        for dotted, value in defaults.items():
+            if dotted not in self.explicit:
+                section, _, key = dotted.partition(".")
+                setattr(self.section(section), key, value)
 
     def validate(self) -> "TrainConfig":
         """Apply every rule once, up front: a bad value is one line before any work starts."""

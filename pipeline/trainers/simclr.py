@@ -1,0 +1,64 @@
+"""SimCLR (Chen et al. 2020): standard, non-adversarial contrastive pre-training.
+
+The cheap baseline of every robustness table (what does robustness cost?), the encoder AdvCL's pseudo-labels
+come from, and the base of RUSH. Two augmented views, NT-Xent, one batch-norm branch, no attack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.augment import ContrastiveAugment
+from pipeline.losses import nt_xent
+from pipeline.models import model_spec
+from pipeline.trainers.acl import contrastive_rows
+from pipeline.trainers.base import HeadRows, StepRecord, Trainer
+from pipeline.trainers.config import register_section
+
+NAT = "nat"  # the only branch: it plays every role
+
+
+@register_section("simclr")
+@dataclass
+class SimCLRConfig:
+    temperature: float = 0.5
+    min_crop_scale: float = 0.08  # smallest area of RandomResizedCrop (raise it for tiny images)
+    head: str = "mlp2"  # SimCLR's head (Linear, BN, ReLU, Linear); mlp3 for ACL's, to compare like with like
+
+
+class SimCLRTrainer(Trainer):
+    name = "simclr"
+    sections = ("simclr",)
+
+    def model_spec(self) -> dict:
+        m, s = self.cfg.model, self.cfg.simclr
+        return model_spec(m.arch, self.channels, self.image_size,
+                          heads={"proj": {"kind": s.head, "width": m.head_width, "out": m.proj_dim}},
+                          branches=(NAT,), roles={"natural": NAT, "adversarial": NAT, "eval": NAT})
+
+    def setup(self) -> None:
+        self.augment = ContrastiveAugment(self.image_size, min_scale=self.cfg.simclr.min_crop_scale)
+
+    def training_step(self, batch, epoch: int) -> StepRecord:
+        images = batch.images.to(self.device, non_blocking=True)
+        views = torch.cat([self.augment(images, self.gen), self.augment(images, self.gen)])
+        views = views.contiguous(memory_format=self.memory_format)
+        with self.autocast_ctx():
+            (out,) = self.forward([views], [NAT])
+        losses = nt_xent(out["proj"], self.cfg.simclr.temperature, reduction="sample")
+        return StepRecord(losses, {"loss_nt_xent": float(losses.detach().mean())})
+
+    def selection_settings(self) -> dict:
+        s = self.cfg.simclr
+        return {**super().selection_settings(), "temperature": s.temperature, "min_crop_scale": s.min_crop_scale,
+                "strength": self.augment.strength}
+
+    @classmethod
+    def selection_rows(cls, model, batch, gen, settings, attack) -> HeadRows:
+        """2 rows per sample, its two views; no attack: SimCLR's step has none."""
+        augment = ContrastiveAugment(batch.images.shape[-1], settings.get("strength", 1.0),
+                                     settings.get("min_crop_scale", 0.08))
+        views = torch.cat([augment(batch.images, gen), augment(batch.images, gen)])
+        return contrastive_rows(model, [views], 2, settings.get("temperature", 0.5), attack=None, gen=gen)
