@@ -166,7 +166,16 @@ def test_autoattack_rand_is_the_eot_version():
 
 @pytest.mark.parametrize("method", sorted(TRAINERS))
 def test_every_registered_trainer_takes_a_step(digits_set, tmp_path, method):
-    t = create_trainer(tiny_cfg(digits_set.root, tmp_path / method, **{"method.name": method}), progress=False)
+    import numpy as np
+
+    from pipeline.pseudolabels import PseudoLabels
+
+    ids = np.sort(digits_set.ids("train"))  # pseudo-labels for the methods that train on them (advcl)
+    labels = np.stack([np.arange(len(ids)) % k for k in (2, 10)], 1).astype(np.int32)
+    pseudo = PseudoLabels(ids, labels, (2, 10), digits_set.fingerprint).save(tmp_path / "pl")
+    t = create_trainer(tiny_cfg(digits_set.root, tmp_path / method, **{"method.name": method,
+                                                                       "advcl.pseudo_labels": str(pseudo)}),
+                       progress=False)
     batch = next(iter(t._loader_for(0)))
     rec = t.training_step(batch, 0)
     assert rec.losses.shape == (len(batch.ids),) and torch.isfinite(rec.losses).all()
