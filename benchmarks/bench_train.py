@@ -37,17 +37,20 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _input_grad_passes(model, inputs, branches, steps, train, device, autocast_dtype):
-    """`steps` attack passes: every input through its branch, gradient w.r.t. the inputs only."""
+def _input_grad_passes(model, inputs, branches, steps, train, device, autocast_dtype, perturbed=None):
+    """`steps` attack passes: every input through its branch, gradient w.r.t. the `perturbed` inputs only
+    (the others, AdvCL's natural views, are forward passes inside the attack's loss)."""
     model.train(train)
+    perturbed = perturbed or [True] * len(inputs)
     xs = [x.clone() for x in inputs]
     for _ in range(steps):
-        for x in xs:
-            x.requires_grad_(True)
+        for x, p in zip(xs, perturbed):
+            x.requires_grad_(p)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             total = sum(model(x, b)["features"].float().sum() for x, b in zip(xs, branches))
-        grads = torch.autograd.grad(total, xs)
-        xs = [(x.detach() + 1e-3 * g.sign()).clamp(0, 1) for x, g in zip(xs, grads)]
+        grads = torch.autograd.grad(total, [x for x, p in zip(xs, perturbed) if p])
+        it = iter(grads)
+        xs = [(x.detach() + 1e-3 * next(it).sign()).clamp(0, 1) if p else x.detach() for x, p in zip(xs, perturbed)]
     return xs
 
 
@@ -74,7 +77,8 @@ def floor_advcl(model, views, steps, device, dt):
     b = len(views) // 2
     one = views[:b]
     branches = ["pgd", "normal", "normal", "normal", "pgd_ce"]
-    xs = _input_grad_passes(model, [one] * 5, branches, steps, True, device, dt)
+    xs = _input_grad_passes(model, [one] * 5, branches, steps, True, device, dt,
+                            perturbed=[True, False, False, False, True])
     _train_pass(model, xs, branches, device, dt)
 
 
