@@ -112,9 +112,14 @@ def load_experiment(path: str | Path, out: str | Path | None = None) -> Experime
 PSEUDO = "pseudo-labels:"
 
 
+def _pseudo_ref(value) -> str | None:
+    """ARM of a "pseudo-labels:ARM" setting, None for any other value."""
+    return value[len(PSEUDO):] if isinstance(value, str) and value.startswith(PSEUDO) else None
+
+
 def _pseudo_refs(arm: Arm) -> list[str]:
-    return [v[len(PSEUDO):] for values in arm.overrides.values() if isinstance(values, dict)
-            for v in values.values() if isinstance(v, str) and v.startswith(PSEUDO)]
+    return [r for values in arm.overrides.values() if isinstance(values, dict)
+            for r in map(_pseudo_ref, values.values()) if r]
 
 
 def _pseudo_path(exp: Experiment, ref: str, seed: int) -> Path:
@@ -142,8 +147,8 @@ def arm_config(exp: Experiment, arm: Arm, seed: int, data_path: str):
     merged = copy.deepcopy(exp.shared)
     for section, values in arm.overrides.items():
         merged.setdefault(section, {}).update(
-            {k: str(_pseudo_path(exp, v[len(PSEUDO):], seed)) if isinstance(v, str) and v.startswith(PSEUDO) else v
-             for k, v in values.items()} if isinstance(values, dict) else values)
+            {k: str(_pseudo_path(exp, _pseudo_ref(v), seed)) if _pseudo_ref(v) else v for k, v in values.items()}
+            if isinstance(values, dict) else values)
     merged.setdefault("data", {})["path"] = str(data_path)
     merged.setdefault("run", {}).update(out=str(exp.out / "runs" / f"{arm.name}-s{seed}"), seed=seed)
     origin = f"{exp.path}: arm {arm.name}"

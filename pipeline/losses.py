@@ -75,7 +75,7 @@ def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.T
 
 def trades_kl(logits_adv: torch.Tensor, logits_nat: torch.Tensor) -> torch.Tensor:
     """KL(p_nat || p_adv), batch mean: the robustness term of TRADES."""
-    return F.kl_div(F.log_softmax(logits_adv.float(), 1), F.softmax(logits_nat.float(), 1), reduction="batchmean")
+    return kl_per_sample(logits_nat, logits_adv).mean()
 
 
 def representational_divergence(z_adv: torch.Tensor, z_nat: torch.Tensor, kind: str = "minmax_kl",

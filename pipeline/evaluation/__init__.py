@@ -26,9 +26,8 @@ from pipeline.evaluation.recipes import DEFAULT_RECIPE, RECIPES, FinetuneSetting
 from pipeline.shards.shardset import ShardSet
 
 
-def load_classifier(checkpoint: str | Path, shardset: ShardSet, device, role: str = "eval"):
-    """(encoder + linear layer, checkpoint); `role` picks the branch deployed: the method's eval branch, or
-    another role (e.g. "natural", to see what the encoder's natural branch gives for scale)."""
+def _load_checked(checkpoint: str | Path, shardset: ShardSet, role: str):
+    """(model, checkpoint) after checking it takes this data's images and has the `role` branch."""
     model, ckpt = load_model(checkpoint)
     spec = model.spec
     if spec.get("in_channels") != shardset.channels:
@@ -36,14 +35,21 @@ def load_classifier(checkpoint: str | Path, shardset: ShardSet, device, role: st
                             f"{shardset.root} has {shardset.channels}-channel ones")
     if role not in spec["roles"]:
         raise PipelineError(f"--branch {role!r}: the model has branches for {', '.join(spec['roles'])}")
-    roles = {r: model.branch(r) for r in spec["roles"]}
+    return model, ckpt
+
+
+def load_classifier(checkpoint: str | Path, shardset: ShardSet, device, role: str = "eval"):
+    """(encoder + linear layer, checkpoint); `role` picks the branch deployed: the method's eval branch, or
+    another role (e.g. "natural", to see what the encoder's natural branch gives for scale)."""
+    model, ckpt = _load_checked(checkpoint, shardset, role)
+    roles = {r: model.branch(r) for r in model.spec["roles"]}
     roles["eval"] = roles[role]
     return LinearClassifier(model.encoder, model.feature_dim, len(shardset.classes), roles).to(device), ckpt
 
 
 def load_own_classifier(checkpoint: str | Path, shardset: ShardSet, device, role: str = "eval"):
     """(the model's own classifier through the `role` branch, checkpoint), for `--protocol direct`."""
-    model, ckpt = load_model(checkpoint)
+    model, ckpt = _load_checked(checkpoint, shardset, role)
     heads = model.spec["heads"]
     if "logits" not in heads:
         raise PipelineError(f"{checkpoint}: --protocol direct needs a model with its own classifier (a 'logits' "
@@ -52,8 +58,6 @@ def load_own_classifier(checkpoint: str | Path, shardset: ShardSet, device, role
     if heads["logits"]["out"] != len(shardset.classes):
         raise PipelineError(f"{checkpoint}: its classifier has {heads['logits']['out']} classes, "
                             f"{shardset.root} has {len(shardset.classes)}")
-    if role not in model.spec["roles"]:
-        raise PipelineError(f"--branch {role!r}: the model has branches for {', '.join(model.spec['roles'])}")
     return OwnClassifier(model, model.branch(role)).to(device), ckpt
 
 

@@ -26,10 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.attacks import PGD
-from pipeline.errors import PipelineError
+from pipeline.attacks import PGD, Budget
 from pipeline.augment import to_float
-from pipeline.attacks import Budget
+from pipeline.errors import PipelineError
 from pipeline.losses import representational_divergence
 from pipeline.models.multibn import use_branch
 

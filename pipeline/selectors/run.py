@@ -27,7 +27,7 @@ def load_snapshot(checkpoint, shardset: ShardSet, arch: str, seed: int):
     if checkpoint is None:
         torch.manual_seed(seed)
         console.print(f"no --checkpoint: selecting with a freshly initialised {arch} (seed {seed})")
-        return create_model(model_spec(arch, shardset.channels, shardset.image_size)), "fresh-init", {}
+        return create_model(model_spec(arch, shardset.channels, shardset.image_size)), "fresh-init", {"method": "acl"}
     model, ckpt = load_model(checkpoint)
     digest = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()[:16]
     settings = dict(ckpt.get("selection_settings") or {})
@@ -87,9 +87,8 @@ def _run_selection(data, selector, fraction, out, checkpoint, split, pool, seed,
         a = settings.get("attack") or {}
         b = budget(ss.channels, a.get("eps"), a.get("step"))
         proxies = ProxyComputer(model, ss, split, device, batch_size, b.eps, b.step, sel.params.get("attack_steps", 1),
-                                settings.get("temperature", 0.5), validation_fraction, seed,
-                                settings.get("min_crop_scale", 0.08), settings.get("strength", 1.0), val_ids,
-                                method=settings.get("method", "acl"), settings=settings)
+                                validation_fraction=validation_fraction, seed=seed, validation_ids=val_ids,
+                                method=settings["method"], settings=settings)
     ctx = SelectionContext(ss, split, np.asarray(pool_ids), budget_n, seed, sel.params, proxies, val_ids)
     result = sel.select(ctx)
     timing = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.timing.items()}

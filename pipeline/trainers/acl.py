@@ -77,45 +77,35 @@ class ACLTrainer(Trainer):
 
     @classmethod
     def selection_rows(cls, model, batch, gen, settings, attack) -> HeadRows:
-        """4 rows per sample: its two views (natural branch) and their PGD views (adversarial branch); each
-        row's NT-Xent term against the batch held fixed, over 4 (the sample's loss is the mean of its rows)."""
-        t = settings.get("temperature", 0.5)
-        augment = ContrastiveAugment(batch.images.shape[-1], settings.get("strength", 1.0),
-                                     settings.get("min_crop_scale", 0.08))
-        views = torch.cat([augment(batch.images, gen), augment(batch.images, gen)])
-        return contrastive_rows(model, [views], views_per_row_group=2, temperature=t, attack=attack, gen=gen)
+        return contrastive_rows(model, batch.images, settings, attack, gen)
 
 
-def contrastive_rows(model, inputs: list, views_per_row_group: int, temperature: float, attack, gen,
-                     scale: float = 1.0, head: str = "proj") -> HeadRows:
-    """Rows of a contrastive method for selection: `inputs` (each 2B views stacked) on the natural branch and,
-    when the model's adversarial branch differs or an attack is asked for, their PGD versions (eval mode, on
-    the adversarial branch); gradients of each row's term with the others held fixed."""
+def contrastive_rows(model, images, settings: dict, attack, gen) -> HeadRows:
+    """Selection rows of a two-view NT-Xent method: the two views on the natural branch and, with an attack,
+    their PGD views (eval mode, adversarial branch): 4 rows per sample for ACL, 2 for SimCLR. Each row's term
+    is taken against the batch held fixed, divided by the row count (a sample's loss is its rows' mean)."""
+    t = settings.get("temperature", 0.5)
+    augment = ContrastiveAugment(images.shape[-1], settings.get("strength", 1.0), settings.get("min_crop_scale", 0.08))
+    views = torch.cat([augment(images, gen), augment(images, gen)])
     nat, adv = model.branch("natural"), model.branch("adversarial")
-    n = len(inputs[0]) // views_per_row_group
-    feats, branches = [], []
     with torch.no_grad():
-        for x in inputs:
-            feats.append(model.features(x, nat))
-            branches += [nat] * views_per_row_group
+        passes = [(model.features(views, nat), nat)]
     if attack is not None and attack.steps > 0:
-        pgd = PGD(lambda x: model(x, adv, heads=(head,))[head],
-                  lambda z, _: multiview_contrastive(z, views_per_row_group, temperature, scale),
+        pgd = PGD(lambda x: model(x, adv, heads=("proj",))["proj"], lambda z, _: nt_xent(z, t),
                   attack.eps, attack.step, attack.steps, module=model, generator=gen)
-        for x in inputs:
-            with torch.no_grad():
-                feats.append(model.features(pgd(x), adv))
-            branches += [adv] * views_per_row_group
-    rows_f, rows_g = [], []
-    for f, branch in zip(feats, branches[::views_per_row_group]):
-        with torch.no_grad(), use_branch(model.heads[head], branch):
-            z = model.heads[head](f)
-        g = row_gradients(z, lambda zz: multiview_contrastive(zz, views_per_row_group, temperature, scale,
-                                                              reduction="rows", detach_others=True))
-        rows_f += list(f.split(n))
-        rows_g += list(g.split(n))
-    total = len(rows_f)
-    return HeadRows(rows_f, [g / total for g in rows_g], branches)
+        x_adv = pgd(views)
+        with torch.no_grad():
+            passes.append((model.features(x_adv, adv), adv))
+    head, n = model.heads["proj"], len(images)
+    feats, grads, branches = [], [], []
+    for f, branch in passes:
+        with torch.no_grad(), use_branch(head, branch):
+            z = head(f)
+        g = row_gradients(z, lambda zz: multiview_contrastive(zz, 2, t, reduction="rows", detach_others=True))
+        feats += list(f.split(n))
+        grads += list(g.split(n))
+        branches += [branch, branch]
+    return HeadRows(feats, [g / len(feats) for g in grads], branches)
 
 
 class DynACLTrainer(ACLTrainer):

@@ -58,7 +58,4 @@ class SimCLRTrainer(Trainer):
     @classmethod
     def selection_rows(cls, model, batch, gen, settings, attack) -> HeadRows:
         """2 rows per sample, its two views; no attack: SimCLR's step has none."""
-        augment = ContrastiveAugment(batch.images.shape[-1], settings.get("strength", 1.0),
-                                     settings.get("min_crop_scale", 0.08))
-        views = torch.cat([augment(batch.images, gen), augment(batch.images, gen)])
-        return contrastive_rows(model, [views], 2, settings.get("temperature", 0.5), attack=None, gen=gen)
+        return contrastive_rows(model, batch.images, settings, None, gen)
