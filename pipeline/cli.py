@@ -296,8 +296,8 @@ def eval_(
     protocol: Optional[str] = typer.Option(None, help="slf | alf | aff, or direct: the model's own classifier, no finetuning (ascl) [default: slf]"),
     recipe: Optional[str] = typer.Option(None, help="acl | dynacl | advcl: the RobustSSL benchmark's finetuning "
                                          "settings [default: the checkpoint's method]."),
-    attack: Optional[str] = typer.Option(None, help="Comma-separated: pgd20, autoattack, autoattack-rand, clean "
-                                         "[default: pgd20]."),
+    attack: Optional[str] = typer.Option(None, help="Comma-separated: pgd20, eot-pgd20, autoattack, autoattack-rand, "
+                                         "clean [default: pgd20]."),
     epochs: Optional[int] = typer.Option(None, help="Finetuning epochs [default: the recipe's]."),
     lr: Optional[float] = typer.Option(None, help="Finetuning learning rate [default: the recipe's]."),
     batch_size: Optional[int] = typer.Option(None, help="Finetuning batch size [default: the recipe's]."),
@@ -309,11 +309,20 @@ def eval_(
     config: Optional[Path] = typer.Option(None, help="TOML whose [eval] section gives defaults for these options."),
     branch: str = typer.Option("eval", help="Which batch-norm branch to deploy, by role: eval (the method's) or "
                                "natural (for scale)."),
+    noise_sigma: Optional[float] = typer.Option(None, help="Finetune with Gaussian noise N(0, S^2) on every input: "
+                                                "the base classifier of a smoothed one [default: 0, none]."),
+    smoothing: Optional[str] = typer.Option(None, help="sigma=S,n=N,alpha=A[,eot=M]: measure the smoothed "
+                                            "classifier (majority of N noisy draws, abstain unless the binomial test "
+                                            "passes at A); attacks target the randomized model, eot-pgd20 with M draws "
+                                            "per step [default M: N]."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     workers: int = typer.Option(0),
     seed: Optional[int] = typer.Option(None),
 ):
-    """Finetune a pre-trained encoder (SLF, ALF, AFF) and report clean, PGD-20 and AutoAttack accuracy."""
+    """Finetune a pre-trained encoder (SLF, ALF, AFF) and report clean, PGD-20 and AutoAttack accuracy.
+
+    The finetuned classifier is saved under RUN/classifiers/; give that file as --checkpoint to measure it
+    again without finetuning (or to `pipeline certify`)."""
     from rich.table import Table
 
     from pipeline.dist import resolve_device
@@ -325,9 +334,13 @@ def eval_(
     r = evaluate(data, checkpoint, pick(protocol, e.protocol) or "slf", pick(attack, e.attack) or "pgd20",
                  pick(recipe, e.recipe), pick(epochs, e.epochs), pick(lr, e.lr), pick(batch_size, e.batch_size),
                  limit=pick(limit, e.limit), device=resolve_device(device), workers=workers, eps=pick(eps, e.eps),
-                 step=pick(step, e.step), steps=pick(steps, e.steps), seed=pick(seed, e.seed) or 0, branch=branch)
+                 step=pick(step, e.step), steps=pick(steps, e.steps), seed=pick(seed, e.seed) or 0, branch=branch,
+                 noise_sigma=pick(noise_sigma, e.noise_sigma) or 0.0, smoothing=pick(smoothing, e.smoothing))
     names = r["measures"]
     where = "" if branch == "eval" else f" ({branch} branch)"
+    if r["smoothing"]:
+        sm = r["smoothing"]
+        where += f" smoothed: sigma {sm['sigma']:g}, n {sm['n']}, alpha {sm['alpha']:g}, EOT draws {sm['eot']}"
     t = Table(title=f"{r['protocol'].upper()} evaluation of {checkpoint}{where}", title_justify="left")
     for col in ("protocol", "recipe", *names, "test samples", "eps", "finetune"):
         t.add_column(col, justify="right")
@@ -338,6 +351,13 @@ def eval_(
     for n in names[1:]:
         st = r["attack_settings"][n]
         console.print(f"{n}: " + ", ".join(f"{k_}={v}" for k_, v in st.items()))
+    if r["smoothing"]:
+        console.print("abstentions (counted as errors): " + ", ".join(
+            f"{n} {r['attack_settings'][n].get('abstained', 0)}" for n in names))
+    if r["reused_classifier"]:
+        console.print(f"a saved classifier ({r['protocol']}, noise {r['noise_sigma']:g}): measured as it is, no finetuning")
+    elif r["classifier_path"]:
+        console.print(f"finetuned classifier saved to {escape(r['classifier_path'])}")
     console.print(f"written to {escape(r['results_path'])}")
 
 

@@ -2,7 +2,8 @@
 
 Settings come from the RobustSSL benchmark's recipe for the checkpoint's method (`--recipe` to choose
 another), then the checkpoint's [eval] section, then explicit options. Every setting is written with the
-numbers to RUN/results.json (or results.json beside a checkpoint outside a run folder).
+numbers to RUN/results.json (or results.json beside a checkpoint outside a run folder); the finetuned
+classifier to RUN/classifiers/ (for `pipeline certify` and for measuring it again without finetuning).
 """
 
 from __future__ import annotations
@@ -18,52 +19,100 @@ import torch
 
 from pipeline.atomic import write_json
 from pipeline.attacks import budget
-from pipeline.checkpoint import load_model
+from pipeline.checkpoint import load_checkpoint
 from pipeline.errors import PipelineError
+from pipeline.evaluation.classifiers import (classifier_path, finetune_settings_of, is_saved_classifier,
+                                             load_classifier, load_own_classifier, load_saved_classifier, run_folder,
+                                             save_classifier)
 from pipeline.evaluation.measures import MEASURES, accuracies, parse_measures
-from pipeline.evaluation.protocols import PROTOCOLS, LinearClassifier, OwnClassifier, finetune
+from pipeline.evaluation.protocols import PROTOCOLS, finetune
 from pipeline.evaluation.recipes import DEFAULT_RECIPE, RECIPES, FinetuneSettings, recipe_settings
+from pipeline.evaluation.smoothing import Smoothing
 from pipeline.shards.shardset import ShardSet
 
 
-def _load_checked(checkpoint: str | Path, shardset: ShardSet, role: str):
-    """(model, checkpoint) after checking it takes this data's images and has the `role` branch."""
-    model, ckpt = load_model(checkpoint)
-    spec = model.spec
-    if spec.get("in_channels") != shardset.channels:
-        raise PipelineError(f"{checkpoint}: the model takes {spec.get('in_channels')}-channel images, "
-                            f"{shardset.root} has {shardset.channels}-channel ones")
-    if role not in spec["roles"]:
-        raise PipelineError(f"--branch {role!r}: the model has branches for {', '.join(spec['roles'])}")
-    return model, ckpt
-
-
-def load_classifier(checkpoint: str | Path, shardset: ShardSet, device, role: str = "eval"):
-    """(encoder + linear layer, checkpoint); `role` picks the branch deployed: the method's eval branch, or
-    another role (e.g. "natural", to see what the encoder's natural branch gives for scale)."""
-    model, ckpt = _load_checked(checkpoint, shardset, role)
-    roles = {r: model.branch(r) for r in model.spec["roles"]}
-    roles["eval"] = roles[role]
-    return LinearClassifier(model.encoder, model.feature_dim, len(shardset.classes), roles).to(device), ckpt
-
-
-def load_own_classifier(checkpoint: str | Path, shardset: ShardSet, device, role: str = "eval"):
-    """(the model's own classifier through the `role` branch, checkpoint), for `--protocol direct`."""
-    model, ckpt = _load_checked(checkpoint, shardset, role)
-    heads = model.spec["heads"]
-    if "logits" not in heads:
-        raise PipelineError(f"{checkpoint}: --protocol direct needs a model with its own classifier (a 'logits' "
-                            f"head, as ascl trains); this {ckpt.get('method')} model has {', '.join(heads)}: "
-                            "use --protocol slf, alf or aff")
-    if heads["logits"]["out"] != len(shardset.classes):
-        raise PipelineError(f"{checkpoint}: its classifier has {heads['logits']['out']} classes, "
-                            f"{shardset.root} has {len(shardset.classes)}")
-    return OwnClassifier(model, model.branch(role)).to(device), ckpt
-
-
 def results_path(checkpoint: str | Path) -> Path:
-    ckpt = Path(checkpoint)
-    return ckpt.parent.parent / "results.json" if ckpt.parent.name == "checkpoints" else ckpt.parent / "results.json"
+    return run_folder(checkpoint) / "results.json"
+
+
+def _check_options(limit, workers, **values) -> None:
+    from pipeline.trainers.config import check_value
+
+    for key, value in values.items():
+        if value is not None:
+            check_value(f"eval.{key}", value)
+    if limit is not None and limit < 1:
+        raise PipelineError(f"--limit {limit}: must be at least 1 test sample (leave it out for all)")
+    if values.get("epochs") is not None and values["epochs"] < 1:
+        raise PipelineError(f"--epochs {values['epochs']}: must be at least 1")
+    if workers < 0:
+        raise PipelineError(f"--workers {workers}: must be >= 0")
+
+
+def open_shardset(data) -> ShardSet:
+    ss = ShardSet.open(data)
+    for split in ("train", "test"):
+        if split not in ss.splits:
+            raise PipelineError(f"{data}: evaluation needs a train and a test split (it has {', '.join(ss.splits)})")
+    return ss
+
+
+def prepare_classifier(ss: ShardSet, checkpoint: str | Path, protocol: str = "slf", recipe: str | None = None,
+                       epochs=None, lr=None, batch_size=None, milestones=None, device="cpu", workers: int = 0,
+                       eps=None, step=None, seed: int = 0, progress: bool = True,
+                       settings: FinetuneSettings | None = None, branch: str = "eval", noise_sigma: float = 0.0,
+                       save: bool = True) -> tuple[torch.nn.Module, dict]:
+    """(the classifier to measure, what it is): a classifier `pipeline eval` saved is used as it is; a
+    pre-trained checkpoint is finetuned by `protocol` (with Gaussian noise at `noise_sigma` when > 0) and the
+    result saved under RUN/classifiers/; `direct` deploys the checkpoint's own classifier."""
+    if protocol not in PROTOCOLS:
+        raise PipelineError(f"--protocol {protocol!r}: choose one of {', '.join(PROTOCOLS)}")
+    if noise_sigma < 0:
+        raise PipelineError(f"--noise-sigma {noise_sigma}: must be >= 0")
+    device = torch.device(device)
+    torch.set_flush_denormal(True)  # denormal floats in trained weights slow CPU math down ~10x
+    probe = load_checkpoint(checkpoint)
+    info = {"checkpoint": str(checkpoint), "checkpoint_sha256": _digest(checkpoint), "finetune_losses": [],
+            "finetune_seconds": 0.0, "classifier_path": None, "reused_classifier": False}
+    if is_saved_classifier(probe):
+        model, ckpt = load_saved_classifier(checkpoint, ss, device)
+        s = finetune_settings_of(ckpt)
+        return model, {**info, "ckpt": ckpt, "settings": s, "protocol": s.protocol, "recipe": s.recipe,
+                       "reused_classifier": True, "classifier_path": str(checkpoint)}
+    direct = PROTOCOLS[protocol].own_classifier
+    model, ckpt = (load_own_classifier if direct else load_classifier)(checkpoint, ss, device, branch)
+    method = ckpt.get("method") or DEFAULT_RECIPE
+    recipe = recipe or (method if method in RECIPES else DEFAULT_RECIPE)
+    if direct:  # nothing is finetuned: the settings only record that
+        if noise_sigma:
+            raise PipelineError("--noise-sigma: --protocol direct finetunes nothing; choose slf, alf or aff")
+        s = FinetuneSettings(recipe="-", protocol=protocol, epochs=0, lr=0.0, batch_size=0, milestones=[], seed=seed)
+        return model, {**info, "ckpt": ckpt, "settings": s, "protocol": protocol, "recipe": "-"}
+    s = settings or recipe_settings(recipe, protocol, len(ss.classes), epochs, lr, batch_size, milestones, seed,
+                                    noise_sigma)
+    b = attack_budget(ss, ckpt, eps, step)
+    torch.manual_seed(s.seed)
+    started = time.perf_counter()
+    train_loader = ss.loader("train", batch_size=s.batch_size, seed=s.seed, device=device, num_workers=workers)
+    losses = finetune(model, train_loader, protocol, s, b.eps, b.step, device, progress)
+    info.update(finetune_losses=losses, finetune_seconds=time.perf_counter() - started)
+    if save:
+        path = classifier_path(checkpoint, s, info["checkpoint_sha256"], branch)
+        try:
+            info["classifier_path"] = str(save_classifier(path, model, ckpt, checkpoint, info["checkpoint_sha256"], s, ss))
+        except OSError as exc:
+            from pipeline.progress import console
+
+            console.print(f"{path}: could not save the finetuned classifier ({exc.strerror}); results are kept")
+    return model, {**info, "ckpt": ckpt, "settings": s, "protocol": protocol, "recipe": recipe}
+
+
+def attack_budget(ss: ShardSet, ckpt: dict, eps=None, step=None, steps=None):
+    """The evaluation budget: explicit eps/step, else the checkpoint's training eps (its step unless eps is
+    given), else the data's default."""
+    trained = ckpt.get("attack") or {}
+    return budget(ss.channels, eps if eps is not None else trained.get("eps"),
+                  step if step is not None else (None if eps is not None else trained.get("step")), steps, use="eval")
 
 
 def evaluate(data: str | Path, checkpoint: str | Path, protocol: str = "slf", attack: str = "pgd20",
@@ -71,68 +120,52 @@ def evaluate(data: str | Path, checkpoint: str | Path, protocol: str = "slf", at
              batch_size: int | None = None, milestones=None, limit: int | None = None, eval_batch_size: int = 256,
              device="cpu", workers: int = 0, eps: float | None = None, step: float | None = None,
              steps: int | None = None, seed: int = 0, progress: bool = True, settings: FinetuneSettings | None = None,
-             branch: str = "eval") -> dict:
-    if protocol not in PROTOCOLS:
-        raise PipelineError(f"--protocol {protocol!r}: choose one of {', '.join(PROTOCOLS)}")
-    from pipeline.trainers.config import check_value
-
-    for key, value in {"eval.eps": eps, "eval.step": step, "eval.steps": steps, "eval.epochs": epochs,
-                       "eval.lr": lr, "eval.batch_size": batch_size}.items():
-        if value is not None:
-            check_value(key, value)
-    if limit is not None and limit < 1:
-        raise PipelineError(f"--limit {limit}: must be at least 1 test sample (leave it out for all)")
-    if epochs is not None and epochs < 1:
-        raise PipelineError(f"--epochs {epochs}: must be at least 1")
-    if workers < 0:
-        raise PipelineError(f"--workers {workers}: must be >= 0")
+             branch: str = "eval", noise_sigma: float = 0.0, smoothing: Smoothing | str | None = None) -> dict:
+    _check_options(limit, workers, eps=eps, step=step, steps=steps, epochs=epochs, lr=lr,
+                   batch_size=batch_size)
     names = parse_measures(attack)
+    if isinstance(smoothing, str):
+        smoothing = Smoothing.parse(smoothing) if smoothing.strip() else None
     device = torch.device(device)
-    torch.set_flush_denormal(True)  # denormal floats in trained weights slow CPU math down ~10x
-    ss = ShardSet.open(data)
-    for split in ("train", "test"):
-        if split not in ss.splits:
-            raise PipelineError(f"{data}: evaluation needs a train and a test split (it has {', '.join(ss.splits)})")
-    direct = PROTOCOLS[protocol].own_classifier
-    model, ckpt = (load_own_classifier if direct else load_classifier)(checkpoint, ss, device, branch)
-    method = ckpt.get("method") or DEFAULT_RECIPE
-    recipe = recipe or (method if method in RECIPES else DEFAULT_RECIPE)
-    if direct:  # nothing is finetuned: the settings only record that
-        recipe = "-"
-        s = FinetuneSettings(recipe=recipe, protocol=protocol, epochs=0, lr=0.0, batch_size=0, milestones=[],
-                             seed=seed)
-    else:
-        s = settings or recipe_settings(recipe, protocol, len(ss.classes), epochs, lr, batch_size, milestones, seed)
-    trained = ckpt.get("attack") or {}
-    b = budget(ss.channels, eps if eps is not None else trained.get("eps"),
-               step if step is not None else (None if eps is not None else trained.get("step")), steps, use="eval")
-    torch.manual_seed(s.seed)
-    started = time.perf_counter()
-    losses = []
-    if not direct:
-        train_loader = ss.loader("train", batch_size=s.batch_size, seed=s.seed, device=device, num_workers=workers)
-        losses = finetune(model, train_loader, protocol, s, b.eps, b.step, device, progress)
-    finetune_s = time.perf_counter() - started
+    ss = open_shardset(data)
+    model, info = prepare_classifier(ss, checkpoint, protocol, recipe, epochs, lr, batch_size, milestones, device,
+                                     workers, eps, step, seed, progress, settings, branch, noise_sigma)
+    ckpt, s = info["ckpt"], info["settings"]
+    b = attack_budget(ss, ckpt, eps, step, steps)
+    if smoothing is not None:  # EOT passes hold m noisy copies of each image: fewer images per batch
+        eval_batch_size = max(1, min(eval_batch_size, smoothing.batch // smoothing.eot_draws))
     test_ids = ss.ids("test")[:limit] if limit else None
     test_loader = ss.loader("test", test_ids, batch_size=eval_batch_size, shuffle=False, device=device,
                             num_workers=workers)
     started = time.perf_counter()
-    acc, measure_settings = accuracies(model, test_loader, names, b, len(ss.classes), device, s.seed)
+    acc, measure_settings = accuracies(model, test_loader, names, b, len(ss.classes), device, s.seed, smoothing)
+    spec = ckpt["model_spec"]
     result = {
-        "protocol": protocol, "recipe": recipe, **acc, "measures": names, "attack_settings": measure_settings,
-        "eps": b.eps, "attack_step": b.step, "attack_steps": b.steps,
-        "finetune": asdict(s), "finetune_losses": losses, "finetune_seconds": finetune_s,
+        "protocol": info["protocol"], "recipe": info["recipe"], **acc, "measures": names,
+        "attack_settings": measure_settings, "eps": b.eps, "attack_step": b.step, "attack_steps": b.steps,
+        "noise_sigma": s.noise_sigma, "smoothing": smoothing.as_dict() if smoothing else None,
+        "finetune": asdict(s), "finetune_losses": info["finetune_losses"], "finetune_seconds": info["finetune_seconds"],
         "attack_seconds": time.perf_counter() - started, "checkpoint": str(checkpoint),
-        "checkpoint_epoch": ckpt.get("epoch"), "method": ckpt.get("method"), "arch": model.encoder.__class__.__name__
-        if "arch" not in ckpt["model_spec"] else ckpt["model_spec"]["arch"], "eval_branch": model.branches["eval"],
-        "branch_role": branch,
+        "checkpoint_epoch": ckpt.get("epoch"), "method": ckpt.get("method"),
+        "arch": spec.get("arch", type(model).__name__), "eval_branch": model.branches["eval"],
+        "branch_role": branch, "classifier_path": info["classifier_path"],
+        "reused_classifier": info["reused_classifier"],
         "data": str(data), "dataset_fingerprint": ss.fingerprint, "test_samples_limit": limit,
         "chance": 1 / len(ss.classes),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    result["checkpoint_sha256"] = digest = _digest(checkpoint)
+    result["checkpoint_sha256"] = digest = info["checkpoint_sha256"]
     result["results_path"] = str(save_result(results_path(checkpoint), digest, str(checkpoint), names, result))
     return result
+
+
+def result_key(result: dict, name: str) -> str:
+    """Where one measure of one evaluation lives in results.json: protocol, noise, smoothing, measure, branch."""
+    noise = f"-noise{result['noise_sigma']:g}" if result.get("noise_sigma") else ""
+    sm = result.get("smoothing")
+    smoothed = f"-smoothed{sm['sigma']:g}-n{sm['n']}" if sm else ""
+    branch = "" if result.get("branch_role", "eval") == "eval" else f"-{result['branch_role']}"
+    return f"{result['protocol']}{noise}{smoothed}-{name}{branch}"
 
 
 def _digest(path) -> str:
@@ -155,9 +188,8 @@ def save_result(path: Path, digest: str, checkpoint: str, names: list[str], resu
         previous = {}
     entry = previous.setdefault(digest, {})
     entry.update(checkpoint=checkpoint, checkpoint_epoch=result.get("checkpoint_epoch"))
-    suffix = "" if result.get("branch_role", "eval") == "eval" else f"-{result['branch_role']}"
     for name in names[1:] or ["clean"]:
-        entry[f"{result['protocol']}-{name}{suffix}"] = {k: v for k, v in result.items() if k != "results_path"}
+        entry[result_key(result, name)] = {k: v for k, v in result.items() if k != "results_path"}
     try:
         write_json(path, previous)
         return path
@@ -170,4 +202,5 @@ def save_result(path: Path, digest: str, checkpoint: str, names: list[str], resu
         return fallback
 
 
-__all__ = ["FinetuneSettings", "MEASURES", "PROTOCOLS", "RECIPES", "evaluate", "load_classifier", "recipe_settings"]
+__all__ = ["FinetuneSettings", "MEASURES", "PROTOCOLS", "RECIPES", "Smoothing", "evaluate", "load_classifier",
+           "load_own_classifier", "prepare_classifier", "recipe_settings"]

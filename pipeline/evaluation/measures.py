@@ -5,6 +5,12 @@
 - `autoattack`: the standard AutoAttack of Croce and Hein (APGD-CE, APGD-T with 9 target classes, FAB-T with 9,
   Square with 5,000 queries; 100 iterations), from the authors' code (`pyautoattack`, the `attacks` extra).
 - `autoattack-rand`: its version for randomized models (APGD-CE and APGD-DLR, each averaging 20 EOT draws).
+- `eot-pgd20`: PGD-20 on the log of the softmax averaged over m noise draws, fresh noise at every step (a
+  smoothed classifier only).
+
+With smoothing (`Smoothing`), every attack targets the randomized model f(x + noise) (`pgd20`: one draw per
+step, no EOT: what a claim measured without EOT would see) and every count is the smoothed classifier's
+prediction (Cohen's PREDICT), abstentions counted as errors.
 """
 
 from __future__ import annotations
@@ -14,26 +20,42 @@ import torch.nn.functional as F
 
 from pipeline.attacks import PGD, Budget
 from pipeline.errors import PipelineError
+from pipeline.evaluation.smoothing import EOTClassifier, RandomizedClassifier, Smoothing, smoothed_predict
 
 INSTALL = ("AutoAttack needs the attacks extra: pip install 'pipeline[attacks]' (install it together with "
            "torch==2.13.0, or pip may pull a CUDA build of torch)")
 
 
 class Measure:
-    name = "base"
+    """`self.model`: what the attack targets (the classifier, or with smoothing the randomized model);
+    `self.classifier`: the deterministic base classifier."""
 
-    def __init__(self, model, b: Budget, n_classes: int, seed: int, device):
-        self.model, self.budget, self.n_classes, self.seed, self.device = model, b, n_classes, seed, device
+    name = "base"
+    needs_smoothing = False
+
+    def __init__(self, model, b: Budget, n_classes: int, seed: int, device, smoothing: Smoothing | None = None):
+        if self.needs_smoothing and smoothing is None:
+            raise PipelineError(f"--attack {self.name}: attacks a randomized classifier; give --smoothing "
+                                "sigma=S,n=N,alpha=A (or use pgd20)")
+        self.classifier, self.budget, self.n_classes, self.seed, self.device = model, b, n_classes, seed, device
+        self.smoothing = smoothing
+        self.noise_gen = torch.Generator(device).manual_seed(seed + 7919)
+        self.model = model if smoothing is None else RandomizedClassifier(model, smoothing.sigma, self.noise_gen)
+        self.abstained = 0
 
     def settings(self) -> dict:
-        return {}
+        return {} if self.smoothing is None else {"smoothing": self.smoothing.as_dict(), "abstained": self.abstained}
 
     def correct(self, x: torch.Tensor, y: torch.Tensor) -> int:
         raise NotImplementedError
 
     def _count(self, x, y) -> int:
         with torch.no_grad():
-            return int((self.model(x).argmax(1) == y).sum())
+            if self.smoothing is None:
+                return int((self.classifier(x).argmax(1) == y).sum())
+            pred = smoothed_predict(self.classifier, x, self.smoothing, self.n_classes, self.noise_gen)
+            self.abstained += int((pred < 0).sum())
+            return int((pred == y).sum())
 
 
 class Clean(Measure):
@@ -46,25 +68,42 @@ class Clean(Measure):
 class PGD20(Measure):
     name = "pgd20"
 
-    def __init__(self, *args):
-        super().__init__(*args)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         b = self.budget
         self.attack = PGD(self.model, lambda out, t: F.cross_entropy(out.float(), t), b.eps, b.step, b.steps,
-                          module=self.model, generator=torch.Generator(self.device).manual_seed(self.seed))
+                          module=self.classifier, generator=torch.Generator(self.device).manual_seed(self.seed))
 
     def settings(self):
-        return {"attack": "pgd", "loss": "ce", **self.attack.settings()}
+        return {"attack": "pgd", "loss": "ce", **self.attack.settings(), **super().settings()}
 
     def correct(self, x, y):
         return self._count(self.attack(x, y), y)
+
+
+class EOTPGD20(PGD20):
+    """PGD-20 on the EOT loss: cross-entropy of the softmax averaged over m draws (fresh noise every step)."""
+
+    name = "eot-pgd20"
+    needs_smoothing = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        s = self.smoothing
+        self.model = EOTClassifier(self.classifier, s.sigma, s.eot_draws, self.noise_gen)
+        self.attack.forward_fn = self.model
+        self.attack.loss = lambda log_probs, t: F.nll_loss(log_probs, t)
+
+    def settings(self):
+        return {**super().settings(), "loss": "nll of the mean softmax over draws", "eot": self.smoothing.eot_draws}
 
 
 class AutoAttackStandard(Measure):
     name = "autoattack"
     version = "standard"
 
-    def __init__(self, *args):
-        super().__init__(*args)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         try:
             import pyautoattack
         except ImportError as exc:
@@ -79,7 +118,7 @@ class AutoAttackStandard(Measure):
                 "version": self.version, "norm": "Linf", "eps": self.budget.eps, "attacks": list(a.attacks_to_run),
                 "apgd_iterations": a.apgd.n_iter, "apgd_restarts": a.apgd.n_restarts, "apgd_eot": a.apgd.eot_iter,
                 "apgd_t_target_classes": a.apgd_targeted.n_target_classes, "fab_t_target_classes": a.fab.n_target_classes,
-                "square_queries": a.square.n_queries, "seed": self.seed}
+                "square_queries": a.square.n_queries, "seed": self.seed, **super().settings()}
 
     def correct(self, x, y):
         x_adv, _ = self.attack.run_standard_evaluation(x, y, batch_size=len(x))
@@ -91,7 +130,7 @@ class AutoAttackRand(AutoAttackStandard):
     version = "rand"
 
 
-MEASURES: dict[str, type[Measure]] = {m.name: m for m in (Clean, PGD20, AutoAttackStandard, AutoAttackRand)}
+MEASURES: dict[str, type[Measure]] = {m.name: m for m in (Clean, PGD20, EOTPGD20, AutoAttackStandard, AutoAttackRand)}
 
 
 def parse_measures(text: str) -> list[str]:
@@ -102,10 +141,12 @@ def parse_measures(text: str) -> list[str]:
     return ["clean"] + [n for n in names if n != "clean"]
 
 
-def accuracies(model, loader, names: list[str], b: Budget, n_classes: int, device, seed: int = 0) -> tuple[dict, dict]:
-    """({measure: accuracy, "samples": n}, {measure: its settings}) over every sample of `loader`."""
+def accuracies(model, loader, names: list[str], b: Budget, n_classes: int, device, seed: int = 0,
+               smoothing: Smoothing | None = None) -> tuple[dict, dict]:
+    """({measure: accuracy, "samples": n}, {measure: its settings}) over every sample of `loader`; with
+    `smoothing`, of the smoothed classifier built on `model`."""
     model.eval()
-    measures = [MEASURES[n](model, b, n_classes, seed, device) for n in names]
+    measures = [MEASURES[n](model, b, n_classes, seed, device, smoothing) for n in names]
     correct = dict.fromkeys(names, 0)
     total = 0
     for batch in loader:

@@ -1,5 +1,8 @@
 """Finetuning protocols for a pre-trained encoder, registered by name: SLF, ALF and AFF (acl-and-eval.md).
 
+With `noise_sigma` > 0 every input the classifier sees in finetuning (natural and adversarial) gets fresh
+Gaussian noise first: Cohen et al.'s noise augmentation, which makes it the base of a smoothed classifier.
+
 Independent of the training code on purpose: it imports the model definition, the attack and the data path
 (loader, crop-and-flip), nothing from `pipeline.trainers`. The deployed model is the encoder through its eval
 batch-norm branch plus a linear layer (zero-initialised, as the benchmark does).
@@ -14,6 +17,7 @@ from torch import nn
 from pipeline.attacks import PGD
 from pipeline.augment import random_crop_flip, to_float
 from pipeline.evaluation.recipes import FinetuneSettings
+from pipeline.evaluation.smoothing import add_noise
 from pipeline.losses import trades_kl
 from pipeline.models.multibn import set_branch
 from pipeline.progress import progress_bar
@@ -44,6 +48,9 @@ class Protocol:
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def noisy(self, x: torch.Tensor) -> torch.Tensor:
+        return add_noise(x, self.s.noise_sigma, self.gen) if self.s.noise_sigma > 0 else x
+
 
 class SLF(Protocol):
     """Standard linear finetuning: frozen encoder, classifier trained on clean images."""
@@ -53,7 +60,7 @@ class SLF(Protocol):
     def loss(self, x, y):
         self.model.encoder.eval()
         with torch.no_grad():
-            feats = self.model.encoder(x)
+            feats = self.model.encoder(self.noisy(x))
         return F.cross_entropy(self.model.fc(feats), y)
 
 
@@ -64,14 +71,14 @@ class ALF(Protocol):
 
     def __init__(self, *args):
         super().__init__(*args)
-        self.attack = PGD(self.model, lambda out, y: F.cross_entropy(out.float(), y), self.eps, self.step,
-                          self.s.train_steps, module=self.model, generator=self.gen)
+        self.attack = PGD(lambda x: self.model(self.noisy(x)), lambda out, y: F.cross_entropy(out.float(), y),
+                          self.eps, self.step, self.s.train_steps, module=self.model, generator=self.gen)
 
     def loss(self, x, y):
         self.model.encoder.eval()
         x_adv = self.attack(x, y)
         with torch.no_grad():
-            feats = self.model.encoder(x_adv)
+            feats = self.model.encoder(self.noisy(x_adv))
         return F.cross_entropy(self.model.fc(feats), y)
 
 
@@ -86,18 +93,18 @@ class AFF(Protocol):
         super().__init__(*args)
         b = self.model.branches
         self.nat_branch = b[self.s.aff_natural_branch]
-        self.attack = PGD(lambda x: self.model(x, b["eval"]), lambda out, p_nat: trades_kl(out, p_nat), self.eps,
+        self.attack = PGD(lambda x: self.model(self.noisy(x), b["eval"]), lambda out, p_nat: trades_kl(out, p_nat), self.eps,
                           self.step, self.s.train_steps, start="normal", start_std=self.s.aff_start_std,
                           module=self.model, generator=self.gen)
 
     def loss(self, x, y):
         self.model.eval()
         with torch.no_grad():
-            nat_logits = self.model(x, self.nat_branch)
+            nat_logits = self.model(self.noisy(x), self.nat_branch)
         x_adv = self.attack(x, nat_logits)
         self.model.train()
-        logits = self.model(x, self.nat_branch)
-        return F.cross_entropy(logits, y) + self.s.trades_beta * trades_kl(self.model(x_adv), logits)
+        logits = self.model(self.noisy(x), self.nat_branch)
+        return F.cross_entropy(logits, y) + self.s.trades_beta * trades_kl(self.model(self.noisy(x_adv)), logits)
 
 
 class Direct(Protocol):

@@ -37,11 +37,13 @@ class FinetuneSettings:
     aff_start_std: float = 0.001  # AFF's attack starts at x + 0.001 N(0, 1), as TRADES
     aff_natural_branch: str = "natural"  # AFF: the branch role natural inputs pass (the eval one: "eval")
     epoch_choice: str = "last"  # never the epoch with the best test accuracy
+    noise_sigma: float = 0.0  # > 0: every classifier input in finetuning gets N(0, sigma^2) noise (a smoothing base)
     seed: int = 0
 
 
 def recipe_settings(recipe: str, protocol: str, n_classes: int, epochs: int | None = None, lr: float | None = None,
-                    batch_size: int | None = None, milestones=None, seed: int = 0) -> FinetuneSettings:
+                    batch_size: int | None = None, milestones=None, seed: int = 0,
+                    noise_sigma: float = 0.0) -> FinetuneSettings:
     if recipe not in RECIPES:
         raise PipelineError(f"--recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
     if protocol not in RECIPES[recipe]:
@@ -53,4 +55,4 @@ def recipe_settings(recipe: str, protocol: str, n_classes: int, epochs: int | No
     if milestones is None:
         milestones = [max(1, round(m * ep / base_epochs)) for m in base_ms] if ep != base_epochs else list(base_ms)
     return FinetuneSettings(recipe=recipe, protocol=protocol, epochs=ep, lr=lr or base_lr, batch_size=batch_size or bs,
-                            milestones=list(milestones), seed=seed)
+                            milestones=list(milestones), seed=seed, noise_sigma=noise_sigma)

@@ -16,7 +16,6 @@ Images arrive NCHW uint8 (memory laid out channels_last); the trainer converts a
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 from dataclasses import dataclass
 from typing import Iterator
 

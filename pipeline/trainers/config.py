@@ -120,6 +120,9 @@ class EvalConfig:
     batch_size: int = 0
     limit: int = 0  # evaluate on the first N test samples only (0: all)
     seed: int = 0
+    noise_sigma: float = 0.0  # > 0: finetune with Gaussian noise augmentation (the base of a smoothed classifier)
+    smoothing: str = ""  # "sigma=S,n=N,alpha=A[,eot=M]": measure the smoothed classifier (randomized smoothing)
+    certify: str = ""  # "n0=N0,n=N,alpha=A,limit=L": `pipeline experiment` certifies the classifier too
 
 
 # One place for the rules every command applies to a setting: (test, what it must be).
@@ -143,7 +146,7 @@ RULES = {
     "select.fallback": (lambda v: v in ("", "random"), "must be empty or random"),
     "eval.protocol": (lambda v: v in ("slf", "alf", "aff", "direct"), "must be slf, alf, aff or direct"),
     "eval.eps": _NONNEG, "eval.step": _NONNEG, "eval.steps": _ONE, "eval.epochs": _NONNEG, "eval.lr": _NONNEG,
-    "eval.batch_size": _NONNEG, "eval.limit": _NONNEG,
+    "eval.batch_size": _NONNEG, "eval.limit": _NONNEG, "eval.noise_sigma": _NONNEG,
 }
 FLAGS = {"data.path": "--data", "run.out": "--out", "method.name": "--method", "optim.epochs": "--epochs",
          "data.batch_size": "--batch-size", "optim.lr": "--lr", "data.workers": "--workers",

@@ -1,0 +1,110 @@
+"""The classifiers evaluation deploys, and the files it keeps them in.
+
+A pre-trained checkpoint becomes a classifier by a protocol: its encoder + a finetuned linear layer (SLF, ALF,
+AFF), or its own classifier head (direct). `pipeline eval` saves each finetuned classifier as a checkpoint of
+kind "classifier" (RUN/classifiers/PROTOCOL[-noiseS]-DIGEST.pt), so `pipeline certify` and later evaluations
+use it without finetuning again. It is an ordinary checkpoint (the full model's weights and spec) plus the
+linear layer, the deployed branch and the finetuning settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from pipeline.checkpoint import load_model, save_checkpoint
+from pipeline.errors import PipelineError
+from pipeline.evaluation.protocols import LinearClassifier, OwnClassifier
+from pipeline.evaluation.recipes import FinetuneSettings
+from pipeline.shards.shardset import ShardSet
+
+KIND = "classifier"
+
+
+def run_folder(checkpoint: str | Path) -> Path:
+    """The run folder a checkpoint belongs to (RUN/checkpoints/x.pt, RUN/classifiers/x.pt), else its folder."""
+    ckpt = Path(checkpoint)
+    return ckpt.parent.parent if ckpt.parent.name in ("checkpoints", "classifiers") else ckpt.parent
+
+
+def _check(checkpoint, model, ckpt, shardset: ShardSet, role: str) -> None:
+    spec = model.spec
+    if spec.get("in_channels") != shardset.channels:
+        raise PipelineError(f"{checkpoint}: the model takes {spec.get('in_channels')}-channel images, "
+                            f"{shardset.root} has {shardset.channels}-channel ones")
+    if role not in spec["roles"]:
+        raise PipelineError(f"--branch {role!r}: the model has branches for {', '.join(spec['roles'])}")
+
+
+def load_classifier(checkpoint: str | Path, shardset: ShardSet, device, role: str = "eval"):
+    """(encoder + a fresh linear layer, checkpoint); `role` picks the branch deployed: the method's eval branch,
+    or another role (e.g. "natural", to see what the encoder's natural branch gives for scale)."""
+    model, ckpt = load_model(checkpoint)
+    _check(checkpoint, model, ckpt, shardset, role)
+    roles = {r: model.branch(r) for r in model.spec["roles"]}
+    roles["eval"] = roles[role]
+    return LinearClassifier(model.encoder, model.feature_dim, len(shardset.classes), roles).to(device), ckpt
+
+
+def load_own_classifier(checkpoint: str | Path, shardset: ShardSet, device, role: str = "eval"):
+    """(the model's own classifier through the `role` branch, checkpoint), for `--protocol direct`."""
+    model, ckpt = load_model(checkpoint)
+    _check(checkpoint, model, ckpt, shardset, role)
+    heads = model.spec["heads"]
+    if "logits" not in heads:
+        raise PipelineError(f"{checkpoint}: --protocol direct needs a model with its own classifier (a 'logits' "
+                            f"head, as ascl trains); this {ckpt.get('method')} model has {', '.join(heads)}: "
+                            "use --protocol slf, alf or aff")
+    if heads["logits"]["out"] != len(shardset.classes):
+        raise PipelineError(f"{checkpoint}: its classifier has {heads['logits']['out']} classes, "
+                            f"{shardset.root} has {len(shardset.classes)}")
+    return OwnClassifier(model, model.branch(role)).to(device), ckpt
+
+
+def is_saved_classifier(ckpt: dict) -> bool:
+    return ckpt.get("kind") == KIND
+
+
+def classifier_path(checkpoint: str | Path, s: FinetuneSettings, digest: str, role: str = "eval") -> Path:
+    noise = f"-noise{s.noise_sigma:g}" if s.noise_sigma else ""
+    branch = "" if role == "eval" else f"-{role}"
+    return run_folder(checkpoint) / "classifiers" / f"{s.protocol}{noise}{branch}-{digest}.pt"
+
+
+def save_classifier(path: Path, clf: LinearClassifier, source: dict, source_path, digest: str, s: FinetuneSettings,
+                    shardset: ShardSet) -> Path:
+    """The finetuned classifier as a checkpoint: the source model's weights with the (possibly finetuned)
+    encoder's in place, the linear layer, the deployed branches, and how it was made."""
+    state = dict(source["model"])
+    state.update({f"encoder.{k}": v.detach().cpu() for k, v in clf.encoder.state_dict().items()})
+    return save_checkpoint(path, {
+        "kind": KIND, "model": state, "model_spec": source["model_spec"], "method": source.get("method"),
+        "attack": source.get("attack"), "epoch": source.get("epoch"),
+        "fc": {k: v.detach().cpu() for k, v in clf.fc.state_dict().items()}, "branches": dict(clf.branches),
+        "n_classes": len(shardset.classes), "finetune": asdict(s), "source_checkpoint": str(source_path),
+        "source_sha256": digest, "dataset_fingerprint": shardset.fingerprint})
+
+
+def load_saved_classifier(path: str | Path, shardset: ShardSet, device):
+    """(the classifier `pipeline eval` saved, its checkpoint dict)."""
+    model, ckpt = load_model(path)
+    _check(path, model, ckpt, shardset, "eval")
+    if ckpt.get("n_classes") != len(shardset.classes):
+        raise PipelineError(f"{path}: a classifier of {ckpt.get('n_classes')} classes; {shardset.root} has "
+                            f"{len(shardset.classes)}")
+    clf = LinearClassifier(model.encoder, model.feature_dim, ckpt["n_classes"], ckpt["branches"])
+    try:
+        clf.fc.load_state_dict(ckpt["fc"])
+    except (RuntimeError, KeyError, TypeError) as exc:
+        raise PipelineError(f"{path}: its linear layer does not fit the model ({exc}); re-run `pipeline eval` "
+                            "on the pre-trained checkpoint to make it again") from None
+    return clf.to(device).eval(), ckpt
+
+
+def finetune_settings_of(ckpt: dict) -> FinetuneSettings:
+    known = FinetuneSettings.__dataclass_fields__
+    return FinetuneSettings(**{k: v for k, v in (ckpt.get("finetune") or {}).items() if k in known})
+
+
+__all__ = ["is_saved_classifier", "load_classifier", "load_own_classifier", "load_saved_classifier",
+           "save_classifier", "classifier_path", "run_folder"]
