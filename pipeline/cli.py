@@ -362,6 +362,50 @@ def eval_(
 
 
 @app.command()
+def certify(
+    data: Path = typer.Option(..., help="Shard-set folder with train and test splits."),
+    checkpoint: Path = typer.Option(..., help="A classifier `pipeline eval` saved (RUN/classifiers/*.pt), or a "
+                                    "pre-trained checkpoint: then a classifier is finetuned on it first, with noise "
+                                    "at --sigma, by --protocol."),
+    sigma: float = typer.Option(..., help="Noise standard deviation of the smoothed classifier (images in [0, 1])."),
+    n0: int = typer.Option(100, help="Draws that choose the class."),
+    n: int = typer.Option(100_000, help="Draws that bound its probability."),
+    alpha: float = typer.Option(0.001, help="The certificate fails with probability at most alpha."),
+    limit: Optional[int] = typer.Option(None, help="Certify the first N test samples only."),
+    out: Optional[Path] = typer.Option(None, help="Folder for certify.tsv / certify.json / certified.png "
+                                       "[default: RUN/certify/<classifier>-sigmaS-nN]."),
+    protocol: str = typer.Option("slf", help="How an encoder is made a classifier: slf | alf | aff, or direct (its "
+                                 "own classifier)."),
+    recipe: Optional[str] = typer.Option(None, help="Finetuning recipe [default: the checkpoint's method]."),
+    epochs: Optional[int] = typer.Option(None, help="Finetuning epochs [default: the recipe's]."),
+    lr: Optional[float] = typer.Option(None, help="Finetuning learning rate [default: the recipe's]."),
+    batch_size: Optional[int] = typer.Option(None, help="Finetuning batch size [default: the recipe's]."),
+    batch: int = typer.Option(4096, help="Noisy images per forward pass."),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    workers: int = typer.Option(0),
+):
+    """Certified l2 robustness of the smoothed classifier (Cohen et al.'s CERTIFY), per sample, resumable."""
+    from rich.table import Table
+
+    from pipeline.dist import resolve_device
+    from pipeline.evaluation.certify import certify as run_certify
+
+    r = run_certify(data, checkpoint, sigma, n0, n, alpha, limit, out, protocol, batch, seed, resolve_device(device),
+                    recipe=recipe, epochs=epochs, lr=lr, batch_size=batch_size, workers=workers)
+    t = Table(title=f"certified accuracy, sigma {sigma:g}, n0 {n0}, n {n:,}, alpha {alpha:g}: {r['samples']:,} "
+              f"samples, {r['abstained']:,} abstained", title_justify="left")
+    for col in ("l2 radius", "certified accuracy", "l_inf radius it implies"):
+        t.add_column(col, justify="right")
+    for radius, acc in r["certified_accuracy"].items():
+        t.add_row(radius, f"{acc:.2%}", f"{r['linf_radius'][radius]:.4f}")
+    console.print(t)
+    console.print(f"l_inf {r['linf_eps']:.4g} (the PGD budget) needs an l2 radius of {r['l2_radius_covering_linf_eps']:.3f} "
+                  f"(x sqrt(d), d = {r['dims']:,}): certified for {r['certified_accuracy_at_linf_eps']:.2%}")
+    console.print(f"wrote {escape(r['tsv'])}, {escape(r['json'])}" + (f", {escape(r['png'])}" if r.get("png") else ""))
+
+
+@app.command()
 def report(
     runs: list[Path] = typer.Argument(..., help="Run folders (written by `pipeline train`)."),
     out: Path = typer.Option(..., help="Folder for report.md and its PNG figures."),

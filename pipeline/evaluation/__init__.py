@@ -61,10 +61,11 @@ def prepare_classifier(ss: ShardSet, checkpoint: str | Path, protocol: str = "sl
                        epochs=None, lr=None, batch_size=None, milestones=None, device="cpu", workers: int = 0,
                        eps=None, step=None, seed: int = 0, progress: bool = True,
                        settings: FinetuneSettings | None = None, branch: str = "eval", noise_sigma: float = 0.0,
-                       save: bool = True) -> tuple[torch.nn.Module, dict]:
+                       save: bool = True, reuse: bool = False) -> tuple[torch.nn.Module, dict]:
     """(the classifier to measure, what it is): a classifier `pipeline eval` saved is used as it is; a
     pre-trained checkpoint is finetuned by `protocol` (with Gaussian noise at `noise_sigma` when > 0) and the
-    result saved under RUN/classifiers/; `direct` deploys the checkpoint's own classifier."""
+    result saved under RUN/classifiers/ (`reuse`: a classifier saved there before with the same settings is
+    taken instead of finetuning again); `direct` deploys the checkpoint's own classifier."""
     if protocol not in PROTOCOLS:
         raise PipelineError(f"--protocol {protocol!r}: choose one of {', '.join(PROTOCOLS)}")
     if noise_sigma < 0:
@@ -90,6 +91,12 @@ def prepare_classifier(ss: ShardSet, checkpoint: str | Path, protocol: str = "sl
         return model, {**info, "ckpt": ckpt, "settings": s, "protocol": protocol, "recipe": "-"}
     s = settings or recipe_settings(recipe, protocol, len(ss.classes), epochs, lr, batch_size, milestones, seed,
                                     noise_sigma)
+    path = classifier_path(checkpoint, s, info["checkpoint_sha256"], branch)
+    if reuse and path.is_file():
+        saved, saved_ckpt = load_saved_classifier(path, ss, device)
+        if saved_ckpt.get("finetune") == asdict(s):
+            return saved, {**info, "ckpt": saved_ckpt, "settings": s, "protocol": protocol, "recipe": recipe,
+                           "reused_classifier": True, "classifier_path": str(path)}
     b = attack_budget(ss, ckpt, eps, step)
     torch.manual_seed(s.seed)
     started = time.perf_counter()
@@ -97,7 +104,6 @@ def prepare_classifier(ss: ShardSet, checkpoint: str | Path, protocol: str = "sl
     losses = finetune(model, train_loader, protocol, s, b.eps, b.step, device, progress)
     info.update(finetune_losses=losses, finetune_seconds=time.perf_counter() - started)
     if save:
-        path = classifier_path(checkpoint, s, info["checkpoint_sha256"], branch)
         try:
             info["classifier_path"] = str(save_classifier(path, model, ckpt, checkpoint, info["checkpoint_sha256"], s, ss))
         except OSError as exc:

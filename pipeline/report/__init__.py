@@ -20,9 +20,15 @@ def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.2f}%"
 
 
+def _smoothing(r: dict) -> str:
+    sm = r.get("smoothing")
+    return "-" if not sm else f"sigma {sm['sigma']:g}, n {sm['n']}, EOT {sm['eot']}"
+
+
 def results_table(runs: list[RunRecord]) -> list[str]:
-    lines = ["| run | checkpoint epoch | protocol | recipe | clean | PGD-20 | AutoAttack | eps | test samples | "
-             "train wall s | images trained on |", "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| run | checkpoint epoch | protocol | recipe | noise sigma | smoothed | clean | PGD-20 | EOT-PGD-20 | "
+             "AutoAttack | AutoAttack rand | eps | test samples | train wall s | images trained on |",
+             "| --- | ---: | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     seen = set()
     for run in runs:
         for r in run.results:
@@ -31,8 +37,28 @@ def results_table(runs: list[RunRecord]) -> list[str]:
                 continue
             seen.add(key)
             lines.append(f"| {run.label} | {r.get('checkpoint_epoch')} | {r['protocol']} | {r.get('recipe', '-')} | "
-                         f"{_pct(r.get('clean'))} | {_pct(r.get('pgd20'))} | {_pct(r.get('autoattack'))} | "
-                         f"{r.get('eps', 0):.4g} | {r.get('samples')} | {run.train_seconds:.1f} | {run.images:,} |")
+                         f"{r.get('noise_sigma') or 0:g} | {_smoothing(r)} | {_pct(r.get('clean'))} | "
+                         f"{_pct(r.get('pgd20'))} | {_pct(r.get('eot-pgd20'))} | {_pct(r.get('autoattack'))} | "
+                         f"{_pct(r.get('autoattack-rand'))} | {r.get('eps', 0):.4g} | {r.get('samples')} | "
+                         f"{run.train_seconds:.1f} | {run.images:,} |")
+    return lines
+
+
+def certification_table(run: RunRecord) -> list[str]:
+    radii = list(run.certifications[0]["certified_accuracy"])
+    lines = ["| certification | sigma | n0 | n | alpha | samples | abstained | "
+             + " | ".join(f"r = {r}" for r in radii) + " | s per sample |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in radii) + " | ---: |"]
+    for c in run.certifications:
+        st = c["settings"]
+        lines.append(f"| {c['name']} | {st['sigma']:g} | {st['n0']} | {st['n']:,} | {st['alpha']:g} | {c['samples']} | "
+                     f"{c['abstained']} | " + " | ".join(_pct(c["certified_accuracy"].get(r)) for r in radii)
+                     + f" | {c['seconds_per_sample']:.2f} |")
+    c = run.certifications[0]
+    lines += ["", f"An l2 certificate of radius r also holds against l_inf perturbations up to r / sqrt(d), d = "
+              f"{c['dims']} here: " + ", ".join(f"r = {r} -> {v:.4f}" for r, v in c["linf_radius"].items())
+              + f". Covering the l_inf ball of {c['linf_eps']:.4g} needs r = {c['l2_radius_covering_linf_eps']:.3f}, "
+              f"certified for {_pct(c['certified_accuracy_at_linf_eps'])} of the samples."]
     return lines
 
 
@@ -76,6 +102,11 @@ def build_report(run_paths: list[str | Path], out: str | Path) -> tuple[Path, li
                 md += [f"Round {w['round']} cost {w['selection_s']:.1f} s, more than the {w['expected_saving_s']:.1f} s "
                        "its subset saves" + (f"; the run fell back to {w['fallback']} subsets." if w.get("fallback")
                                              else "."), ""]
+            if run.certifications:
+                pngs.append(figures.certified_curve([(c["name"], Path(c["tsv"])) for c in run.certifications],
+                                                    out / f"{slug}-certified.png"))
+                md += ["### Certified accuracy (`pipeline certify`)", ""] + certification_table(run) + [
+                    "", f"![certified accuracy]({slug}-certified.png)", ""]
             if run.rounds:
                 pngs.append(figures.selection_timeline(run, out / f"{slug}-selection.png"))
                 md += [f"![selection timeline]({slug}-selection.png)", "",

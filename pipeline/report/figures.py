@@ -92,3 +92,29 @@ def tradeoff(runs: list[RunRecord], path: Path) -> Path | None:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def certified_curve(tables: list[tuple[str, Path]], path: Path) -> Path:
+    """Certified accuracy against l2 radius, one curve per certification TSV (`pipeline certify`)."""
+    from pipeline.evaluation.certify import read_rows
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, tsv in tables:
+        rows = read_rows(Path(tsv))
+        if not rows:
+            continue
+        radii = sorted(r["radius"] for r in rows if r["correct"])
+        top = max(radii[-1] if radii else 0.0, 1.0)
+        xs = [top * i / 200 for i in range(201)]
+        ys = [100 * sum(r >= x for r in radii) / len(rows) for x in xs]
+        ax.plot(xs, ys, label=f"{label} ({len(rows)} samples)")
+    for r in (0.25, 0.5, 0.75, 1.0):
+        ax.axvline(r, color="grey", lw=0.5, ls=":")
+    ax.set(xlabel="l2 radius", ylabel="certified accuracy, %", title="certified accuracy (randomized smoothing)",
+           ylim=(0, 100))
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -21,6 +21,7 @@ class RunRecord:
     results: list[dict] = field(default_factory=list)  # one per (checkpoint, protocol-measure)
     accounting: list[dict] = field(default_factory=list)  # per subset epoch: what selection cost and saved
     warnings: list[dict] = field(default_factory=list)
+    certifications: list[dict] = field(default_factory=list)  # certify.json summaries, with "tsv" and "name"
 
     @property
     def name(self) -> str:
@@ -104,15 +105,26 @@ def load_run(path: str | Path) -> RunRecord:
             for key, res in entry.items():
                 if isinstance(res, dict) and "protocol" in res:
                     run.results.append({"checkpoint": entry.get("checkpoint"), "digest": digest, "key": key, **res})
+    for meta in sorted(path.glob("certify/*/certify.json")):
+        try:
+            summary = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            continue  # a certification being written; the report shows the finished ones
+        if "certified_accuracy" in summary:
+            run.certifications.append({**summary, "name": meta.parent.name, "tsv": str(meta.parent / "certify.tsv")})
     return run
 
 
+ROBUST_MEASURES = ("autoattack", "autoattack-rand", "eot-pgd20", "pgd20")
+
+
 def robust_of(result: dict) -> tuple[str, float | None]:
-    """The strongest robust accuracy a result holds: AutoAttack if measured, else PGD-20."""
-    for name in ("autoattack", "autoattack-rand", "pgd20"):
-        if result.get(name) is not None:
-            return name, result[name]
-    return "-", None
+    """The robust accuracy of the strongest attack a result holds (the lowest accuracy: the worst case)."""
+    measured = [(result[n], n) for n in ROBUST_MEASURES if result.get(n) is not None]
+    if not measured:
+        return "-", None
+    value, name = min(measured)
+    return name, value
 
 
 __all__ = ["RunRecord", "load_run", "robust_of"]
