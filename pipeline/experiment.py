@@ -15,7 +15,11 @@ advcl = {pseudo_labels = "pseudo-labels:simclr"}, with the simclr arm earlier in
 Each (arm, seed) is a run folder OUT/runs/ARM-sSEED with the usual config.toml, so any arm can be rerun by
 hand with `pipeline train --config OUT/runs/ARM-sSEED/config.toml`. Progress is kept in OUT/experiment.json
 after every arm: an interrupted experiment resumes with the arms it has not finished (an arm interrupted
-mid-training continues from its last epoch); an arm whose settings changed since is run again.
+mid-training continues from its last epoch); an arm whose training settings changed since is trained again, one
+whose [eval] settings alone changed is only evaluated again.
+
+[eval] may also say noise_sigma, smoothing and certify (randomized smoothing: the RUSH arm), e.g.
+eval = {noise_sigma = 0.25, smoothing = "sigma=0.25,n=100", attack = "pgd20,eot-pgd20", certify = "n=10000,limit=500"}.
 """
 
 from __future__ import annotations
@@ -156,13 +160,26 @@ def arm_config(exp: Experiment, arm: Arm, seed: int, data_path: str):
     trainer = TRAINERS.get(cfg.method.name)
     cfg.apply_defaults(trainer.config_defaults if trainer else {})  # as `pipeline train` will: same config.toml
     try:
+        if cfg.eval.smoothing:
+            from pipeline.evaluation.smoothing import Smoothing
+
+            Smoothing.parse(cfg.eval.smoothing)
+        if cfg.eval.certify:
+            certify_spec(cfg.eval.certify)
+            if not (cfg.eval.smoothing or cfg.eval.noise_sigma):
+                raise PipelineError("eval.certify needs the noise sigma: set eval.noise_sigma or eval.smoothing")
         return cfg.validate()
     except PipelineError as exc:
         raise PipelineError(f"{origin}: {exc}") from None
 
 
-def _digest(cfg) -> str:
-    return hashlib.sha256(tomli_w.dumps(cfg.to_dict()).encode()).hexdigest()[:16]
+def _training(cfg) -> dict:
+    """The settings training depends on: everything but [eval] (a new evaluation never retrains)."""
+    return {k: v for k, v in cfg.to_dict().items() if k != "eval"}
+
+
+def _digest(settings: dict) -> str:
+    return hashlib.sha256(tomli_w.dumps(settings).encode()).hexdigest()[:16]
 
 
 def _prepare(exp: Experiment, progress: bool) -> str:
@@ -195,7 +212,7 @@ def _train(cfg, progress: bool) -> str:
     last = run / "checkpoints" / "last.pt"
     resume, note = False, "trained"
     if last.is_file() and (run / "config.toml").is_file():
-        same = load_config(run / "config.toml").to_dict() == cfg.to_dict()
+        same = _training(load_config(run / "config.toml")) == _training(cfg)
         done = int(load_checkpoint(last).get("epoch") or 0) if same else 0
         if same and done >= cfg.optim.epochs:
             return "already trained"
@@ -215,10 +232,41 @@ def _evaluate(cfg, seed: int, progress: bool) -> dict:
     from pipeline.evaluation import evaluate
 
     e = cfg.eval
-    return evaluate(cfg.data.path, Path(cfg.run.out) / "checkpoints" / "last.pt", e.protocol, e.attack,
-                    e.recipe or None, e.epochs or None, e.lr or None, e.batch_size or None, limit=e.limit or None,
-                    device=_device(cfg), eps=e.eps or None, step=e.step or None, steps=e.steps, seed=e.seed + seed,
-                    progress=progress)
+    result = evaluate(cfg.data.path, Path(cfg.run.out) / "checkpoints" / "last.pt", e.protocol, e.attack,
+                      e.recipe or None, e.epochs or None, e.lr or None, e.batch_size or None, limit=e.limit or None,
+                      device=_device(cfg), eps=e.eps or None, step=e.step or None, steps=e.steps, seed=e.seed + seed,
+                      progress=progress, noise_sigma=e.noise_sigma, smoothing=e.smoothing or None)
+    if e.certify:
+        from pipeline.evaluation.certify import certify
+
+        c = certify_spec(e.certify)
+        sigma = result["smoothing"]["sigma"] if result["smoothing"] else e.noise_sigma
+        summary = certify(cfg.data.path, result["classifier_path"], sigma, c["n0"], c["n"], c["alpha"],
+                          c.get("limit"), batch=c.get("batch", 4096), seed=e.seed + seed, device=_device(cfg),
+                          progress=progress, eps=e.eps or None)
+        for radius, acc in summary["certified_accuracy"].items():
+            result[f"certified@{radius}"] = acc
+        result["measures"] = result["measures"] + [f"certified@{r}" for r in CERTIFIED_COLUMNS]
+        result["certify"] = {k: summary[k] for k in ("samples", "abstained", "seconds_per_sample", "out")}
+    return result
+
+
+CERTIFIED_COLUMNS = ("0.25", "0.5")
+
+
+def certify_spec(text: str) -> dict:
+    """"n0=100,n=10000,alpha=0.001[,limit=N][,batch=B]" of [eval] certify."""
+    kinds = {"n0": int, "n": int, "alpha": float, "limit": int, "batch": int}
+    out = {"n0": 100, "n": 100_000, "alpha": 0.001}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, _, value = part.partition("=")
+        if key.strip() not in kinds:
+            raise PipelineError(f"eval.certify {text!r}: keys are {', '.join(kinds)} (e.g. n0=100,n=10000,limit=500)")
+        try:
+            out[key.strip()] = kinds[key.strip()](value)
+        except ValueError:
+            raise PipelineError(f"eval.certify {key.strip()}={value!r}: not a number") from None
+    return out
 
 
 def _device(cfg):
@@ -241,7 +289,8 @@ def _row(arm: Arm, seed: int, cfg, result: dict) -> dict:
         "rounds": len(rounds), "selection_s": round(sum(r.get("wall_s") or r.get("selection_s") or 0 for r in rounds), 2),
         "selection_process_s": round(sum(r.get("process_s") or 0 for r in rounds), 2),
         "stall_s": round(sum(r.get("stall_s") or 0 for r in rounds), 2),
-        "eval": {k: result.get(k) for k in ("protocol", "recipe", "eps", "samples", "checkpoint_sha256")},
+        "eval": {k: result.get(k) for k in ("protocol", "recipe", "eps", "samples", "checkpoint_sha256", "noise_sigma",
+                                            "smoothing", "certify")},
     }
 
 
@@ -264,19 +313,23 @@ def run_experiment(exp: Experiment, progress: bool = True, only: list[str] | Non
             if only and arm.name not in only:
                 continue
             cfg = arm_config(exp, arm, seed, data_path)
-            digest = _digest(cfg)
+            digest, eval_digest = _digest(_training(cfg)), _digest(cfg.to_dict()["eval"])
             kept = state["runs"].get(run_id)
-            if kept and kept.get("digest") == digest and (Path(cfg.run.out) / "checkpoints" / "last.pt").is_file():
+            trained = kept and kept.get("digest") == digest and (Path(cfg.run.out) / "checkpoints" / "last.pt").is_file()
+            if trained and kept.get("eval_digest", eval_digest) == eval_digest:
                 console.print(f"[{n}/{len(todo)}] {run_id}: done earlier, kept")
                 continue
-            console.print(f"[{n}/{len(todo)}] {run_id}: training ({cfg.run.out}/config.toml)")
             started = time.perf_counter()
-            _ensure_pseudo_labels(exp, arm, seed, data_path, progress)
-            note = _train(cfg, progress)
+            if trained:
+                note = "trained earlier, evaluation settings changed"
+            else:
+                console.print(f"[{n}/{len(todo)}] {run_id}: training ({cfg.run.out}/config.toml)")
+                _ensure_pseudo_labels(exp, arm, seed, data_path, progress)
+                note = _train(cfg, progress)
             console.print(f"[{n}/{len(todo)}] {run_id}: {note}; evaluating")
             row = _row(arm, seed, cfg, _evaluate(cfg, seed, progress))
             row["experiment_s"] = round(time.perf_counter() - started, 1)
-            state["runs"][run_id] = {"digest": digest, "row": row}
+            state["runs"][run_id] = {"digest": digest, "eval_digest": eval_digest, "row": row}
             write_json(state_path, state)  # after every arm: an interruption loses at most the arm in flight
         rows = [state["runs"][rid]["row"] for _, _, rid in todo if rid in state["runs"]]
         write_results(exp, rows)
@@ -303,9 +356,13 @@ def _mean_std(values) -> tuple[float | None, float | None]:
     return float(np.mean(v)), (float(np.std(v, ddof=1)) if len(v) > 1 else None)
 
 
+MEASURE_COLUMNS = ("clean", "pgd20", "eot-pgd20", "autoattack", "autoattack-rand",
+                   *(f"certified@{r}" for r in CERTIFIED_COLUMNS))
+
+
 def summarize(rows: list[dict]) -> list[dict]:
     """One line per arm: mean and sample standard deviation (n-1) over its seeds."""
-    measures = [k for k in ("clean", "pgd20", "autoattack", "autoattack-rand") if any(k in r for r in rows)]
+    measures = [k for k in MEASURE_COLUMNS if any(r.get(k) is not None for r in rows)]
     out = []
     for arm in dict.fromkeys(r["arm"] for r in rows):
         rs = [r for r in rows if r["arm"] == arm]
@@ -326,12 +383,21 @@ def _pm(mean, std, pct: bool = False, digits: int = 1) -> str:
 
 def results_markdown(exp: Experiment, rows: list[dict]) -> str:
     groups = summarize(rows)
-    measures = [k for k in ("clean", "pgd20", "autoattack", "autoattack-rand") if groups and k in groups[0]]
+    measures = [k for k in MEASURE_COLUMNS if any(g.get(k) is not None for g in groups)]
     ev = rows[0]["eval"] if rows else {}
     lines = [f"# Experiment {exp.path.name}", "",
              f"{len(rows)} runs; evaluation {str(ev.get('protocol', '-')).upper()} ({ev.get('recipe')} recipe), "
              f"eps {ev.get('eps', 0):.4g}, {ev.get('samples')} test samples. Accuracies in %, mean ± sample standard "
-             "deviation over seeds; times in seconds of training epochs (selection overlapped).", "",
+             "deviation over seeds; times in seconds of training epochs (selection overlapped).", ""]
+    for arm in dict.fromkeys(r["arm"] for r in rows):  # arms measured otherwise say how
+        ev_arm = next(r["eval"] for r in rows if r["arm"] == arm)
+        if ev_arm.get("smoothing") or ev_arm.get("noise_sigma") or ev_arm.get("samples") != ev.get("samples"):
+            sm, c = ev_arm.get("smoothing") or {}, ev_arm.get("certify") or {}
+            lines.append(f"- {arm}: {ev_arm.get('samples')} test samples; finetuned with noise sigma "
+                         f"{ev_arm.get('noise_sigma') or 0:g}" + (f"; smoothed classifier sigma {sm['sigma']:g}, n "
+                         f"{sm['n']}, alpha {sm['alpha']:g}, EOT draws {sm['eot']} (abstentions are errors)" if sm else "")
+                         + (f"; certified on {c['samples']} samples" if c else ""))
+    lines += ["",
              "| arm | selector | fraction | seeds | " + " | ".join(measures) +
              " | train s | images trained on | selection s | stall s |",
              "| --- | --- | ---: | ---: | " + " | ".join("---:" for _ in measures) + " | ---: | ---: | ---: | ---: |"]

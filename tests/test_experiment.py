@@ -108,3 +108,27 @@ def test_bad_experiment_files_name_the_problem(tmp_path, extra, msg):
     with pytest.raises(PipelineError, match=msg) as err:
         load_experiment(_write(tmp_path, tmp_path, extra=extra))
     assert "exp.toml" in str(err.value)
+
+
+def test_rush_arm_smoothed_and_certified_and_eval_change_does_not_retrain(digits_set, tmp_path):
+    rush = """
+[[arm]]
+name = "rush"
+seeds = [0]
+method = {{ name = "simclr" }}
+eval = {{ noise_sigma = 0.25, smoothing = "sigma=0.25,n=10,alpha=0.01,eot=2", attack = "{attack}", certify = "n0=10,n=50,limit=4", limit = 16 }}
+"""
+    path = tmp_path / "exp.toml"
+    path.write_text(SHARED.format(out=tmp_path / "out", data=digits_set.root) + rush.format(attack="pgd20,eot-pgd20"))
+    (row,) = run_experiment(load_experiment(path), progress=False)
+    assert row["method"] == "simclr" and row["eval"]["smoothing"]["eot"] == 2 and row["eval"]["noise_sigma"] == 0.25
+    cert = json.loads(next((tmp_path / "out/runs/rush-s0/certify").glob("*/certify.json")).read_text())
+    assert cert["samples"] == 4 and row["certified@0.25"] == cert["certified_accuracy"]["0.25"]
+    assert 0 <= row["eot-pgd20"] <= 1
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "eot-pgd20" in md and "certified@0.5" in md and "EOT draws 2" in md
+    stamps = _stamps(tmp_path / "out")
+    path.write_text(SHARED.format(out=tmp_path / "out", data=digits_set.root) + rush.format(attack="pgd20"))
+    (again,) = run_experiment(load_experiment(path), progress=False)
+    assert _stamps(tmp_path / "out") == stamps  # evaluated again, not retrained
+    assert "eot-pgd20" not in again and again["pgd20"] is not None
