@@ -241,9 +241,9 @@ def _evaluate(cfg, seed: int, progress: bool) -> dict:
 
         c = certify_spec(e.certify)
         sigma = result["smoothing"]["sigma"] if result["smoothing"] else e.noise_sigma
-        summary = certify(cfg.data.path, result["classifier_path"], sigma, c["n0"], c["n"], c["alpha"],
-                          c.get("limit"), batch=c.get("batch", 4096), seed=e.seed + seed, device=_device(cfg),
-                          progress=progress, eps=e.eps or None)
+        summary = certify(cfg.data.path, result["classifier_path"] or result["checkpoint"], sigma, c["n0"], c["n"],
+                          c["alpha"], c.get("limit"), protocol=e.protocol, batch=c.get("batch", 4096),
+                          seed=e.seed + seed, device=_device(cfg), progress=progress, eps=e.eps or None)
         for radius, acc in summary["certified_accuracy"].items():
             result[f"certified@{radius}"] = acc
         result["measures"] = result["measures"] + [f"certified@{r}" for r in CERTIFIED_COLUMNS]
