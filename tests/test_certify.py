@@ -77,12 +77,14 @@ def test_certify_rows_summary_and_resume_equal_an_uninterrupted_run(digits_set, 
 
 
 def test_smoothed_eval_saves_a_classifier_that_measures_the_same_when_reused(digits_set, encoder):
-    r = evaluate(digits_set.root, encoder, attack="pgd20,eot-pgd20", noise_sigma=0.25, limit=16,
+    pytest.importorskip("pyautoattack", reason="attacks extra not installed")
+    r = evaluate(digits_set.root, encoder, attack="pgd20,eot-pgd20,autoattack-rand", noise_sigma=0.25, limit=16,
                  smoothing="sigma=0.25,n=20,alpha=0.01,eot=4", eps=0.1, progress=False,
                  **{k: v for k, v in FINETUNE.items()})
     assert r["smoothing"] == {"sigma": 0.25, "n": 20, "alpha": 0.01, "eot": 4, "batch": 4096}
     assert r["finetune"]["noise_sigma"] == 0.25
-    assert 0 <= r["eot-pgd20"] <= 1 and 0 <= r["pgd20"] <= r["clean"] + 0.2
+    assert 0 <= r["eot-pgd20"] <= 1 and 0 <= r["pgd20"] <= r["clean"] + 0.2 and 0 <= r["autoattack-rand"] <= 1
+    assert r["attack_settings"]["autoattack-rand"]["apgd_eot"] == 20
     saved = json.loads((encoder.parent.parent / "results.json").read_text())[r["checkpoint_sha256"]]
     assert "slf-noise0.25-smoothed0.25-n20-eot-pgd20" in saved
     again = evaluate(digits_set.root, r["classifier_path"], attack="clean", limit=16,

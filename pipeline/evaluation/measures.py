@@ -121,7 +121,8 @@ class AutoAttackStandard(Measure):
                 "square_queries": a.square.n_queries, "seed": self.seed, **super().settings()}
 
     def correct(self, x, y):
-        x_adv, _ = self.attack.run_standard_evaluation(x, y, batch_size=len(x))
+        # contiguous: pyautoattack views gradients flat, which a channels_last batch cannot be
+        x_adv, _ = self.attack.run_standard_evaluation(x.contiguous(), y, batch_size=len(x))
         return self._count(x_adv, y)
 
 
