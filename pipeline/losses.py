@@ -100,3 +100,26 @@ def representational_divergence(z_adv: torch.Tensor, z_nat: torch.Tensor, kind: 
     else:
         raise ValueError(f"unknown divergence {kind!r}")
     return per_sample if reduction == "none" else per_sample.mean()
+
+
+def trades_loss_per_sample(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor,
+                           beta: float = 6.0) -> torch.Tensor:
+    """TRADES (Zhang et al. 2019): CE(f(x), y) + beta KL(softmax f(x) || softmax f(x')), per sample (the
+    reference's KLDivLoss(size_average=False) / batch size is the batch mean of this KL)."""
+    return F.cross_entropy(logits_nat.float(), y, reduction="none") + beta * kl_per_sample(logits_nat, logits_adv)
+
+
+def mart_loss_per_sample(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor,
+                         beta: float = 6.0) -> torch.Tensor:
+    """MART (Wang et al. 2020), per sample, with the reference's constants (YisenWang/MART `mart_loss`):
+    BCE(f(x'), y) = CE(f(x'), y) - log(1.0001 - p'_{k*} + 1e-12), k* the most likely wrong class of x', plus
+    beta KL(p || p') (summed over classes) weighted by (1.0000001 - p_y(x))."""
+    adv_probs = F.softmax(logits_adv.float(), 1)
+    top2 = adv_probs.argsort(1)[:, -2:]
+    wrong = torch.where(top2[:, -1] == y, top2[:, -2], top2[:, -1])
+    bce = F.cross_entropy(logits_adv.float(), y, reduction="none") - torch.log(
+        1.0001 - adv_probs.gather(1, wrong[:, None]).squeeze(1) + 1e-12)
+    nat_probs = F.softmax(logits_nat.float(), 1)
+    kl = (torch.xlogy(nat_probs, nat_probs) - nat_probs * torch.log(adv_probs + 1e-12)).sum(1)  # KLDivLoss's terms
+    true_probs = nat_probs.gather(1, y[:, None]).squeeze(1)
+    return bce + beta * kl * (1.0000001 - true_probs)

@@ -10,6 +10,7 @@ from pipeline.trainers.ascl import ASCLTrainer
 from pipeline.trainers.base import HeadRows, StepRecord, Trainer
 from pipeline.trainers.config import METHOD_SECTIONS, TrainConfig, load_config
 from pipeline.trainers.simclr import SimCLRTrainer
+from pipeline.trainers.supervised import MARTTrainer, PGDATTrainer, TRADESTrainer
 
 TRAINERS: dict[str, type[Trainer]] = {}
 
@@ -20,7 +21,8 @@ def register_trainer(cls: type[Trainer]) -> type[Trainer]:
     return cls
 
 
-for _cls in (ACLTrainer, DynACLTrainer, SimCLRTrainer, AdvCLTrainer, ASCLTrainer):
+for _cls in (ACLTrainer, DynACLTrainer, SimCLRTrainer, AdvCLTrainer, ASCLTrainer, PGDATTrainer, TRADESTrainer,
+             MARTTrainer):
     register_trainer(_cls)
 
 
