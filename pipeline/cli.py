@@ -165,7 +165,9 @@ def train(
     seed: Optional[int] = typer.Option(None),
     workers: Optional[int] = typer.Option(None, help="Loader worker processes."),
     selector: Optional[str] = typer.Option(None, help="Select subsets during training: rcs | facility | random "
-                                           "(background) or loss (in process)."),
+                                           "(background, from snapshots) or loss | el2n | margin | forgetting | "
+                                           "grad-norm | infobatch (in process, from the steps' per-sample scores; "
+                                           "--set select.params=order=lowest|stratified,anneal=N)."),
     fraction: Optional[float] = typer.Option(None, help="Subset size as a share of the split."),
     warmup: Optional[int] = typer.Option(None, help="Epochs on the full data before the first selection "
                                          "[default: 10% of the epochs]."),

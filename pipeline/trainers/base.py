@@ -305,8 +305,14 @@ class Trainer:
             "subset": {"manifest": str(sub.path) if sub is not None else "",
                        "round": sub.round if sub is not None and sub.round is not None else -1},
             "summary": {k: v for k, v in summary.items() if isinstance(v, (int, float)) and v is not None},
-            "selection": {"kind": self.subsets.kind, "state": json.dumps(self.subsets.state())},
+            "selection": self._selection_state(),
         }
+
+    def _selection_state(self) -> dict:
+        """The subset source's state: plain values as JSON, its per-sample arrays ("tensors") as tensors."""
+        state = dict(self.subsets.state())
+        tensors = state.pop("tensors", {})
+        return {"kind": self.subsets.kind, "state": json.dumps(state), "tensors": tensors}
 
     def _load_state(self, path: Path) -> None:
         ckpt = load_checkpoint(path, map_location=self.device)
@@ -320,7 +326,7 @@ class Trainer:
         self.gen.set_state(ckpt["rng"]["generator"].cpu())
         sel = ckpt.get("selection") or {}
         if self.is_main and sel.get("kind") == self.subsets.kind:
-            self.subsets.restore(json.loads(sel.get("state") or "{}"))
+            self.subsets.restore({**json.loads(sel.get("state") or "{}"), "tensors": sel.get("tensors") or {}})
         if self.cuda and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), self.device)
         if self.is_main:  # drop metrics of work after the checkpoint: it is about to be redone

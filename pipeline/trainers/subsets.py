@@ -6,8 +6,9 @@
   fed by `pipeline select --watch` or anything else).
 - `SelectionRounds`: the run selects its own rounds in a background process (`--selector rcs|facility|random`):
   full data for the warm-up, then a snapshot every `every` epochs, read back as a manifest folder.
-- `ScoredSubsets`: an in-process scorer (`--selector loss`): per-sample values that training steps report are
-  gathered, and at each selection point the next subset is picked from them in the trainer's own process.
+- `ScoredSubsets`, `InfoBatchSubsets` (pruning.py): in-process pruners (`--selector loss|el2n|margin|forgetting|
+  grad-norm|infobatch`): per-sample scores that training steps report are gathered, and the next subset is
+  picked from them in the trainer's own process.
 
 Rank 0 decides; the trainer broadcasts the manifest path so every rank trains on the same subset.
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.shards.manifest import Manifest, newest_valid, next_round, round_path, round_paths
+from pipeline.shards.manifest import Manifest, newest_valid, round_paths
 
 
 class SubsetSource:
@@ -200,82 +201,6 @@ class SelectionRounds(ManifestFolder):
         self.scheduler.close()
 
 
-class ScoredSubsets(SubsetSource):
-    """In-process selection from per-sample values that training steps report (`StepRecord.values`).
-
-    Every sample's last reported value of `key` is kept; at each selection point the `fraction` of the pool
-    with the highest values becomes the next round (samples never scored rank first, so every sample is seen
-    before it can be dropped). Rounds are written to RUN/manifests like background ones.
-    """
-
-    kind = "scored"
-
-    def __init__(self, trainer, pool_ids: np.ndarray, key: str = "loss", highest: bool = True):
-        super().__init__(trainer)
-        cfg = trainer.cfg
-        self.key, self.highest = key, highest
-        self.pool_ids = np.sort(np.asarray(pool_ids, dtype=np.int64))
-        self.scores = np.full(len(self.pool_ids), np.nan)
-        self.warmup, self.every = cfg.select.schedule(cfg.optim.epochs)
-        self.folder = trainer.run_dir / "manifests"
-        self._manifest, self._records = None, []
-
-    def observe(self, batch, record) -> None:
-        values = record.values.get(self.key)
-        if values is None:
-            raise PipelineError(f"--selector {self.trainer.cfg.select.selector}: method {self.trainer.name} reports "
-                                f"no per-sample {self.key!r}")
-        ids = batch.ids.detach().cpu().numpy()
-        vals = values.detach().float().cpu().numpy()
-        if self.trainer.dist.distributed:  # every rank keeps every rank's scores
-            import torch.distributed as dist
-
-            both = [None] * self.trainer.dist.world_size
-            dist.all_gather_object(both, (ids, vals))
-            ids, vals = np.concatenate([b[0] for b in both]), np.concatenate([b[1] for b in both])
-        pos = np.searchsorted(self.pool_ids, ids)
-        ok = (pos < len(self.pool_ids)) & (self.pool_ids[np.minimum(pos, len(self.pool_ids) - 1)] == ids)
-        self.scores[pos[ok]] = vals[ok]
-
-    def epoch_start(self, epoch: int) -> None:
-        if epoch < self.warmup or (epoch - self.warmup) % self.every:
-            return
-        if epoch == self.warmup and np.isnan(self.scores).all():
-            return  # nothing scored yet (no warm-up): keep the whole pool for one round
-        budget = max(1, int(round(self.trainer.cfg.select.fraction * len(self.pool_ids))))
-        score = np.where(np.isnan(self.scores), np.inf, self.scores if self.highest else -self.scores)
-        keep = np.sort(self.pool_ids[np.argsort(-score, kind="stable")[:budget]])
-        number = next_round(self.folder)
-        m = Manifest.for_shardset(self.trainer.shardset, self.trainer.cfg.data.split, keep,
-                                  producer={"name": self.trainer.cfg.select.selector, "params": {"key": self.key}},
-                                  round=number, epoch=epoch, fraction=self.trainer.cfg.select.fraction,
-                                  extra={"pool_size": int(len(self.pool_ids)), "in_process": True})
-        m.save(round_path(self.folder, number))
-        self._manifest = m
-        self._records.append({"kind": "selection", "round": number, "epoch": epoch + 1, "used_from_epoch": epoch + 1,
-                              "stale_epochs": 0, "selection_s": 0.0, "stall_s": 0.0, "size": len(keep),
-                              "selector": self.trainer.cfg.select.selector})
-
-    def current(self, epoch: int) -> Manifest | None:
-        if self._manifest is None:  # after --resume: the newest round this run wrote
-            self._manifest = newest_valid(self.folder, self.trainer.shardset, self.trainer.cfg.data.split)
-        return self._manifest
-
-    def records(self) -> list[dict]:
-        out, self._records = self._records, []
-        return out
-
-    def state(self) -> dict:
-        return {"scores": self.scores.tolist()}
-
-    def restore(self, state: dict) -> None:
-        if "scores" in state and len(state["scores"]) == len(self.scores):
-            self.scores = np.asarray(state["scores"], dtype=np.float64)
-
-
-SCORERS = {"loss": dict(key="loss", highest=True)}  # in-process selectors by name
-
-
 def held_out_parts(trainer) -> tuple[Manifest | None, Manifest | None]:
     """(pool, validation) of a run whose selector keeps a validation part U: U is drawn once per run (seeded),
     saved as RUN/selection/validation.json, and the pool (the split less U) as RUN/selection/pool.json; every
@@ -314,8 +239,10 @@ def create_subset_source(trainer) -> SubsetSource:
             raise PipelineError("choose either --selector (the run selects its own subsets) or --manifest/--manifests")
         if not 0 < cfg.select.fraction <= 1:
             raise PipelineError(f"--fraction {cfg.select.fraction}: must be in (0, 1]")
-        if sel in SCORERS:
-            return ScoredSubsets(trainer, trainer.shardset.ids(cfg.data.split), **SCORERS[sel])
+        from pipeline.trainers.pruning import PRUNERS
+
+        if sel in PRUNERS:
+            return PRUNERS[sel](trainer, trainer.shardset.ids(cfg.data.split))
         from pipeline.overlap import parse_params
         from pipeline.selectors import create_selector
 
@@ -331,5 +258,5 @@ def create_subset_source(trainer) -> SubsetSource:
     return WholeSplit(trainer)
 
 
-__all__ = ["FixedManifest", "ManifestFolder", "SCORERS", "ScoredSubsets", "SelectionRounds", "SubsetSource",
+__all__ = ["FixedManifest", "ManifestFolder", "SelectionRounds", "SubsetSource",
            "WholeSplit", "create_subset_source", "held_out_parts"]

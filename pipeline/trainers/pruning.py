@@ -1,0 +1,234 @@
+"""In-process pruning: subsets chosen in the trainer's own process from per-sample scores that training steps
+report (`StepRecord.values`), at no extra forward pass. The core's `SubsetSource` interface, two kinds:
+
+- `ScoredSubsets` (`--selector loss|el2n|margin|forgetting|grad-norm`): every `select.every` epochs after the
+  warm-up, keep `select.fraction` of the pool by the score: its highest values (`order=highest`, default), its
+  lowest (`order=lowest`), or evenly over `bins` equal-count score bins (`order=stratified`, seeded); samples
+  never scored are kept first. `anneal=N`: the last N epochs train on all data again.
+- `InfoBatchSubsets` (`--selector infobatch`, Qin et al. ICLR 2024): every epoch, each sample whose last loss
+  is below the mean is dropped with probability `r` (default 0.5) and the kept ones among them weigh 1/(1 - r)
+  in the loss (manifest weights), so the expected gradient of an epoch is unchanged; the last `anneal` share
+  of the epochs (default 0.125) uses all data.
+
+Scores, by name: `loss` (the method's per-sample training loss), `el2n` (||softmax - onehot|| on natural
+images), `margin` (true logit minus the largest other: low = hard), `forgetting` (times a sample went from
+correctly to wrongly classified under attack), `grad-norm` (last-layer gradient norm). All are kept per sample
+id and saved in the checkpoint, so a resumed run prunes exactly as an uninterrupted one. Rounds are written
+to RUN/manifests like background ones; pruned epochs read only the kept samples (indexed reads).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+from pipeline.shards.manifest import Manifest, newest_valid, next_round, round_path
+from pipeline.trainers.subsets import SubsetSource
+
+SCORES = {"loss": "loss", "el2n": "el2n", "margin": "margin", "forgetting": "correct_adv", "grad-norm": "grad_norm"}
+ORDERS = ("highest", "lowest", "stratified")
+
+
+class ScoreBook:
+    """The last reported value of each score per sample id (NaN: never scored), and forgetting counts."""
+
+    def __init__(self, pool_ids: np.ndarray):
+        self.ids = np.sort(np.asarray(pool_ids, dtype=np.int64))
+        self.values: dict[str, np.ndarray] = {}
+        self.forgetting = np.zeros(len(self.ids))
+        self.last_correct = np.full(len(self.ids), np.nan)
+
+    def update(self, ids: np.ndarray, values: dict) -> None:
+        pos = np.searchsorted(self.ids, ids)
+        ok = (pos < len(self.ids)) & (self.ids[np.minimum(pos, len(self.ids) - 1)] == ids)
+        pos = pos[ok]
+        for key, v in values.items():
+            arr = self.values.setdefault(key, np.full(len(self.ids), np.nan))
+            arr[pos] = np.asarray(v, dtype=np.float64)[ok]
+        if "correct_adv" in values:
+            now = np.asarray(values["correct_adv"], dtype=np.float64)[ok]
+            self.forgetting[pos] += (self.last_correct[pos] == 1) & (now == 0)  # a forgetting event
+            self.last_correct[pos] = now
+
+    def score(self, name: str) -> np.ndarray:
+        """Per pool sample; higher = more worth keeping under `order=highest` (margin negated: low margin = hard)."""
+        if name == "forgetting":
+            return np.where(np.isnan(self.last_correct), np.nan, self.forgetting)
+        v = self.values.get(SCORES[name])
+        if v is None:
+            return np.full(len(self.ids), np.nan)
+        return -v if name == "margin" else v
+
+    def state(self) -> dict:
+        """Flat {name: tensor} (checkpoints hold tensors, loaded with weights_only=True)."""
+        import torch
+
+        out = {"ids": self.ids, "forgetting": self.forgetting, "last_correct": self.last_correct,
+               **{f"value:{k}": v for k, v in self.values.items()}}
+        return {k: torch.from_numpy(np.ascontiguousarray(v).copy()) for k, v in out.items()}
+
+    def restore(self, state: dict) -> None:
+        if "ids" not in state or not np.array_equal(state["ids"].cpu().numpy(), self.ids):
+            return  # another pool: start scoring afresh
+        self.forgetting = state["forgetting"].cpu().numpy().copy()
+        self.last_correct = state["last_correct"].cpu().numpy().copy()
+        self.values = {k[len("value:"):]: v.cpu().numpy().copy() for k, v in state.items() if k.startswith("value:")}
+
+
+def prune(ids: np.ndarray, score: np.ndarray, budget: int, order: str = "highest", bins: int = 10,
+          rng: np.random.Generator | None = None) -> np.ndarray:
+    """The `budget` ids to keep (sorted). Unscored (NaN) samples first; then by `order`."""
+    if order not in ORDERS:
+        raise PipelineError(f"select.params order={order!r}: choose one of {', '.join(ORDERS)}")
+    budget = min(max(int(budget), 0), len(ids))
+    unscored = np.flatnonzero(np.isnan(score))
+    if len(unscored) >= budget:
+        return np.sort(ids[unscored[:budget]])
+    scored = np.flatnonzero(~np.isnan(score))
+    need = budget - len(unscored)
+    if order == "stratified":
+        rng = rng or np.random.default_rng(0)
+        ranked = scored[np.argsort(score[scored], kind="stable")]
+        groups = [g for g in np.array_split(ranked, min(bins, len(ranked))) if len(g)]
+        share = np.floor(need * np.array([len(g) for g in groups]) / len(ranked)).astype(int)
+        for i in np.argsort([-len(g) for g in groups], kind="stable")[: need - share.sum()]:
+            share[i] += 1  # the remainder, one each to the largest bins
+        chosen = np.concatenate([rng.choice(g, min(k, len(g)), replace=False) for g, k in zip(groups, share)])
+    else:
+        key = score[scored] if order == "highest" else -score[scored]
+        chosen = scored[np.argsort(-key, kind="stable")[:need]]
+    return np.sort(ids[np.concatenate([unscored, chosen]).astype(np.int64)])
+
+
+def infobatch_draw(ids: np.ndarray, losses: np.ndarray, r: float, rng: np.random.Generator):
+    """(kept ids, their weights): each sample whose loss is below the mean of the scored losses is dropped with
+    probability r; kept ones among them weigh 1/(1 - r). Unscored samples are kept with weight 1."""
+    scored = ~np.isnan(losses)
+    low = np.zeros(len(ids), dtype=bool)
+    if scored.any():
+        low[scored] = losses[scored] < losses[scored].mean()
+    drop = low & (rng.random(len(ids)) < r)
+    keep = ~drop
+    weights = np.where(low, 1.0 / (1.0 - r), 1.0)[keep]
+    return ids[keep], weights.astype(np.float32)
+
+
+def _params(trainer) -> dict:
+    from pipeline.overlap import parse_params
+
+    return parse_params(trainer.cfg.select.params)
+
+
+class _InProcess(SubsetSource):
+    """What both in-process sources share: the score book, the rounds they write, their records."""
+
+    kind = "scored"
+
+    def __init__(self, trainer, pool_ids):
+        super().__init__(trainer)
+        self.book = ScoreBook(pool_ids)
+        self.folder = trainer.run_dir / "manifests"
+        self.epochs = trainer.cfg.optim.epochs
+        self._manifest, self._records, self._full = None, [], False
+
+    def observe(self, batch, record) -> None:
+        wanted = {k: v for k, v in record.values.items() if k in SCORES.values()}
+        if not wanted:
+            raise PipelineError(f"--selector {self.trainer.cfg.select.selector}: method {self.trainer.name} reports no "
+                                "per-sample scores")
+        ids = batch.ids.detach().cpu().numpy()
+        vals = {k: v.detach().float().cpu().numpy() for k, v in wanted.items()}
+        if self.trainer.dist.distributed:  # every rank keeps every rank's scores
+            import torch.distributed as dist
+
+            both = [None] * self.trainer.dist.world_size
+            dist.all_gather_object(both, (ids, vals))
+            ids = np.concatenate([b[0] for b in both])
+            vals = {k: np.concatenate([b[1][k] for b in both]) for k in vals}
+        self.book.update(ids, vals)
+
+    def _write(self, epoch: int, keep: np.ndarray, weights=None, params=None) -> None:
+        cfg = self.trainer.cfg
+        number = next_round(self.folder)
+        m = Manifest.for_shardset(self.trainer.shardset, cfg.data.split, keep, weights=weights,
+                                  producer={"name": cfg.select.selector, "params": params or {}}, round=number,
+                                  epoch=epoch, fraction=len(keep) / len(self.book.ids),
+                                  extra={"pool_size": int(len(self.book.ids)), "in_process": True})
+        m.save(round_path(self.folder, number))
+        self._manifest, self._full = m, False
+        self._records.append({"kind": "selection", "round": number, "epoch": epoch + 1, "used_from_epoch": epoch + 1,
+                              "stale_epochs": 0, "selection_s": 0.0, "stall_s": 0.0, "size": len(keep),
+                              "selector": cfg.select.selector})
+
+    def current(self, epoch: int) -> Manifest | None:
+        if self._full:
+            return None
+        if self._manifest is None:  # after --resume: the newest round this run wrote
+            self._manifest = newest_valid(self.folder, self.trainer.shardset, self.trainer.cfg.data.split)
+        return self._manifest
+
+    def records(self) -> list[dict]:
+        out, self._records = self._records, []
+        return out
+
+    def state(self) -> dict:
+        return {"full": self._full, "tensors": self.book.state()}
+
+    def restore(self, state: dict) -> None:
+        self.book.restore(state.get("tensors") or {})
+        self._full = bool(state.get("full", False))
+
+
+
+class ScoredSubsets(_InProcess):
+    def __init__(self, trainer, pool_ids, score: str = "loss"):
+        super().__init__(trainer, pool_ids)
+        p = _params(trainer)
+        self.score_name = score
+        self.order = p.get("order", "highest")
+        self.bins, self.anneal = int(p.get("bins", 10)), int(p.get("anneal", 0))
+        if self.order not in ORDERS:
+            raise PipelineError(f"select.params order={self.order!r}: choose one of {', '.join(ORDERS)}")
+        self.warmup, self.every = trainer.cfg.select.schedule(self.epochs)
+
+    def epoch_start(self, epoch: int) -> None:
+        if self.anneal and epoch >= self.epochs - self.anneal:
+            self._full = True  # the annealed final phase: all data
+            return
+        if epoch < self.warmup or (epoch - self.warmup) % self.every:
+            return
+        score = self.book.score(self.score_name)
+        if epoch == self.warmup and np.isnan(score).all():
+            return  # nothing scored yet (no warm-up): keep the whole pool for one round
+        budget = max(1, int(round(self.trainer.cfg.select.fraction * len(self.book.ids))))
+        rng = np.random.default_rng([self.trainer.cfg.run.seed, epoch])
+        keep = prune(self.book.ids, score, budget, self.order, self.bins, rng)
+        self._write(epoch, keep, params={"score": self.score_name, "order": self.order, "bins": self.bins,
+                                         "anneal": self.anneal})
+
+
+class InfoBatchSubsets(_InProcess):
+    def __init__(self, trainer, pool_ids):
+        super().__init__(trainer, pool_ids)
+        p = _params(trainer)
+        self.r, self.anneal = float(p.get("r", 0.5)), float(p.get("anneal", 0.125))
+        if not 0 <= self.r < 1:
+            raise PipelineError(f"select.params r={self.r}: the drop probability must be in [0, 1)")
+        self.full_from = self.epochs - math.ceil(self.anneal * self.epochs)
+
+    def epoch_start(self, epoch: int) -> None:
+        losses = self.book.values.get("loss")
+        if epoch >= self.full_from or losses is None or np.isnan(losses).all():
+            self._full = True
+            return
+        rng = np.random.default_rng([self.trainer.cfg.run.seed, epoch, 11])
+        keep, weights = infobatch_draw(self.book.ids, losses, self.r, rng)
+        self._write(epoch, keep, weights, params={"r": self.r, "anneal": self.anneal})
+
+
+PRUNERS = {**{name: (lambda t, ids, n=name: ScoredSubsets(t, ids, n)) for name in SCORES},
+           "infobatch": InfoBatchSubsets}
+
+__all__ = ["InfoBatchSubsets", "PRUNERS", "ScoreBook", "ScoredSubsets", "infobatch_draw", "prune"]
