@@ -98,3 +98,17 @@ def test_mart_resumes_exactly_and_selects_with_rcs(digits_set, tmp_path):
     rounds = [r for r in recs if r["kind"] == "selection"]
     last = [r for r in recs if r["kind"] == "epoch"][-1]
     assert rounds and last["subset_round"] == rounds[0]["round"] and last["images"] < 1000
+
+
+def test_pgd_at_with_craig_style_facility_uses_weights(digits_set, tmp_path):
+    """facility on last-layer gradient proxies, per class, its weights in the loss (CRAIG-style)."""
+    from pipeline.shards.manifest import Manifest
+
+    sel = {"method.name": "pgd-at", "attack.eps": 0.1, "attack.steps": 1, "select.selector": "facility",
+           "select.fraction": 0.2, "select.warmup": 1, "select.every": 1, "select.sync": True,
+           "select.params": "per_class=true,proxy=gradients"}
+    create_trainer(tiny_cfg(digits_set.root, tmp_path / "f", **sel), progress=False).fit()
+    m = Manifest.load(tmp_path / "f" / "manifests" / "round-0001.json")
+    labels = dict(zip(digits_set.ids("train").tolist(), digits_set.labels("train").tolist()))
+    assert len(set(labels[i] for i in m.ids.tolist())) == 10  # every class represented
+    assert m.weights is not None and m.weights.sum() == pytest.approx(digits_set.count("train"), rel=0.02)

@@ -123,8 +123,9 @@ class SupervisedATTrainer(Trainer):
             logits = [head(f) for f in feats]
         nat, adv = (t.detach().float().requires_grad_(True) for t in logits)
         loss = cls.loss_of(nat, adv, y, settings.get("beta", 6.0))
-        grads = torch.autograd.grad(loss.sum(), [nat, adv])
-        return HeadRows(feats, list(grads), [NAT, NAT])
+        grads = torch.autograd.grad(loss.sum(), [nat, adv], allow_unused=True)  # PGD-AT's loss has no natural term
+        grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, (nat, adv))]
+        return HeadRows(feats, grads, [NAT, NAT])
 
     @staticmethod
     def loss_of(logits_nat, logits_adv, y, beta):
