@@ -36,6 +36,7 @@ def prepare(
     out: Optional[Path] = typer.Option(None, help="Output folder [default: shards/<name>]."),
     formats: str = typer.Option("wds", help="Comma-separated: wds (always) and ffcv."),
     image_size: Optional[int] = typer.Option(None, help="Resize the shorter side to N and centre-crop to N x N."),
+    jpeg_quality: int = typer.Option(90, help="Quality of the JPEGs re-encoded when resizing (1-100)."),
     shard_size: int = typer.Option(5000, help="Samples per tar shard."),
     workers: int = typer.Option(1, help="Encoding processes."),
     test_fraction: float = typer.Option(0.2, help="Held-out test share for data without its own test split."),
@@ -55,7 +56,7 @@ def prepare(
     _interrupt_hint(f"finished shards are kept (journaled in {out or 'shards/<name>'}); run the same command again "
                     "to resume")
     opts = PrepareOptions(out=out, formats=tuple(f.strip() for f in formats.split(",") if f.strip()),
-                          image_size=image_size, shard_size=shard_size, workers=workers,
+                          image_size=image_size, jpeg_quality=jpeg_quality, shard_size=shard_size, workers=workers,
                           test_fraction=test_fraction, seed=seed, overwrite=overwrite,
                           follow_symlinks=follow_symlinks, per_class=parse_per_class(per_class))
     result = run_prepare(source, opts)

@@ -191,7 +191,7 @@ def _prepare(exp: Experiment, progress: bool) -> str:
     source = p.pop("source", None)
     if not source:
         raise PipelineError(f"{exp.path}: [prepare] needs source = \"folder:PATH\" (or cifar10:PATH, digits, ...)")
-    allowed = {"out", "image_size", "per_class", "workers", "seed", "shard_size", "formats", "test_fraction"}
+    allowed = {"out", "image_size", "jpeg_quality", "per_class", "workers", "seed", "shard_size", "formats", "test_fraction"}
     if set(p) - allowed:
         raise PipelineError(f"{exp.path}: [prepare] has unknown setting(s) {', '.join(sorted(set(p) - allowed))} "
                             f"({', '.join(sorted(allowed))})")

@@ -344,16 +344,16 @@ def test_sigint_during_prepare_keeps_finished_shards(tmp_path):
 def test_sixteen_bit_png_scales_to_eight_bits(tmp_path):
     from PIL import Image
 
-    from pipeline.shards.images import decode, transcode_file
+    from pipeline.shards.images import Encoding, decode, transcode_file
 
     ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)  # 0 .. 63,000 of 65,535
     path = tmp_path / "deep.png"
     Image.fromarray(ramp).save(path)
-    data, ext, _ = transcode_file(path.read_bytes(), "L", None)
+    data, ext, _ = transcode_file(path.read_bytes(), "L")
     got = decode(data, "L")[:, :, 0].astype(int)
     expected = np.round(ramp.astype(float) * 255 / 65535).astype(int)
     assert np.abs(got - expected).max() <= 1  # PIL's own convert clips to 255: nearly all white
-    assert decode(transcode_file(path.read_bytes(), "L", 4)[0], "L").max() < 255
+    assert decode(transcode_file(path.read_bytes(), "L", Encoding(4))[0], "L").max() < 255
 
 
 def test_a_class_whose_every_file_fails_is_an_error(tmp_path):

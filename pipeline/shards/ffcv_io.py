@@ -99,7 +99,7 @@ class FfcvLoader:
 
     def __init__(self, shardset: ShardSet, split: str, rows, *, batch_size: int, shuffle: bool, seed: int,
                  drop_last: bool, device, num_workers: int, image_size: int | None, rank: int, world_size: int,
-                 row_weights: np.ndarray | None = None):
+                 row_weights: np.ndarray | None = None, crop=None):
         ff = _ffcv()
         self.table_ids, self.row_weights = shardset.members(split).ids, row_weights
         rec = shardset.index["splits"][split].get("beton")
@@ -111,8 +111,12 @@ class FfcvLoader:
         dec = ff.fields.decoders
         tr = ff.transforms
         size = image_size or shardset.image_size
-        image_dec = (dec.SimpleRGBImageDecoder() if size == shardset.image_size
-                     else dec.CenterCropRGBImageDecoder((size, size), ratio=1.0))
+        if crop is not None:  # ffcv's own crop-while-decoding (its boxes, drawn by its own generator)
+            image_dec = dec.RandomResizedCropRGBImageDecoder((crop.size, crop.size), scale=crop.scale, ratio=crop.ratio)
+        elif size == shardset.image_size:
+            image_dec = dec.SimpleRGBImageDecoder()
+        else:
+            image_dec = dec.CenterCropRGBImageDecoder((size, size), ratio=1.0)
         self.device = torch.device(device)
         self.channels = shardset.channels
         pipelines = {

@@ -9,6 +9,7 @@ JPEG goes through simplejpeg (libjpeg-turbo without PIL's Python-level header pa
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 
 import numpy as np
 import simplejpeg
@@ -17,7 +18,16 @@ from PIL import Image, UnidentifiedImageError
 # Stored members are JPEG or PNG; everything else a folder holds is transcoded to one of them.
 STORED_FORMATS = {"JPEG": "jpg", "PNG": "png"}
 SOURCE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-REENCODE_JPEG_QUALITY = 90
+DEFAULT_JPEG_QUALITY = 90
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How prepare stores an image: `size` (shorter side to N, centre crop N x N; None keeps the source's
+    pixels) and the quality of the JPEGs it has to re-encode (resized JPEG sources)."""
+
+    size: int | None = None
+    jpeg_quality: int = DEFAULT_JPEG_QUALITY
 
 
 class CorruptImage(Exception):
@@ -63,10 +73,10 @@ def resize_square(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def _encode(img: Image.Image, fmt: str) -> bytes:
+def _encode(img: Image.Image, fmt: str, quality: int = DEFAULT_JPEG_QUALITY) -> bytes:
     buf = io.BytesIO()
     if fmt == "jpg":
-        img.save(buf, format="JPEG", quality=REENCODE_JPEG_QUALITY)
+        img.save(buf, format="JPEG", quality=quality)
     else:
         img.save(buf, format="PNG", compress_level=1)  # level 1: PNG stays lossless, writing stays fast
     return buf.getvalue()
@@ -76,26 +86,48 @@ def _is_jpeg(data: bytes) -> bool:
     return data[:3] == b"\xff\xd8\xff"
 
 
-def transcode_file(data: bytes, mode: str, image_size: int | None) -> tuple[bytes, str, tuple[int, int]]:
+def _resize_jpeg(data: bytes, mode: str, enc: Encoding) -> tuple[bytes, str, tuple[int, int]] | None:
+    """A JPEG resized the fast way: libjpeg-turbo decodes at the smallest DCT scale (1/2, 1/4, 1/8) that still
+    leaves both sides >= the target (a 500 x 375 photo to 256 px decodes at full scale, a 2000 px one at 1/4),
+    PIL resizes with antialiasing, libjpeg-turbo encodes. None when libjpeg-turbo refuses the file."""
+    colorspace = "GRAY" if mode == "L" else "RGB"
+    try:
+        pixels = simplejpeg.decode_jpeg(data, colorspace=colorspace, strict=True, min_height=enc.size,
+                                        min_width=enc.size)
+    except ValueError:
+        return None
+    img = resize_square(Image.fromarray(pixels[:, :, 0] if mode == "L" else pixels), enc.size)
+    arr = np.asarray(img)
+    out = simplejpeg.encode_jpeg(arr.reshape(arr.shape[0], arr.shape[1], -1), quality=enc.jpeg_quality,
+                                 colorspace=colorspace)
+    return out, "jpg", arr.shape[:2]
+
+
+def transcode_file(data: bytes, mode: str, enc: Encoding = Encoding()) -> tuple[bytes, str, tuple[int, int]]:
     """Check that a source file decodes; return (stored bytes, extension, (height, width)).
 
     JPEG and PNG files are stored byte for byte when no resize is asked for: no re-encoding loss.
     """
-    if image_size is None and _is_jpeg(data):
-        try:
-            pixels = simplejpeg.decode_jpeg(data, colorspace="GRAY" if mode == "L" else "RGB", strict=True)
-            return data, "jpg", pixels.shape[:2]
-        except ValueError:
-            pass  # PIL decides: it reads some JPEGs libjpeg-turbo warns about, and refuses the truly broken
+    if _is_jpeg(data):
+        if enc.size is not None:
+            done = _resize_jpeg(data, mode, enc)
+            if done is not None:
+                return done
+        else:
+            try:
+                pixels = simplejpeg.decode_jpeg(data, colorspace="GRAY" if mode == "L" else "RGB", strict=True)
+                return data, "jpg", pixels.shape[:2]
+            except ValueError:
+                pass  # PIL decides: it reads some JPEGs libjpeg-turbo warns about, and refuses the truly broken
     img = open_fully(data)
     fmt = STORED_FORMATS.get(img.format or "")
-    if image_size is None and fmt is not None:
+    if enc.size is None and fmt is not None:
         return data, fmt, (img.height, img.width)
     img = convert(img, mode)
-    if image_size is not None:
-        img = resize_square(img, image_size)
+    if enc.size is not None:
+        img = resize_square(img, enc.size)
     fmt = fmt or "png"
-    return _encode(img, fmt), fmt, (img.height, img.width)
+    return _encode(img, fmt, enc.jpeg_quality), fmt, (img.height, img.width)
 
 
 def encode_array(pixels: np.ndarray, image_size: int | None) -> tuple[bytes, str, tuple[int, int]]:

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.dist import rank_and_world
 from pipeline.errors import PipelineError
 from pipeline.shards.batch import Batch
+from pipeline.shards.crops import RandomResizedCrop, parse_crop
 from pipeline.shards.reader import TaskReader
 
 BACKENDS = ("auto", "stream", "indexed", "ffcv")
@@ -105,7 +106,7 @@ class _TaskStream(IterableDataset):
         info = get_worker_info()
         mine = tasks if info is None else tasks[info.id::info.num_workers]
         for rows in mine:
-            yield from self.reader.batches(rows)
+            yield from self.reader.batches(rows, self.epoch.value)
 
 
 def _worker_init(_worker_id: int) -> None:
@@ -119,12 +120,13 @@ class ShardLoader:
 
     def __init__(self, shardset, split: str, rows: np.ndarray | None, *, backend: str, batch_size: int,
                  shuffle: bool, seed: int, drop_last: bool, device, num_workers: int, image_size: int | None,
-                 window: int, rank: int, world_size: int, row_weights: np.ndarray | None = None):
+                 window: int, rank: int, world_size: int, row_weights: np.ndarray | None = None,
+                 crop: RandomResizedCrop | None = None):
         table = shardset.members(split)
         rows = np.arange(len(table)) if rows is None else np.asarray(rows, dtype=np.int64)
         self.planner = Planner(backend, rows, table.shard_starts, batch_size, window, shuffle, seed, rank,
                                world_size, drop_last)
-        self.reader = TaskReader(shardset, split, image_size, batch_size, row_weights)
+        self.reader = TaskReader(shardset, split, image_size, batch_size, row_weights, crop, seed)
         self.device = torch.device(device)
         self.num_workers = num_workers
         self.epoch = 0
@@ -203,17 +205,19 @@ def _subset_rows(shardset, split: str, subset, use_weights: bool):
 def create_loader(shardset, split: str = "train", subset=None, *, backend: str = "auto", batch_size: int = 256,
                   shuffle: bool = True, seed: int = 0, drop_last: bool = False, device="cpu", num_workers: int = 0,
                   image_size: int | None = None, window: int = 8, rank: int | None = None,
-                  world_size: int | None = None, use_weights: bool = True):
+                  world_size: int | None = None, use_weights: bool = True, crop: RandomResizedCrop | str | None = None):
     """A loader of `split` (or of `subset`: ids or a Manifest). `auto` streams a whole split and reads subsets
     by index. `image_size` decodes to that square size (needed when stored images vary in size). Batches
-    carry a manifest's per-sample weights when it has them and `use_weights` is on."""
+    carry a manifest's per-sample weights when it has them and `use_weights` is on. `crop` (a
+    `RandomResizedCrop` or its text, `random-resized:224`) crops while decoding: batches are crop.size square."""
     if backend not in BACKENDS:
         raise PipelineError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if batch_size < 1:
         raise PipelineError(f"batch size {batch_size}: must be at least 1")
     if num_workers < 0:
         raise PipelineError(f"--workers {num_workers}: must be >= 0 (0 reads in this process)")
-    if image_size is None and shardset.image_size is None:
+    crop = parse_crop(crop) if isinstance(crop, str) else crop
+    if image_size is None and shardset.image_size is None and crop is None:
         raise PipelineError(f"{shardset.root}: images vary in size; pass an image size to decode them to")
     rows, row_weights = _subset_rows(shardset, split, subset, use_weights)
     rank, world_size = rank_and_world(rank, world_size)
@@ -224,7 +228,7 @@ def create_loader(shardset, split: str = "train", subset=None, *, backend: str =
 
         return FfcvLoader(shardset, split, rows, batch_size=batch_size, shuffle=shuffle, seed=seed,
                           drop_last=drop_last, device=device, num_workers=num_workers, image_size=image_size,
-                          rank=rank, world_size=world_size, row_weights=row_weights)
+                          rank=rank, world_size=world_size, row_weights=row_weights, crop=crop)
     return ShardLoader(shardset, split, rows, backend=backend, batch_size=batch_size, shuffle=shuffle, seed=seed,
                        drop_last=drop_last, device=device, num_workers=num_workers, image_size=image_size,
-                       window=window, rank=rank, world_size=world_size, row_weights=row_weights)
+                       window=window, rank=rank, world_size=world_size, row_weights=row_weights, crop=crop)

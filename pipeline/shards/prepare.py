@@ -26,7 +26,7 @@ from pipeline.errors import PipelineError
 from pipeline.locks import folder_lock
 from pipeline.progress import console, progress_bar
 from pipeline.shards import layout
-from pipeline.shards.images import CorruptImage
+from pipeline.shards.images import DEFAULT_JPEG_QUALITY, CorruptImage, Encoding
 from pipeline.shards.sources import Source, open_source
 from pipeline.shards.tarshard import ShardSample, shard_looks_intact, write_shard
 
@@ -40,6 +40,7 @@ class PrepareOptions:
     out: Path | None = None
     formats: tuple[str, ...] = ("wds",)
     image_size: int | None = None
+    jpeg_quality: int = DEFAULT_JPEG_QUALITY  # of the JPEGs re-encoded when resizing
     shard_size: int = 5000
     workers: int = 1
     test_fraction: float = 0.2
@@ -49,12 +50,18 @@ class PrepareOptions:
     follow_symlinks: bool = False  # folder sources: read links that leave the source folder
     per_class: dict[str, int] = field(default_factory=dict)  # split -> keep N samples of each class (seeded)
 
+    @property
+    def encoding(self) -> Encoding:
+        return Encoding(self.image_size, self.jpeg_quality)
+
     def check(self) -> None:
         bad = [f for f in self.formats if f not in FORMATS]
         if bad or "wds" not in self.formats:
             raise PipelineError(f"--formats {','.join(self.formats)}: choose from wds,ffcv (wds is always written)")
         if self.image_size is not None and self.image_size < 1:
             raise PipelineError(f"--image-size {self.image_size}: must be a positive number of pixels")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise PipelineError(f"--jpeg-quality {self.jpeg_quality}: must be in 1..100 (90 by default)")
         if self.shard_size < 1:
             raise PipelineError(f"--shard-size {self.shard_size}: must be at least 1 sample per shard")
         if self.workers < 1:
@@ -142,16 +149,16 @@ def plan_splits(source: Source, test_fraction: float, seed: int,
 _worker: dict = {}
 
 
-def _init_worker(spec: str, image_size: int | None, progress_queue, follow_symlinks: bool = False) -> None:
+def _init_worker(spec: str, encoding: Encoding, progress_queue, follow_symlinks: bool = False) -> None:
     from pipeline.runtime import die_with_parent
 
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops the work
-    _worker.update(source=open_source(spec, follow_symlinks), image_size=image_size, queue=progress_queue)
+    _worker.update(source=open_source(spec, follow_symlinks), encoding=encoding, queue=progress_queue)
 
 
 def _run_task(task: ShardTask) -> dict:
-    source, image_size, q = _worker["source"], _worker["image_size"], _worker.get("queue")
+    source, encoding, q = _worker["source"], _worker["encoding"], _worker.get("queue")
     skipped, shapes, exts = [], set(), set()
 
     def samples():
@@ -159,7 +166,7 @@ def _run_task(task: ShardTask) -> dict:
         for k in range(len(task.ids)):
             split, index = task.src_split[k], int(task.src_index[k])
             try:
-                enc = source.load(split, index, image_size)
+                enc = source.load(split, index, encoding)
             except CorruptImage as exc:
                 skipped.append({"split": task.split, "shard": task.shard_no, "source": source.describe(split, index),
                                 "reason": str(exc)})
@@ -190,7 +197,8 @@ def _recipe(spec: str, opts: PrepareOptions, source: Source) -> dict:
         "test_fraction": None if source.native_splits else opts.test_fraction,
         "seed": opts.seed,
         "format_version": layout.FORMAT_VERSION,
-    } | ({"per_class": dict(sorted(opts.per_class.items()))} if opts.per_class else {})
+    } | ({"per_class": dict(sorted(opts.per_class.items()))} if opts.per_class else {}) | (
+        {"jpeg_quality": opts.jpeg_quality} if opts.jpeg_quality != DEFAULT_JPEG_QUALITY else {})
 
 
 def _previous_records(out: Path, recipe: dict, overwrite: bool) -> tuple[dict[tuple[str, int], dict], set[str]]:
@@ -286,7 +294,7 @@ def _execute(tasks: list[ShardTask], spec: str, opts: PrepareOptions, journal, t
         bar_task = bar.add_task("prepare", total=total, completed=done_count)
         if opts.workers == 1 or len(tasks) <= 1:
             q = queue_mod.SimpleQueue()
-            _worker.update(source=open_source(spec, opts.follow_symlinks), image_size=opts.image_size, queue=q)
+            _worker.update(source=open_source(spec, opts.follow_symlinks), encoding=opts.encoding, queue=q)
             for t in tasks:
                 finish(_run_task(t))
                 while not q.empty():
@@ -295,7 +303,7 @@ def _execute(tasks: list[ShardTask], spec: str, opts: PrepareOptions, journal, t
         ctx = get_context("fork")
         q = ctx.Queue()  # inherited by the forked workers (a Manager would add a process that outlives a kill)
         pool = ProcessPoolExecutor(opts.workers, mp_context=ctx, initializer=_init_worker,
-                                   initargs=(spec, opts.image_size, q, opts.follow_symlinks))
+                                   initargs=(spec, opts.encoding, q, opts.follow_symlinks))
         try:
             pending = {pool.submit(_run_task, t) for t in tasks}
             while pending:

@@ -10,6 +10,7 @@ import torch
 
 from pipeline.errors import PipelineError
 from pipeline.shards.batch import Batch
+from pipeline.shards.crops import RandomResizedCrop, crop_rng, decode_crop
 from pipeline.shards.images import CorruptImage, decode
 
 MERGE_GAP = 16 * 1024  # read across gaps up to this size: cheaper than another system call
@@ -19,7 +20,7 @@ class TaskReader:
     """Reads and decodes planned tasks. Picklable: file descriptors are opened lazily in each process."""
 
     def __init__(self, shardset, split: str, image_size: int | None, batch_size: int,
-                 row_weights: np.ndarray | None = None):
+                 row_weights: np.ndarray | None = None, crop: RandomResizedCrop | None = None, seed: int = 0):
         self.table = shardset.members(split)
         self.row_weights = row_weights  # float32 per member-table row, or None
         self.paths = [str(shardset.shard_path(split, i)) for i in range(len(self.table.shard_starts) - 1)]
@@ -27,6 +28,7 @@ class TaskReader:
         self.size = image_size
         self.stored_size = shardset.image_size
         self.batch_size = batch_size
+        self.crop, self.seed = crop, seed  # a random-resized crop taken while decoding, seeded per sample
         self._fds: dict[int, int] = {}
         self._pid = None
 
@@ -63,14 +65,18 @@ class TaskReader:
             i = j
         return out
 
-    def batches(self, rows: np.ndarray) -> Iterator[Batch]:
+    def batches(self, rows: np.ndarray, epoch: int = 0) -> Iterator[Batch]:
         blobs = self.fetch(rows)
-        size = self.size or self.stored_size
+        size = self.crop.size if self.crop else (self.size or self.stored_size)
         resize = self.size is not None and self.size != self.stored_size
         images = np.empty((len(rows), size, size, self.channels), dtype=np.uint8)
         for k, blob in enumerate(blobs):
             try:
-                images[k] = decode(bytes(blob), self.mode, size if resize else None)
+                if self.crop is not None:
+                    rng = crop_rng(self.seed, epoch, int(self.table.ids[rows[k]]))
+                    images[k] = decode_crop(bytes(blob), self.mode, self.crop, rng)[0]
+                else:
+                    images[k] = decode(bytes(blob), self.mode, size if resize else None)
             except (CorruptImage, ValueError) as exc:
                 sid = int(self.table.ids[rows[k]])
                 raise PipelineError(f"{self.paths[int(self.table.shard[rows[k]])]}: sample {sid} does not decode "

@@ -34,6 +34,7 @@ from pipeline.errors import PipelineError
 from pipeline.losses import weighted_mean
 from pipeline.models import create_model
 from pipeline.progress import console, progress_bar
+from pipeline.shards.crops import parse_crop
 from pipeline.shards.manifest import Manifest
 from pipeline.shards.shardset import ShardSet
 from pipeline.trainers.config import TrainConfig
@@ -101,9 +102,12 @@ class Trainer:
         if cfg.run.deterministic:
             torch.use_deterministic_algorithms(True)
         self.shardset = ShardSet.open(cfg.data.path)
-        if self.shardset.image_size is None:
-            raise PipelineError(f"{cfg.data.path}: images vary in size; prepare it with --image-size N for training")
-        self.image_size, self.channels = self.shardset.image_size, self.shardset.channels
+        self.crop = parse_crop(cfg.data.crop)  # taken while decoding: the model sees crop.size images
+        if self.shardset.image_size is None and self.crop is None:
+            raise PipelineError(f"{cfg.data.path}: images vary in size; prepare it with --image-size N for training "
+                                "(or crop while decoding: data.crop = \"random-resized:SIZE\")")
+        self.image_size = self.crop.size if self.crop else self.shardset.image_size
+        self.channels = self.shardset.channels
         self.budget = budget(self.channels, cfg.attack.eps, cfg.attack.step, cfg.attack.steps)
         self.spec = self.model_spec()
         self.model = create_model(self.spec).to(self.device)
@@ -185,7 +189,8 @@ class Trainer:
             self.loader = self.shardset.loader(
                 self.cfg.data.split, subset, backend=self.cfg.data.backend, batch_size=self.cfg.data.batch_size,
                 shuffle=True, seed=self.cfg.run.seed, drop_last=per_rank >= self.cfg.data.batch_size,
-                device=self.device, num_workers=self.cfg.data.workers, use_weights=self.cfg.data.use_weights)
+                device=self.device, num_workers=self.cfg.data.workers, use_weights=self.cfg.data.use_weights,
+                crop=self.crop)
             self.subset, self._loader_key = subset, key
         self.loader.set_epoch(epoch)
         return self.loader

@@ -1,6 +1,6 @@
 """Training configuration: typed sections (ffcv-imagenet style), loadable from TOML, overridable per key.
 
-    [data]    path, split, batch_size, workers, backend, manifest, manifests, use_weights
+    [data]    path, split, batch_size, workers, backend, manifest, manifests, use_weights, crop
     [model]   arch, head_width, proj_dim
     [method]  name                     (its own settings live in the method's sections: [acl], [dynacl], ...)
     [attack]  eps, step, steps         (0 = the budget rule of pipeline.attacks.budget)
@@ -38,6 +38,7 @@ class DataConfig:
     manifest: str = ""  # train on this subset
     manifests: str = ""  # take the newest valid manifest of this folder at each epoch boundary
     use_weights: bool = True  # weight per-sample losses by a manifest's weights when it has them
+    crop: str = ""  # "random-resized:SIZE[,scale=LO-HI]": crop while decoding; for one-view methods (see docs)
 
 
 @dataclass
@@ -125,12 +126,23 @@ class EvalConfig:
     certify: str = ""  # "n0=N0,n=N,alpha=A,limit=L": `pipeline experiment` certifies the classifier too
 
 
+def _crop_ok(text: str) -> bool:
+    from pipeline.shards.crops import parse_crop
+
+    try:
+        parse_crop(text)
+        return True
+    except PipelineError:
+        return False
+
+
 # One place for the rules every command applies to a setting: (test, what it must be).
 _POS, _NONNEG = (lambda v: v > 0, "must be > 0"), (lambda v: v >= 0, "must be >= 0")
 _ONE = (lambda v: v >= 1, "must be at least 1")
 RULES = {
     "data.batch_size": _ONE, "data.workers": _NONNEG,
     "data.backend": (lambda v: v in ("auto", "stream", "indexed", "ffcv"), "must be auto, stream, indexed or ffcv"),
+    "data.crop": (_crop_ok, "must be empty, none or random-resized:SIZE[,scale=LO-HI][,ratio=LO-HI]"),
     "model.head_width": _ONE, "model.proj_dim": _ONE,
     "attack.eps": _NONNEG, "attack.step": _NONNEG, "attack.steps": _ONE,
     "optim.optimizer": (lambda v: v in ("lars", "sgd"), "must be lars or sgd"),

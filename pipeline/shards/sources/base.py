@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.shards.images import encode_array
+from pipeline.shards.images import Encoding, encode_array
 
 
 @dataclass
@@ -40,7 +40,7 @@ class Source(ABC):
         """int64 label of every item of `split`, in item order."""
 
     @abstractmethod
-    def load(self, split: str, index: int, image_size: int | None) -> Encoded:
+    def load(self, split: str, index: int, encoding: Encoding) -> Encoded:
         """Encoded image of one item; raises images.CorruptImage when it does not decode."""
 
     def describe(self, split: str, index: int) -> str:
@@ -73,5 +73,5 @@ class ArraySource(Source):
     def labels(self, split: str) -> np.ndarray:
         return self._labels[split]
 
-    def load(self, split: str, index: int, image_size: int | None) -> Encoded:
-        return Encoded(*encode_array(self._images[split][index], image_size))
+    def load(self, split: str, index: int, encoding: Encoding) -> Encoded:
+        return Encoded(*encode_array(self._images[split][index], encoding.size))

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.shards.images import SOURCE_EXTENSIONS, transcode_file
+from pipeline.shards.images import SOURCE_EXTENSIONS, Encoding, transcode_file
 from pipeline.shards.sources.base import Encoded, Source
 
 SPLIT_DIRS = {"train": ("train",), "test": ("val", "test")}
@@ -109,9 +109,9 @@ class FolderSource(Source):
     def labels(self, split: str) -> np.ndarray:
         return self._labels[split]
 
-    def load(self, split: str, index: int, image_size: int | None) -> Encoded:
+    def load(self, split: str, index: int, encoding: Encoding) -> Encoded:
         data = (self.root / self._files[split][index]).read_bytes()
-        return Encoded(*transcode_file(data, self.mode, image_size))
+        return Encoded(*transcode_file(data, self.mode, encoding))
 
     def describe(self, split: str, index: int) -> str:
         return self._files[split][index]

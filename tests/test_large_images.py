@@ -1,0 +1,170 @@
+"""ImageNet-size images: DCT-scaled resizing in prepare, JPEG quality, random-resized crops while decoding."""
+
+import io
+import math
+
+import numpy as np
+import pytest
+import simplejpeg
+from PIL import Image
+
+from conftest import make_prepared
+from pipeline.errors import PipelineError
+from pipeline.shards.crops import RandomResizedCrop, crop_rng, decode_crop, parse_crop
+from pipeline.shards.images import Encoding, resize_square, transcode_file
+from pipeline.shards.prepare import PrepareOptions, prepare
+
+
+def photo(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A smooth photo-like image (gradients and blobs): resampling errors stay small and measurable."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC))
+
+
+def jpeg(pixels: np.ndarray, quality: int = 95) -> bytes:
+    return simplejpeg.encode_jpeg(pixels, quality=quality, colorspace="RGB")
+
+
+def full_resolution_reference(data: bytes, box, size: int) -> np.ndarray:
+    """The crop as a plain loader takes it: decode every pixel with PIL, crop, resize with antialiasing."""
+    top, left, h, w = box
+    img = Image.open(io.BytesIO(data)).convert("RGB").crop((left, top, left + w, top + h))
+    return np.asarray(img.resize((size, size), Image.BILINEAR)).astype(np.float32)
+
+
+def test_prepare_resize_of_large_jpeg_matches_full_decode_and_quality_is_honoured():
+    data = jpeg(photo(1536, 2048))
+    reference = np.asarray(resize_square(Image.open(io.BytesIO(data)).convert("RGB"), 256), np.float32)
+    stored, ext, shape = transcode_file(data, "RGB", Encoding(256, 95))
+    assert ext == "jpg" and shape == (256, 256)
+    fast = simplejpeg.decode_jpeg(stored).astype(np.float32)
+    assert np.abs(fast - reference).mean() < 2.0  # 1/4-scale DCT decode + resize vs full decode + resize
+    small, _, _ = transcode_file(data, "RGB", Encoding(256, 40))
+    assert len(small) < 0.7 * len(stored)
+
+
+def test_jpeg_quality_is_part_of_the_recipe(tmp_path):
+    src = tmp_path / "src" / "train" / "cls"
+    src.mkdir(parents=True)
+    (src / "a.jpg").write_bytes(jpeg(photo(300, 400)))
+    out = tmp_path / "out"
+    first = make_prepared(f"folder:{tmp_path / 'src'}", out, image_size=64, jpeg_quality=50)
+    assert first.index["recipe"]["jpeg_quality"] == 50
+    with pytest.raises(PipelineError, match="other settings|overwrite"):
+        prepare(f"folder:{tmp_path / 'src'}", PrepareOptions(out=out, image_size=64, jpeg_quality=80, progress=False))
+    with pytest.raises(PipelineError, match="--jpeg-quality"):
+        PrepareOptions(out=out, jpeg_quality=0).check()
+
+
+def test_crop_boxes_follow_the_scale_and_ratio_ranges():
+    crop = RandomResizedCrop(32, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
+    rng = np.random.default_rng(0)
+    areas, ratios = [], []
+    for _ in range(2000):
+        top, left, h, w = crop.box(300, 400, rng)
+        assert 0 <= top and top + h <= 300 and 0 <= left and left + w <= 400
+        areas.append(h * w / (300 * 400))
+        ratios.append(w / h)
+    areas, ratios = np.array(areas), np.array(ratios)
+    assert areas.min() >= 0.07 and areas.max() <= 1.0
+    assert ratios.min() >= 0.74 and ratios.max() <= 1.34
+    # torchvision's draw: area uniform in scale; with square boxes of a square image every draw fits
+    square = RandomResizedCrop(32, scale=(0.08, 1.0), ratio=(1.0, 1.0))
+    sq = np.array([np.prod(square.box(400, 400, rng)[2:]) / 400**2 for _ in range(4000)])
+    assert abs(sq.mean() - 0.54) < 0.02 and abs(np.mean(sq < 0.31) - 0.25) < 0.03
+    # a box that can never fit: the centre crop with the ratio clamped
+    tall = RandomResizedCrop(8, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    assert tall.box(100, 50, rng) == (25, 0, 50, 50)
+
+
+def test_decode_crop_uses_dct_scaling_and_matches_a_full_resolution_crop():
+    data = jpeg(photo(1200, 1600, seed=1))
+    crop = RandomResizedCrop(96)
+    scales = []
+    for sid in range(12):
+        out, info = decode_crop(data, "RGB", crop, crop_rng(0, 0, sid))
+        assert out.shape == (96, 96, 3)
+        top, left, h, w = info["box"]
+        assert min(h, w) * info["scale"] >= 96 - 1  # the reduced decode still covers the output
+        ref = full_resolution_reference(data, info["box"], 96)
+        assert np.abs(out.astype(np.float32) - ref).mean() < 3.0
+        scales.append(info["scale"])
+    assert min(scales) <= 0.25  # most boxes of a 1600 px photo need no more than a quarter of its pixels
+    again, _ = decode_crop(data, "RGB", crop, crop_rng(0, 0, 5))
+    assert np.array_equal(again, decode_crop(data, "RGB", crop, crop_rng(0, 0, 5))[0])
+
+
+def test_loader_crops_are_a_function_of_seed_epoch_and_id(tmp_path):
+    src = tmp_path / "src" / "train"
+    for c in range(3):
+        (src / f"c{c}").mkdir(parents=True)
+        for i in range(8):
+            (src / f"c{c}" / f"{i}.jpg").write_bytes(jpeg(photo(120 + 10 * i, 160, seed=10 * c + i)))
+    ss = make_prepared(f"folder:{tmp_path / 'src'}", tmp_path / "out", image_size=64, shard_size=7)
+
+    def by_id(**kw):
+        out = {}
+        for b in ss.loader("train", batch_size=5, crop="random-resized:32", seed=4, **kw):
+            assert b.images.shape[1:] == (3, 32, 32)
+            out.update({int(i): img.clone() for i, img in zip(b.ids, b.images)})
+        return out
+
+    stream, indexed = by_id(backend="stream"), by_id(backend="indexed", num_workers=2)
+    assert len(stream) == 24 and stream.keys() == indexed.keys()
+    assert all(np.array_equal(stream[k], indexed[k]) for k in stream)  # order and workers do not matter
+    loader = ss.loader("train", batch_size=24, crop="random-resized:32", seed=4, shuffle=False)
+    first, second = next(iter(loader)), next(iter(loader))  # the next iteration is the next epoch
+    assert not np.array_equal(first.images, second.images)
+
+
+@pytest.mark.parametrize("text, msg", [("random-resized", "SIZE"), ("centre:32", "expected"),
+                                       ("random-resized:32,scale=0.5-0.1", "scale"), ("random-resized:0", "size")])
+def test_bad_crop_settings(text, msg):
+    with pytest.raises(PipelineError, match=msg):
+        parse_crop(text)
+
+
+def test_crop_settings_parse():
+    c = parse_crop("random-resized:224,scale=0.35-1,ratio=0.5-2")
+    assert (c.size, c.scale, c.ratio) == (224, (0.35, 1.0), (0.5, 2.0))
+    assert parse_crop("none") is None and math.isclose(parse_crop("random-resized:8").ratio[1], 4 / 3)
+
+
+def test_ffcv_backend_crops_while_decoding_too(tmp_path):
+    from pipeline.shards import ffcv_io
+
+    if not ffcv_io.available():
+        pytest.skip("ffcv not installed (the ffcv extra)")
+    src = tmp_path / "src" / "train" / "c0"
+    src.mkdir(parents=True)
+    for i in range(10):
+        (src / f"{i}.jpg").write_bytes(jpeg(photo(90, 120, seed=i)))
+    ss = make_prepared(f"folder:{tmp_path / 'src'}", tmp_path / "out", image_size=80, formats=("wds", "ffcv"))
+    batches = list(ss.loader("train", backend="ffcv", batch_size=4, crop="random-resized:48", seed=1))
+    assert sum(len(b.ids) for b in batches) == 10
+    assert all(b.images.shape[1:] == (3, 48, 48) for b in batches)
+
+
+def test_training_on_unresized_photos_with_a_decode_crop(tmp_path):
+    """Shards of varied-size JPEGs (no --image-size) train when the loader crops while decoding."""
+    from pipeline.trainers import create_trainer
+    from test_train import tiny_cfg
+
+    src = tmp_path / "src" / "train"
+    for c in range(2):
+        (src / f"c{c}").mkdir(parents=True)
+        for i in range(16):
+            (src / f"c{c}" / f"{i}.jpg").write_bytes(jpeg(photo(60 + 3 * i, 80 - 2 * i, seed=20 * c + i)))
+    ss = make_prepared(f"folder:{tmp_path / 'src'}", tmp_path / "out")
+    assert ss.image_size is None
+    with pytest.raises(PipelineError, match="data.crop"):
+        create_trainer(tiny_cfg(ss.root, tmp_path / "r0", **{"method.name": "pgd-at"}), progress=False)
+    run = tmp_path / "r1"
+    t = create_trainer(tiny_cfg(ss.root, run, **{"method.name": "pgd-at", "optim.epochs": 1, "data.batch_size": 8,
+                                                "data.crop": "random-resized:24,scale=0.25-1"}), progress=False)
+    assert t.image_size == 24
+    t.fit()
+    assert (run / "checkpoints" / "last.pt").is_file()
+    with pytest.raises(PipelineError, match="data.crop"):
+        tiny_cfg(ss.root, run, **{"data.crop": "centre:24"}).validate()
