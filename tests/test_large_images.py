@@ -168,3 +168,29 @@ def test_training_on_unresized_photos_with_a_decode_crop(tmp_path):
     assert (run / "checkpoints" / "last.pt").is_file()
     with pytest.raises(PipelineError, match="data.crop"):
         tiny_cfg(ss.root, run, **{"data.crop": "centre:24"}).validate()
+
+
+@pytest.mark.parametrize("name", ["imagenet-acl.toml", "imagenet32-acl.toml", "demo-digits.toml"])
+def test_shipped_training_configs_are_valid(name):
+    from pathlib import Path
+
+    from pipeline.selectors import create_selector
+    from pipeline.trainers import load_config
+    from pipeline.overlap import parse_params
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / name).validate()
+    if cfg.select.selector:
+        sel = create_selector(cfg.select.selector, **parse_params(cfg.select.params))
+        assert sel.params["attack_steps"] == cfg.attack.steps  # selection mimics the training attack
+
+
+def test_resnet50_at_224_takes_the_imagenet_stem():
+    import torch
+
+    from pipeline.models import create_model, model_spec
+
+    model = create_model(model_spec("resnet50", 3, 224)).eval()
+    assert model.spec["stem"] == "imagenet" and model.encoder.feature_dim == 2048
+    with torch.no_grad():
+        out = model(torch.rand(1, 3, 224, 224), model.branch("natural"))
+    assert out["features"].shape == (1, 2048)
