@@ -251,6 +251,7 @@ def select(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     arch: str = typer.Option("resnet18", help="Model for selection without --checkpoint."),
     batch_size: int = typer.Option(256, help="Proxy computation batch size."),
+    workers: int = typer.Option(0, help="Loader worker processes of the proxy pass (per process under torchrun)."),
     attack_steps: Optional[int] = typer.Option(None, help="PGD steps for the candidates' adversarial views "
                                                "[default: the selector's, 1; 5 with --preset reference]."),
     preset: Optional[str] = typer.Option(None, help="rcs: reference (the paper's minibatch greedy)."),
@@ -266,8 +267,11 @@ def select(
     watch: Optional[Path] = typer.Option(None, help="Keep selecting for this training run, round after round."),
     every: int = typer.Option(1, help="--watch: select when the run's checkpoint is this many epochs newer."),
 ):
-    """Select a subset with a model snapshot and write a manifest (or keep feeding a run with --watch)."""
-    from pipeline.dist import resolve_device
+    """Select a subset with a model snapshot and write a manifest (or keep feeding a run with --watch).
+
+    Under torchrun (`torchrun --nproc-per-node N -m pipeline select ...`) the processes share the proxy pass
+    (RCS: whole chunks per process) and rank 0 runs the greedy and writes the manifest."""
+    from pipeline.dist import init_distributed
     from pipeline.overlap import parse_params
     from pipeline.selectors.run import run_selection
 
@@ -275,7 +279,8 @@ def select(
              "knn_backend": knn_backend, "preset": preset, "refreshes": refreshes, "attack_steps": attack_steps,
              "per_class": True if per_class else None}
     params = {**parse_params(params), **{k_: v for k_, v in flags.items() if v is not None}}
-    dev = resolve_device(device)
+    dist_ctx = init_distributed(device)  # under torchrun: the ranks share the proxy pass, rank 0 writes
+    dev = dist_ctx.device
     if watch is not None:
         from pipeline.selectors.watch import watch_run
 
@@ -285,7 +290,13 @@ def select(
         raise PipelineError("--out: where to write the manifest (e.g. runs/sel/round-0001.json)")
     _interrupt_hint(f"no manifest was written ({out} and the pair it names are as before); run the same command "
                     "again")
-    m = run_selection(data, selector, fraction, out, checkpoint, split, pool, seed, dev, params, arch, batch_size)
+    try:
+        m = run_selection(data, selector, fraction, out, checkpoint, split, pool, seed, dev, params, arch, batch_size,
+                          workers=workers)
+    finally:
+        dist_ctx.close()
+    if not dist_ctx.is_main:
+        return
     t = m.extra["timing"]
     console.print(f"selected {len(m):,} of {m.extra['pool_size']:,} ({selector}) in {t['total']:.1f} s "
                   f"({', '.join(f'{k_} {v:.1f} s' for k_, v in t.items() if isinstance(v, float) and k_ != 'total')}); "

@@ -98,3 +98,49 @@ def init_distributed(device_name: str) -> DistContext:
                 torch.cuda.set_device(local)
             dist.init_process_group(backend)
     return DistContext(rank, world, local, resolve_device(device_name, local))
+
+
+# --- collectives for work spread over ranks (selection): plain functions, a world of one needs no group ---------
+def _comm_device() -> torch.device:
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of `x` (first dimensions may differ), concatenated in rank order, on every rank."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return x
+    import torch.distributed as dist
+
+    dev = _comm_device()
+    x_dev = x.to(dev).contiguous()
+    counts = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor([len(x)], dtype=torch.int64, device=dev))
+    counts = [int(c.item()) for c in counts]
+    longest = max(counts)
+    padded = torch.zeros((longest, *x.shape[1:]), dtype=x.dtype, device=dev)
+    padded[:len(x)] = x_dev
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)]).to(x.device)
+
+
+def gather_objects(obj) -> list:
+    """Every rank's (small, project-made) object, in rank order, on every rank."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if rank_and_world()[1] > 1:
+        import torch.distributed as dist
+
+        dist.barrier()

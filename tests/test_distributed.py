@@ -28,3 +28,45 @@ def test_ranks_split_each_epoch_under_torch_distributed(synthetic_set, tmp_path)
         parts = [np.load(tmp_path / f"{backend}-{r}.npy") for r in range(world)]
         assert [len(p) for p in parts] == [n // world] * world
         assert not set(parts[0].tolist()) & set(parts[1].tolist())
+
+
+SELECTIONS = {  # name: (selector, params): RCS in chunks spread over ranks, RCS in one chunk, facility
+    "rcs-chunks": ("rcs", {"chunk_size": 400, "refreshes": 4}),
+    "rcs-one-chunk": ("rcs", {"chunk_size": 0, "refreshes": 4}),
+    "facility": ("facility", {"proxy": "gradients", "k": 10}),
+}
+
+
+def _select_main(rank, world, root, init_file, out_dir):
+    import torch
+
+    from pipeline.selectors.run import run_selection
+
+    torch.set_num_threads(1)  # the same kernels in every process: bitwise-equal proxies
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        for name, (selector, params) in SELECTIONS.items():
+            m = run_selection(root, selector, 0.2, f"{out_dir}/{name}.json", arch="smallcnn", batch_size=64,
+                              seed=3, params=params)
+            np.save(f"{out_dir}/{name}-rank{rank}.npy", m.ids)  # every rank returns the manifest
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def test_distributed_selection_writes_the_manifest_of_one_process(digits_set, tmp_path):
+    from pipeline.shards.manifest import Manifest
+
+    for world in (1, 2):
+        out = tmp_path / f"world{world}"
+        out.mkdir()
+        mp.spawn(_select_main, args=(world, str(digits_set.root), str(tmp_path / f"init{world}"), str(out)),
+                 nprocs=world, join=True)
+    for name in SELECTIONS:
+        one, two = Manifest.load(tmp_path / "world1" / f"{name}.json"), Manifest.load(tmp_path / "world2" / f"{name}.json")
+        assert np.array_equal(one.ids, two.ids), name
+        if one.weights is not None:
+            assert np.array_equal(one.weights, two.weights), name
+        assert two.extra["timing"]["processes"] == 2
+        assert np.array_equal(np.load(tmp_path / "world2" / f"{name}-rank1.npy"), two.ids)

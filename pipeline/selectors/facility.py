@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from pipeline.dist import rank_and_world
 from pipeline.errors import PipelineError
 from pipeline.selectors.base import Selection, SelectionContext, Selector, class_budgets
 from pipeline.selectors.greedy import maximize
@@ -73,6 +74,8 @@ class FacilitySelector(Selector):
             scaled = (align - align.min()) / span if span > 0 else np.zeros_like(align)
             modular = p["alignment_weight"] * scaled * p["k"] / 2  # a typical coverage gain is O(k) similarities
         cand_ids = proxies.candidate_ids  # the pool less the validation part, when one was held out
+        if rank_and_world()[0] != 0:  # under torch.distributed the ranks shared the proxies; one greedy, on rank 0
+            return Selection(np.zeros(0, np.int64), np.zeros(0, np.float32), None, timing)
         groups = [np.arange(len(cand_ids))]
         budgets = [ctx.budget]
         if p["per_class"]:

@@ -27,6 +27,7 @@ from torch import nn
 
 from pipeline.attacks import PGD, Budget
 from pipeline.augment import to_float
+from pipeline.dist import gather_objects, gather_rows, rank_and_world
 from pipeline.errors import PipelineError
 from pipeline.losses import representational_divergence
 from pipeline.models.multibn import use_branch
@@ -91,7 +92,7 @@ class ProxyComputer:
                  step: float = 2 / 255, attack_steps: int = 1, temperature: float = 0.5,
                  validation_fraction: float = 0.01, seed: int = 0, min_crop_scale: float = 0.08,
                  strength: float = 1.0, validation_ids: np.ndarray | None = None, method: str = "acl",
-                 settings: dict | None = None):
+                 settings: dict | None = None, workers: int = 0):
         from pipeline.trainers import TRAINERS  # the selection process needs the method's hooks, not a trainer
 
         torch.set_flush_denormal(True)  # denormal floats in trained weights slow CPU math down ~10x
@@ -105,7 +106,7 @@ class ProxyComputer:
         self.branches = (model.branch("natural"), model.branch("adversarial"))
         self.shardset, self.split, self.device = shardset, split, torch.device(device)
         self.batch_size, self.eps, self.step, self.attack_steps = batch_size, eps, step, attack_steps
-        self.validation_fraction, self.seed = validation_fraction, seed
+        self.validation_fraction, self.seed, self.workers = validation_fraction, seed, workers
         self.validation_ids = None if validation_ids is None else np.sort(np.asarray(validation_ids, dtype=np.int64))
         self.settings = {"temperature": temperature, "min_crop_scale": min_crop_scale, "strength": strength,
                          **(settings or {})}
@@ -115,8 +116,23 @@ class ProxyComputer:
         return self.device.type
 
     def _batches(self, ids: np.ndarray):
+        # rank 0 of 1: this computer splits work across ranks itself (`_share`), the loader must not split again
         return self.shardset.loader(self.split, np.sort(ids), backend="indexed", batch_size=self.batch_size,
-                                    shuffle=False, device=self.device)
+                                    shuffle=False, device=self.device, num_workers=self.workers, rank=0, world_size=1)
+
+    def _share(self, ids: np.ndarray, spread: bool) -> tuple[np.ndarray, int]:
+        """(this rank's ids, index of its first batch): whole batches of the sorted ids, in contiguous blocks by
+        rank, so that every batch is the batch one process would form, and gathering in rank order restores
+        the one-process order."""
+        ids = np.sort(ids)
+        rank, world = rank_and_world() if spread else (0, 1)
+        n_batches = -(-len(ids) // self.batch_size)
+        first, last = n_batches * rank // world, n_batches * (rank + 1) // world
+        return ids[first * self.batch_size:last * self.batch_size], first
+
+    def _generator(self, salt: int, batch_no: int) -> torch.Generator:
+        """Randomness of one batch (augmentation, attack starts), the same whichever rank computes it."""
+        return torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + salt * 100_003 + batch_no)
 
     @torch.no_grad()
     def _features(self, images: torch.Tensor, branch: str) -> torch.Tensor:
@@ -132,51 +148,72 @@ class ProxyComputer:
         val = np.sort(rng.choice(pool_ids, n_val, replace=False))
         return np.setdiff1d(pool_ids, val), val
 
-    def validation_state(self, val_ids: np.ndarray):
+    def validation_state(self, val_ids: np.ndarray, spread: bool = True):
         """U's natural and virtual-adversarial encoder features (PGD on RD: 3 steps, step 1.25 eps / 3)."""
-        gen = torch.Generator(self.device).manual_seed(self.seed + 1)
         b_nat, b_adv = self.branches
         head, kind = self.head_name, self.method.divergence
-        attack = PGD(lambda x: self.model(x, b_adv, heads=(head,))[head],
-                     lambda z, z_nat: representational_divergence(z, z_nat, kind), self.eps, 1.25 * self.eps / 3, 3,
-                     module=self.model, generator=gen)
+        mine, first = self._share(val_ids, spread)
         nat, adv = [], []
-        for b in self._batches(val_ids):
+        for k, b in enumerate(self._batches(mine) if len(mine) else []):
+            attack = PGD(lambda x: self.model(x, b_adv, heads=(head,))[head],
+                         lambda z, z_nat: representational_divergence(z, z_nat, kind), self.eps, 1.25 * self.eps / 3,
+                         3, module=self.model, generator=self._generator(1, first + k))
             x = to_float(b.images)
             with torch.no_grad():
                 z_nat = self.model(x, b_nat, heads=(head,))[head]
             x_adv = attack(x, z_nat)
             nat.append(self._features(x, b_nat))
             adv.append(self._features(x_adv, b_adv))
-        return torch.cat(nat), torch.cat(adv)
+        d = self.model.encoder.feature_dim
+        empty = torch.zeros(0, d, device=self.device)
+        nat, adv = (torch.cat(nat) if nat else empty), (torch.cat(adv) if adv else empty)
+        return (gather_rows(nat), gather_rows(adv)) if spread else (nat, adv)
 
-    def compute(self, pool_ids: np.ndarray, need_gradients: bool = True, need_features: bool = True) -> Proxies:
+    def compute(self, pool_ids: np.ndarray, need_gradients: bool = True, need_features: bool = True,
+                spread: bool = True) -> Proxies:
         """Proxies of the pool; `need_features=False` skips the encoder pass on the plain images (RCS uses
-        only gradients: about a tenth of the pass)."""
+        only gradients: about a tenth of the pass). Under torch.distributed with `spread`, each rank computes
+        whole batches of its own block of the pool and every rank gets all of them: the same proxies as one
+        process (per-batch randomness, the same batches)."""
         pool_ids = np.asarray(pool_ids, dtype=np.int64)
         b_nat, b_adv = self.branches
+        d = self.model.encoder.feature_dim
         if not need_gradients:
-            feats = [self._features(to_float(b.images), b_nat).half().cpu() for b in self._batches(pool_ids)]
-            return Proxies(np.sort(pool_ids), np.zeros(0, np.int64), torch.cat(feats).numpy(), branches=self.branches)
+            mine, _ = self._share(pool_ids, spread)
+            feats = [self._features(to_float(b.images), b_nat).half().cpu() for b in self._batches(mine)] if len(mine) else []
+            local = torch.cat(feats) if feats else torch.zeros(0, d, dtype=torch.float16)
+            return Proxies(np.sort(pool_ids), np.zeros(0, np.int64), (gather_rows(local) if spread else local).numpy(),
+                           branches=self.branches)
         cand, val = self.split_validation(pool_ids)
-        val_feats = self.validation_state(val)
-        gen = torch.Generator(self.device).manual_seed(self.seed + 2)
+        val_feats = self.validation_state(val, spread)
         budget = Budget(self.eps, self.step, self.attack_steps)
         head = self.head
+        mine, first = self._share(cand, spread)
         feats, comp, row_feats, row_grads, row_branches = [], [], [], [], None
-        for b in self._batches(cand):
+        for k, b in enumerate(self._batches(mine) if len(mine) else []):
             if need_features:
                 feats.append(self._features(to_float(b.images), b_nat).half().cpu())
-            rows = self.method.selection_rows(self.model, b, gen, self.settings, budget)
+            rows = self.method.selection_rows(self.model, b, self._generator(2, first + k), self.settings, budget)
             row_branches = tuple(rows.branches)
             comp.append(compressed_rows(head, rows).cpu())
             row_feats.append(torch.stack(rows.feats, 1).half().cpu())
             row_grads.append(torch.stack(rows.grads, 1).float().cpu())
+        local = [torch.cat(t) if t else None for t in (feats, comp, row_feats, row_grads)]
+        if spread:  # a rank with no batch (more ranks than batches) still takes part, with empty parts
+            metas = gather_objects(None if local[1] is None else
+                                   (row_branches, [None if t is None else (t.shape[1:], t.dtype) for t in local]))
+            meta = next((m for m in metas if m is not None), None)
+            if meta is not None:
+                row_branches = meta[0]
+                local = [t if t is not None or m is None else torch.zeros((0, *m[0]), dtype=m[1])
+                         for t, m in zip(local, meta[1])]
+            local = [None if t is None else gather_rows(t) for t in local]
+        feats, comp, row_feats, row_grads = local
+        features = feats.numpy() if feats is not None else np.zeros((len(cand), 0), np.float16)
+        comp = comp.numpy() if comp is not None else np.zeros((0, 0), np.float32)
         val_comp = rd_gradient(head, *val_feats, branches=self.branches, kind=self.method.divergence)
-        features = torch.cat(feats).numpy() if feats else np.zeros((len(cand), 0), np.float16)
-        return Proxies(np.sort(cand), val, features, torch.cat(comp).numpy(),
-                       torch.cat(row_feats), torch.cat(row_grads), val_feats, val_comp, self.branches,
-                       row_branches, self.method.divergence)
+        return Proxies(np.sort(cand), val, features, comp, row_feats, row_grads, val_feats, val_comp,
+                       self.branches, row_branches, self.method.divergence)
 
 
 def compressed_rows(head: nn.Module, rows) -> torch.Tensor:

@@ -11,7 +11,8 @@ times per greedy, taking the best gains of a block of picks between refreshes (t
 choices at a fraction of the cost; `tests/test_selectors.py` measures how close). Candidate gradients stay
 those of the snapshot (the reference's approximation). Large pools are cut into chunks of `chunk_size`
 (0: one greedy over the whole pool, as the reference on CIFAR); each chunk gets picks in proportion to its
-size and starts again from the snapshot's head. The snapshot's model is never modified.
+size and starts again from the snapshot's head (its own generator: a chunk's picks do not depend on which
+process runs it, so under torchrun whole chunks go to ranks). The snapshot's model is never modified.
 
 `preset=reference` gives the reference's choices: minibatch units of 512, one greedy over the whole pool
 with one U, the training attack (5 steps) for the candidates' views, a refresh after every pick.
@@ -25,6 +26,7 @@ import time
 import numpy as np
 import torch
 
+from pipeline.dist import gather_objects, rank_and_world
 from pipeline.errors import PipelineError
 from pipeline.selectors.base import Selection, SelectionContext, Selector
 from pipeline.selectors.proxies import head_linears, pick_gradient, rd_gradient
@@ -110,22 +112,34 @@ class RCSSelector(Selector):
         pool = np.asarray(ctx.pool_ids)
         chunk = p["chunk_size"] if p["chunk_size"] > 0 else len(pool)
         chunks = [pool] if len(pool) <= chunk else np.array_split(rng.permutation(pool), -(-len(pool) // chunk))
-        ids, gains, val_ids = [], [], []
-        head = ctx.proxies.head
-        for part in chunks:
+        rank, world = rank_and_world()
+        # Under torch.distributed whole chunks go to ranks (each greedy starts from the snapshot's head, so a
+        # chunk's picks do not depend on where it runs); with fewer chunks than ranks the proxies of each chunk
+        # are spread instead and every rank runs the (identical) greedy.
+        by_chunk = world > 1 and len(chunks) >= world
+        done = {}
+        for i, part in enumerate(chunks):
+            if by_chunk and i % world != rank:
+                continue
             t = time.perf_counter()
-            proxies = ctx.proxies.compute(part, need_gradients=True, need_features=False)
+            proxies = ctx.proxies.compute(part, need_gradients=True, need_features=False, spread=not by_chunk)
             timing["proxies"] += time.perf_counter() - t
             share = int(round(ctx.budget * len(part) / len(pool)))
             size = min(p["batch_size"], share) if p["unit"] == "batch" else 1
             picks = -(-share // size) if size else 0
             t = time.perf_counter()
-            picked, g = rcs_greedy(proxies, head, picks, p["eta"], p["unit"], size, rng, p["refreshes"],
-                                   p["reference_batch"])
+            picked, g = rcs_greedy(proxies, ctx.proxies.head, picks, p["eta"], p["unit"], size,
+                                   np.random.default_rng([ctx.seed, i]), p["refreshes"], p["reference_batch"])
             picked = picked[:share]  # the last batch may overshoot the budget
             timing["greedy"] += time.perf_counter() - t
-            ids.append(proxies.candidate_ids[picked])
-            gains += g
-            val_ids.append(proxies.validation_ids)
+            done[i] = (proxies.candidate_ids[picked], g, proxies.validation_ids)
+        if by_chunk:
+            merged = {}
+            for part_done in gather_objects(done):
+                merged.update(part_done)
+            done = merged
+        ids = [done[i][0] for i in range(len(chunks))]
+        gains = [x for i in range(len(chunks)) for x in done[i][1]]
+        val_ids = [done[i][2] for i in range(len(chunks))]
         return Selection(np.sort(np.concatenate(ids)), None, float(np.sum(gains)), timing,
                          {"validation_ids": np.unique(np.concatenate(val_ids)).tolist(), "gains": gains[:1000]})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 
 from pipeline.attacks import budget
 from pipeline.checkpoint import load_model
+from pipeline.dist import barrier, rank_and_world
 from pipeline.errors import PipelineError
 from pipeline.locks import folder_lock
 from pipeline.models import create_model, model_spec
@@ -50,18 +52,24 @@ def _ids_of(manifest_or_ids, ss: ShardSet) -> tuple[np.ndarray, str | None]:
 def run_selection(data, selector: str, fraction: float, out, checkpoint=None, split: str = "train", pool=None,
                   seed: int = 0, device="cpu", params: dict | None = None, arch: str = "resnet18",
                   batch_size: int = 256, round_no: int | None = None, epoch: int | None = None,
-                  attack_steps: int | None = None, validation=None, validation_fraction: float = 0.01) -> Manifest:
+                  attack_steps: int | None = None, validation=None, validation_fraction: float = 0.01,
+                  workers: int = 0) -> Manifest:
     """`pool`, `validation`: manifests (or id arrays) of the candidates and of a held-out U; a selector that
     needs U and gets none draws it once from the pool (seeded) and leaves it out of the candidates. The
-    manifest's folder is locked for the whole selection: one writer at a time."""
+    manifest's folder is locked for the whole selection: one writer at a time. Under torch.distributed
+    (torchrun) every rank calls this: the ranks share the proxy pass, rank 0 writes the manifest, and every
+    rank returns it."""
     check_manifest_target(out)
-    with folder_lock(Path(out).parent, f"pipeline select --selector {selector}"):
-        return _run_selection(data, selector, fraction, out, checkpoint, split, pool, seed, device, params, arch,
-                              batch_size, round_no, epoch, attack_steps, validation, validation_fraction)
+    rank, world = rank_and_world()
+    with folder_lock(Path(out).parent, f"pipeline select --selector {selector}") if rank == 0 else nullcontext():
+        manifest = _run_selection(data, selector, fraction, out, checkpoint, split, pool, seed, device, params, arch,
+                                  batch_size, round_no, epoch, attack_steps, validation, validation_fraction, workers)
+    barrier()
+    return manifest if rank == 0 else Manifest.load(out)
 
 
 def _run_selection(data, selector, fraction, out, checkpoint, split, pool, seed, device, params, arch, batch_size,
-                   round_no, epoch, attack_steps, validation, validation_fraction) -> Manifest:
+                   round_no, epoch, attack_steps, validation, validation_fraction, workers) -> Manifest | None:
     started = time.perf_counter()
     ss = data if isinstance(data, ShardSet) else ShardSet.open(data)
     if not 0 < fraction <= 1:
@@ -88,13 +96,17 @@ def _run_selection(data, selector, fraction, out, checkpoint, split, pool, seed,
         b = budget(ss.channels, a.get("eps"), a.get("step"))
         proxies = ProxyComputer(model, ss, split, device, batch_size, b.eps, b.step, sel.params.get("attack_steps", 1),
                                 validation_fraction=validation_fraction, seed=seed, validation_ids=val_ids,
-                                method=settings["method"], settings=settings)
+                                method=settings["method"], settings=settings, workers=workers)
     ctx = SelectionContext(ss, split, np.asarray(pool_ids), budget_n, seed, sel.params, proxies, val_ids)
     result = sel.select(ctx)
+    rank, world = rank_and_world()
+    if rank != 0:
+        return None
     timing = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.timing.items()}
     timing["total"] = round(time.perf_counter() - started, 3)
     timing["device"] = str(device)
     timing["process_s"] = round(time.process_time(), 3)
+    timing["processes"] = world
     manifest = Manifest.for_shardset(
         ss, split, np.sort(result.ids) if result.weights is None else result.ids, weights=result.weights,
         producer={"name": selector, "params": sel.params}, round=round_no, epoch=epoch, fraction=fraction,
