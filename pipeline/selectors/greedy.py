@@ -95,13 +95,15 @@ def _all_gains(g: sp.csr_matrix, cur: np.ndarray, modular: np.ndarray) -> np.nda
 
 def maximize(graph: sp.csr_matrix, budget: int, optimizer: str = "lazy", modular: np.ndarray | None = None,
              seed: int = 0, epsilon: float = 0.01) -> GreedyResult:
+    """`graph`: candidates x points (square when every point is a candidate; GreeDi's merge step covers all
+    points with the union of the parts' picks)."""
     n = graph.shape[0]
     budget = min(budget, n)
     indptr, indices = graph.indptr.astype(np.int64), graph.indices.astype(np.int64)
     data = graph.data.astype(np.float64)
     mod = np.zeros(n) if modular is None else np.asarray(modular, dtype=np.float64)
-    cur = np.zeros(n)
-    owner = np.full(n, -1, dtype=np.int64)
+    cur = np.zeros(graph.shape[1])
+    owner = np.full(graph.shape[1], -1, dtype=np.int64)
     chosen = np.zeros(n, dtype=bool)
     picks, gains = [], []
 

@@ -24,41 +24,52 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
-def _faiss_search(x: np.ndarray, k: int, backend: str, seed: int):
+def _faiss_search(base: np.ndarray, queries: np.ndarray, k: int, backend: str, seed: int):
     import faiss
 
-    n, d = x.shape
+    n, d = base.shape
     if backend == "faiss-gpu":
         if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
             raise PipelineError("faiss-gpu: no GPU FAISS here; install the gpu extra on a GPU machine, or use faiss-flat")
         res = faiss.StandardGpuResources()
-        sims, idx = faiss.knn_gpu(res, x, x, min(k, 2048), metric=faiss.METRIC_INNER_PRODUCT)
+        sims, idx = faiss.knn_gpu(res, queries, base, min(k, 2048), metric=faiss.METRIC_INNER_PRODUCT)
         return sims, idx
     if backend == "faiss-ivf":
         nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
         quantizer = faiss.IndexFlatIP(d)
         index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(seed)
-        train = x[rng.choice(n, min(n, 64 * nlist), replace=False)]
+        train = base[rng.choice(n, min(n, 64 * nlist), replace=False)]
         index.train(train)
-        index.add(x)
+        index.add(base)
         index.nprobe = min(nlist, 16)
-        return index.search(x, k)
+        return index.search(queries, k)
     index = faiss.IndexFlatIP(d)
-    index.add(x)
-    return index.search(x, k)
+    index.add(base)
+    return index.search(queries, k)
 
 
-def _torch_search(x: np.ndarray, k: int, device: str, chunk: int = 8192):
+def _torch_search(base: np.ndarray, queries: np.ndarray, k: int, device: str, chunk: int = 8192):
     import torch
 
-    xt = torch.from_numpy(x).to(device)
+    bt = torch.from_numpy(base).to(device)
     sims, idx = [], []
-    for s in range(0, len(x), chunk):
-        top = (xt[s:s + chunk] @ xt.T).topk(k, dim=1)
+    for s in range(0, len(queries), chunk):
+        top = (torch.from_numpy(queries[s:s + chunk]).to(device) @ bt.T).topk(k, dim=1)
         sims.append(top.values.cpu().numpy())
         idx.append(top.indices.cpu().numpy())
     return np.concatenate(sims), np.concatenate(idx)
+
+
+def search(base: np.ndarray, queries: np.ndarray, k: int, backend: str = "auto", seed: int = 0,
+           device: str = "cpu") -> tuple[np.ndarray, np.ndarray, str]:
+    """(similarities, indices into `base`, backend used) of each query's k most similar base vectors; both
+    already normalised."""
+    k = max(1, min(k, len(base)))
+    backend = choose_backend(len(base), backend, device)
+    if backend == "torch":
+        return (*_torch_search(base, queries, k, device), backend)
+    return (*_faiss_search(base, queries, k, backend, seed), backend)
 
 
 def choose_backend(n: int, backend: str = "auto", device: str = "cpu") -> str:
@@ -83,12 +94,7 @@ def knn_graph(vectors: np.ndarray, k: int = 20, backend: str = "auto", seed: int
     """(symmetric CSR similarity graph, backend used)."""
     x = _normalise(vectors)
     n = len(x)
-    k = max(1, min(k, n))
-    backend = choose_backend(n, backend, device)
-    if backend == "torch":
-        sims, idx = _torch_search(x, k, device)
-    else:
-        sims, idx = _faiss_search(x, k, backend, seed)
+    sims, idx, backend = search(x, x, k, backend, seed, device)
     rows = np.repeat(np.arange(n, dtype=np.int64), idx.shape[1])
     cols, vals = idx.reshape(-1).astype(np.int64), sims.reshape(-1).astype(np.float32)
     keep = (cols >= 0) & (vals > 0)
@@ -103,4 +109,24 @@ def knn_graph(vectors: np.ndarray, k: int = 20, backend: str = "auto", seed: int
     g.data = np.minimum(g.data, 1.0)
     g.indices = g.indices.astype(np.int32)
     g.indptr = g.indptr.astype(np.int32) if g.nnz < 2**31 else g.indptr
+    return g, backend
+
+
+def cover_graph(vectors: np.ndarray, candidates: np.ndarray, k: int = 20, backend: str = "auto", seed: int = 0,
+                device: str = "cpu"):
+    """(CSR candidates x points, backend used): entry (c, i) = similarity of point i to candidate c for the k
+    candidates most similar to each point (negatives dropped); a candidate covers itself with 1. GreeDi's merge
+    step: the union of the parts' picks, judged on how well it covers every point."""
+    x = _normalise(vectors)
+    candidates = np.asarray(candidates, dtype=np.int64)
+    sims, idx, backend = search(x[candidates], x, k, backend, seed, device)
+    points = np.repeat(np.arange(len(x), dtype=np.int64), idx.shape[1])
+    cands, vals = idx.reshape(-1).astype(np.int64), sims.reshape(-1).astype(np.float32)
+    keep = (cands >= 0) & (vals > 0)
+    cands = np.concatenate([cands[keep], np.arange(len(candidates))])
+    points = np.concatenate([points[keep], candidates])
+    vals = np.concatenate([vals[keep], np.ones(len(candidates), np.float32)])
+    g = sp.coo_matrix((vals, (cands, points)), shape=(len(candidates), len(x))).tocsr()
+    g.sum_duplicates()
+    g.data = np.minimum(g.data, 1.0)
     return g, backend
