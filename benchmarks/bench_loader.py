@@ -7,6 +7,13 @@ page cache, JIT compilation for ffcv), then `--epochs` timed ones. Prints one JS
     python benchmarks/bench_loader.py [--data FOLDER] [--batch-size 256] [--workers 2] [--epochs 1]
 
 Targets (issue 2): streaming >= 2x the baseline; a 10% subset read costs <= 15% of a full-split read.
+
+At ImageNet size (issue 13): full-size JPEGs (`benchmarks/make_imagenet_like.py`), shards prepared at 256 px,
+every loader delivering 224 px random-resized crops (shards: cropped while decoding; ffcv: its RRC decoder;
+the per-file baseline: PIL decodes the whole photo, then crops the same boxes, as torchvision's ImageFolder +
+RandomResizedCrop does); `--device cuda` moves every batch to the GPU (pinned memory) inside the timing.
+
+    python benchmarks/bench_loader.py --data /tmp/inet --image-size 256 --crop 224 --subsets 0.05 --epochs 1
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline.shards.crops import RandomResizedCrop, crop_rng
 from pipeline.shards.images import decode
 from pipeline.shards.prepare import PrepareOptions, prepare
 from pipeline.shards.shardset import ShardSet
@@ -31,12 +39,15 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar1
 
 
 class PerFileDataset(Dataset):
-    """The baseline: list the class folders, open one image file per sample with PIL."""
+    """The baseline: list the class folders, open one image file per sample with PIL (and with `crop`, take a
+    random-resized crop of the decoded photo, as ImageFolder + RandomResizedCrop)."""
 
-    def __init__(self, root: Path, decoder: str = "pil"):
+    def __init__(self, root: Path, decoder: str = "pil", crop: int = 0):
         classes = sorted(p.name for p in root.iterdir() if p.is_dir())
         self.items = [(f, i) for i, c in enumerate(classes) for f in sorted((root / c).iterdir())]
         self.decoder = decoder
+        self.crop = RandomResizedCrop(crop) if crop else None
+        self.epoch = 0
 
     def __len__(self):
         return len(self.items)
@@ -47,19 +58,29 @@ class PerFileDataset(Dataset):
             arr = decode(path.read_bytes(), "RGB").copy()
         else:
             with Image.open(path) as img:
-                arr = np.array(img.convert("RGB"))
+                img = img.convert("RGB")
+                if self.crop is not None:
+                    top, left, h, w = self.crop.box(img.height, img.width, crop_rng(0, self.epoch, k))
+                    img = img.resize((self.crop.size,) * 2, Image.BILINEAR, box=(left, top, left + w, top + h))
+                arr = np.array(img)
         return torch.from_numpy(arr).permute(2, 0, 1), label
 
 
-def _time_epochs(make_loader, epochs: int) -> tuple[float, int]:
-    """Build the loader once (as a trainer would for a selection round), warm it up, time `epochs` epochs."""
+def _time_epochs(make_loader, epochs: int, device: str = "cpu") -> tuple[float, int]:
+    """Build the loader once (as a trainer would for a selection round), warm it up, time `epochs` epochs
+    (with the copy to `device` and a synchronisation at the end)."""
     loader = make_loader()
     for _ in loader:  # warm-up epoch
         pass
     n, start = 0, time.perf_counter()
     for _ in range(epochs):
         for batch in loader:
-            n += len(batch[0])
+            images = batch[0]
+            if device != "cpu" and images.device.type == "cpu":
+                images = images.pin_memory().to(device, non_blocking=True)
+            n += len(images)
+    if device != "cpu":
+        torch.cuda.synchronize()
     return time.perf_counter() - start, n
 
 
@@ -86,6 +107,10 @@ def main(argv=None):
     ap.add_argument("--work", type=Path, default=Path("/tmp/pipeline-bench"), help="Where shard sets are written")
     ap.add_argument("--synthetic-count", type=int, default=20000, help="Images to generate when no data is found")
     ap.add_argument("--no-ffcv", action="store_true")
+    ap.add_argument("--image-size", type=int, default=None, help="Prepare the shards at this size (ImageNet: 256)")
+    ap.add_argument("--crop", type=int, default=0, help="Every loader delivers random-resized crops of this size")
+    ap.add_argument("--subsets", default="0.10,0.01", help="Subset fractions read by index")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda: batches are moved there inside the timing")
     args = ap.parse_args(argv)
 
     data = args.data or (DEFAULT_DATA if DEFAULT_DATA.is_dir() else None)
@@ -104,33 +129,41 @@ def main(argv=None):
 
     out = args.work / f"{name}-{args.split}"
     prep = prepare(f"folder:{split_dir}", PrepareOptions(out=out, formats=("wds",), workers=args.workers,
-                                                         test_fraction=0.0, overwrite=True, progress=False))
+                                                         image_size=args.image_size, test_fraction=0.0,
+                                                         overwrite=True, progress=False))
     if "ffcv" in formats:
         prepare(f"folder:{split_dir}", PrepareOptions(out=out, formats=formats, workers=args.workers,
-                                                      test_fraction=0.0, progress=False))
+                                                      image_size=args.image_size, test_fraction=0.0, progress=False))
     ss = ShardSet.open(out)
     n_total = ss.count("train")
     rng = np.random.default_rng(0)
-    subsets = {f: np.sort(rng.choice(ss.ids("train"), int(n_total * f), replace=False)) for f in (0.10, 0.01)}
-    common = dict(batch_size=args.batch_size, num_workers=args.workers, seed=0)
+    fractions = [float(f) for f in args.subsets.split(",")]
+    subsets = {f: np.sort(rng.choice(ss.ids("train"), int(n_total * f), replace=False)) for f in fractions}
+    crop = f"random-resized:{args.crop}" if args.crop else None
+    common = dict(batch_size=args.batch_size, num_workers=args.workers, seed=0, crop=crop)
+    dev = args.device
 
     rows = {}
-    base = PerFileDataset(split_dir)
+    base = PerFileDataset(split_dir, crop=args.crop)
     rows["per-file PIL (baseline)"] = _time_epochs(
         lambda: DataLoader(base, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-                           persistent_workers=args.workers > 0), args.epochs)
-    fast = PerFileDataset(split_dir, decoder="simplejpeg")
-    rows["per-file simplejpeg"] = _time_epochs(
-        lambda: DataLoader(fast, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-                           persistent_workers=args.workers > 0), args.epochs)
-    rows["stream (shards)"] = _time_epochs(lambda: ss.loader("train", backend="stream", **common), args.epochs)
-    rows["indexed, whole split"] = _time_epochs(lambda: ss.loader("train", backend="indexed", **common), args.epochs)
+                           persistent_workers=args.workers > 0), args.epochs, dev)
+    if not args.crop:
+        fast = PerFileDataset(split_dir, decoder="simplejpeg")
+        rows["per-file simplejpeg"] = _time_epochs(
+            lambda: DataLoader(fast, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                               persistent_workers=args.workers > 0), args.epochs, dev)
+    rows["stream (shards)"] = _time_epochs(lambda: ss.loader("train", backend="stream", **common), args.epochs, dev)
+    rows["indexed, whole split"] = _time_epochs(lambda: ss.loader("train", backend="indexed", **common), args.epochs,
+                                                dev)
     for f, ids in subsets.items():
-        rows[f"indexed, {f:.0%} subset"] = _time_epochs(lambda ids=ids: ss.loader("train", ids, **common), args.epochs)
+        rows[f"indexed, {f:.0%} subset"] = _time_epochs(lambda ids=ids: ss.loader("train", ids, **common), args.epochs,
+                                                        dev)
     if "ffcv" in formats:
-        rows["ffcv, whole split"] = _time_epochs(lambda: ss.loader("train", backend="ffcv", **common), args.epochs)
-        rows["ffcv, 10% subset"] = _time_epochs(lambda: ss.loader("train", subsets[0.10], backend="ffcv", **common),
-                                                args.epochs)
+        first = fractions[0]
+        rows["ffcv, whole split"] = _time_epochs(lambda: ss.loader("train", backend="ffcv", **common), args.epochs, dev)
+        rows[f"ffcv, {first:.0%} subset"] = _time_epochs(
+            lambda: ss.loader("train", subsets[first], backend="ffcv", **common), args.epochs, dev)
 
     base_rate = rows["per-file PIL (baseline)"][1] / rows["per-file PIL (baseline)"][0]
     full_time = rows["stream (shards)"][0]
@@ -144,7 +177,9 @@ def main(argv=None):
         "batch_size": args.batch_size, "workers": args.workers, "epochs": args.epochs,
         "prepare_images_per_s": round(prep.images_per_s),
         "stream_vs_baseline": round(rows["stream (shards)"][1] / rows["stream (shards)"][0] / base_rate, 2),
-        "subset10_cost_vs_full": round(rows["indexed, 10% subset"][0] / full_time, 3),
+        "subset_cost_vs_full": {f"{f:.0%}": round(rows[f"indexed, {f:.0%} subset"][0] / full_time, 3)
+                                for f in fractions},
+        "crop": args.crop, "device": dev,
         "rows": table,
     }
     print(json.dumps(result))
