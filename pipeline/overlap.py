@@ -5,7 +5,9 @@ subset and switches at the first epoch boundary after the manifest appears (`--m
 The schedule lives in `trainers.subsets.SelectionRounds`; this module runs the rounds. With `sync` the trainer
 waits for each selection (the paper's blocking behaviour). The background process runs with its own thread
 count and a lower scheduling priority (`select.threads`, `select.nice`), so on a CPU machine it takes the
-cores training leaves idle. Per round the metrics log the selection time, how long the trainer waited (stall)
+cores training leaves idle. `select.processes = N` runs each round as N processes in a process group of
+their own (gloo) sharing the proxy pass, as `pipeline select` does under torchrun; `select.device` says
+where (a dedicated GPU, `cuda:7`; one device per process, `cuda:6,cuda:7`; the trainer's own by default). Per round the metrics log the selection time, how long the trainer waited (stall)
 and how many epochs the subset was stale.
 """
 
@@ -42,7 +44,7 @@ def parse_params(text: str) -> dict:
     return out
 
 
-def _worker(kwargs: dict, threads: int, nice: int) -> None:
+def _worker(kwargs: dict, threads: int, nice: int, group: tuple | None = None) -> None:
     import os
 
     import torch
@@ -60,7 +62,44 @@ def _worker(kwargs: dict, threads: int, nice: int) -> None:
     torch.set_num_threads(threads)
     from pipeline.selectors.run import run_selection
 
-    run_selection(**kwargs)
+    if group is None:
+        run_selection(**kwargs)
+        return
+    import torch.distributed as dist
+
+    init_file, rank, world = group  # a round's own process group: the processes share its proxy pass
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        run_selection(**kwargs)
+    finally:
+        dist.destroy_process_group()
+
+
+class _Processes:
+    """A round's selection processes, seen as one: alive while any is, failed when any failed."""
+
+    def __init__(self, procs: list):
+        self.procs = procs
+
+    def start(self) -> None:
+        for p in self.procs:
+            p.start()
+
+    def join(self) -> None:
+        for p in self.procs:
+            p.join()
+
+    def is_alive(self) -> bool:
+        return any(p.is_alive() for p in self.procs)
+
+    @property
+    def exitcode(self):
+        codes = [p.exitcode for p in self.procs]
+        return next((c for c in codes if c != 0), 0) if None not in codes else None
+
+    def terminate(self) -> None:
+        for p in self.procs:
+            p.terminate()
 
 
 @dataclass
@@ -106,7 +145,17 @@ class SelectionScheduler:
                       checkpoint=rnd.snapshot, split=self.split, seed=self.seed + rnd.number, device=self.device,
                       params=self.params, round_no=rnd.number, epoch=rnd.epoch,
                       pool=self.pool, validation=self.validation)
-        rnd.process = self.ctx.Process(target=_worker, args=(kwargs, self.cfg.threads, self.cfg.nice), daemon=True)
+        n = self.cfg.processes
+        devices = [d.strip() for d in self.cfg.device.split(",") if d.strip()] or [self.device]
+        group_file = Path(rnd.snapshot).with_suffix(".group")
+        group_file.unlink(missing_ok=True)  # file:// rendezvous needs a fresh file
+        procs = []
+        for rank in range(n):
+            group = (str(group_file), rank, n) if n > 1 else None
+            args = ({**kwargs, "device": devices[rank % len(devices)], "workers": self.cfg.workers},
+                    self.cfg.threads, self.cfg.nice, group)
+            procs.append(self.ctx.Process(target=_worker, args=args, daemon=True))
+        rnd.process = _Processes(procs)
         rnd.process.start()
         self.pending.append(rnd)
         self._share_cores()
@@ -146,12 +195,14 @@ class SelectionScheduler:
         import torch
 
         busy = bool(self.pending)
-        torch.set_num_threads(max(1, self.train_threads - self.cfg.threads) if busy else self.train_threads)
+        used = self.cfg.threads * self.cfg.processes
+        torch.set_num_threads(max(1, self.train_threads - used) if busy else self.train_threads)
 
     def _finish(self, r: Round) -> None:
         if r in self.pending:
             self.pending.remove(r)
             self._share_cores()
+        Path(r.snapshot).with_suffix(".group").unlink(missing_ok=True)
         if r.process.exitcode != 0 or not Path(r.manifest).is_file():
             raise PipelineError(f"selection round {r.number} failed (exit code {r.process.exitcode}); its snapshot is "
                                 f"{r.snapshot}: run `pipeline select --checkpoint {r.snapshot}` to see why")

@@ -71,3 +71,24 @@ def test_distributed_selection_writes_the_manifest_of_one_process(digits_set, tm
             assert np.array_equal(one.weights, two.weights), name
         assert two.extra["timing"]["processes"] == 2
         assert np.array_equal(np.load(tmp_path / "world2" / f"{name}-rank1.npy"), two.ids)
+
+
+def test_background_rounds_in_two_processes_write_the_manifests_of_one(digits_set, tmp_path):
+    from test_train import tiny_cfg
+
+    from pipeline.shards.manifest import Manifest
+    from pipeline.trainers import create_trainer
+
+    runs = {}
+    for n in (1, 2):
+        run = tmp_path / f"p{n}"
+        cfg = tiny_cfg(digits_set.root, run, **{"optim.epochs": 2, "select.selector": "rcs", "select.fraction": 0.3,
+                                               "select.warmup": 1, "select.every": 1, "select.sync": True,
+                                               "select.processes": n, "select.params": "chunk_size=300,refreshes=2"})
+        create_trainer(cfg, progress=False).fit()
+        runs[n] = sorted((run / "manifests").glob("round-*.json"))
+        assert not list((run / "snapshots").glob("*.group"))  # rendezvous files are cleaned up
+    assert [p.name for p in runs[1]] == [p.name for p in runs[2]] and runs[1]
+    for one, two in zip(runs[1], runs[2]):
+        m1, m2 = Manifest.load(one), Manifest.load(two)
+        assert np.array_equal(m1.ids, m2.ids) and m2.extra["timing"]["processes"] == 2

@@ -7,7 +7,8 @@
     [optim]   optimizer, lr, momentum, weight_decay, epochs, warmup_epochs, schedule, milestones, gamma,
               lars_eta, lars_exclude_1d
     [run]     out, seed, device, bf16, channels_last, compile, checkpoint_every, log_every, deterministic
-    [select]  selector, fraction, warmup, every, sync, params, threads, nice, validation_fraction, fallback
+    [select]  selector, fraction, warmup, every, sync, params, threads, processes, device, workers, nice,
+              validation_fraction, fallback
     [eval]    protocol, recipe, attack, eps, step, steps, epochs, lr, batch_size, limit, seed
 
 A method declares its section next to its trainer with `@register_section("acl")`. `pipeline train --config
@@ -97,6 +98,9 @@ class SelectConfig:
     sync: bool = False  # wait for each selection (the paper's behaviour) instead of overlapping it
     params: str = ""  # selector parameters, "k=20,unit=batch" or "preset=reference"
     threads: int = 1  # torch threads of the background selection process
+    processes: int = 1  # processes per selection round (one process group, the proxy pass shared)
+    device: str = ""  # where rounds run: "" the trainer's device; "cuda:7"; "cuda:6,cuda:7" one per process
+    workers: int = 0  # loader workers of each selection process
     nice: int = 10  # scheduling priority of the background selection process (higher yields to training)
     validation_fraction: float = 0.01  # RCS's held-out U: chosen once per run, never trained on
     fallback: str = ""  # "random": once a round costs more than its subset saves, select at random from then on
@@ -152,7 +156,8 @@ RULES = {
     "optim.milestones": (lambda v: all(m >= 0 for m in v), "must be epochs >= 0"),
     "run.device": (lambda v: v in ("auto", "cpu", "cuda"), "must be auto, cpu or cuda"),
     "run.checkpoint_every": _NONNEG, "run.log_every": _NONNEG,
-    "select.fraction": (lambda v: 0 < v <= 1, "must be in (0, 1]"), "select.threads": _ONE,
+    "select.fraction": (lambda v: 0 < v <= 1, "must be in (0, 1]"), "select.threads": _ONE, "select.processes": _ONE,
+    "select.workers": _NONNEG,
     "select.warmup": (lambda v: v >= -1, "must be >= 0 (or -1: 10% of the epochs)"), "select.every": _NONNEG,
     "select.validation_fraction": (lambda v: 0 < v < 0.5, "must be in (0, 0.5)"),
     "select.fallback": (lambda v: v in ("", "random"), "must be empty or random"),
