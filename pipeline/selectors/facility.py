@@ -37,10 +37,13 @@ def _assign_orphans(vectors: np.ndarray, picks: np.ndarray, owner: np.ndarray) -
 
 
 def facility_select(vectors: np.ndarray, budget: int, k: int, optimizer: str, modular: np.ndarray | None,
-                    backend: str, seed: int, device: str = "cpu"):
-    """(picks, weights, objective, timing) for one group of candidates."""
+                    backend: str, seed: int, device: str = "cpu", spread: bool = False):
+    """(picks, weights, objective, timing) for one group of candidates. With `spread` under torch.distributed
+    the ranks share the k-NN search and rank 0 alone runs the greedy (the others get None)."""
     t0 = time.perf_counter()
-    graph, used = knn_graph(vectors, k, backend, seed, device)
+    graph, used = knn_graph(vectors, k, backend, seed, device, spread)
+    if spread and rank_and_world()[0] != 0:
+        return None
     t1 = time.perf_counter()
     result = maximize(graph, budget, optimizer, modular, seed)
     t2 = time.perf_counter()
@@ -104,8 +107,6 @@ class FacilitySelector(Selector):
             modular = p["alignment_weight"] * scaled * p["k"] / 2  # a typical coverage gain is O(k) similarities
         cand_ids = proxies.candidate_ids  # the pool less the validation part, when one was held out
         partitions = p["partitions"] if p["partitions"] > 0 else rank_and_world()[1]  # 0: one part per process
-        if rank_and_world()[0] != 0 and partitions <= 1:  # the ranks shared the proxies; one greedy, on rank 0
-            return Selection(np.zeros(0, np.int64), np.zeros(0, np.float32), None, timing)
         groups = [np.arange(len(cand_ids))]
         budgets = [ctx.budget]
         if p["per_class"]:
@@ -121,12 +122,20 @@ class FacilitySelector(Selector):
                 continue
             args = (vectors[members], b, p["k"], p["optimizer"], None if modular is None else modular[members],
                     p["knn_backend"], ctx.seed, ctx.proxies.device_name if ctx.proxies else "cpu")
-            picks, w, obj, tm = greedi_select(*args, partitions) if partitions > 1 else facility_select(*args)
+            if partitions > 1:
+                picks, w, obj, tm = greedi_select(*args, partitions)
+            else:  # the ranks share the k-NN search; rank 0 runs the greedy
+                done = facility_select(*args, spread=True)
+                if done is None:
+                    continue
+                picks, w, obj, tm = done
             ids.append(cand_ids[members[picks]])
             weights.append(w)
             objective += obj
             timing["knn"] += tm["knn"]
             timing["greedy"] += tm["greedy"]
             timing["knn_backend"] = tm["knn_backend"]
+        if not ids:  # not rank 0: the manifest is rank 0's to write
+            return Selection(np.zeros(0, np.int64), np.zeros(0, np.float32), None, timing)
         return Selection(np.concatenate(ids), np.concatenate(weights), objective, timing,
                          {"validation_ids": proxies.validation_ids.tolist()})

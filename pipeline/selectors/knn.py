@@ -12,6 +12,7 @@ import math
 import numpy as np
 import scipy.sparse as sp
 
+from pipeline.dist import gather_rows, rank_and_world
 from pipeline.errors import PipelineError
 
 BACKENDS = ("auto", "faiss-flat", "faiss-ivf", "faiss-gpu", "torch")
@@ -90,11 +91,22 @@ def choose_backend(n: int, backend: str = "auto", device: str = "cpu") -> str:
     return "faiss-flat" if n <= FLAT_LIMIT else "faiss-ivf"
 
 
-def knn_graph(vectors: np.ndarray, k: int = 20, backend: str = "auto", seed: int = 0, device: str = "cpu"):
-    """(symmetric CSR similarity graph, backend used)."""
+def knn_graph(vectors: np.ndarray, k: int = 20, backend: str = "auto", seed: int = 0, device: str = "cpu",
+              spread: bool = False):
+    """(symmetric CSR similarity graph, backend used). With `spread` under torch.distributed each rank searches
+    the neighbours of its block of points and every rank gets the whole graph."""
     x = _normalise(vectors)
     n = len(x)
-    sims, idx, backend = search(x, x, k, backend, seed, device)
+    rank, world = rank_and_world() if spread else (0, 1)
+    if world > 1:
+        import torch
+
+        lo, hi = n * rank // world, n * (rank + 1) // world
+        sims, idx, backend = search(x, x[lo:hi], k, backend, seed, device)
+        sims = gather_rows(torch.from_numpy(np.ascontiguousarray(sims))).numpy()
+        idx = gather_rows(torch.from_numpy(np.ascontiguousarray(idx).astype(np.int64))).numpy()
+    else:
+        sims, idx, backend = search(x, x, k, backend, seed, device)
     rows = np.repeat(np.arange(n, dtype=np.int64), idx.shape[1])
     cols, vals = idx.reshape(-1).astype(np.int64), sims.reshape(-1).astype(np.float32)
     keep = (cols >= 0) & (vals > 0)
