@@ -194,3 +194,34 @@ def test_resnet50_at_224_takes_the_imagenet_stem():
     with torch.no_grad():
         out = model(torch.rand(1, 3, 224, 224), model.branch("natural"))
     assert out["features"].shape == (1, 2048)
+
+
+def test_device_decoding_path_matches_the_cpu_path(tmp_path):
+    """Workers send bytes and boxes, the main process decodes (libjpeg-turbo standing in for nvJPEG here),
+    crops and resizes: the same samples, the same boxes, the same pixels up to resampling."""
+    import torch
+
+    src = tmp_path / "src" / "train" / "c0"
+    src.mkdir(parents=True)
+    for i in range(12):
+        (src / f"{i}.jpg").write_bytes(jpeg(photo(200 + 9 * i, 260, seed=i)))
+    ss = make_prepared(f"folder:{tmp_path / 'src'}", tmp_path / "out", image_size=96)
+    calls = []
+
+    def standin(blobs):
+        calls.append(len(blobs))
+        return [torch.from_numpy(simplejpeg.decode_jpeg(b.numpy().tobytes())).permute(2, 0, 1) for b in blobs]
+
+    for crop in ("random-resized:48", None):
+        kw = dict(batch_size=5, seed=2, crop=crop, backend="indexed", num_workers=1)
+        cpu = list(ss.loader("train", decode="cpu", **kw))
+        dev = list(ss.loader("train", decode=standin, **kw))
+        assert [b.ids.tolist() for b in cpu] == [b.ids.tolist() for b in dev]
+        for a, b in zip(cpu, dev):
+            assert a.images.shape == b.images.shape and b.images.dtype == torch.uint8
+            diff = (a.images.float() - b.images.float()).abs().mean()
+            assert (diff < 3.0) if crop else (diff == 0), (crop, float(diff))
+    assert sum(calls) == 24  # every image went through the device decoder, once per epoch
+    assert ss.loader("train", decode="auto", batch_size=4).decoder is None  # no CUDA here: the CPU path
+    with pytest.raises(PipelineError, match="decode=device"):
+        ss.loader("train", decode="device", batch_size=4)

@@ -121,12 +121,19 @@ class ShardLoader:
     def __init__(self, shardset, split: str, rows: np.ndarray | None, *, backend: str, batch_size: int,
                  shuffle: bool, seed: int, drop_last: bool, device, num_workers: int, image_size: int | None,
                  window: int, rank: int, world_size: int, row_weights: np.ndarray | None = None,
-                 crop: RandomResizedCrop | None = None):
+                 crop: RandomResizedCrop | None = None, device_decode=None):
         table = shardset.members(split)
         rows = np.arange(len(table)) if rows is None else np.asarray(rows, dtype=np.int64)
         self.planner = Planner(backend, rows, table.shard_starts, batch_size, window, shuffle, seed, rank,
                                world_size, drop_last)
-        self.reader = TaskReader(shardset, split, image_size, batch_size, row_weights, crop, seed)
+        self.reader = TaskReader(shardset, split, image_size, batch_size, row_weights, crop, seed,
+                                 encoded=device_decode is not None)
+        self.decoder = None
+        if device_decode is not None:
+            from pipeline.shards.device_decode import DeviceDecoder
+
+            size = crop.size if crop else (image_size or shardset.image_size)
+            self.decoder = DeviceDecoder(device_decode, device, size, shardset.channels)
         self.device = torch.device(device)
         self.num_workers = num_workers
         self.epoch = 0
@@ -165,7 +172,10 @@ class ShardLoader:
         self.epoch += 1
         try:
             for b in batches:
-                yield b if self.device.type == "cpu" else b.to(self.device)
+                if self.decoder is not None:
+                    yield self.decoder(b)
+                else:
+                    yield b if self.device.type == "cpu" else b.to(self.device)
         except PipelineError as exc:  # from a worker: its own message, not the DataLoader's wrapping of it
             raise type(exc)(_worker_message(str(exc))) from None
 
@@ -205,11 +215,14 @@ def _subset_rows(shardset, split: str, subset, use_weights: bool):
 def create_loader(shardset, split: str = "train", subset=None, *, backend: str = "auto", batch_size: int = 256,
                   shuffle: bool = True, seed: int = 0, drop_last: bool = False, device="cpu", num_workers: int = 0,
                   image_size: int | None = None, window: int = 8, rank: int | None = None,
-                  world_size: int | None = None, use_weights: bool = True, crop: RandomResizedCrop | str | None = None):
+                  world_size: int | None = None, use_weights: bool = True, crop: RandomResizedCrop | str | None = None,
+                  decode="auto"):
     """A loader of `split` (or of `subset`: ids or a Manifest). `auto` streams a whole split and reads subsets
     by index. `image_size` decodes to that square size (needed when stored images vary in size). Batches
     carry a manifest's per-sample weights when it has them and `use_weights` is on. `crop` (a
-    `RandomResizedCrop` or its text, `random-resized:224`) crops while decoding: batches are crop.size square."""
+    `RandomResizedCrop` or its text, `random-resized:224`) crops while decoding: batches are crop.size square.
+    `decode`: `cpu` (in the loader workers), `device` (nvJPEG on the CUDA device: workers read bytes only), `auto`
+    (device where torchvision's GPU decoder works and the shards are JPEG, else cpu), or a decode function."""
     if backend not in BACKENDS:
         raise PipelineError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if batch_size < 1:
@@ -231,4 +244,22 @@ def create_loader(shardset, split: str = "train", subset=None, *, backend: str =
                           rank=rank, world_size=world_size, row_weights=row_weights, crop=crop)
     return ShardLoader(shardset, split, rows, backend=backend, batch_size=batch_size, shuffle=shuffle, seed=seed,
                        drop_last=drop_last, device=device, num_workers=num_workers, image_size=image_size,
-                       window=window, rank=rank, world_size=world_size, row_weights=row_weights, crop=crop)
+                       window=window, rank=rank, world_size=world_size, row_weights=row_weights, crop=crop,
+                       device_decode=_device_decoder(decode, device, shardset))
+
+
+def _device_decoder(decode, device, shardset):
+    """The function that decodes on the device, or None for the CPU path."""
+    if callable(decode):
+        return decode
+    if decode not in ("auto", "cpu", "device"):
+        raise PipelineError(f"decode {decode!r}: choose auto, cpu or device")
+    if decode == "cpu" or (decode == "auto" and shardset.index["image"].get("format") != "jpg"):
+        return None
+    from pipeline.shards.device_decode import torchvision_decoder
+
+    fn = torchvision_decoder(device)
+    if fn is None and decode == "device":
+        raise PipelineError("decode=device: needs a CUDA device and torchvision with GPU JPEG decoding "
+                            "(pip install torchvision matching torch); use decode=cpu")
+    return fn

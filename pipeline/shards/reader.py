@@ -20,7 +20,8 @@ class TaskReader:
     """Reads and decodes planned tasks. Picklable: file descriptors are opened lazily in each process."""
 
     def __init__(self, shardset, split: str, image_size: int | None, batch_size: int,
-                 row_weights: np.ndarray | None = None, crop: RandomResizedCrop | None = None, seed: int = 0):
+                 row_weights: np.ndarray | None = None, crop: RandomResizedCrop | None = None, seed: int = 0,
+                 encoded: bool = False):
         self.table = shardset.members(split)
         self.row_weights = row_weights  # float32 per member-table row, or None
         self.paths = [str(shardset.shard_path(split, i)) for i in range(len(self.table.shard_starts) - 1)]
@@ -29,6 +30,7 @@ class TaskReader:
         self.stored_size = shardset.image_size
         self.batch_size = batch_size
         self.crop, self.seed = crop, seed  # a random-resized crop taken while decoding, seeded per sample
+        self.encoded = encoded  # yield bytes and boxes (EncodedBatch) for decoding on the device
         self._fds: dict[int, int] = {}
         self._pid = None
 
@@ -67,6 +69,9 @@ class TaskReader:
 
     def batches(self, rows: np.ndarray, epoch: int = 0) -> Iterator[Batch]:
         blobs = self.fetch(rows)
+        if self.encoded:
+            yield from self._encoded(rows, blobs, epoch)
+            return
         size = self.crop.size if self.crop else (self.size or self.stored_size)
         resize = self.size is not None and self.size != self.stored_size
         images = np.empty((len(rows), size, size, self.channels), dtype=np.uint8)
@@ -88,3 +93,14 @@ class TaskReader:
         for i in range(0, len(rows), self.batch_size):
             sl = slice(i, i + self.batch_size)
             yield Batch(images_t[sl], labels[sl], ids[sl], None if weights is None else weights[sl])
+
+    def _encoded(self, rows: np.ndarray, blobs: list, epoch: int):
+        from pipeline.shards.device_decode import encode_batch
+
+        labels = torch.from_numpy(self.table.labels[rows])
+        ids = torch.from_numpy(self.table.ids[rows])
+        weights = None if self.row_weights is None else torch.from_numpy(self.row_weights[rows])
+        for i in range(0, len(rows), self.batch_size):
+            sl = slice(i, i + self.batch_size)
+            yield encode_batch(blobs[sl], labels[sl], ids[sl], None if weights is None else weights[sl], self.crop,
+                               self.seed, epoch, lambda k, i=i: self.paths[int(self.table.shard[rows[i + k]])])
