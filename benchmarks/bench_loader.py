@@ -159,6 +159,12 @@ def main(argv=None):
     for f, ids in subsets.items():
         rows[f"indexed, {f:.0%} subset"] = _time_epochs(lambda ids=ids: ss.loader("train", ids, **common), args.epochs,
                                                         dev)
+    if dev == "cuda":
+        from pipeline.shards.device_decode import torchvision_decoder
+
+        if torchvision_decoder(dev) is not None:
+            rows["stream, decoded on the GPU"] = _time_epochs(
+                lambda: ss.loader("train", backend="stream", device=dev, decode="device", **common), args.epochs, dev)
     if "ffcv" in formats:
         first = fractions[0]
         rows["ffcv, whole split"] = _time_epochs(lambda: ss.loader("train", backend="ffcv", **common), args.epochs, dev)

@@ -190,7 +190,7 @@ class Trainer:
                 self.cfg.data.split, subset, backend=self.cfg.data.backend, batch_size=self.cfg.data.batch_size,
                 shuffle=True, seed=self.cfg.run.seed, drop_last=per_rank >= self.cfg.data.batch_size,
                 device=self.device, num_workers=self.cfg.data.workers, use_weights=self.cfg.data.use_weights,
-                crop=self.crop)
+                crop=self.crop, decode=self.cfg.data.decode)
             self.subset, self._loader_key = subset, key
         self.loader.set_epoch(epoch)
         return self.loader

@@ -1,6 +1,6 @@
 """Training configuration: typed sections (ffcv-imagenet style), loadable from TOML, overridable per key.
 
-    [data]    path, split, batch_size, workers, backend, manifest, manifests, use_weights, crop
+    [data]    path, split, batch_size, workers, backend, manifest, manifests, use_weights, crop, decode
     [model]   arch, head_width, proj_dim
     [method]  name                     (its own settings live in the method's sections: [acl], [dynacl], ...)
     [attack]  eps, step, steps         (0 = the budget rule of pipeline.attacks.budget)
@@ -40,6 +40,7 @@ class DataConfig:
     manifests: str = ""  # take the newest valid manifest of this folder at each epoch boundary
     use_weights: bool = True  # weight per-sample losses by a manifest's weights when it has them
     crop: str = ""  # "random-resized:SIZE[,scale=LO-HI]": crop while decoding; for one-view methods (see docs)
+    decode: str = "auto"  # auto | cpu | device: JPEGs decoded on the GPU (nvJPEG) where torchvision can
 
 
 @dataclass
@@ -146,6 +147,7 @@ _ONE = (lambda v: v >= 1, "must be at least 1")
 RULES = {
     "data.batch_size": _ONE, "data.workers": _NONNEG,
     "data.backend": (lambda v: v in ("auto", "stream", "indexed", "ffcv"), "must be auto, stream, indexed or ffcv"),
+    "data.decode": (lambda v: v in ("auto", "cpu", "device"), "must be auto, cpu or device"),
     "data.crop": (_crop_ok, "must be empty, none or random-resized:SIZE[,scale=LO-HI][,ratio=LO-HI]"),
     "model.head_width": _ONE, "model.proj_dim": _ONE,
     "attack.eps": _NONNEG, "attack.step": _NONNEG, "attack.steps": _ONE,
