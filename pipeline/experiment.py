@@ -202,6 +202,15 @@ def _prepare(exp: Experiment, progress: bool) -> str:
     return str(result.out)
 
 
+def _fraction(cfg) -> float | None:
+    """The share of the data an arm trains on: 1 without a selector, None where the size follows the losses."""
+    from pipeline.trainers.pruning import NO_FIXED_FRACTION
+
+    if not cfg.select.selector:
+        return 1.0
+    return None if cfg.select.selector in NO_FIXED_FRACTION else cfg.select.fraction
+
+
 def _train(cfg, progress: bool) -> str:
     """Train (or finish training) one arm's run; returns what was done."""
     from pipeline.checkpoint import load_checkpoint
@@ -283,7 +292,7 @@ def _row(arm: Arm, seed: int, cfg, result: dict) -> dict:
     measures = [m for m in result["measures"]]
     return {
         "arm": arm.name, "seed": seed, "run": cfg.run.out, "method": cfg.method.name,
-        "selector": cfg.select.selector or "-", "fraction": cfg.select.fraction if cfg.select.selector else 1.0,
+        "selector": cfg.select.selector or "-", "fraction": _fraction(cfg),
         **{m: result.get(m) for m in measures},
         "train_s": round(run.train_seconds, 2), "images": run.images, "epochs": len(run.epochs),
         "rounds": len(rounds), "selection_s": round(sum(r.get("wall_s") or r.get("selection_s") or 0 for r in rounds), 2),
@@ -402,7 +411,8 @@ def results_markdown(exp: Experiment, rows: list[dict]) -> str:
              " | train s | images trained on | selection s | stall s |",
              "| --- | --- | ---: | ---: | " + " | ".join("---:" for _ in measures) + " | ---: | ---: | ---: | ---: |"]
     for g in groups:
-        lines.append(f"| {g['arm']} | {g['selector']} | {g['fraction']:g} | {len(g['seeds'])} | "
+        lines.append(f"| {g['arm']} | {g['selector']} | {'-' if g['fraction'] is None else format(g['fraction'], 'g')} | "
+                     f"{len(g['seeds'])} | "
                      + " | ".join(_pm(g[m], g[f"{m}_std"], True) for m in measures)
                      + f" | {_pm(g['train_s'], g['train_s_std'])} | {_pm(g['images'], None, digits=0)} | "
                      + (f"{_pm(g['selection_s'], g['selection_s_std'])} | {_pm(g['stall_s'], None, digits=2)} |"

@@ -230,5 +230,6 @@ class InfoBatchSubsets(_InProcess):
 
 PRUNERS = {**{name: (lambda t, ids, n=name: ScoredSubsets(t, ids, n)) for name in SCORES},
            "infobatch": InfoBatchSubsets}
+NO_FIXED_FRACTION = {"infobatch"}  # pruners whose subset size follows the losses, not select.fraction
 
-__all__ = ["InfoBatchSubsets", "PRUNERS", "ScoreBook", "ScoredSubsets", "infobatch_draw", "prune"]
+__all__ = ["InfoBatchSubsets", "NO_FIXED_FRACTION", "PRUNERS", "ScoreBook", "ScoredSubsets", "infobatch_draw", "prune"]
