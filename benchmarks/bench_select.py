@@ -1,7 +1,7 @@
 """Facility location: this project's selector against apricot (and submodlib where it runs).
 
 Same data for every library: n points in d dimensions drawn around 1,000 centres (cosine similarity), budget
-10% of n. Ours: FAISS k-NN graph (exact up to 200k points, IVF above) + numba lazy greedy. apricot: its lazy
+10% of n. Ours: FAISS k-NN graph (exact up to knn.FLAT_LIMIT points, IVF above) + numba lazy greedy. apricot: its lazy
 greedy on the same sparse graph (passed precomputed, symmetric, int32 indices). submodlib: dense
 facility location (its fast path; n^2 memory) and LazyGreedy. Every objective is evaluated on our graph.
 
