@@ -158,7 +158,8 @@ def arm_config(exp: Experiment, arm: Arm, seed: int, data_path: str):
     origin = f"{exp.path}: arm {arm.name}"
     cfg = TrainConfig.from_dict(merged, origin=origin)
     trainer = TRAINERS.get(cfg.method.name)
-    cfg.apply_defaults(trainer.config_defaults if trainer else {})  # as `pipeline train` will: same config.toml
+    if trainer:
+        trainer.complete_config(cfg)  # as `pipeline train` will: the same config.toml
     try:
         if cfg.eval.smoothing:
             from pipeline.evaluation.smoothing import Smoothing
@@ -174,8 +175,19 @@ def arm_config(exp: Experiment, arm: Arm, seed: int, data_path: str):
 
 
 def _training(cfg) -> dict:
-    """The settings training depends on: everything but [eval] (a new evaluation never retrains)."""
-    return {k: v for k, v in cfg.to_dict().items() if k != "eval"}
+    """The settings training depends on: everything but [eval] (a new evaluation never retrains), and only those
+    that differ from the defaults, so that a setting added to a later version (at its default) does not make
+    every finished run look changed."""
+    from pipeline.trainers.config import TrainConfig
+
+    defaults = TrainConfig()
+    defaults.method.name = cfg.method.name  # the same method sections
+    base = defaults.to_dict()
+    return {section: {k: v for k, v in values.items() if base.get(section, {}).get(k, _MISSING) != v}
+            for section, values in cfg.to_dict().items() if section != "eval"}
+
+
+_MISSING = object()
 
 
 def _digest(settings: dict) -> str:
@@ -335,6 +347,13 @@ def run_experiment(exp: Experiment, progress: bool = True, only: list[str] | Non
                 console.print(f"[{n}/{len(todo)}] {run_id}: training ({cfg.run.out}/config.toml)")
                 _ensure_pseudo_labels(exp, arm, seed, data_path, progress)
                 note = _train(cfg, progress)
+                if note == "already trained" and kept and kept.get("eval_digest") == eval_digest:
+                    # the run folder holds these settings' finished training (the record's digest was taken
+                    # by an older version): its evaluation stands
+                    state["runs"][run_id] = {**kept, "digest": digest}
+                    write_json(state_path, state)
+                    console.print(f"[{n}/{len(todo)}] {run_id}: done earlier, kept")
+                    continue
             console.print(f"[{n}/{len(todo)}] {run_id}: {note}; evaluating")
             row = _row(arm, seed, cfg, _evaluate(cfg, seed, progress))
             row["experiment_s"] = round(time.perf_counter() - started, 1)

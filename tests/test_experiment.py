@@ -132,3 +132,22 @@ eval = {{ noise_sigma = 0.25, smoothing = "sigma=0.25,n=10,alpha=0.01,eot=2", at
     (again,) = run_experiment(load_experiment(path), progress=False)
     assert _stamps(tmp_path / "out") == stamps  # evaluated again, not retrained
     assert "eot-pgd20" not in again and again["pgd20"] is not None
+
+
+def test_training_digest_ignores_settings_at_their_defaults_and_method_completion():
+    """A setting a later version adds (at its default) must not make finished runs look changed, and the
+    config a method completes (pgd-at's milestones) must compare equal to the config.toml it wrote."""
+    from pipeline.experiment import _training
+    from pipeline.trainers import TRAINERS
+    from pipeline.trainers.config import TrainConfig
+
+    cfg = TrainConfig()
+    cfg.set("method.name", "pgd-at")
+    cfg.set("optim.epochs", 20)
+    TRAINERS["pgd-at"].complete_config(cfg)
+    assert cfg.optim.milestones == [10, 15]
+    written = TrainConfig.from_dict(cfg.to_dict())
+    assert _training(written) == _training(cfg)
+    assert "crop" not in _training(cfg)["data"] and _training(cfg)["optim"]["epochs"] == 20
+    cfg.set("data.crop", "random-resized:8")
+    assert _training(cfg)["data"]["crop"] == "random-resized:8"

@@ -29,7 +29,7 @@ for _cls in (ACLTrainer, DynACLTrainer, SimCLRTrainer, AdvCLTrainer, ASCLTrainer
 def create_trainer(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trainer:
     if cfg.method.name not in TRAINERS:
         raise PipelineError(f"method {cfg.method.name!r}: choose one of {', '.join(TRAINERS)}")
-    cfg.apply_defaults(TRAINERS[cfg.method.name].config_defaults)
+    TRAINERS[cfg.method.name].complete_config(cfg)
     cfg.validate()
     if cfg.data.split == "test":
         from pipeline.progress import console

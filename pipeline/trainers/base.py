@@ -82,6 +82,12 @@ class Trainer:
     name = "base"
     sections: tuple[str, ...] = ()  # config sections the method reads, besides the fixed ones
     config_defaults: dict = {}  # the method's reference settings, for what the user left unset
+
+    @classmethod
+    def complete_config(cls, cfg) -> None:
+        """Fill what the user left unset with the method's reference settings, before anything reads the
+        config: `pipeline train` and `pipeline experiment` then write and compare the same config.toml."""
+        cfg.apply_defaults(cls.config_defaults)
     selection_head = "proj"  # the head whose per-sample gradients selection uses (and RCS's RD is measured at)
     divergence = "minmax_kl"  # RCS's representational divergence at that head (losses.representational_divergence)
 

@@ -72,10 +72,14 @@ class SupervisedATTrainer(Trainer):
                           heads={"logits": {"kind": "linear", "width": 0, "out": len(self.shardset.classes)}},
                           branches=(NAT,), roles={"natural": NAT, "adversarial": NAT, "eval": NAT})
 
-    def setup(self) -> None:
-        o = self.cfg.optim
+    @classmethod
+    def complete_config(cls, cfg) -> None:
+        super().complete_config(cfg)
+        o = cfg.optim
         if o.schedule == "step" and not o.milestones:  # the usual x0.1 at 50% and 75% of training
             o.milestones = sorted({max(1, round(o.epochs * 0.5)), max(1, round(o.epochs * 0.75))})
+
+    def setup(self) -> None:
         b = self.budget
         self.attack = PGD(lambda x: self.model(x, NAT, heads=("logits",))["logits"], self.attack_loss, b.eps, b.step,
                           b.steps, start=self.start, start_std=self.cfg.at.start_std, module=self.model,
