@@ -48,3 +48,4 @@ def test_greedi_with_one_part_is_the_greedy_and_with_many_stays_close():
         assert facility_value(exact, picks) >= 0.97 * best, m  # measured 0.978-0.981 of the greedy here
     random = np.random.default_rng(0).choice(len(x), 150, replace=False)
     assert facility_value(exact, random) < 0.97 * best  # the bound above is not one any subset meets
+
