@@ -13,7 +13,7 @@ MARKER = ".pipeline-run.json"  # written by the trainer: this folder is a run
 _OURS = {  # sub-folder -> names the trainer writes there
     ".": re.compile(r"^(config\.toml|metrics\.jsonl|results\.json|\.pipeline-run\.json)$"),
     "checkpoints": re.compile(r"^(last|epoch-\d{4})\.pt$"),
-    "snapshots": re.compile(r"^round-\d{4}\.pt$"),
+    "snapshots": re.compile(r"^round-\d{4}\.(pt|group)$"),  # .group: a multi-process round's rendezvous
 }
 _MANIFEST_FOLDERS = ("manifests", "selection")
 
