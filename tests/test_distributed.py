@@ -92,3 +92,29 @@ def test_background_rounds_in_two_processes_write_the_manifests_of_one(digits_se
     for one, two in zip(runs[1], runs[2]):
         m1, m2 = Manifest.load(one), Manifest.load(two)
         assert np.array_equal(m1.ids, m2.ids) and m2.extra["timing"]["processes"] == 2
+
+
+def test_pipeline_select_under_torchrun(digits_set, tmp_path):
+    """The command line: `torchrun --nproc-per-node 2 -m pipeline select` writes what one process writes."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from pipeline.shards.manifest import Manifest
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    if torchrun is None:
+        import pytest
+
+        pytest.skip("torchrun not installed beside this Python")
+    args = ["-m", "pipeline", "select", "--data", str(digits_set.root), "--selector", "facility", "--fraction", "0.2",
+            "--arch", "smallcnn", "--device", "cpu", "--proxy", "gradients", "--seed", "5"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one.json")], env=env, capture_output=True,
+                         text=True, timeout=300)
+    two = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", "29517", *args, "--out",
+                          str(tmp_path / "two.json")], env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert (two.stdout + two.stderr).count("selected 288") == 1  # rank 0 reports
+    assert np.array_equal(Manifest.load(tmp_path / "one.json").ids, Manifest.load(tmp_path / "two.json").ids)
