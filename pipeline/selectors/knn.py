@@ -109,18 +109,9 @@ def knn_graph(vectors: np.ndarray, k: int = 20, backend: str = "auto", seed: int
         idx = gather_rows(torch.from_numpy(np.ascontiguousarray(idx).astype(np.int64))).numpy()
     else:
         sims, idx, backend = search(x, x, k, backend, seed, device)
-    rows = np.repeat(np.arange(n, dtype=np.int64), idx.shape[1])
-    cols, vals = idx.reshape(-1).astype(np.int64), sims.reshape(-1).astype(np.float32)
-    keep = (cols >= 0) & (vals > 0)
-    rows, cols, vals = rows[keep], cols[keep], vals[keep]
-    # every point covers itself with similarity 1, whether or not the search returned it
-    rows = np.concatenate([rows, np.arange(n)])
-    cols = np.concatenate([cols, np.arange(n)])
-    vals = np.concatenate([vals, np.ones(n, dtype=np.float32)])
-    g = sp.coo_matrix((vals, (rows, cols)), shape=(n, n)).tocsr()
-    g.sum_duplicates()
-    g = g.maximum(g.T).tocsr()
-    g.data = np.minimum(g.data, 1.0)
+    everyone = np.arange(n)
+    hits = _hits(sims, idx, n, (everyone, everyone))  # every point covers itself
+    g = hits.maximum(hits.T).tocsr()
     g.indices = g.indices.astype(np.int32)
     g.indptr = g.indptr.astype(np.int32) if g.nnz < 2**31 else g.indptr
     return g, backend
@@ -134,13 +125,20 @@ def cover_graph(vectors: np.ndarray, candidates: np.ndarray, k: int = 20, backen
     x = _normalise(vectors)
     candidates = np.asarray(candidates, dtype=np.int64)
     sims, idx, backend = search(x[candidates], x, k, backend, seed, device)
-    points = np.repeat(np.arange(len(x), dtype=np.int64), idx.shape[1])
-    cands, vals = idx.reshape(-1).astype(np.int64), sims.reshape(-1).astype(np.float32)
-    keep = (cands >= 0) & (vals > 0)
-    cands = np.concatenate([cands[keep], np.arange(len(candidates))])
-    points = np.concatenate([points[keep], candidates])
-    vals = np.concatenate([vals[keep], np.ones(len(candidates), np.float32)])
-    g = sp.coo_matrix((vals, (cands, points)), shape=(len(candidates), len(x))).tocsr()
+    hits = _hits(sims, idx, len(candidates), (candidates, np.arange(len(candidates))))  # points x candidates
+    return hits.T.tocsr(), backend
+
+
+def _hits(sims: np.ndarray, idx: np.ndarray, n_base: int, itself: tuple[np.ndarray, np.ndarray]) -> sp.csr_matrix:
+    """CSR queries x base of a search's positive similarities, with 1 at the (query, base) pairs `itself` (a
+    point covers itself whether or not the search returned it), at most 1."""
+    rows = np.repeat(np.arange(len(idx), dtype=np.int64), idx.shape[1])
+    cols, vals = idx.reshape(-1).astype(np.int64), sims.reshape(-1).astype(np.float32)
+    keep = (cols >= 0) & (vals > 0)
+    rows = np.concatenate([rows[keep], itself[0]])
+    cols = np.concatenate([cols[keep], itself[1]])
+    vals = np.concatenate([vals[keep], np.ones(len(itself[0]), np.float32)])
+    g = sp.coo_matrix((vals, (rows, cols)), shape=(len(idx), n_base)).tocsr()
     g.sum_duplicates()
     g.data = np.minimum(g.data, 1.0)
-    return g, backend
+    return g

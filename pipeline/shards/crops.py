@@ -23,7 +23,7 @@ import simplejpeg
 from PIL import Image
 
 from pipeline.errors import PipelineError
-from pipeline.shards.images import CorruptImage, _is_jpeg, _plain, convert
+from pipeline.shards.images import CorruptImage, _is_jpeg, _plain, convert, jpeg_pixels
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,6 @@ def _resample(pixels: np.ndarray, box: tuple[int, int, int, int], size: int) -> 
 
 def decode_crop(data: bytes, mode: str, crop: RandomResizedCrop, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
     """(crop.size x crop.size x C uint8 array, {"box": (top, left, h, w) at full resolution, "scale": DCT scale})."""
-    colorspace = "GRAY" if mode == "L" else "RGB"
     if _is_jpeg(data):
         try:
             height, width, _, _ = simplejpeg.decode_jpeg_header(data)
@@ -99,12 +98,8 @@ def decode_crop(data: bytes, mode: str, crop: RandomResizedCrop, rng: np.random.
         if height:
             top, left, h, w = crop.box(height, width, rng)
             need = crop.size / min(h, w)  # the decode scale at which the box still covers the output
-            try:
-                pixels = simplejpeg.decode_jpeg(data, colorspace=colorspace, strict=False,
-                                                min_height=min(height, math.ceil(height * need)),
-                                                min_width=min(width, math.ceil(width * need)))
-            except ValueError:
-                pixels = None
+            pixels = jpeg_pixels(data, mode, False, min(height, math.ceil(height * need)),
+                                 min(width, math.ceil(width * need)))
             if pixels is not None:
                 sy, sx = pixels.shape[0] / height, pixels.shape[1] / width
                 scaled = (round(top * sy), round(left * sx), max(1, round(h * sy)), max(1, round(w * sx)))

@@ -86,20 +86,34 @@ def _is_jpeg(data: bytes) -> bool:
     return data[:3] == b"\xff\xd8\xff"
 
 
-def _resize_jpeg(data: bytes, mode: str, enc: Encoding) -> tuple[bytes, str, tuple[int, int]] | None:
-    """A JPEG resized the fast way: libjpeg-turbo decodes at the smallest DCT scale (1/2, 1/4, 1/8) that still
-    leaves both sides >= the target (a 500 x 375 photo to 256 px decodes at full scale, a 2000 px one at 1/4),
-    PIL resizes with antialiasing, libjpeg-turbo encodes. None when libjpeg-turbo refuses the file."""
-    colorspace = "GRAY" if mode == "L" else "RGB"
+def jpeg_pixels(data: bytes, mode: str, strict: bool, min_height: int = 0, min_width: int = 0) -> np.ndarray | None:
+    """HxWxC pixels decoded by libjpeg-turbo at the smallest DCT scale (1, 1/2, 1/4, 1/8) that leaves at least
+    min_height x min_width; None when it refuses the file (`strict`: also when it only warns)."""
     try:
-        pixels = simplejpeg.decode_jpeg(data, colorspace=colorspace, strict=True, min_height=enc.size,
-                                        min_width=enc.size)
+        arr = simplejpeg.decode_jpeg(data, colorspace="GRAY" if mode == "L" else "RGB", strict=strict,
+                                     min_height=min_height, min_width=min_width)
     except ValueError:
         return None
-    img = resize_square(Image.fromarray(pixels[:, :, 0] if mode == "L" else pixels), enc.size)
-    arr = np.asarray(img)
-    out = simplejpeg.encode_jpeg(arr.reshape(arr.shape[0], arr.shape[1], -1), quality=enc.jpeg_quality,
-                                 colorspace=colorspace)
+    return arr.reshape(arr.shape[0], arr.shape[1], -1)
+
+
+def _square(pixels: np.ndarray, size: int) -> np.ndarray:
+    """HxWxC pixels through `resize_square`."""
+    if pixels.shape[:2] == (size, size):
+        return pixels
+    arr = np.asarray(resize_square(Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels), size))
+    return arr.reshape(size, size, -1)
+
+
+def _resize_jpeg(data: bytes, mode: str, enc: Encoding) -> tuple[bytes, str, tuple[int, int]] | None:
+    """A JPEG resized the fast way: libjpeg-turbo decodes at the smallest DCT scale that still leaves both sides
+    >= the target (a 500 x 375 photo to 256 px decodes at full scale, a 2000 px one at 1/4), PIL resizes with
+    antialiasing, libjpeg-turbo encodes. None when libjpeg-turbo refuses the file."""
+    pixels = jpeg_pixels(data, mode, True, enc.size, enc.size)
+    if pixels is None:
+        return None
+    arr = _square(pixels, enc.size)
+    out = simplejpeg.encode_jpeg(arr, quality=enc.jpeg_quality, colorspace="GRAY" if mode == "L" else "RGB")
     return out, "jpg", arr.shape[:2]
 
 
@@ -114,11 +128,10 @@ def transcode_file(data: bytes, mode: str, enc: Encoding = Encoding()) -> tuple[
             if done is not None:
                 return done
         else:
-            try:
-                pixels = simplejpeg.decode_jpeg(data, colorspace="GRAY" if mode == "L" else "RGB", strict=True)
+            pixels = jpeg_pixels(data, mode, strict=True)
+            if pixels is not None:
                 return data, "jpg", pixels.shape[:2]
-            except ValueError:
-                pass  # PIL decides: it reads some JPEGs libjpeg-turbo warns about, and refuses the truly broken
+            # else PIL decides: it reads some JPEGs libjpeg-turbo warns about, and refuses the truly broken
     img = open_fully(data)
     fmt = STORED_FORMATS.get(img.format or "")
     if enc.size is None and fmt is not None:
@@ -141,15 +154,9 @@ def encode_array(pixels: np.ndarray, image_size: int | None) -> tuple[bytes, str
 def decode(data: bytes, mode: str, size: int | None = None) -> np.ndarray:
     """Decode stored bytes to an HxWxC uint8 array (C = 1 for mode L, 3 for RGB)."""
     if _is_jpeg(data):
-        try:
-            arr = simplejpeg.decode_jpeg(data, colorspace="GRAY" if mode == "L" else "RGB", strict=False,
-                                         min_height=size or 0, min_width=size or 0)
-        except ValueError:
-            arr = None
+        arr = jpeg_pixels(data, mode, False, size or 0, size or 0)
         if arr is not None:
-            if size is not None and arr.shape[:2] != (size, size):
-                arr = np.asarray(resize_square(Image.fromarray(arr.squeeze(-1) if mode == "L" else arr), size))
-            return arr.reshape(arr.shape[0], arr.shape[1], -1)
+            return arr if size is None else _square(arr, size)
     try:
         img = Image.open(io.BytesIO(data))
         if size is not None and img.format == "JPEG":
