@@ -127,3 +127,17 @@ def test_bad_loader_requests(synthetic_set):
         synthetic_set.loader("train", [10**8])
     with pytest.raises(PipelineError, match="duplicates"):
         synthetic_set.loader("train", [1, 1])
+
+
+def test_small_splits_still_give_every_worker_tasks(synthetic_set):
+    """A split of few batches is cut into at least MIN_TASKS stream tasks (narrower windows), so two workers
+    end an epoch together; a split with batches to spare keeps the asked-for window."""
+    from pipeline.shards.loaders import MIN_TASKS
+
+    n = synthetic_set.count("train")
+    small = synthetic_set.loader("train", backend="stream", batch_size=n // 40, seed=0, window=8)
+    tasks = small.plan(0)
+    assert len(tasks) >= MIN_TASKS and max(len(t) for t in tasks) <= 2 * (n // 40)
+    assert sorted(np.concatenate(tasks).tolist()) == list(range(n))
+    big = synthetic_set.loader("train", backend="stream", batch_size=1, seed=0, window=8)
+    assert max(len(t) for t in big.plan(0)) == 8

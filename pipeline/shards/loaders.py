@@ -4,8 +4,8 @@ One reader, two planners. A plan is the epoch's list of read tasks, each an arra
 output order. The reader fetches a task's rows with as few reads as it can (neighbouring members in one
 `pread`), decodes them and cuts the task into batches.
 - `stream`: the whole split (or a subset) in storage order: shards in a seeded random order, each started at
-  a random rotation, read in long sequential runs; samples are shuffled within windows of `window` batches.
-  Shards were shuffled when prepared, so windows are well mixed.
+  a random rotation, read in long sequential runs; samples are shuffled within windows of `window` batches (fewer
+  on a split too small for MIN_TASKS tasks an epoch). Shards were shuffled when prepared, so windows are well mixed.
 - `indexed`: a seeded full permutation; each batch reads only its own members by offset, so the cost of a
   subset grows with the subset, not with the split.
 - `ffcv`: the split's `.beton` through ffcv's Loader (`indices=` for subsets), when installed.
@@ -72,6 +72,9 @@ def plan_stream(rows: np.ndarray, shard_starts: np.ndarray, batch_size: int, win
     return tasks
 
 
+MIN_TASKS = 16
+
+
 @dataclass
 class Planner:
     """Everything that decides an epoch's tasks; the plan is a pure function of the epoch number."""
@@ -87,11 +90,19 @@ class Planner:
     world_size: int
     drop_last: bool
 
+    @property
+    def stream_window(self) -> int:
+        """The window, narrowed on small splits so an epoch has at least MIN_TASKS tasks: tasks are dealt to the
+        workers round-robin, and an epoch of a handful of 8-batch tasks leaves workers idle at its end (5 tasks
+        on 2 workers: one idles for a fifth of the epoch). Independent of the worker count, so the order is too."""
+        batches = len(self.rows) // self.world_size // self.batch_size
+        return max(1, min(self.window, batches // MIN_TASKS))
+
     def plan(self, epoch: int) -> list[np.ndarray]:
         rng = np.random.default_rng([self.seed, epoch])
         args = dict(shuffle=self.shuffle, rng=rng, rank=self.rank, world=self.world_size, drop_last=self.drop_last)
         if self.backend == "stream":
-            return plan_stream(self.rows, self.shard_starts, self.batch_size, self.window, **args)
+            return plan_stream(self.rows, self.shard_starts, self.batch_size, self.stream_window, **args)
         return plan_indexed(self.rows, self.batch_size, **args)
 
 
