@@ -316,6 +316,12 @@ def _execute(tasks: list[ShardTask], spec: str, opts: PrepareOptions, journal, t
             for proc in list(getattr(pool, "_processes", {}).values()):
                 proc.kill()
             pool.shutdown(wait=False, cancel_futures=True)
+            # Let the pool's manager thread finish closing its wake-up pipe before the interpreter exits: at
+            # exit concurrent.futures writes to that pipe without a lock, and a close racing it printed an
+            # OSError traceback under the "interrupted" message (seen once in the suite). Bounded: never hang.
+            manager = getattr(pool, "_executor_manager_thread", None)
+            if manager is not None:
+                manager.join(timeout=10)
             raise
         pool.shutdown()
 
