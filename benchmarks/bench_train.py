@@ -10,7 +10,12 @@ batch already in memory (augmentation, attack bookkeeping, losses, schedule incl
 bench_loader.py).
 
     python benchmarks/bench_train.py [--methods acl,simclr,advcl,ascl] [--archs smallcnn,resnet18]
-                                     [--batch-size 64] [--steps 3] [--device cpu]
+                                     [--batch-size 64] [--steps 3] [--device cpu] [--variants fp32]
+
+`--variants` runs each method and architecture once per numeric setting, in the same run, and reports each
+one's images/s against the first (the baseline): `fp32`, or `+`-joined `bf16` (autocast), `cl`
+(channels_last), `compile` (torch.compile of the training forward), e.g. on a GPU
+`--variants fp32,bf16+cl,bf16+cl+compile`.
 
 Target (issue 3): step time at most 1.15x the floor.
 """
@@ -138,6 +143,19 @@ def random_pseudo_labels(ss, path):
     return PseudoLabels(ids, labels, DEFAULT_COUNTS, ss.fingerprint).save(path)
 
 
+VARIANT_PARTS = {"bf16": "run.bf16", "cl": "run.channels_last", "compile": "run.compile"}
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """"bf16+cl" -> its name and the run settings it turns on (everything else off: fp32, NCHW, eager)."""
+    parts = [p for p in text.strip().split("+") if p and p != "fp32"]
+    unknown = [p for p in parts if p not in VARIANT_PARTS]
+    if unknown:
+        raise SystemExit(f"--variants {text!r}: unknown {', '.join(unknown)}; use fp32 or +-joined "
+                         f"{', '.join(VARIANT_PARTS)}")
+    return text.strip(), {key: name in parts for name, key in VARIANT_PARTS.items()}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", default="acl", help=f"Comma-separated, of {', '.join(FLOORS)}")
@@ -146,9 +164,11 @@ def main(argv=None):
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--steps", type=int, default=5, help="Timed steps (and floors), alternating; medians reported")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
-    ap.add_argument("--channels-last", action="store_true", help="channels_last memory format (CUDA)")
+    ap.add_argument("--variants", default="fp32",
+                    help="Comma-separated numeric settings, the first the baseline: fp32 or +-joined bf16, cl, compile "
+                         "(bf16 and cl act on CUDA only)")
     args = ap.parse_args(argv)
+    variants = [parse_variant(v) for v in args.variants.split(",")]
 
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     prepare(f"synthetic:{max(4 * args.batch_size, 256)}", PrepareOptions(
@@ -156,12 +176,13 @@ def main(argv=None):
     ss = ShardSet.open(work / "data")
     pseudo = random_pseudo_labels(ss, work / "pseudo")
     rows = []
-    for method, arch in [(m, a) for m in args.methods.split(",") for a in args.archs.split(",")]:
+    for method, arch, (variant, settings) in [(m, a, v) for m in args.methods.split(",")
+                                              for a in args.archs.split(",") for v in variants]:
         cfg = TrainConfig()
-        for k, v in {"method.name": method, "data.path": str(work / "data"), "run.out": str(work / f"{method}-{arch}"),
-                     "model.arch": arch, "data.batch_size": args.batch_size, "data.workers": 0,
-                     "run.device": args.device, "run.bf16": args.bf16, "run.channels_last": args.channels_last,
-                     "optim.epochs": 10, **({"advcl.pseudo_labels": str(pseudo)} if method == "advcl" else {})}.items():
+        for k, v in {"method.name": method, "data.path": str(work / "data"), "model.arch": arch,
+                     "run.out": str(work / f"{method}-{arch}-{variant}"), "data.batch_size": args.batch_size,
+                     "data.workers": 0, "run.device": args.device, **settings, "optim.epochs": 10,
+                     **({"advcl.pseudo_labels": str(pseudo)} if method == "advcl" else {})}.items():
             cfg.set(k, v)
         trainer = create_trainer(cfg, progress=False)
         loader = trainer._loader_for(0)
@@ -170,20 +191,24 @@ def main(argv=None):
                            device=trainer.device).contiguous(memory_format=trainer.memory_format)
         step_s, attack_s, floor_s = measure(trainer, batch, views, cfg.attack.steps, args.steps)
         images = len(batch.ids)
-        rows.append({"method": method, "arch": arch, "batch": images, "attack_steps": cfg.attack.steps, "step_s": round(step_s, 4), "attack_s": round(attack_s, 4),
+        base = next((r for r in rows if (r["method"], r["arch"]) == (method, arch)), None)
+        rows.append({"method": method, "arch": arch, "variant": variant, "batch": images,
+                     "attack_steps": cfg.attack.steps, "step_s": round(step_s, 4), "attack_s": round(attack_s, 4),
                      "update_s": round(step_s - attack_s, 4), "floor_s": round(floor_s, 4),
                      "images_per_s": round(images / step_s, 1), "floor_images_per_s": round(images / floor_s, 1),
-                     "ratio_to_floor": round(step_s / floor_s, 3)})
+                     "ratio_to_floor": round(step_s / floor_s, 3),
+                     "speedup_vs_baseline": round(base["step_s"] / step_s, 3) if base else 1.0})
     result = {"benchmark": "train_step", "date": time.strftime("%Y-%m-%d"), "machine": platform.node(),
               "device": str(trainer.device), "threads": torch.get_num_threads(), "image_size": args.image_size,
-              "bf16": args.bf16, "channels_last": args.channels_last, "rows": rows}
+              "baseline": variants[0][0], "rows": rows}
     print(json.dumps(result))
     print(f"\ntraining step (attack + update) against its floor, {args.image_size}px, device {trainer.device}")
-    print(f"{'method':7s} {'arch':10s} {'batch':>6s} {'pgd':>4s} {'images/s':>10s} {'attack s':>9s} {'update s':>9s} "
-          f"{'floor s':>8s} {'x floor':>8s}")
+    print(f"{'method':7s} {'arch':10s} {'variant':16s} {'batch':>6s} {'pgd':>4s} {'images/s':>10s} {'attack s':>9s} "
+          f"{'update s':>9s} {'floor s':>8s} {'x floor':>8s} {'x ' + variants[0][0]:>10s}")
     for r in rows:
-        print(f"{r['method']:7s} {r['arch']:10s} {r['batch']:>6d} {r['attack_steps']:>4d} {r['images_per_s']:>10.1f} "
-              f"{r['attack_s']:>9.3f} {r['update_s']:>9.3f} {r['floor_s']:>8.3f} {r['ratio_to_floor']:>8.3f}")
+        print(f"{r['method']:7s} {r['arch']:10s} {r['variant']:16s} {r['batch']:>6d} {r['attack_steps']:>4d} "
+              f"{r['images_per_s']:>10.1f} {r['attack_s']:>9.3f} {r['update_s']:>9.3f} {r['floor_s']:>8.3f} "
+              f"{r['ratio_to_floor']:>8.3f} {r['speedup_vs_baseline']:>10.3f}")
 
 
 if __name__ == "__main__":

@@ -85,9 +85,9 @@ class _Processes:
         for p in self.procs:
             p.start()
 
-    def join(self) -> None:
+    def join(self, timeout: float | None = None) -> None:
         for p in self.procs:
-            p.join()
+            p.join(timeout)
 
     def is_alive(self) -> bool:
         return any(p.is_alive() for p in self.procs)
@@ -100,6 +100,10 @@ class _Processes:
     def terminate(self) -> None:
         for p in self.procs:
             p.terminate()
+
+    def kill(self) -> None:
+        for p in self.procs:
+            p.kill()
 
 
 @dataclass
@@ -154,7 +158,9 @@ class SelectionScheduler:
             group = (str(group_file), rank, n) if n > 1 else None
             args = ({**kwargs, "device": devices[rank % len(devices)], "workers": self.cfg.workers},
                     self.cfg.threads, self.cfg.nice, group)
-            procs.append(self.ctx.Process(target=_worker, args=args, daemon=True))
+            # Not daemonic: a round's proxy pass has loader workers of its own, which a daemonic process may not
+            # start. The trainer ends running rounds itself (close(), on failure too); die_with_parent covers a kill.
+            procs.append(self.ctx.Process(target=_worker, args=args, daemon=False))
         rnd.process = _Processes(procs)
         rnd.process.start()
         self.pending.append(rnd)
@@ -213,8 +219,14 @@ class SelectionScheduler:
         self.selector_name, self.params = name, {}
 
     def close(self) -> None:
+        """End the running rounds and wait for them: they are not daemons, so the interpreter would wait too."""
         for r in self.pending:
             r.process.terminate()
+        for r in self.pending:
+            r.process.join(timeout=30)
+            if r.process.is_alive():
+                r.process.kill()
+                r.process.join()
         self.pending.clear()
         self._share_cores()
 

@@ -139,3 +139,36 @@ def test_selection_accounting_and_the_random_fallback(digits_set, tmp_path):
     expected = sum(full["images"] - e["images"] for e in sub) * per_image
     assert acc[-1]["saved_s_total"] == pytest.approx(expected)
     assert acc[-1]["net_s"] == pytest.approx(acc[-1]["saved_s_total"] - acc[-1]["selection_s_total"])
+
+
+def test_background_rounds_read_with_loader_workers_and_end_with_the_run(digits_set, tmp_path, monkeypatch):
+    """A round's proxy pass may start loader workers of its own (`select.workers`, the ImageNet configuration
+    uses 6): the round's process must be allowed children. An interrupted run ends its running round."""
+    run = tmp_path / "w"
+    cfg = tiny_cfg(digits_set.root, run, **{"optim.epochs": 2, "select.selector": "facility", "select.fraction": 0.3,
+                                          "select.warmup": 1, "select.every": 1, "select.sync": True,
+                                          "select.workers": 1, "select.params": "attack_steps=1"})
+    create_trainer(cfg, progress=False).fit()
+    rounds = [r for r in _records(run) if r["kind"] == "selection"]
+    assert [r["round"] for r in rounds] == [1] and rounds[0]["size"] == 431
+
+    run = tmp_path / "stop"
+    cfg = tiny_cfg(digits_set.root, run, **{"optim.epochs": 3, "select.selector": "facility", "select.fraction": 0.3,
+                                          "select.warmup": 1, "select.every": 1, "select.workers": 1})
+    trainer = create_trainer(cfg, progress=False)
+    scheduler = trainer.subsets.scheduler
+    train_epoch = trainer._train_epoch
+    running = []
+
+    def interrupted(epoch):
+        if epoch == 1:  # round 1 was submitted at this epoch's start and is running now
+            running.extend(scheduler.pending)
+            raise KeyboardInterrupt
+        return train_epoch(epoch)
+
+    monkeypatch.setattr(trainer, "_train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert len(running) == 1 and scheduler.pending == []
+    assert [p.is_alive() for p in running[0].process.procs] == [False]
+    assert not (run / "manifests" / "round-0001.json").exists()  # ended before it wrote: resume selects again

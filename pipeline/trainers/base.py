@@ -231,6 +231,9 @@ class Trainer:
                         save_checkpoint(self.run_dir / "checkpoints" / f"epoch-{epoch + 1:04d}.pt", state)
                     self._log({"kind": "epoch", **summary})
                 self.dist.barrier()
+        except BaseException:
+            self.subsets.close()  # interrupted or failed: end a running round now (--resume starts it again)
+            raise
         finally:
             if self.start_epoch >= cfg.optim.epochs:
                 self.subsets.close()  # the run is over: a selection still running would go unused
