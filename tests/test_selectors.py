@@ -189,6 +189,13 @@ def test_knn_backends_agree_on_exact_neighbours():
     brute, used2 = knn_graph(x, 10, "torch")
     assert (used, used2) == ("faiss-flat", "torch")
     assert abs(flat - brute).max() < 1e-5
+    from pipeline.selectors.knn import _normalise, _torch_search, search
+
+    xn = _normalise(x)
+    blocks = _torch_search(xn, xn, 10, "cpu", max_elements=7 * 500)  # 7 queries a block, the last one short
+    whole = search(xn, xn, 10, "faiss-flat")
+    np.testing.assert_allclose(blocks[0], whole[0], atol=1e-5)
+    assert (blocks[1] == whole[1]).mean() > 0.99  # ties aside, the same neighbours
     ivf, _ = knn_graph(np.tile(x, (80, 1)) + 1e-3 * np.random.default_rng(3).normal(size=(40000, 16)).astype(np.float32),
                        5, "faiss-ivf")
     assert ivf.shape == (40000, 40000) and ivf.nnz >= 40000

@@ -52,9 +52,14 @@ def _faiss_search(base: np.ndarray, queries: np.ndarray, k: int, backend: str, s
     return index.search(queries, k)
 
 
-def _torch_search(base: np.ndarray, queries: np.ndarray, k: int, device: str, chunk: int = 8192):
+def _torch_search(base: np.ndarray, queries: np.ndarray, k: int, device: str, max_elements: int | None = None):
+    """Brute force in blocks of queries whose similarity rows stay within `max_elements` floats (4 GiB on a GPU,
+    256 MiB on a CPU): at 1.28M points a fixed 8,192-query block would be 42 GB."""
     import torch
 
+    if max_elements is None:
+        max_elements = 1 << 30 if str(device).startswith("cuda") else 1 << 26
+    chunk = max(1, min(8192, max_elements // max(1, len(base))))
     bt = torch.from_numpy(base).to(device)
     sims, idx = [], []
     for s in range(0, len(queries), chunk):
