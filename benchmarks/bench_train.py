@@ -164,6 +164,8 @@ def main(argv=None):
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--steps", type=int, default=5, help="Timed steps (and floors), alternating; medians reported")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--attack-steps", type=int, default=0,
+                    help="PGD steps of the training attack (default: the method's; the ImageNet configuration uses 1)")
     ap.add_argument("--variants", default="fp32",
                     help="Comma-separated numeric settings, the first the baseline: fp32 or +-joined bf16, cl, compile "
                          "(bf16 and cl act on CUDA only)")
@@ -182,6 +184,7 @@ def main(argv=None):
         for k, v in {"method.name": method, "data.path": str(work / "data"), "model.arch": arch,
                      "run.out": str(work / f"{method}-{arch}-{variant}"), "data.batch_size": args.batch_size,
                      "data.workers": 0, "run.device": args.device, **settings, "optim.epochs": 10,
+                     **({"attack.steps": args.attack_steps} if args.attack_steps else {}),
                      **({"advcl.pseudo_labels": str(pseudo)} if method == "advcl" else {})}.items():
             cfg.set(k, v)
         trainer = create_trainer(cfg, progress=False)

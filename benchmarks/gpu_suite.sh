@@ -45,7 +45,7 @@ print(\"nvJPEG decoder:\", torchvision_decoder(\"cuda\") is not None)'"
     run train-resnet18 $PY benchmarks/bench_train.py --device $DEVICE --archs resnet18 --batch-size 512 --steps 5 \
         --variants fp32,bf16+cl,bf16+cl+compile
     run train-resnet50 $PY benchmarks/bench_train.py --device $DEVICE --archs resnet50 --image-size 224 \
-        --batch-size 128 --steps 5 --variants fp32,bf16+cl
+        --batch-size 128 --steps 5 --attack-steps 1 --variants fp32,bf16+cl
     ;;
 data)
     inet=/tmp/inet-$CLASSES-$PER_CLASS

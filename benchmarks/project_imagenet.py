@@ -1,8 +1,8 @@
 """GPU-hours for ACL on ImageNet-1K, all data against RCS, projected from measured rates.
 
 Inputs are measurements, not guesses: `--images-per-s` is ACL ResNet-50 training throughput at 224 px on one
-GPU (`bench_train.py --archs resnet50 --image-size 224 --device cuda --variants bf16+cl`: images/s of the
-step, attack included), `--round-s` the wall time of one selection round over the whole pool on one GPU
+GPU (`bench_train.py --archs resnet50 --image-size 224 --device cuda --variants bf16+cl --attack-steps 1`:
+images/s of the step, attack included), `--round-s` the wall time of one selection round over the whole pool on one GPU
 (`pipeline select` on a 224 px shard set, or a `selection` record of a run), `--loader-images-per-s` what the
 loader delivers per GPU (`bench_loader.py --device cuda --crop 224`; training cannot go faster). Schedule as
 configs/imagenet-acl.toml: `--epochs` 200, full data for `--warmup` 20, then `--fraction` 0.05 re-selected
