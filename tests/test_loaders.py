@@ -130,14 +130,18 @@ def test_bad_loader_requests(synthetic_set):
 
 
 def test_small_splits_still_give_every_worker_tasks(synthetic_set):
-    """A split of few batches is cut into at least MIN_TASKS stream tasks (narrower windows), so two workers
-    end an epoch together; a split with batches to spare keeps the asked-for window."""
+    """A split of few batches is read as at least MIN_TASKS stream tasks, so two workers end an epoch
+    together, with the same shuffle window (the same sample order); a split with batches to spare reads
+    whole windows."""
     from pipeline.shards.loaders import MIN_TASKS
 
     n = synthetic_set.count("train")
     small = synthetic_set.loader("train", backend="stream", batch_size=n // 40, seed=0, window=8)
     tasks = small.plan(0)
     assert len(tasks) >= MIN_TASKS and max(len(t) for t in tasks) <= 2 * (n // 40)
-    assert sorted(np.concatenate(tasks).tolist()) == list(range(n))
+    t = synthetic_set.members("train")
+    whole_windows = plan_stream(np.arange(n), t.shard_starts, n // 40, 8, True, np.random.default_rng([0, 0]))
+    assert len(whole_windows) < MIN_TASKS  # what whole 8-batch windows would have given
+    np.testing.assert_array_equal(np.concatenate(tasks), np.concatenate(whole_windows))
     big = synthetic_set.loader("train", backend="stream", batch_size=1, seed=0, window=8)
     assert max(len(t) for t in big.plan(0)) == 8

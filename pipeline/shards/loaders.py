@@ -4,8 +4,9 @@ One reader, two planners. A plan is the epoch's list of read tasks, each an arra
 output order. The reader fetches a task's rows with as few reads as it can (neighbouring members in one
 `pread`), decodes them and cuts the task into batches.
 - `stream`: the whole split (or a subset) in storage order: shards in a seeded random order, each started at
-  a random rotation, read in long sequential runs; samples are shuffled within windows of `window` batches (fewer
-  on a split too small for MIN_TASKS tasks an epoch). Shards were shuffled when prepared, so windows are well mixed.
+  a random rotation, read in long sequential runs; samples are shuffled within windows of `window` batches
+  (read as smaller tasks on a split too small for MIN_TASKS tasks an epoch). Shards were shuffled when
+  prepared, so windows are well mixed.
 - `indexed`: a seeded full permutation; each batch reads only its own members by offset, so the cost of a
   subset grows with the subset, not with the split.
 - `ffcv`: the split's `.beton` through ffcv's Loader (`indices=` for subsets), when installed.
@@ -51,7 +52,10 @@ def plan_indexed(rows: np.ndarray, batch_size: int, shuffle: bool, rng: np.rando
 
 
 def plan_stream(rows: np.ndarray, shard_starts: np.ndarray, batch_size: int, window: int, shuffle: bool,
-                rng: np.random.Generator, rank: int = 0, world: int = 1, drop_last: bool = False) -> list[np.ndarray]:
+                rng: np.random.Generator, rank: int = 0, world: int = 1, drop_last: bool = False,
+                task_batches: int | None = None) -> list[np.ndarray]:
+    """Samples are shuffled within windows of `window` batches; each window is read as tasks of `task_batches`
+    batches (default: the whole window)."""
     rows = np.sort(rows)
     n_shards = len(shard_starts) - 1
     order = rng.permutation(n_shards) if shuffle else np.arange(n_shards)
@@ -64,11 +68,12 @@ def plan_stream(rows: np.ndarray, shard_starts: np.ndarray, batch_size: int, win
         parts.append(part)
     seq = np.concatenate(parts) if parts else rows
     seq = _cut(_rank_slice(seq, rank, world), batch_size, drop_last)
-    span = batch_size * window
+    span, task = batch_size * window, batch_size * min(window, task_batches or window)
     tasks = []
     for i in range(0, len(seq), span):
         w = seq[i:i + span]
-        tasks.append(w[rng.permutation(len(w))] if shuffle else w)
+        w = w[rng.permutation(len(w))] if shuffle else w
+        tasks.extend(w[j:j + task] for j in range(0, len(w), task))
     return tasks
 
 
@@ -91,10 +96,11 @@ class Planner:
     drop_last: bool
 
     @property
-    def stream_window(self) -> int:
-        """The window, narrowed on small splits so an epoch has at least MIN_TASKS tasks: tasks are dealt to the
-        workers round-robin, and an epoch of a handful of 8-batch tasks leaves workers idle at its end (5 tasks
-        on 2 workers: one idles for a fifth of the epoch). Independent of the worker count, so the order is too."""
+    def task_batches(self) -> int:
+        """Batches a stream task reads, fewer than a window on small splits so an epoch has at least MIN_TASKS
+        tasks: tasks are dealt to the workers round-robin, and an epoch of a handful of 8-batch tasks leaves
+        workers idle at its end (5 tasks on 2 workers: one idles for a fifth of the epoch). The shuffle window
+        stays whole, so batches mix as much as ever; independent of the worker count, so the order is too."""
         batches = len(self.rows) // self.world_size // self.batch_size
         return max(1, min(self.window, batches // MIN_TASKS))
 
@@ -102,7 +108,8 @@ class Planner:
         rng = np.random.default_rng([self.seed, epoch])
         args = dict(shuffle=self.shuffle, rng=rng, rank=self.rank, world=self.world_size, drop_last=self.drop_last)
         if self.backend == "stream":
-            return plan_stream(self.rows, self.shard_starts, self.batch_size, self.stream_window, **args)
+            return plan_stream(self.rows, self.shard_starts, self.batch_size, self.window,
+                               task_batches=self.task_batches, **args)
         return plan_indexed(self.rows, self.batch_size, **args)
 
 
