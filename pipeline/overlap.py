@@ -7,8 +7,9 @@ waits for each selection (the paper's blocking behaviour). The background proces
 count and a lower scheduling priority (`select.threads`, `select.nice`), so on a CPU machine it takes the
 cores training leaves idle. `select.processes = N` runs each round as N processes in a process group of
 their own (gloo) sharing the proxy pass, as `pipeline select` does under torchrun; `select.device` says
-where (a dedicated GPU, `cuda:7`; one device per process, `cuda:6,cuda:7`; the trainer's own by default). Per round the metrics log the selection time, how long the trainer waited (stall)
-and how many epochs the subset was stale.
+where (a dedicated GPU, `cuda:7`; one device per process, `cuda:6,cuda:7`; the trainer's own by default).
+Per round the metrics log the selection time, how long the trainer waited (stall) and how many epochs the
+subset was stale.
 """
 
 from __future__ import annotations

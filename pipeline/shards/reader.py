@@ -67,6 +67,18 @@ class TaskReader:
             i = j
         return out
 
+    def _path_of(self, row: int) -> str:
+        return self.paths[int(self.table.shard[row])]
+
+    def _slices(self, rows: np.ndarray):
+        """(slice, labels, ids, weights) of each batch of a task: the task cut into batches."""
+        labels = torch.from_numpy(self.table.labels[rows])
+        ids = torch.from_numpy(self.table.ids[rows])
+        weights = None if self.row_weights is None else torch.from_numpy(self.row_weights[rows])
+        for i in range(0, len(rows), self.batch_size):
+            sl = slice(i, i + self.batch_size)
+            yield sl, labels[sl], ids[sl], None if weights is None else weights[sl]
+
     def batches(self, rows: np.ndarray, epoch: int = 0) -> Iterator[Batch]:
         blobs = self.fetch(rows)
         if self.encoded:
@@ -84,23 +96,15 @@ class TaskReader:
                     images[k] = decode(bytes(blob), self.mode, size if resize else None)
             except (CorruptImage, ValueError) as exc:
                 sid = int(self.table.ids[rows[k]])
-                raise PipelineError(f"{self.paths[int(self.table.shard[rows[k]])]}: sample {sid} does not decode "
+                raise PipelineError(f"{self._path_of(rows[k])}: sample {sid} does not decode "
                                     f"({exc}); run `pipeline verify` and prepare the shard set again") from exc
         images_t = torch.from_numpy(images).permute(0, 3, 1, 2)
-        labels = torch.from_numpy(self.table.labels[rows])
-        ids = torch.from_numpy(self.table.ids[rows])
-        weights = None if self.row_weights is None else torch.from_numpy(self.row_weights[rows])
-        for i in range(0, len(rows), self.batch_size):
-            sl = slice(i, i + self.batch_size)
-            yield Batch(images_t[sl], labels[sl], ids[sl], None if weights is None else weights[sl])
+        for sl, labels, ids, weights in self._slices(rows):
+            yield Batch(images_t[sl], labels, ids, weights)
 
     def _encoded(self, rows: np.ndarray, blobs: list, epoch: int):
         from pipeline.shards.device_decode import encode_batch
 
-        labels = torch.from_numpy(self.table.labels[rows])
-        ids = torch.from_numpy(self.table.ids[rows])
-        weights = None if self.row_weights is None else torch.from_numpy(self.row_weights[rows])
-        for i in range(0, len(rows), self.batch_size):
-            sl = slice(i, i + self.batch_size)
-            yield encode_batch(blobs[sl], labels[sl], ids[sl], None if weights is None else weights[sl], self.crop,
-                               self.seed, epoch, lambda k, i=i: self.paths[int(self.table.shard[rows[i + k]])])
+        for sl, labels, ids, weights in self._slices(rows):
+            yield encode_batch(blobs[sl], labels, ids, weights, self.crop, self.seed, epoch,
+                               lambda k, start=sl.start: self._path_of(rows[start + k]))
