@@ -14,6 +14,7 @@ from rich.markup import escape
 from pipeline import __version__
 from pipeline.errors import PipelineError
 from pipeline.progress import console, progress_bar
+from pipeline.runlayout import RunLayout
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Streaming data selection for affordable adversarially robust pre-training.")
@@ -185,9 +186,9 @@ def train(
     from pipeline.trainers import TrainConfig, create_trainer, load_config
 
     if resume is not None:
-        if not (resume / "config.toml").is_file():
+        if not RunLayout(resume).config.is_file():
             raise PipelineError(f"{resume}: not a run folder (no config.toml); start it with --out instead")
-        cfg = load_config(resume / "config.toml")
+        cfg = load_config(RunLayout(resume).config)
     else:
         cfg = load_config(config) if config else TrainConfig()
     flags = {"--data": ("data.path", data), "--out": ("run.out", out), "--method": ("method.name", method),
@@ -219,7 +220,7 @@ def train(
     run_dir = Path(cfg.run.out) if cfg.run.out else None
 
     def kept() -> str:
-        last = run_dir / "checkpoints" / "last.pt" if run_dir else None
+        last = RunLayout(run_dir).last if run_dir else None
         if last is None or not last.is_file():
             return "no epoch had finished, so no checkpoint was kept; start again"
         from pipeline.checkpoint import load_checkpoint
@@ -272,13 +273,13 @@ def select(
     Under torchrun (`torchrun --nproc-per-node N -m pipeline select ...`) the processes share the proxy pass
     (RCS: whole chunks per process) and rank 0 runs the greedy and writes the manifest."""
     from pipeline.dist import init_distributed
-    from pipeline.overlap import parse_params
+    from pipeline.kv import parse_kv as parse_params
     from pipeline.selectors.run import run_selection
 
     flags = {"unit": unit, "k": k, "optimizer": optimizer, "alignment_weight": alignment_weight, "proxy": proxy,
              "knn_backend": knn_backend, "preset": preset, "refreshes": refreshes, "attack_steps": attack_steps,
              "per_class": True if per_class else None}
-    params = {**parse_params(params), **{k_: v for k_, v in flags.items() if v is not None}}
+    params = {**parse_params(params, "--params"), **{k_: v for k_, v in flags.items() if v is not None}}
     dist_ctx = init_distributed(device)  # under torchrun: the ranks share the proxy pass, rank 0 writes
     dev = dist_ctx.device
     if watch is not None:
@@ -404,9 +405,14 @@ def certify(
 
     from pipeline.dist import resolve_device
     from pipeline.evaluation.certify import certify as run_certify
+    from pipeline.report.figures import certified_curve
 
     r = run_certify(data, checkpoint, sigma, n0, n, alpha, limit, out, protocol, batch, seed, resolve_device(device),
                     recipe=recipe, epochs=epochs, lr=lr, batch_size=batch_size, workers=workers)
+    try:  # the command draws; `certify` only computes and writes its rows
+        r["png"] = str(certified_curve([(r["name"], Path(r["tsv"]))], Path(r["out"]) / "certified.png"))
+    except PipelineError as exc:  # matplotlib missing: the numbers stand without the figure
+        console.print(str(exc))
     t = Table(title=f"certified accuracy, sigma {sigma:g}, n0 {n0}, n {n:,}, alpha {alpha:g}: {r['samples']:,} "
               f"samples, {r['abstained']:,} abstained", title_justify="left")
     for col in ("l2 radius", "certified accuracy", "l_inf radius it implies"):

@@ -36,9 +36,25 @@ from pathlib import Path
 import numpy as np
 import tomli_w
 
-from pipeline.atomic import write_json
+from pipeline.atomic import atomic_path, write_json
+from pipeline.checkpoint import load_checkpoint
+from pipeline.config import TrainConfig, load_config
+from pipeline.dist import resolve_device
 from pipeline.errors import PipelineError
+from pipeline.evaluation import evaluate
+from pipeline.evaluation.certify import certify
+from pipeline.evaluation.measures import list_measures
+from pipeline.evaluation.smoothing import Smoothing
+from pipeline.kv import parse_kv
+from pipeline.locks import folder_lock
 from pipeline.progress import console
+from pipeline.pseudolabels import DEFAULT_COUNTS, make_pseudo_labels
+from pipeline.report import build_report, load_run
+from pipeline.runlayout import RunLayout
+from pipeline.shards.prepare import PrepareOptions, prepare
+from pipeline.trainers import TRAINERS, create_trainer
+from pipeline.trainers.runfolder import start_fresh
+from pipeline.trainers.subsets import PRUNERS
 
 STATE = "experiment.json"
 _OWN = ("experiment", "prepare", "arm")
@@ -126,18 +142,20 @@ def _pseudo_refs(arm: Arm) -> list[str]:
             for r in map(_pseudo_ref, values.values()) if r]
 
 
+def _run_folder(exp: Experiment, arm: str, seed: int) -> Path:
+    return exp.out / "runs" / f"{arm}-s{seed}"
+
+
 def _pseudo_path(exp: Experiment, ref: str, seed: int) -> Path:
     return exp.out / "pseudo-labels" / f"{ref}-s{seed}.json"
 
 
 def _ensure_pseudo_labels(exp: Experiment, arm: Arm, seed: int, data_path: str, progress: bool) -> None:
-    from pipeline.pseudolabels import DEFAULT_COUNTS, make_pseudo_labels
-
     for ref in _pseudo_refs(arm):
         path = _pseudo_path(exp, ref, seed)
         if path.is_file():
             continue
-        ckpt = exp.out / "runs" / f"{ref}-s{seed}" / "checkpoints" / "last.pt"
+        ckpt = RunLayout(_run_folder(exp, ref, seed)).last
         if ref not in {a.name for a in exp.arms} or not ckpt.is_file():
             raise PipelineError(f"{exp.path}: arm {arm.name} takes pseudo-labels from arm {ref!r}, seed {seed}, "
                                 f"which has no trained run ({ckpt}): put that arm earlier in the file")
@@ -146,24 +164,18 @@ def _ensure_pseudo_labels(exp: Experiment, arm: Arm, seed: int, data_path: str, 
 
 
 def arm_config(exp: Experiment, arm: Arm, seed: int, data_path: str):
-    from pipeline.trainers import TRAINERS, TrainConfig
-
     merged = copy.deepcopy(exp.shared)
     for section, values in arm.overrides.items():
         merged.setdefault(section, {}).update(
             {k: str(_pseudo_path(exp, _pseudo_ref(v), seed)) if _pseudo_ref(v) else v for k, v in values.items()}
             if isinstance(values, dict) else values)
     merged.setdefault("data", {})["path"] = str(data_path)
-    merged.setdefault("run", {}).update(out=str(exp.out / "runs" / f"{arm.name}-s{seed}"), seed=seed)
+    merged.setdefault("run", {}).update(out=str(_run_folder(exp, arm.name, seed)), seed=seed)
     origin = f"{exp.path}: arm {arm.name}"
     cfg = TrainConfig.from_dict(merged, origin=origin)
-    trainer = TRAINERS.get(cfg.method.name)
-    if trainer:
-        trainer.complete_config(cfg)  # as `pipeline train` will: the same config.toml
     try:
+        TRAINERS.get(cfg.method.name).complete_config(cfg)  # as `pipeline train` will: the same config.toml
         if cfg.eval.smoothing:
-            from pipeline.evaluation.smoothing import Smoothing
-
             Smoothing.parse(cfg.eval.smoothing)
         if cfg.eval.certify:
             certify_spec(cfg.eval.certify)
@@ -178,8 +190,6 @@ def _training(cfg) -> dict:
     """The settings training depends on: everything but [eval] (a new evaluation never retrains), and only those
     that differ from the defaults, so that a setting added to a later version (at its default) does not make
     every finished run look changed."""
-    from pipeline.trainers.config import TrainConfig
-
     defaults = TrainConfig()
     defaults.method.name = cfg.method.name  # the same method sections
     base = defaults.to_dict()
@@ -197,7 +207,6 @@ def _digest(settings: dict) -> str:
 def _prepare(exp: Experiment, progress: bool) -> str:
     if not exp.prepare:
         return exp.shared["data"]["path"]
-    from pipeline.shards.prepare import PrepareOptions, prepare
 
     p = dict(exp.prepare)
     source = p.pop("source", None)
@@ -216,31 +225,27 @@ def _prepare(exp: Experiment, progress: bool) -> str:
 
 def _fraction(cfg) -> float | None:
     """The share of the data an arm trains on: 1 without a selector, None where the size follows the losses."""
-    from pipeline.trainers.pruning import NO_FIXED_FRACTION
-
     if not cfg.select.selector:
         return 1.0
-    return None if cfg.select.selector in NO_FIXED_FRACTION else cfg.select.fraction
+    pruner = PRUNERS[cfg.select.selector] if cfg.select.selector in PRUNERS else None
+    return None if pruner is not None and not pruner.fixed_fraction else cfg.select.fraction
 
 
 def _train(cfg, progress: bool) -> str:
     """Train (or finish training) one arm's run; returns what was done."""
-    from pipeline.checkpoint import load_checkpoint
-    from pipeline.trainers import create_trainer, load_config
-    from pipeline.trainers.runfolder import start_fresh
 
-    run = Path(cfg.run.out)
-    last = run / "checkpoints" / "last.pt"
+    run = RunLayout(cfg.run.out)
+    last = run.last
     resume, note = False, "trained"
-    if last.is_file() and (run / "config.toml").is_file():
-        same = _training(load_config(run / "config.toml")) == _training(cfg)
+    if last.is_file() and run.config.is_file():
+        same = _training(load_config(run.config)) == _training(cfg)
         done = int(load_checkpoint(last).get("epoch") or 0) if same else 0
         if same and done >= cfg.optim.epochs:
             return "already trained"
         resume = same and done > 0
         note = f"resumed after epoch {done}" if resume else "settings changed: trained afresh"
     if not resume:
-        start_fresh(run, overwrite=True)
+        start_fresh(run.root, overwrite=True)
     trainer = create_trainer(cfg, resume=resume, progress=progress)
     try:
         trainer.fit()
@@ -250,16 +255,12 @@ def _train(cfg, progress: bool) -> str:
 
 
 def _evaluate(cfg, seed: int, progress: bool) -> dict:
-    from pipeline.evaluation import evaluate
-
     e = cfg.eval
-    result = evaluate(cfg.data.path, Path(cfg.run.out) / "checkpoints" / "last.pt", e.protocol, e.attack,
+    result = evaluate(cfg.data.path, RunLayout(cfg.run.out).last, e.protocol, e.attack,
                       e.recipe or None, e.epochs or None, e.lr or None, e.batch_size or None, limit=e.limit or None,
                       device=_device(cfg), eps=e.eps or None, step=e.step or None, steps=e.steps, seed=e.seed + seed,
                       progress=progress, noise_sigma=e.noise_sigma, smoothing=e.smoothing or None)
     if e.certify:
-        from pipeline.evaluation.certify import certify
-
         c = certify_spec(e.certify)
         sigma = result["smoothing"]["sigma"] if result["smoothing"] else e.noise_sigma
         summary = certify(cfg.data.path, result["classifier_path"] or result["checkpoint"], sigma, c["n0"], c["n"],
@@ -275,30 +276,18 @@ def _evaluate(cfg, seed: int, progress: bool) -> dict:
 CERTIFIED_COLUMNS = ("0.25", "0.5")
 
 
-def certify_spec(text: str) -> dict:
+def certify_spec(text: str | dict) -> dict:
     """"n0=100,n=10000,alpha=0.001[,limit=N][,batch=B]" of [eval] certify."""
     kinds = {"n0": int, "n": int, "alpha": float, "limit": int, "batch": int}
-    out = {"n0": 100, "n": 100_000, "alpha": 0.001}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        key, _, value = part.partition("=")
-        if key.strip() not in kinds:
-            raise PipelineError(f"eval.certify {text!r}: keys are {', '.join(kinds)} (e.g. n0=100,n=10000,limit=500)")
-        try:
-            out[key.strip()] = kinds[key.strip()](value)
-        except ValueError:
-            raise PipelineError(f"eval.certify {key.strip()}={value!r}: not a number") from None
-    return out
+    return {"n0": 100, "n": 100_000, "alpha": 0.001,
+            **parse_kv(text, "eval.certify", kinds, "n0=100,n=10000,limit=500")}
 
 
 def _device(cfg):
-    from pipeline.dist import resolve_device
-
     return resolve_device(cfg.run.device)
 
 
 def _row(arm: Arm, seed: int, cfg, result: dict) -> dict:
-    from pipeline.report import load_run
-
     run = load_run(cfg.run.out)
     rounds = run.rounds
     measures = [m for m in result["measures"]]
@@ -317,8 +306,6 @@ def _row(arm: Arm, seed: int, cfg, result: dict) -> dict:
 
 def run_experiment(exp: Experiment, progress: bool = True, only: list[str] | None = None) -> list[dict]:
     """Run every (arm, seed) not yet done; returns one row per finished run (in the file's order)."""
-    from pipeline.locks import folder_lock
-
     if only:
         missing = sorted(set(only) - {a.name for a in exp.arms})
         if missing:
@@ -336,7 +323,7 @@ def run_experiment(exp: Experiment, progress: bool = True, only: list[str] | Non
             cfg = arm_config(exp, arm, seed, data_path)
             digest, eval_digest = _digest(_training(cfg)), _digest(cfg.to_dict()["eval"])
             kept = state["runs"].get(run_id)
-            trained = kept and kept.get("digest") == digest and (Path(cfg.run.out) / "checkpoints" / "last.pt").is_file()
+            trained = kept and kept.get("digest") == digest and RunLayout(cfg.run.out).last.is_file()
             if trained and kept.get("eval_digest", eval_digest) == eval_digest:
                 console.print(f"[{n}/{len(todo)}] {run_id}: done earlier, kept")
                 continue
@@ -384,17 +371,18 @@ def _mean_std(values) -> tuple[float | None, float | None]:
     return float(np.mean(v)), (float(np.std(v, ddof=1)) if len(v) > 1 else None)
 
 
-MEASURE_COLUMNS = ("clean", "pgd20", "eot-pgd20", "autoattack", "autoattack-rand",
-                   *(f"certified@{r}" for r in CERTIFIED_COLUMNS))
+def measure_columns() -> list[str]:
+    """Every registered measure, in registration order, then the certified accuracies."""
+    return [*list_measures(), *(f"certified@{r}" for r in CERTIFIED_COLUMNS)]
 
 
 def summarize(rows: list[dict]) -> list[dict]:
     """One line per arm: mean and sample standard deviation (n-1) over its seeds."""
-    measures = [k for k in MEASURE_COLUMNS if any(r.get(k) is not None for r in rows)]
+    measures = [k for k in measure_columns() if any(r.get(k) is not None for r in rows)]
     out = []
     for arm in dict.fromkeys(r["arm"] for r in rows):
         rs = [r for r in rows if r["arm"] == arm]
-        line = {"arm": arm, "selector": rs[0]["selector"], "fraction": rs[0]["fraction"], "seeds": [r["seed"] for r in rs]}
+        line = {"arm": arm, "method": rs[0].get("method", "-"), "selector": rs[0]["selector"], "fraction": rs[0]["fraction"], "seeds": [r["seed"] for r in rs]}
         for key in (*measures, "train_s", "images", "selection_s", "stall_s"):
             line[key], line[f"{key}_std"] = _mean_std(r.get(key) for r in rs)
         out.append(line)
@@ -411,7 +399,7 @@ def _pm(mean, std, pct: bool = False, digits: int = 1) -> str:
 
 def results_markdown(exp: Experiment, rows: list[dict]) -> str:
     groups = summarize(rows)
-    measures = [k for k in MEASURE_COLUMNS if any(g.get(k) is not None for g in groups)]
+    measures = [k for k in measure_columns() if any(g.get(k) is not None for g in groups)]
     ev = rows[0]["eval"] if rows else {}
     lines = [f"# Experiment {exp.path.name}", "",
              f"{len(rows)} runs; evaluation {str(ev.get('protocol', '-')).upper()} ({ev.get('recipe')} recipe), "
@@ -426,11 +414,11 @@ def results_markdown(exp: Experiment, rows: list[dict]) -> str:
                          f"{sm['n']}, alpha {sm['alpha']:g}, EOT draws {sm['eot']} (abstentions are errors)" if sm else "")
                          + (f"; certified on {c['samples']} samples" if c else ""))
     lines += ["",
-             "| arm | selector | fraction | seeds | " + " | ".join(measures) +
+             "| arm | method | selector | fraction | seeds | " + " | ".join(measures) +
              " | train s | images trained on | selection s | stall s |",
-             "| --- | --- | ---: | ---: | " + " | ".join("---:" for _ in measures) + " | ---: | ---: | ---: | ---: |"]
+             "| --- | --- | --- | ---: | ---: | " + " | ".join("---:" for _ in measures) + " | ---: | ---: | ---: | ---: |"]
     for g in groups:
-        lines.append(f"| {g['arm']} | {g['selector']} | {'-' if g['fraction'] is None else format(g['fraction'], 'g')} | "
+        lines.append(f"| {g['arm']} | {g['method']} | {g['selector']} | {'-' if g['fraction'] is None else format(g['fraction'], 'g')} | "
                      f"{len(g['seeds'])} | "
                      + " | ".join(_pm(g[m], g[f"{m}_std"], True) for m in measures)
                      + f" | {_pm(g['train_s'], g['train_s_std'])} | {_pm(g['images'], None, digits=0)} | "
@@ -449,15 +437,12 @@ def results_markdown(exp: Experiment, rows: list[dict]) -> str:
 
 def write_results(exp: Experiment, rows: list[dict]) -> list[Path]:
     """OUT/results.md and results.json; OUT/report/ (figures, the trade-off plot) through `pipeline report`."""
-    from pipeline.atomic import atomic_path
-
     if not rows:
         return []
     md = exp.out / "results.md"
     with atomic_path(md) as tmp:
         tmp.write_text(results_markdown(exp, rows))
     write_json(exp.out / "results.json", {"experiment": str(exp.path), "rows": rows, "arms": summarize(rows)})
-    from pipeline.report import build_report
 
     report, _ = build_report([r["run"] for r in rows], exp.out / "report")
     return [md, exp.out / "results.json", report]

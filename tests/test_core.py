@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from pipeline.attacks import budget
 from pipeline.shards.manifest import Manifest
 from pipeline.trainers import TRAINERS, StepRecord, create_trainer
-from pipeline.trainers.config import SelectConfig
+from pipeline.config import SelectConfig
 from pipeline.trainers.optim import LARS, build_optimizer
 
 from test_train import tiny_cfg

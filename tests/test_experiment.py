@@ -139,7 +139,7 @@ def test_training_digest_ignores_settings_at_their_defaults_and_method_completio
     config a method completes (pgd-at's milestones) must compare equal to the config.toml it wrote."""
     from pipeline.experiment import _training
     from pipeline.trainers import TRAINERS
-    from pipeline.trainers.config import TrainConfig
+    from pipeline.config import TrainConfig
 
     cfg = TrainConfig()
     cfg.set("method.name", "pgd-at")

@@ -176,11 +176,11 @@ def test_shipped_training_configs_are_valid(name):
 
     from pipeline.selectors import create_selector
     from pipeline.trainers import load_config
-    from pipeline.overlap import parse_params
+    from pipeline.kv import parse_kv as parse_params
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / name).validate()
     if cfg.select.selector:
-        sel = create_selector(cfg.select.selector, **parse_params(cfg.select.params))
+        sel = create_selector(cfg.select.selector, **parse_params(cfg.select.params, "select.params"))
         assert sel.params["attack_steps"] == cfg.attack.steps  # selection mimics the training attack
 
 

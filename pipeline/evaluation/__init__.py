@@ -20,6 +20,7 @@ import torch
 from pipeline.atomic import write_json
 from pipeline.attacks import budget
 from pipeline.checkpoint import load_checkpoint
+from pipeline.config import check_value
 from pipeline.errors import PipelineError
 from pipeline.evaluation.classifiers import (classifier_path, finetune_settings_of, is_saved_classifier,
                                              load_classifier, load_own_classifier, load_saved_classifier, run_folder,
@@ -28,16 +29,16 @@ from pipeline.evaluation.measures import MEASURES, accuracies, parse_measures
 from pipeline.evaluation.protocols import PROTOCOLS, finetune
 from pipeline.evaluation.recipes import DEFAULT_RECIPE, RECIPES, FinetuneSettings, recipe_settings
 from pipeline.evaluation.smoothing import Smoothing
+from pipeline.progress import console
+from pipeline.runlayout import RunLayout
 from pipeline.shards.shardset import ShardSet
 
 
 def results_path(checkpoint: str | Path) -> Path:
-    return run_folder(checkpoint) / "results.json"
+    return RunLayout.of_checkpoint(checkpoint).results
 
 
 def _check_options(limit, workers, **values) -> None:
-    from pipeline.trainers.config import check_value
-
     for key, value in values.items():
         if value is not None:
             check_value(f"eval.{key}", value)
@@ -107,8 +108,6 @@ def prepare_classifier(ss: ShardSet, checkpoint: str | Path, protocol: str = "sl
         try:
             info["classifier_path"] = str(save_classifier(path, model, ckpt, checkpoint, info["checkpoint_sha256"], s, ss))
         except OSError as exc:
-            from pipeline.progress import console
-
             console.print(f"{path}: could not save the finetuned classifier ({exc.strerror}); results are kept")
     return model, {**info, "ckpt": ckpt, "settings": s, "protocol": protocol, "recipe": recipe}
 
@@ -202,8 +201,6 @@ def save_result(path: Path, digest: str, checkpoint: str, names: list[str], resu
     except OSError as exc:
         fallback = Path(tempfile.gettempdir()) / f"pipeline-results-{digest}.json"
         write_json(fallback, previous)
-        from pipeline.progress import console
-
         console.print(f"{path}: not writable ({exc.strerror}); results written to {fallback} instead")
         return fallback
 

@@ -20,11 +20,14 @@ import numpy as np
 import torch
 
 from pipeline.atomic import write_json
+from pipeline.augment import to_float
+from pipeline.checkpoint import load_checkpoint
 from pipeline.errors import DataError, PipelineError
 from pipeline.evaluation import _digest, attack_budget, open_shardset, prepare_classifier
-from pipeline.evaluation.classifiers import is_saved_classifier, run_folder
+from pipeline.evaluation.classifiers import is_saved_classifier
 from pipeline.evaluation.smoothing import certify_sample, linf_radius
 from pipeline.progress import console, progress_bar
+from pipeline.runlayout import RunLayout
 
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 COLUMNS = ("id", "label", "prediction", "radius", "correct", "seconds")
@@ -35,16 +38,24 @@ def _sample_generator(device, seed: int, sample_id: int) -> torch.Generator:
     return torch.Generator(device).manual_seed(seed * 1_000_003 + int(sample_id))
 
 
-def read_rows(tsv: Path) -> list[dict]:
-    """The complete rows of a certification TSV; a partial last line (the run was killed while writing it) is
-    cut off the file, so appending continues cleanly."""
+def cut_torn_row(tsv: Path) -> None:
+    """Cut a partial last line (the run was killed while writing it) off the file, so appending continues
+    cleanly. Only `certify`, the table's writer, calls this; readers skip the torn line instead."""
     if not tsv.is_file():
-        return []
+        return
     raw = tsv.read_bytes()
     end = raw.rfind(b"\n") + 1
     if end < len(raw):
         with open(tsv, "r+b") as f:
             f.truncate(end)
+
+
+def read_rows(tsv: Path) -> list[dict]:
+    """The complete rows of a certification TSV (a partial last line is left out, and the file left as it is)."""
+    if not tsv.is_file():
+        return []
+    raw = tsv.read_bytes()
+    end = raw.rfind(b"\n") + 1
     lines = raw[:end].decode().splitlines()
     if not lines or tuple(lines[0].split("\t")) != COLUMNS:
         raise DataError(f"{tsv}: not a certification table (header {lines[0] if lines else 'missing'!r}); "
@@ -114,8 +125,6 @@ def certify(data, checkpoint, sigma: float, n0: int = 100, n: int = 100_000, alp
     ss = open_shardset(data)
     if split not in ss.splits:
         raise PipelineError(f"{data}: no {split!r} split (it has {', '.join(ss.splits)})")
-    from pipeline.checkpoint import load_checkpoint
-
     probe = load_checkpoint(checkpoint)
     if not is_saved_classifier(probe) and protocol != "direct":
         console.print(f"{checkpoint} is a pre-trained encoder: finetuning a classifier on it first, by {protocol} "
@@ -133,7 +142,7 @@ def certify(data, checkpoint, sigma: float, n0: int = 100, n: int = 100_000, alp
         console.print(f"finetuned classifier saved to {classifier_file}")
     model.eval()
     stem = Path(classifier_file).stem if info["classifier_path"] else f"direct-{info['checkpoint_sha256']}"
-    out = Path(out) if out else run_folder(classifier_file) / "certify" / f"{stem}-sigma{sigma:g}-n{n}"
+    out = Path(out) if out else RunLayout.of_checkpoint(classifier_file).certify / f"{stem}-sigma{sigma:g}-n{n}"
     settings = {"sigma": sigma, "n0": n0, "n": n, "alpha": alpha, "seed": seed, "split": split, "batch": batch,
                 "classifier_sha256": _digest(classifier_file), "dataset_fingerprint": ss.fingerprint,
                 "classifier": classifier_file, "checkpoint": str(checkpoint), "data": str(data),
@@ -143,6 +152,7 @@ def certify(data, checkpoint, sigma: float, n0: int = 100, n: int = 100_000, alp
     _check_settings(meta, settings)
     write_json(meta, {"settings": settings})
     ids = ss.ids(split)[:limit] if limit else ss.ids(split)
+    cut_torn_row(tsv)
     rows = read_rows(tsv)
     wanted = set(int(i) for i in ids)
     stale = [r["id"] for r in rows if r["id"] not in wanted and limit is None]
@@ -161,8 +171,6 @@ def certify(data, checkpoint, sigma: float, n0: int = 100, n: int = 100_000, alp
                 f.flush()
             task = bar.add_task(f"certify sigma {sigma:g}, n {n:,}", total=len(todo))
             for b in ss.loader(split, todo, batch_size=64, shuffle=False, device=device, num_workers=workers):
-                from pipeline.augment import to_float
-
                 images = to_float(b.images.to(device))
                 for x, sample_id, label in zip(images, b.ids.tolist(), b.labels.tolist()):
                     started = time.perf_counter()
@@ -177,11 +185,5 @@ def certify(data, checkpoint, sigma: float, n0: int = 100, n: int = 100_000, alp
     b = attack_budget(ss, info["ckpt"], eps)
     summary = summarize(rows, settings, ss.channels * ss.image_size ** 2, b.eps)
     write_json(meta, summary)
-    summary["tsv"], summary["json"], summary["out"] = str(tsv), str(meta), str(out)
-    try:
-        from pipeline.report.figures import certified_curve
-
-        summary["png"] = str(certified_curve([(stem, tsv)], out / "certified.png"))
-    except PipelineError as exc:  # matplotlib missing: the numbers stand without the figure
-        console.print(str(exc))
+    summary["tsv"], summary["json"], summary["out"], summary["name"] = str(tsv), str(meta), str(out), stem
     return summary

@@ -16,6 +16,7 @@ from pipeline.checkpoint import load_model, save_checkpoint
 from pipeline.errors import PipelineError
 from pipeline.evaluation.protocols import LinearClassifier, OwnClassifier
 from pipeline.evaluation.recipes import FinetuneSettings
+from pipeline.runlayout import RunLayout
 from pipeline.shards.shardset import ShardSet
 
 KIND = "classifier"
@@ -23,8 +24,7 @@ KIND = "classifier"
 
 def run_folder(checkpoint: str | Path) -> Path:
     """The run folder a checkpoint belongs to (RUN/checkpoints/x.pt, RUN/classifiers/x.pt), else its folder."""
-    ckpt = Path(checkpoint)
-    return ckpt.parent.parent if ckpt.parent.name in ("checkpoints", "classifiers") else ckpt.parent
+    return RunLayout.of_checkpoint(checkpoint).root
 
 
 def _check(checkpoint, model, ckpt, shardset: ShardSet, role: str) -> None:
@@ -68,7 +68,7 @@ def is_saved_classifier(ckpt: dict) -> bool:
 def classifier_path(checkpoint: str | Path, s: FinetuneSettings, digest: str, role: str = "eval") -> Path:
     noise = f"-noise{s.noise_sigma:g}" if s.noise_sigma else ""
     branch = "" if role == "eval" else f"-{role}"
-    return run_folder(checkpoint) / "classifiers" / f"{s.protocol}{noise}{branch}-{digest}.pt"
+    return RunLayout.of_checkpoint(checkpoint).classifiers / f"{s.protocol}{noise}{branch}-{digest}.pt"
 
 
 def save_classifier(path: Path, clf: LinearClassifier, source: dict, source_path, digest: str, s: FinetuneSettings,

@@ -19,18 +19,43 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.attacks import PGD, Budget
+from pipeline.augment import to_float
 from pipeline.errors import PipelineError
+from pipeline.registry import Registry
 from pipeline.evaluation.smoothing import EOTClassifier, RandomizedClassifier, Smoothing, smoothed_predict
 
 INSTALL = ("AutoAttack needs the attacks extra: pip install 'pipeline[attacks]' (install it together with "
            "torch==2.13.0, or pip may pull a CUDA build of torch)")
 
 
+MEASURES: Registry[type[Measure]] = Registry("measure", flag="--attack")
+
+
+def register_measure(cls: type[Measure]) -> type[Measure]:
+    return MEASURES.register(cls)
+
+
+def list_measures() -> list[str]:
+    return MEASURES.names()
+
+
+def robust_measures() -> list[str]:
+    return [n for n, m in MEASURES.items() if m.robust]
+
+
+def measure_title(name: str) -> str:
+    return (MEASURES[name].title or name) if name in MEASURES else name
+
+
 class Measure:
     """`self.model`: what the attack targets (the classifier, or with smoothing the randomized model);
-    `self.classifier`: the deterministic base classifier."""
+    `self.classifier`: the deterministic base classifier. Display metadata, read by `pipeline report`, the
+    experiment table and the figures: `title` (a column's heading) and `robust` (an attack: counted in "the
+    strongest attack a result holds"); columns follow registration order."""
 
     name = "base"
+    title = ""
+    robust = True
     needs_smoothing = False
 
     def __init__(self, model, b: Budget, n_classes: int, seed: int, device, smoothing: Smoothing | None = None):
@@ -58,15 +83,20 @@ class Measure:
             return int((pred == y).sum())
 
 
+@register_measure
 class Clean(Measure):
     name = "clean"
+    title = "clean"
+    robust = False
 
     def correct(self, x, y):
         return self._count(x, y)
 
 
+@register_measure
 class PGD20(Measure):
     name = "pgd20"
+    title = "PGD-20"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -81,10 +111,12 @@ class PGD20(Measure):
         return self._count(self.attack(x, y), y)
 
 
+@register_measure
 class EOTPGD20(PGD20):
     """PGD-20 on the EOT loss: cross-entropy of the softmax averaged over m draws (fresh noise every step)."""
 
     name = "eot-pgd20"
+    title = "EOT-PGD-20"
     needs_smoothing = True
 
     def __init__(self, *args, **kwargs):
@@ -98,8 +130,10 @@ class EOTPGD20(PGD20):
         return {**super().settings(), "loss": "nll of the mean softmax over draws", "eot": self.smoothing.eot_draws}
 
 
+@register_measure
 class AutoAttackStandard(Measure):
     name = "autoattack"
+    title = "AutoAttack"
     version = "standard"
 
     def __init__(self, *args, **kwargs):
@@ -126,12 +160,13 @@ class AutoAttackStandard(Measure):
         return self._count(x_adv, y)
 
 
+@register_measure
 class AutoAttackRand(AutoAttackStandard):
     name = "autoattack-rand"
+    title = "AutoAttack rand"
     version = "rand"
 
 
-MEASURES: dict[str, type[Measure]] = {m.name: m for m in (Clean, PGD20, EOTPGD20, AutoAttackStandard, AutoAttackRand)}
 
 
 def parse_measures(text: str) -> list[str]:
@@ -151,8 +186,6 @@ def accuracies(model, loader, names: list[str], b: Budget, n_classes: int, devic
     correct = dict.fromkeys(names, 0)
     total = 0
     for batch in loader:
-        from pipeline.augment import to_float
-
         x, y = to_float(batch.images.to(device)), batch.labels.to(device)
         for m in measures:
             correct[m.name] += m.correct(x, y)

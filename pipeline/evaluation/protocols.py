@@ -21,6 +21,7 @@ from pipeline.evaluation.smoothing import add_noise
 from pipeline.losses import trades_kl
 from pipeline.models.multibn import set_branch
 from pipeline.progress import progress_bar
+from pipeline.registry import Registry
 
 
 class LinearClassifier(nn.Module):
@@ -35,6 +36,13 @@ class LinearClassifier(nn.Module):
     def forward(self, x, branch: str | None = None):
         set_branch(self.encoder, branch or self.branches["eval"])
         return self.fc(self.encoder(x))
+
+
+PROTOCOLS: Registry[type["Protocol"]] = Registry("protocol", flag="--protocol")
+
+
+def register_protocol(cls):
+    return PROTOCOLS.register(cls)
 
 
 class Protocol:
@@ -52,6 +60,7 @@ class Protocol:
         return add_noise(x, self.s.noise_sigma, self.gen) if self.s.noise_sigma > 0 else x
 
 
+@register_protocol
 class SLF(Protocol):
     """Standard linear finetuning: frozen encoder, classifier trained on clean images."""
 
@@ -64,6 +73,7 @@ class SLF(Protocol):
         return F.cross_entropy(self.model.fc(feats), y)
 
 
+@register_protocol
 class ALF(Protocol):
     """Adversarial linear finetuning: frozen encoder, classifier trained on PGD-10 images (eval mode)."""
 
@@ -82,6 +92,7 @@ class ALF(Protocol):
         return F.cross_entropy(self.model.fc(feats), y)
 
 
+@register_protocol
 class AFF(Protocol):
     """Adversarial full finetuning: TRADES (beta 6) on the whole network; natural inputs pass the natural
     branch, adversarial ones the eval (adversarial) branch; the attack starts at x + 0.001 N(0, 1)."""
@@ -107,6 +118,7 @@ class AFF(Protocol):
         return F.cross_entropy(logits, y) + self.s.trades_beta * trades_kl(self.model(self.noisy(x_adv)), logits)
 
 
+@register_protocol
 class Direct(Protocol):
     """No finetuning: the pre-trained model's own classifier (its "logits" head, supervised methods such as
     ASCL) through the eval branch."""
@@ -127,7 +139,6 @@ class OwnClassifier(nn.Module):
         return self.model(x, self.branch, heads=(self.head,))[self.head]
 
 
-PROTOCOLS: dict[str, type[Protocol]] = {p.name: p for p in (SLF, ALF, AFF, Direct)}
 
 
 def finetune(model: LinearClassifier, loader, protocol: str, s: FinetuneSettings, eps: float, step: float, device,

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import PipelineError
+from pipeline.kv import parse_kv
 
 
 @dataclass(frozen=True)
@@ -53,20 +54,10 @@ class Smoothing:
         return {**asdict(self), "eot": self.eot_draws}
 
     @classmethod
-    def parse(cls, text: str) -> "Smoothing":
+    def parse(cls, text: str | dict) -> "Smoothing":
         """"sigma=0.25,n=100,alpha=0.001[,eot=M][,batch=B]"."""
         kinds = {"sigma": float, "n": int, "alpha": float, "eot": int, "batch": int}
-        values = {}
-        for part in filter(None, (p.strip() for p in text.split(","))):
-            key, sep, value = part.partition("=")
-            key = key.strip()
-            if not sep or key not in kinds:
-                raise PipelineError(f"--smoothing {text!r}: expected key=value pairs of {', '.join(kinds)} "
-                                    "(e.g. sigma=0.25,n=100,alpha=0.001)")
-            try:
-                values[key] = kinds[key](value.strip())
-            except ValueError:
-                raise PipelineError(f"--smoothing {key}={value.strip()!r}: not a{'n integer' if kinds[key] is int else ' number'}") from None
+        values = parse_kv(text, "--smoothing", kinds, "sigma=0.25,n=100,alpha=0.001")
         if "sigma" not in values:
             raise PipelineError(f"--smoothing {text!r}: sigma is required (e.g. sigma=0.25)")
         return cls(**values)

@@ -54,11 +54,11 @@ def model_spec(arch: str, in_channels: int, image_size: int, heads: dict | None 
                branches=("nat", "adv"), roles: dict | None = None) -> dict:
     """A spec with validated names. `heads` maps a name to {"kind", "width", "out"} (default: ACL's head)."""
     if arch not in BACKBONES:
-        raise PipelineError(f"model arch {arch!r}: choose one of {', '.join(BACKBONES)}")
+        raise PipelineError(f"model arch {arch!r}: choose one of {BACKBONES.choices(', ')}")
     heads = heads if heads is not None else {"proj": {"kind": "mlp3", "width": 512, "out": 512}}
     for name, h in heads.items():
         if h.get("kind") not in HEADS:
-            raise PipelineError(f"head {name!r} kind {h.get('kind')!r}: choose one of {', '.join(HEADS)}")
+            raise PipelineError(f"head {name!r} kind {h.get('kind')!r}: choose one of {HEADS.choices(', ')}")
     branches = list(branches)
     roles = dict(roles) if roles is not None else {"natural": branches[0], "adversarial": branches[-1],
                                                    "eval": branches[-1]}

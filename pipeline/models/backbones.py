@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from pipeline.models.multibn import MultiBatchNorm
+from pipeline.registry import Registry
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -127,4 +128,6 @@ def resnet50(branches, **kw):
     return ResNet(Bottleneck, (3, 4, 6, 3), branches, **kw)
 
 
-BACKBONES = {"smallcnn": SmallCNN, "resnet18": resnet18, "resnet50": resnet50}
+BACKBONES: Registry = Registry("arch", flag="model.arch")
+for _name, _make in {"smallcnn": SmallCNN, "resnet18": resnet18, "resnet50": resnet50}.items():
+    BACKBONES.add(_name, _make)

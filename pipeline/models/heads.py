@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from pipeline.models.multibn import MultiBatchNorm
+from pipeline.registry import Registry
 
 
 class MLP3Head(nn.Module):
@@ -47,4 +48,6 @@ class LinearHead(nn.Module):
         return self.layers(x)
 
 
-HEADS = {"mlp3": MLP3Head, "mlp2": MLP2Head, "linear": LinearHead}
+HEADS: Registry = Registry("head kind")
+for _name, _cls in {"mlp3": MLP3Head, "mlp2": MLP2Head, "linear": LinearHead}.items():
+    HEADS.add(_name, _cls)

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from pipeline.atomic import atomic_path
+from pipeline.evaluation.measures import list_measures, measure_title
 from pipeline.locks import folder_lock
 from pipeline.report import figures
 from pipeline.report.runs import RunRecord, load_run, robust_of
@@ -26,9 +27,12 @@ def _smoothing(r: dict) -> str:
 
 
 def results_table(runs: list[RunRecord]) -> list[str]:
-    lines = ["| run | checkpoint epoch | protocol | recipe | noise sigma | smoothed | clean | PGD-20 | EOT-PGD-20 | "
-             "AutoAttack | AutoAttack rand | eps | test samples | train wall s | images trained on |",
-             "| --- | ---: | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    """One row per evaluation; a column per registered measure (its title), in registration order."""
+    measures = list_measures()
+    lines = ["| run | checkpoint epoch | protocol | recipe | noise sigma | smoothed | "
+             + " | ".join(measure_title(m) for m in measures) + " | eps | test samples | train wall s | images trained on |",
+             "| --- | ---: | --- | --- | ---: | --- | " + " | ".join("---:" for _ in measures)
+             + " | ---: | ---: | ---: | ---: |"]
     seen = set()
     for run in runs:
         for r in run.results:
@@ -37,9 +41,8 @@ def results_table(runs: list[RunRecord]) -> list[str]:
                 continue
             seen.add(key)
             lines.append(f"| {run.label} | {r.get('checkpoint_epoch')} | {r['protocol']} | {r.get('recipe', '-')} | "
-                         f"{r.get('noise_sigma') or 0:g} | {_smoothing(r)} | {_pct(r.get('clean'))} | "
-                         f"{_pct(r.get('pgd20'))} | {_pct(r.get('eot-pgd20'))} | {_pct(r.get('autoattack'))} | "
-                         f"{_pct(r.get('autoattack-rand'))} | {r.get('eps', 0):.4g} | {r.get('samples')} | "
+                         f"{r.get('noise_sigma') or 0:g} | {_smoothing(r)} | "
+                         + "".join(f"{_pct(r.get(m))} | " for m in measures) + f"{r.get('eps', 0):.4g} | {r.get('samples')} | "
                          f"{run.train_seconds:.1f} | {run.images:,} |")
     return lines
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.errors import PipelineError
+from pipeline.evaluation.certify import read_rows
 from pipeline.report.runs import RunRecord, robust_of
 
 
@@ -96,8 +97,6 @@ def tradeoff(runs: list[RunRecord], path: Path) -> Path | None:
 
 def certified_curve(tables: list[tuple[str, Path]], path: Path) -> Path:
     """Certified accuracy against l2 radius, one curve per certification TSV (`pipeline certify`)."""
-    from pipeline.evaluation.certify import read_rows
-
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for label, tsv in tables:

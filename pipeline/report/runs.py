@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import PipelineError
+from pipeline.evaluation.measures import robust_measures
+from pipeline.runlayout import RunLayout
 from pipeline.shards.manifest import Manifest, round_paths
 
 
@@ -65,21 +67,22 @@ def _jsonl(path: Path) -> list[dict]:
 
 def load_run(path: str | Path) -> RunRecord:
     path = Path(path)
-    if not (path / "metrics.jsonl").is_file() or not (path / "config.toml").is_file():
+    run_files = RunLayout(path)
+    if not run_files.metrics.is_file() or not run_files.config.is_file():
         raise PipelineError(f"{path}: not a training run (needs config.toml and metrics.jsonl); "
                             "train one with `pipeline train --out RUN`")
     try:
-        config = tomllib.loads((path / "config.toml").read_text())
+        config = tomllib.loads(run_files.config.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise PipelineError(f"{path / 'config.toml'}: unreadable ({exc})") from None
-    records = _jsonl(path / "metrics.jsonl")
+        raise PipelineError(f"{run_files.config}: unreadable ({exc})") from None
+    records = _jsonl(run_files.metrics)
     run = RunRecord(path, config, [r for r in records if r.get("kind") == "epoch"],
                     [r for r in records if r.get("kind") == "step"])
     if not run.epochs:
         raise PipelineError(f"{path}: no finished epoch in metrics.jsonl yet")
     run.accounting = [r for r in records if r.get("kind") == "accounting"]
     run.warnings = [r for r in records if r.get("kind") == "selection_not_worth"]
-    manifests = {n: p for n, p in round_paths(path / "manifests")}
+    manifests = {n: p for n, p in round_paths(run_files.manifests)}
     previous_ids = None
     for rec in sorted((r for r in records if r.get("kind") == "selection"), key=lambda r: r["round"]):
         row = dict(rec)
@@ -95,7 +98,7 @@ def load_run(path: str | Path) -> RunRecord:
             row["timing"] = m.extra.get("timing", {})
             previous_ids = ids
         run.rounds.append(row)
-    results = path / "results.json"
+    results = run_files.results
     if results.is_file():
         try:
             by_ckpt = json.loads(results.read_text())
@@ -105,7 +108,7 @@ def load_run(path: str | Path) -> RunRecord:
             for key, res in entry.items():
                 if isinstance(res, dict) and "protocol" in res:
                     run.results.append({"checkpoint": entry.get("checkpoint"), "digest": digest, "key": key, **res})
-    for meta in sorted(path.glob("certify/*/certify.json")):
+    for meta in run_files.certifications():
         try:
             summary = json.loads(meta.read_text())
         except (OSError, ValueError):
@@ -115,12 +118,10 @@ def load_run(path: str | Path) -> RunRecord:
     return run
 
 
-ROBUST_MEASURES = ("autoattack", "autoattack-rand", "eot-pgd20", "pgd20")
-
-
 def robust_of(result: dict) -> tuple[str, float | None]:
-    """The robust accuracy of the strongest attack a result holds (the lowest accuracy: the worst case)."""
-    measured = [(result[n], n) for n in ROBUST_MEASURES if result.get(n) is not None]
+    """The robust accuracy of the strongest attack a result holds (the lowest accuracy: the worst case), over
+    the measures registered as robust."""
+    measured = [(result[n], n) for n in robust_measures() if result.get(n) is not None]
     if not measured:
         return "-", None
     value, name = min(measured)

@@ -1,26 +1,11 @@
-"""Selectors registered by name, and `run_selection`: pool + model snapshot -> manifest."""
+"""Selectors registered by name (`@register_selector` where each class lives), and `run_selection`: pool +
+model snapshot -> manifest (pipeline.selectors.run)."""
 
 from __future__ import annotations
 
-from pipeline.errors import PipelineError
-from pipeline.selectors.base import Selection, SelectionContext, Selector
-from pipeline.selectors.facility import FacilitySelector
-from pipeline.selectors.random import RandomSelector
-from pipeline.selectors.rcs import RCSSelector
+from pipeline.selectors import random, rcs, facility  # noqa: F401,I001  (registration, in this order)
+from pipeline.selectors.base import (SELECTORS, Selection, SelectionContext, Selector, create_selector,
+                                     draw_validation, list_selectors, register_selector, selector_needs_validation)
 
-SELECTORS: dict[str, type[Selector]] = {"random": RandomSelector, "rcs": RCSSelector, "facility": FacilitySelector}
-
-
-def create_selector(name: str, **params) -> Selector:
-    if name not in SELECTORS:
-        raise PipelineError(f"selector {name!r}: choose one of {', '.join(SELECTORS)}")
-    return SELECTORS[name](**params)
-
-
-def selector_needs_validation(name: str, params: str | dict) -> bool:
-    from pipeline.overlap import parse_params
-
-    return create_selector(name, **(parse_params(params) if isinstance(params, str) else params)).needs_validation
-
-
-__all__ = ["SELECTORS", "Selection", "SelectionContext", "Selector", "create_selector", "selector_needs_validation"]
+__all__ = ["SELECTORS", "Selection", "SelectionContext", "Selector", "create_selector", "draw_validation",
+           "list_selectors", "register_selector", "selector_needs_validation"]

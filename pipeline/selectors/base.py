@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.kv import parse_kv
+from pipeline.registry import Registry
 
 
 @dataclass
@@ -66,6 +68,33 @@ class Selector:
 
     def select(self, ctx: SelectionContext) -> Selection:
         raise NotImplementedError
+
+
+SELECTORS: Registry[type[Selector]] = Registry("selector", flag="--selector")
+
+
+def register_selector(cls: type[Selector]) -> type[Selector]:
+    return SELECTORS.register(cls)
+
+
+def create_selector(name: str, **params) -> Selector:
+    return SELECTORS.create(name, **params)
+
+
+def list_selectors() -> list[str]:
+    return SELECTORS.names()
+
+
+def selector_needs_validation(name: str, params: str | dict) -> bool:
+    return create_selector(name, **parse_kv(params, "select.params")).needs_validation
+
+
+def draw_validation(pool_ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """RCS's held-out validation part U of a pool: the one formula every caller draws it by (sorted ids, at
+    least 2, a seeded stream of its own)."""
+    rng = np.random.default_rng([seed, 7])
+    n_val = max(2, int(round(len(pool_ids) * fraction)))
+    return np.sort(rng.choice(pool_ids, n_val, replace=False))
 
 
 def class_budgets(labels: np.ndarray, budget: int) -> dict[int, int]:

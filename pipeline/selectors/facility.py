@@ -17,7 +17,7 @@ import numpy as np
 
 from pipeline.dist import gather_objects, rank_and_world
 from pipeline.errors import PipelineError
-from pipeline.selectors.base import Selection, SelectionContext, Selector, class_budgets
+from pipeline.selectors.base import Selection, SelectionContext, Selector, class_budgets, register_selector
 from pipeline.selectors.greedy import maximize
 from pipeline.selectors.knn import _normalise, cover_graph, knn_graph
 
@@ -80,6 +80,7 @@ def greedi_select(vectors: np.ndarray, budget: int, k: int, optimizer: str, modu
                                               "union": int(len(union))}
 
 
+@register_selector
 class FacilitySelector(Selector):
     name = "facility"
     needs_model = True

@@ -1,8 +1,8 @@
 """Proxies for selection, computed in one streaming pass over the candidates with a model snapshot.
 
 - features: encoder features of the natural images (natural branch), float16;
-- per-sample head gradients of the checkpoint's method, in closed form. The method says how its loss meets its
-  selection head (`Trainer.selection_rows`: ACL, 4 rows per sample, two views on the natural branch and their
+- per-sample head gradients of the checkpoint's method, in closed form. The method's objective says how its loss
+  meets its selection head (`Objective.rows`, pipeline.objectives: ACL, 4 rows per sample, two views on the natural branch and their
   PGD views on the adversarial one; SimCLR 2; AdvCL 4; ASCL 2 at its classifier), each row's loss taken with
   the other rows of the batch held fixed. In eval mode every row passes the head independently, so for each
   linear layer l the per-sample weight gradient is sum over the sample's rows r of delta_lr a_lr^T (delta:
@@ -28,9 +28,10 @@ from torch import nn
 from pipeline.attacks import PGD, Budget
 from pipeline.augment import to_float
 from pipeline.dist import gather_objects, gather_rows, rank_and_world
-from pipeline.errors import PipelineError
 from pipeline.losses import representational_divergence
 from pipeline.models.multibn import use_branch
+from pipeline.objectives import objective_of
+from pipeline.selectors.base import draw_validation
 
 
 def head_linears(head: nn.Module) -> list[nn.Linear]:
@@ -85,23 +86,18 @@ class Proxies:
 
 
 class ProxyComputer:
-    """`method`: the checkpoint's training method by name (its `selection_rows`, `selection_head` and
-    `divergence`); `settings`: what its step looked like at the snapshot (Trainer.selection_settings)."""
+    """`method`: the checkpoint's training method by name (its objective's `rows`, `head` and `divergence`);
+    `settings`: what its step looked like at the snapshot (Trainer.selection_settings)."""
 
     def __init__(self, model, shardset, split: str, device="cpu", batch_size: int = 256, eps: float = 8 / 255,
                  step: float = 2 / 255, attack_steps: int = 1, temperature: float = 0.5,
                  validation_fraction: float = 0.01, seed: int = 0, min_crop_scale: float = 0.08,
                  strength: float = 1.0, validation_ids: np.ndarray | None = None, method: str = "acl",
                  settings: dict | None = None, workers: int = 0):
-        from pipeline.trainers import TRAINERS  # the selection process needs the method's hooks, not a trainer
-
         torch.set_flush_denormal(True)  # denormal floats in trained weights slow CPU math down ~10x
-        if method not in TRAINERS:
-            raise PipelineError(f"the snapshot was trained by method {method!r}, which this version does not know "
-                                f"({', '.join(TRAINERS)})")
-        self.method = TRAINERS[method]
+        self.method = objective_of(method)
         self.model = model.to(device).eval()
-        self.head_name = self.method.selection_head
+        self.head_name = self.method.head
         self.head = model.heads[self.head_name]
         self.branches = (model.branch("natural"), model.branch("adversarial"))
         self.shardset, self.split, self.device = shardset, split, torch.device(device)
@@ -143,9 +139,7 @@ class ProxyComputer:
         """(candidates, U): the run's U when it gave one, else a seeded part of the pool."""
         if self.validation_ids is not None:
             return np.setdiff1d(pool_ids, self.validation_ids), self.validation_ids
-        rng = np.random.default_rng([self.seed, 7])
-        n_val = max(2, int(round(len(pool_ids) * self.validation_fraction)))
-        val = np.sort(rng.choice(pool_ids, n_val, replace=False))
+        val = draw_validation(pool_ids, self.validation_fraction, self.seed)
         return np.setdiff1d(pool_ids, val), val
 
     def validation_state(self, val_ids: np.ndarray, spread: bool = True):
@@ -193,7 +187,7 @@ class ProxyComputer:
         for k, b in enumerate(self._batches(mine) if len(mine) else []):
             if need_features:
                 feats.append(self._features(to_float(b.images), b_nat).half().cpu())
-            rows = self.method.selection_rows(self.model, b, self._generator(2, first + k), self.settings, budget)
+            rows = self.method.rows(self.model, b, self._generator(2, first + k), self.settings, budget)
             row_branches = tuple(rows.branches)
             comp.append(compressed_rows(head, rows).cpu())
             row_feats.append(torch.stack(rows.feats, 1).half().cpu())

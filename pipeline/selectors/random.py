@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.selectors.base import Selection, SelectionContext, Selector, class_budgets
+from pipeline.selectors.base import Selection, SelectionContext, Selector, class_budgets, register_selector
 
 
+@register_selector
 class RandomSelector(Selector):
     name = "random"
     defaults = {"per_class": False}

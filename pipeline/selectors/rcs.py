@@ -28,7 +28,7 @@ import torch
 
 from pipeline.dist import gather_objects, rank_and_world
 from pipeline.errors import PipelineError
-from pipeline.selectors.base import Selection, SelectionContext, Selector
+from pipeline.selectors.base import Selection, SelectionContext, Selector, register_selector
 from pipeline.selectors.proxies import head_linears, pick_gradient, rd_gradient
 
 
@@ -95,6 +95,7 @@ def _rcs_greedy(proxies, head, picks_wanted, eta, unit, batch_size, rng, refresh
     return picked, gains
 
 
+@register_selector
 class RCSSelector(Selector):
     name = "rcs"
     needs_model = True

@@ -18,7 +18,7 @@ from pipeline.errors import PipelineError
 from pipeline.locks import folder_lock
 from pipeline.models import create_model, model_spec
 from pipeline.progress import console
-from pipeline.selectors import SelectionContext, create_selector
+from pipeline.selectors.base import SelectionContext, create_selector, draw_validation
 from pipeline.selectors.proxies import ProxyComputer
 from pipeline.shards.manifest import Manifest, check_manifest_target
 from pipeline.shards.shardset import ShardSet
@@ -86,8 +86,7 @@ def _run_selection(data, selector, fraction, out, checkpoint, split, pool, seed,
     val_ids, _ = _ids_of(validation, ss)
     if sel.needs_validation:
         if val_ids is None:
-            rng = np.random.default_rng([seed, 7])
-            val_ids = np.sort(rng.choice(pool_ids, max(2, int(round(len(pool_ids) * validation_fraction))), replace=False))
+            val_ids = draw_validation(pool_ids, validation_fraction, seed)
         pool_ids = np.setdiff1d(pool_ids, val_ids)
     proxies, digest, settings = None, None, {}
     if sel.needs_model:

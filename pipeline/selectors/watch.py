@@ -13,6 +13,7 @@ from pathlib import Path
 from pipeline.checkpoint import load_checkpoint
 from pipeline.errors import PipelineError
 from pipeline.progress import console
+from pipeline.runlayout import RunLayout
 from pipeline.selectors.run import run_selection
 from pipeline.shards.manifest import next_round, round_path
 
@@ -23,7 +24,7 @@ def watch_run(run: Path, data, selector: str, fraction: float, params: dict, see
     run = Path(run)
     if not run.is_dir():
         raise PipelineError(f"{run}: no such run folder (start the run with `pipeline train --out {run} ...`)")
-    last_pt, manifests = run / "checkpoints" / "last.pt", run / "manifests"
+    last_pt, manifests = RunLayout(run).last, RunLayout(run).manifests
     seen_mtime, last_epoch, written = None, None, 0
     console.print(f"watching {last_pt} (every {every} epoch(s)); Ctrl-C to stop")
     while max_rounds is None or written < max_rounds:

@@ -23,6 +23,7 @@ import simplejpeg
 from PIL import Image
 
 from pipeline.errors import PipelineError
+from pipeline.kv import parse_kv
 from pipeline.shards.images import CorruptImage, _is_jpeg, _plain, convert, jpeg_pixels
 
 
@@ -120,15 +121,12 @@ def parse_crop(text: str | None) -> RandomResizedCrop | None:
     kind, _, rest = text.partition(":")
     if kind != "random-resized" or not rest:
         raise PipelineError(f"crop {text!r}: expected none or random-resized:SIZE[,scale=LO-HI][,ratio=LO-HI]")
-    parts = rest.split(",")
+    size, _, options = rest.partition(",")
     try:
-        kw: dict = {"size": int(parts[0])}
-        for item in parts[1:]:
-            key, _, value = item.partition("=")
+        kw: dict = {"size": int(size)}
+        for key, value in parse_kv(options, "crop", {"scale": str, "ratio": str}).items():
             lo, _, hi = value.partition("-")
-            if key not in ("scale", "ratio"):
-                raise ValueError(key)
             kw[key] = (float(lo), float(hi))
-    except ValueError:
+    except (ValueError, PipelineError):
         raise PipelineError(f"crop {text!r}: expected random-resized:SIZE[,scale=LO-HI][,ratio=LO-HI]") from None
     return RandomResizedCrop(**kw)

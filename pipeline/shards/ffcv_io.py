@@ -1,23 +1,17 @@
-"""FFCV: `.beton` files written from a shard set, and a loader with the same batches as the others.
+"""FFCV: the loader over a split's `.beton`, with the same batches as the others (`ffcv_write.py` writes them).
 
-ffcv is an optional extra (`pip install 'pipeline[ffcv]'`, after its system libraries); it is imported here
-only. Rows of a split's `.beton` follow the split's member table, so row r holds sample `ids[r]`; the id is
+ffcv is an optional extra (`pip install 'pipeline[ffcv]'`, after its system libraries); `_ffcv` here is the
+only place it is imported. Rows of a split's `.beton` follow the split's member table, so row r holds sample `ids[r]`; the id is
 stored too (field `id`) because ffcv batches do not say which samples they hold.
 """
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 
-from pipeline.atomic import atomic_path, write_json
 from pipeline.errors import PipelineError
-from pipeline.progress import console
-from pipeline.shards import layout
 from pipeline.shards.batch import Batch
-from pipeline.shards.reader import TaskReader
-from pipeline.shards.shardset import ShardSet
 
 INSTALL_HINT = ("ffcv is not installed: `apt-get install -y --no-install-recommends libturbojpeg0-dev libopencv-dev "
                 "pkg-config`, then `pip install 'pipeline[ffcv]'` (or leave out the ffcv format)")
@@ -43,55 +37,6 @@ def available() -> bool:
         return True
     except PipelineError:
         return False
-
-
-class _SplitRows:
-    """Indexed view of a split for ffcv's writer: row -> (HxWx3 uint8 image, label, id)."""
-
-    def __init__(self, shardset: ShardSet, split: str):
-        self.reader = TaskReader(shardset, split, None, 1)
-        self.table = shardset.members(split)
-
-    def __len__(self) -> int:
-        return len(self.table)
-
-    def __getitem__(self, row: int):
-        (batch,) = self.reader.batches(np.array([row]))
-        img = batch.images[0].permute(1, 2, 0).numpy()
-        if img.shape[2] == 1:
-            img = np.repeat(img, 3, axis=2)  # ffcv's image field is RGB; grey sets read back channel 0
-        return np.ascontiguousarray(img), int(self.table.labels[row]), int(self.table.ids[row])
-
-
-def write_betons(out, workers: int = 1, progress: bool = True) -> dict:
-    """Write `<split>.beton` for every split that lacks an intact one; record them in index.json."""
-    ff = _ffcv()
-    shardset = ShardSet.open(out)
-    if shardset.image_size is None:
-        raise PipelineError(f"{out}: images vary in size; prepare with --image-size N to write FFCV files")
-    index = shardset.index
-    for split in shardset.splits:
-        info = index["splits"][split]
-        path = shardset.root / f"{split}.beton"
-        rec = info.get("beton")
-        if rec and path.is_file() and path.stat().st_size == rec["bytes"]:
-            continue
-        console.print(f"writing {path.name} ({info['count']} images)")
-        small = shardset.image_size <= 64
-        fields = {
-            # Small images stay raw (exact pixels); large ones are JPEG-compressed, as ffcv-imagenet does.
-            "image": ff.fields.RGBImageField(write_mode="raw" if small else "jpg", max_resolution=shardset.image_size),
-            "label": ff.fields.IntField(),
-            "id": ff.fields.IntField(),
-        }
-        with atomic_path(path) as tmp:
-            # ffcv's smallest page (2 MiB) keeps small sets small; a page must hold the largest sample.
-            page = 2 << 20 if small else 8 << 20
-            writer = ff.writer.DatasetWriter(str(tmp), fields, num_workers=max(1, workers), page_size=page)
-            writer.from_indexed_dataset(_SplitRows(shardset, split), chunksize=256)
-        info["beton"] = {"file": path.name, "count": info["count"], "bytes": path.stat().st_size}
-    write_json(shardset.root / layout.INDEX_NAME, index)
-    return index
 
 
 class FfcvLoader:

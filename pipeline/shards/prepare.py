@@ -23,6 +23,7 @@ import numpy as np
 from pipeline import __version__
 from pipeline.atomic import write_json
 from pipeline.errors import PipelineError
+from pipeline.kv import parse_kv
 from pipeline.locks import folder_lock
 from pipeline.progress import console, progress_bar
 from pipeline.shards import layout
@@ -73,14 +74,12 @@ class PrepareOptions:
                 raise PipelineError(f"--per-class {split}={n}: must be a whole number of samples >= 1")
 
 
-def parse_per_class(text: str | None) -> dict[str, int]:
-    """'train=1000,test=200' -> {'train': 1000, 'test': 200}."""
-    out: dict[str, int] = {}
-    for item in filter(None, (t.strip() for t in (text or "").split(","))):
-        split, eq, n = item.partition("=")
-        if not eq or not n.strip().isdigit():
-            raise PipelineError(f"--per-class {item!r}: expected SPLIT=N, e.g. train=1000")
-        out[split.strip()] = int(n)
+def parse_per_class(text: str | dict | None) -> dict[str, int]:
+    """'train=1000,test=200' (or {train = 1000}) -> {'train': 1000, 'test': 200}."""
+    out = parse_kv(text, "--per-class", example="train=1000")
+    bad = next((k for k, n in out.items() if isinstance(n, bool) or not isinstance(n, int) or n < 0), None)
+    if bad is not None:
+        raise PipelineError(f"--per-class {bad}={out[bad]!r}: expected SPLIT=N with N a whole number, e.g. train=1000")
     return out
 
 
@@ -455,7 +454,7 @@ def _prepare_locked(spec: str, opts: PrepareOptions, source: Source, out: Path) 
         index = json.loads(index_path.read_text())
     result = PrepareResult(out, index, sum(len(t.ids) for t in todo), time.perf_counter() - started)
     if "ffcv" in opts.formats:
-        from pipeline.shards.ffcv_io import write_betons
+        from pipeline.shards.ffcv_write import write_betons
 
         result.index = write_betons(out, workers=opts.workers, progress=opts.progress)
     return result

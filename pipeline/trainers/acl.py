@@ -8,11 +8,10 @@ import torch
 
 from pipeline.attacks import PGD
 from pipeline.augment import ContrastiveAugment
-from pipeline.losses import multiview_contrastive, nt_xent, row_gradients
+from pipeline.losses import nt_xent
 from pipeline.models import model_spec
-from pipeline.models.multibn import use_branch
-from pipeline.trainers.base import HeadRows, StepRecord, Trainer
-from pipeline.trainers.config import register_section
+from pipeline.trainers.base import StepRecord, Trainer, register_trainer
+from pipeline.config import register_section
 
 NAT, ADV = "nat", "adv"  # ACL's two batch-norm branches; the eval branch is the adversarial one
 
@@ -31,6 +30,7 @@ class DynACLConfig:
     swap: float = 2 / 3  # how far the loss weight moves towards the adversarial term over the run
 
 
+@register_trainer
 class ACLTrainer(Trainer):
     """Two augmented views; PGD on the contrastive loss (eval mode, adversarial branch) perturbs both; loss =
     mean of natural NT-Xent (natural batch norm) and adversarial NT-Xent (adversarial batch norm)."""
@@ -75,39 +75,8 @@ class ACLTrainer(Trainer):
         return {**super().selection_settings(), "temperature": self.cfg.acl.temperature,
                 "min_crop_scale": self.cfg.acl.min_crop_scale, "strength": self.augment.strength}
 
-    @classmethod
-    def selection_rows(cls, model, batch, gen, settings, attack) -> HeadRows:
-        return contrastive_rows(model, batch.images, settings, attack, gen)
 
-
-def contrastive_rows(model, images, settings: dict, attack, gen) -> HeadRows:
-    """Selection rows of a two-view NT-Xent method: the two views on the natural branch and, with an attack,
-    their PGD views (eval mode, adversarial branch): 4 rows per sample for ACL, 2 for SimCLR. Each row's term
-    is taken against the batch held fixed, divided by the row count (a sample's loss is its rows' mean)."""
-    t = settings.get("temperature", 0.5)
-    augment = ContrastiveAugment(images.shape[-1], settings.get("strength", 1.0), settings.get("min_crop_scale", 0.08))
-    views = torch.cat([augment(images, gen), augment(images, gen)])
-    nat, adv = model.branch("natural"), model.branch("adversarial")
-    with torch.no_grad():
-        passes = [(model.features(views, nat), nat)]
-    if attack is not None and attack.steps > 0:
-        pgd = PGD(lambda x: model(x, adv, heads=("proj",))["proj"], lambda z, _: nt_xent(z, t),
-                  attack.eps, attack.step, attack.steps, module=model, generator=gen)
-        x_adv = pgd(views)
-        with torch.no_grad():
-            passes.append((model.features(x_adv, adv), adv))
-    head, n = model.heads["proj"], len(images)
-    feats, grads, branches = [], [], []
-    for f, branch in passes:
-        with torch.no_grad(), use_branch(head, branch):
-            z = head(f)
-        g = row_gradients(z, lambda zz: multiview_contrastive(zz, 2, t, reduction="rows", detach_others=True))
-        feats += list(f.split(n))
-        grads += list(g.split(n))
-        branches += [branch, branch]
-    return HeadRows(feats, [g / len(feats) for g in grads], branches)
-
-
+@register_trainer
 class DynACLTrainer(ACLTrainer):
     """ACL with DynACL's annealing: every `dynacl.period` epochs the augmentation strength drops (from 1
     towards 0 over the run) and the loss weight moves towards the adversarial term, as in the DynACL code:

@@ -25,13 +25,14 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.attacks import PGD
-from pipeline.augment import ContrastiveAugment, high_pass, random_crop_flip, to_float
+from pipeline.augment import ContrastiveAugment
 from pipeline.errors import PipelineError
-from pipeline.losses import multiview_contrastive, row_gradients
+from pipeline.losses import multiview_contrastive
 from pipeline.models import model_spec
-from pipeline.models.multibn import use_branch
-from pipeline.trainers.base import HeadRows, StepRecord, Trainer
-from pipeline.trainers.config import register_section
+from pipeline.objectives.advcl import advcl_views
+from pipeline.pseudolabels import PseudoLabels
+from pipeline.trainers.base import StepRecord, Trainer, register_trainer
+from pipeline.config import register_section
 
 NORMAL, PGD_CL, PGD_CE = "normal", "pgd", "pgd_ce"
 
@@ -52,13 +53,7 @@ def cluster_heads(counts) -> list[str]:
     return [f"cluster_{k}" for k in counts]
 
 
-def advcl_views(images: torch.Tensor, gen, augment: ContrastiveAugment, radius: float):
-    """(view 1, view 2, the weakly augmented image, its high-frequency view)."""
-    x1, x2 = augment(images, gen), augment(images, gen)
-    x = random_crop_flip(to_float(images), gen, padding=max(1, images.shape[-1] // 8))
-    return x1, x2, x, high_pass(x, radius)
-
-
+@register_trainer
 class AdvCLTrainer(Trainer):
     name = "advcl"
     sections = ("advcl",)
@@ -66,8 +61,6 @@ class AdvCLTrainer(Trainer):
                        "optim.schedule": "cosine", "model.proj_dim": 128}
 
     def model_spec(self) -> dict:
-        from pipeline.pseudolabels import PseudoLabels
-
         a, m = self.cfg.advcl, self.cfg.model
         if not a.pseudo_labels:
             raise PipelineError("advcl trains on pseudo-labels: make them with `pipeline pseudo-labels --data DATA "
@@ -123,29 +116,3 @@ class AdvCLTrainer(Trainer):
         a = self.cfg.advcl
         return {**super().selection_settings(), "temperature": a.temperature, "scale": self.scale,
                 "min_crop_scale": a.min_crop_scale, "hf_radius": self.radius}
-
-    @classmethod
-    def selection_rows(cls, model, batch, gen, settings, attack) -> HeadRows:
-        """4 rows per sample at the projection head: x_cl (PGD on the contrastive term, eval mode, `pgd`
-        branch), the two views and the high-frequency view (`normal`). The pseudo-label term does not reach
-        the projection head (its gradient there is zero), so these rows are the whole loss's head gradient."""
-        t, scale = settings.get("temperature", 0.5), settings.get("scale", 0.5 / 0.07)
-        augment = ContrastiveAugment(batch.images.shape[-1], min_scale=settings.get("min_crop_scale", 0.2))
-        radius = settings.get("hf_radius") or 8 * batch.images.shape[-1] / 32
-        x1, x2, x, hf = advcl_views(batch.images, gen, augment, radius)
-        adv, nat = model.branch("adversarial"), model.branch("natural")
-        head = model.heads["proj"]
-        with torch.no_grad():
-            z_views = [model(v, nat, heads=("proj",))["proj"] for v in (x1, x2, hf)]
-
-        def contrastive(z_cl, _):
-            return multiview_contrastive(torch.cat([z_cl, *z_views]), 4, t, scale)
-
-        x_cl = PGD(lambda v: model(v, adv, heads=("proj",))["proj"], contrastive, attack.eps, attack.step,
-                   attack.steps, module=model, generator=gen)(x)
-        with torch.no_grad():
-            feats = [model.features(x_cl, adv)] + [model.features(v, nat) for v in (x1, x2, hf)]
-            with use_branch(head, adv):
-                z = head(torch.cat(feats))
-        g = row_gradients(z, lambda zz: multiview_contrastive(zz, 4, t, scale, reduction="rows", detach_others=True))
-        return HeadRows(feats, list((g / 4).split(len(x))), [adv, nat, nat, nat])

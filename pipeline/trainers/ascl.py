@@ -20,8 +20,8 @@ from pipeline.augment import random_crop_flip, to_float
 from pipeline.errors import PipelineError
 from pipeline.losses import kl_per_sample
 from pipeline.models import model_spec
-from pipeline.trainers.base import HeadRows, StepRecord, Trainer
-from pipeline.trainers.config import register_section
+from pipeline.trainers.base import StepRecord, Trainer, register_trainer
+from pipeline.config import register_section
 
 NAT = "nat"
 RULES = ("all", "hard", "soft", "leaking")
@@ -85,14 +85,13 @@ def scaled_milestones(epochs: int) -> list[int]:
     return sorted({max(1, round(epochs * m / 120)) for m in (100, 105, 110)})
 
 
+@register_trainer
 class ASCLTrainer(Trainer):
     name = "ascl"
     sections = ("ascl",)
     config_defaults = {"optim.optimizer": "sgd", "optim.lr": 0.1, "optim.momentum": 0.9, "optim.weight_decay": 5e-4,
                        "optim.schedule": "step", "optim.warmup_epochs": 0, "optim.epochs": 120,
                        "attack.steps": 10, "data.batch_size": 128, "model.proj_dim": 128}
-    selection_head = "logits"  # selection measures its supervised loss at its own classifier
-    divergence = "kl"  # RD on logits: softmax KL, as RCS does for supervised outputs
 
     def model_spec(self) -> dict:
         m = self.cfg.model
@@ -139,23 +138,3 @@ class ASCLTrainer(Trainer):
     def selection_settings(self) -> dict:
         a = self.cfg.ascl
         return {**super().selection_settings(), "kl_weight": a.kl_weight, "ce_weight": a.ce_weight}
-
-    @classmethod
-    def selection_rows(cls, model, batch, gen, settings, attack) -> HeadRows:
-        """2 rows per sample at the classifier: the image (natural) and its PGD-CE version; the sample's
-        supervised loss kl_weight x KL(natural || adversarial) + ce_weight x CE(adversarial). The contrastive
-        term does not pass the classifier."""
-        kl_w, ce_w = settings.get("kl_weight", 2.0), settings.get("ce_weight", 1.0)
-        x = to_float(batch.images)
-        y = batch.labels.to(x.device).long()
-        head = model.heads["logits"]
-        pgd = PGD(lambda v: model(v, NAT, heads=("logits",))["logits"],
-                  lambda out, t: F.cross_entropy(out.float(), t), attack.eps, attack.step, attack.steps,
-                  module=model, generator=gen)
-        with torch.no_grad():
-            feats = [model.features(x, NAT), model.features(pgd(x, y), NAT)]
-            logits = [head(f) for f in feats]
-        nat, adv = (t.detach().float().requires_grad_(True) for t in logits)
-        loss = kl_w * kl_per_sample(nat, adv) + ce_w * F.cross_entropy(adv, y, reduction="none")
-        grads = torch.autograd.grad(loss.sum(), [nat, adv])
-        return HeadRows(feats, list(grads), [NAT, NAT])

@@ -6,9 +6,10 @@ Hooks (solo-learn style):
     on_epoch_start(epoch)        -> schedules inside the method (DynACL's strength, ...)
     training_step(batch, epoch)  -> StepRecord(per-sample losses, logs, per-sample values)
     selection_settings()         -> what a selector needs to mimic the method's step (temperature, strength, ...)
-    selection_rows(model, batch, gen, settings, attack)   (classmethod, run by the selection process on a
-                                    snapshot) -> HeadRows: the method's per-sample loss gradient at its
-                                    `selection_head`, which RCS and facility location select with
+    extra_state() / load_extra_state(state)  -> state beyond the model and optimiser (an EMA teacher, a queue),
+                                    saved with every checkpoint and restored on resume
+How selection sees the method's loss (its rows at a head, RCS's divergence there) is the method's `Objective`
+(pipeline.objectives), registered under the same name: the selection process needs no trainer.
 A method's reference optimiser and schedule go in `config_defaults` ({"optim.lr": 0.5, ...}): applied to the
 settings the user did not set.
 The loop owns the rest: device and torchrun (pipeline.dist), where subsets come from (`SubsetSource`), the
@@ -34,10 +35,12 @@ from pipeline.errors import PipelineError
 from pipeline.losses import weighted_mean
 from pipeline.models import create_model
 from pipeline.progress import console, progress_bar
+from pipeline.registry import Registry
+from pipeline.runlayout import RunLayout
 from pipeline.shards.crops import parse_crop
 from pipeline.shards.manifest import Manifest
 from pipeline.shards.shardset import ShardSet
-from pipeline.trainers.config import TrainConfig
+from pipeline.config import METHOD_SECTIONS, TrainConfig
 from pipeline.trainers.optim import build_optimizer, lr_at
 from pipeline.trainers.subsets import create_subset_source
 
@@ -51,18 +54,6 @@ class StepRecord:
     losses: torch.Tensor
     logs: dict = field(default_factory=dict)
     values: dict = field(default_factory=dict)
-
-
-@dataclass
-class HeadRows:
-    """A batch's per-sample training loss as selection sees it at one head of the model: sample i enters the
-    head R times (row r: input `feats[r][i]` on batch-norm branch `branches[r]`), and `grads[r][i]` is the
-    gradient of sample i's loss with respect to the head's output for that row, the other samples held fixed.
-    The head's per-sample parameter gradient follows exactly: sum over rows of (output gradient x input)."""
-
-    feats: list
-    grads: list
-    branches: list
 
 
 class BranchForward(nn.Module):
@@ -88,8 +79,6 @@ class Trainer:
         """Fill what the user left unset with the method's reference settings, before anything reads the
         config: `pipeline train` and `pipeline experiment` then write and compare the same config.toml."""
         cfg.apply_defaults(cls.config_defaults)
-    selection_head = "proj"  # the head whose per-sample gradients selection uses (and RCS's RD is measured at)
-    divergence = "minmax_kl"  # RCS's representational divergence at that head (losses.representational_divergence)
 
     def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True):
         self.cfg, self.progress = cfg, progress
@@ -97,7 +86,8 @@ class Trainer:
             raise PipelineError("no run folder: pass --out RUN")
         if not cfg.data.path:
             raise PipelineError("no data: pass --data SHARDSET")
-        self.run_dir = Path(cfg.run.out)
+        self.layout = RunLayout(cfg.run.out)
+        self.run_dir = self.layout.root
         self.dist = init_distributed(cfg.run.device)
         self.device, self.is_main = self.dist.device, self.dist.is_main
         if self.is_main:  # one writer per run folder
@@ -136,7 +126,7 @@ class Trainer:
         self.subset, self.loader, self._loader_key = None, None, None
         self.subsets = create_subset_source(self)
         if resume:
-            self._load_state(self.run_dir / "checkpoints" / "last.pt")
+            self._load_state(self.layout.last)
 
     # -- hooks ------------------------------------------------------------------------------------------
     def model_spec(self) -> dict:
@@ -154,12 +144,15 @@ class Trainer:
     def selection_settings(self) -> dict:
         return {"attack": self.budget.as_dict()}
 
-    @classmethod
-    def selection_rows(cls, model, batch, gen: torch.Generator, settings: dict, attack) -> HeadRows:
-        """The per-sample loss gradient at `selection_head` for one batch (model in eval mode, `attack` the
-        proxy's budget: eps, step, steps). Runs in the selection process, from a snapshot: no trainer there."""
-        raise PipelineError(f"method {cls.name!r} does not tell selection how it sees its loss (selection_rows): "
-                            "use --selector random")
+    def extra_state(self) -> dict:
+        """Tensors and plain values beyond the model and optimiser that training depends on (solo-learn's
+        momentum encoder, a queue, an EMA teacher): saved in every checkpoint, given back on resume."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        if state:
+            raise PipelineError(f"the checkpoint holds state of method {self.name!r} that this trainer does not "
+                                f"restore ({', '.join(state)})")
 
     # -- helpers for methods ----------------------------------------------------------------------------
     def autocast_ctx(self):
@@ -206,11 +199,9 @@ class Trainer:
         """Train from the current epoch to the configured end (or for `stop_after` epochs of this call)."""
         cfg = self.cfg
         if self.is_main:
-            (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-            from pipeline.trainers.runfolder import MARKER
-
-            (self.run_dir / MARKER).write_text(json.dumps({"method": self.name, "tool": "pipeline"}) + "\n")
-            cfg.save(self.run_dir / "config.toml")
+            self.layout.checkpoints.mkdir(parents=True, exist_ok=True)
+            self.layout.marker.write_text(json.dumps({"method": self.name, "tool": "pipeline"}) + "\n")
+            cfg.save(self.layout.config)
         summary = {}
         end = cfg.optim.epochs if stop_after is None else min(cfg.optim.epochs, self.start_epoch + stop_after)
         try:
@@ -226,9 +217,9 @@ class Trainer:
                     for rec in self.subsets.records():
                         self._log(rec)
                     state = self._state(epoch + 1, summary)
-                    save_checkpoint(self.run_dir / "checkpoints" / "last.pt", state)
+                    save_checkpoint(self.layout.last, state)
                     if cfg.run.checkpoint_every and (epoch + 1) % cfg.run.checkpoint_every == 0:
-                        save_checkpoint(self.run_dir / "checkpoints" / f"epoch-{epoch + 1:04d}.pt", state)
+                        save_checkpoint(self.layout.epoch_checkpoint(epoch + 1), state)
                     self._log({"kind": "epoch", **summary})
                 self.dist.barrier()
         except BaseException:
@@ -293,7 +284,7 @@ class Trainer:
 
     def _check_finite(self, loss: torch.Tensor, epoch: int, step: int) -> None:
         if self.dist.any(not bool(torch.isfinite(loss.detach()).item())):
-            last = self.run_dir / "checkpoints" / "last.pt"
+            last = self.layout.last
             if last.exists():
                 kept = (f"the last good checkpoint is {last} (epoch {self.start_epoch}). Lower optim.lr or check "
                         f"the data, then --resume {self.run_dir}")
@@ -302,7 +293,7 @@ class Trainer:
             raise PipelineError(f"non-finite loss at epoch {epoch + 1}, step {step + 1}: training stopped; {kept}")
 
     def _log(self, record: dict) -> None:
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
+        with open(self.layout.metrics, "a") as f:
             f.write(json.dumps({**record, "time": time.time()}, default=float) + "\n")
 
     # -- checkpoints ------------------------------------------------------------------------------------
@@ -320,6 +311,7 @@ class Trainer:
                        "round": sub.round if sub is not None and sub.round is not None else -1},
             "summary": {k: v for k, v in summary.items() if isinstance(v, (int, float)) and v is not None},
             "selection": self._selection_state(),
+            "method_state": self.extra_state(),
         }
 
     def _selection_state(self) -> dict:
@@ -338,13 +330,14 @@ class Trainer:
         self.start_epoch, self.global_step = int(ckpt["epoch"]), int(ckpt["global_step"])
         torch.set_rng_state(ckpt["rng"]["torch"].cpu())
         self.gen.set_state(ckpt["rng"]["generator"].cpu())
+        self.load_extra_state(ckpt.get("method_state") or {})
         sel = ckpt.get("selection") or {}
         if self.is_main and sel.get("kind") == self.subsets.kind:
             self.subsets.restore({**json.loads(sel.get("state") or "{}"), "tensors": sel.get("tensors") or {}})
         if self.cuda and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), self.device)
         if self.is_main:  # drop metrics of work after the checkpoint: it is about to be redone
-            metrics = self.run_dir / "metrics.jsonl"
+            metrics = self.layout.metrics
             if metrics.exists():
                 keep = [ln for ln in metrics.read_text().splitlines()
                         if ln.strip() and json.loads(ln).get("epoch", 0) < self.start_epoch + (json.loads(ln)["kind"] == "epoch")]
@@ -362,3 +355,16 @@ class Trainer:
         if self.is_main:
             locks.release(self.run_dir)
         self.dist.close()
+
+
+TRAINERS: Registry[type[Trainer]] = Registry("method", flag="--method")
+
+
+def register_trainer(cls: type[Trainer]) -> type[Trainer]:
+    """Register a method by its `name`, with the config sections it reads (written to RUN/config.toml)."""
+    METHOD_SECTIONS[cls.name] = cls.sections
+    return TRAINERS.register(cls)
+
+
+def list_trainers() -> list[str]:
+    return TRAINERS.names()

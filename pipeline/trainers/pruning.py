@@ -22,10 +22,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
+import torch.distributed as dist
 
 from pipeline.errors import PipelineError
+from pipeline.kv import parse_kv
 from pipeline.shards.manifest import Manifest, newest_valid, next_round, round_path
-from pipeline.trainers.subsets import SubsetSource
+from pipeline.trainers.subsets import PRUNERS, SubsetSource, register_pruner
 
 SCORES = {"loss": "loss", "el2n": "el2n", "margin": "margin", "forgetting": "correct_adv", "grad-norm": "grad_norm"}
 ORDERS = ("highest", "lowest", "stratified")
@@ -63,8 +66,6 @@ class ScoreBook:
 
     def state(self) -> dict:
         """Flat {name: tensor} (checkpoints hold tensors, loaded with weights_only=True)."""
-        import torch
-
         out = {"ids": self.ids, "forgetting": self.forgetting, "last_correct": self.last_correct,
                **{f"value:{k}": v for k, v in self.values.items()}}
         return {k: torch.from_numpy(np.ascontiguousarray(v).copy()) for k, v in out.items()}
@@ -116,9 +117,7 @@ def infobatch_draw(ids: np.ndarray, losses: np.ndarray, r: float, rng: np.random
 
 
 def _params(trainer) -> dict:
-    from pipeline.overlap import parse_params
-
-    return parse_params(trainer.cfg.select.params)
+    return parse_kv(trainer.cfg.select.params, "select.params")
 
 
 class _InProcess(SubsetSource):
@@ -129,7 +128,7 @@ class _InProcess(SubsetSource):
     def __init__(self, trainer, pool_ids):
         super().__init__(trainer)
         self.book = ScoreBook(pool_ids)
-        self.folder = trainer.run_dir / "manifests"
+        self.folder = trainer.layout.manifests
         self.epochs = trainer.cfg.optim.epochs
         self._manifest, self._records, self._full = None, [], False
 
@@ -141,8 +140,6 @@ class _InProcess(SubsetSource):
         ids = batch.ids.detach().cpu().numpy()
         vals = {k: v.detach().float().cpu().numpy() for k, v in wanted.items()}
         if self.trainer.dist.distributed:  # every rank keeps every rank's scores
-            import torch.distributed as dist
-
             both = [None] * self.trainer.dist.world_size
             dist.all_gather_object(both, (ids, vals))
             ids = np.concatenate([b[0] for b in both])
@@ -181,12 +178,15 @@ class _InProcess(SubsetSource):
         self._full = bool(state.get("full", False))
 
 
-
 class ScoredSubsets(_InProcess):
-    def __init__(self, trainer, pool_ids, score: str = "loss"):
+    """Registered once per score (`loss`, `el2n`, ...): the registered name is the score it prunes by."""
+
+    name = "loss"
+
+    def __init__(self, trainer, pool_ids):
         super().__init__(trainer, pool_ids)
         p = _params(trainer)
-        self.score_name = score
+        self.score_name = self.name
         self.order = p.get("order", "highest")
         self.bins, self.anneal = int(p.get("bins", 10)), int(p.get("anneal", 0))
         if self.order not in ORDERS:
@@ -210,6 +210,9 @@ class ScoredSubsets(_InProcess):
 
 
 class InfoBatchSubsets(_InProcess):
+    name = "infobatch"
+    fixed_fraction = False  # the subset size follows the losses, not select.fraction
+
     def __init__(self, trainer, pool_ids):
         super().__init__(trainer, pool_ids)
         p = _params(trainer)
@@ -228,8 +231,8 @@ class InfoBatchSubsets(_InProcess):
         self._write(epoch, keep, weights, params={"r": self.r, "anneal": self.anneal})
 
 
-PRUNERS = {**{name: (lambda t, ids, n=name: ScoredSubsets(t, ids, n)) for name in SCORES},
-           "infobatch": InfoBatchSubsets}
-NO_FIXED_FRACTION = {"infobatch"}  # pruners whose subset size follows the losses, not select.fraction
+for _score in SCORES:  # one pruner per score, registered before InfoBatch (the order help texts list them in)
+    PRUNERS.add(_score, type(f"ScoredSubsets[{_score}]", (ScoredSubsets,), {"name": _score}))
+register_pruner(InfoBatchSubsets)
 
-__all__ = ["InfoBatchSubsets", "NO_FIXED_FRACTION", "PRUNERS", "ScoreBook", "ScoredSubsets", "infobatch_draw", "prune"]
+__all__ = ["InfoBatchSubsets", "ScoreBook", "ScoredSubsets", "infobatch_draw", "prune"]

@@ -3,23 +3,15 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from pipeline.errors import PipelineError
 from pipeline.locks import LOCK_NAME
-
-MARKER = ".pipeline-run.json"  # written by the trainer: this folder is a run
-_OURS = {  # sub-folder -> names the trainer writes there
-    ".": re.compile(r"^(config\.toml|metrics\.jsonl|results\.json|\.pipeline-run\.json)$"),
-    "checkpoints": re.compile(r"^(last|epoch-\d{4})\.pt$"),
-    "snapshots": re.compile(r"^round-\d{4}\.(pt|group)$"),  # .group: a multi-process round's rendezvous
-}
-_MANIFEST_FOLDERS = ("manifests", "selection")
+from pipeline.runlayout import RunLayout
 
 
 def is_run(run: Path) -> bool:
-    return (run / MARKER).is_file() or (run / "config.toml").is_file()
+    return RunLayout(run).is_run()
 
 
 def _manifest_files(folder: Path) -> list[Path]:
@@ -52,13 +44,13 @@ def start_fresh(run: Path | None, overwrite: bool) -> None:
     if not overwrite:
         raise PipelineError(f"{run}: already holds a run; continue it with --resume {run}, start afresh with "
                             "--overwrite, or choose another --out")
-    for sub, pattern in _OURS.items():
+    for sub, pattern in RunLayout.OWNED.items():
         folder = run / sub
         if folder.is_dir():
             for p in folder.iterdir():
                 if p.is_file() and pattern.match(p.name):
                     p.unlink()
-    for sub in _MANIFEST_FOLDERS:
+    for sub in RunLayout.MANIFEST_FOLDERS:
         if (run / sub).is_dir():
             for p in _manifest_files(run / sub):
                 p.unlink(missing_ok=True)

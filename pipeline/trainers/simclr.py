@@ -13,9 +13,8 @@ import torch
 from pipeline.augment import ContrastiveAugment
 from pipeline.losses import nt_xent
 from pipeline.models import model_spec
-from pipeline.trainers.acl import contrastive_rows
-from pipeline.trainers.base import HeadRows, StepRecord, Trainer
-from pipeline.trainers.config import register_section
+from pipeline.trainers.base import StepRecord, Trainer, register_trainer
+from pipeline.config import register_section
 
 NAT = "nat"  # the only branch: it plays every role
 
@@ -28,6 +27,7 @@ class SimCLRConfig:
     head: str = "mlp2"  # SimCLR's head (Linear, BN, ReLU, Linear); mlp3 for ACL's, to compare like with like
 
 
+@register_trainer
 class SimCLRTrainer(Trainer):
     name = "simclr"
     sections = ("simclr",)
@@ -54,8 +54,3 @@ class SimCLRTrainer(Trainer):
         s = self.cfg.simclr
         return {**super().selection_settings(), "temperature": s.temperature, "min_crop_scale": s.min_crop_scale,
                 "strength": self.augment.strength}
-
-    @classmethod
-    def selection_rows(cls, model, batch, gen, settings, attack) -> HeadRows:
-        """2 rows per sample, its two views; no attack: SimCLR's step has none."""
-        return contrastive_rows(model, batch.images, settings, None, gen)

@@ -20,11 +20,17 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.kv import parse_kv
+from pipeline.progress import console
+from pipeline.registry import Registry
+from pipeline.selectors import create_selector, draw_validation, selector_needs_validation
+from pipeline.selectors.background import SelectionScheduler
 from pipeline.shards.manifest import Manifest, newest_valid, round_paths
 
 
 class SubsetSource:
     kind = "base"
+    fixed_fraction = True  # its subsets are select.fraction of the pool (InfoBatch's follow the losses)
 
     def __init__(self, trainer):
         self.trainer = trainer
@@ -107,14 +113,12 @@ class SelectionRounds(ManifestFolder):
     kind = "selection"
 
     def __init__(self, trainer, pool: Manifest | None, validation: Manifest | None):
-        from pipeline.overlap import SelectionScheduler
-
-        super().__init__(trainer, trainer.run_dir / "manifests", fallback=pool)
+        super().__init__(trainer, trainer.layout.manifests, fallback=pool)
         cfg = trainer.cfg
         self.warmup, self.every = cfg.select.schedule(cfg.optim.epochs)
         self.last_selection_epoch = -1
         self.scheduler = SelectionScheduler(
-            trainer.run_dir, cfg.data.path, cfg.data.split, cfg.select, str(trainer.device), cfg.run.seed,
+            trainer.layout, cfg.data.path, cfg.data.split, cfg.select, str(trainer.device), cfg.run.seed,
             pool=None if pool is None else str(pool.path), validation=None if validation is None else str(validation.path))
         self.rounds, self._pending_records, self._subset_round = {}, [], None
         # accounting: what selection cost and what training on subsets saved, estimated from measured epochs
@@ -157,8 +161,6 @@ class SelectionRounds(ManifestFolder):
             return
         self.warned = True
         fallback = self.trainer.cfg.select.fallback
-        from pipeline.progress import console
-
         console.print(f"[yellow]selection round {rec['round']} took {cost:.1f} s, more than the about {expected:.1f} s "
                       f"of training its subset saves over {self.every} epoch(s)[/]" +
                       ("; switching to random subsets for the rest of the run (select.fallback)" if fallback else
@@ -205,13 +207,10 @@ def held_out_parts(trainer) -> tuple[Manifest | None, Manifest | None]:
     """(pool, validation) of a run whose selector keeps a validation part U: U is drawn once per run (seeded),
     saved as RUN/selection/validation.json, and the pool (the split less U) as RUN/selection/pool.json; every
     epoch, warm-up included, trains on the pool only. (None, None) when the selector needs no U."""
-    from pipeline.selectors import selector_needs_validation
-
     cfg = trainer.cfg
     if not selector_needs_validation(cfg.select.selector, cfg.select.params):
         return None, None
-    folder = trainer.run_dir / "selection"
-    pool_path, val_path = folder / "pool.json", folder / "validation.json"
+    pool_path, val_path = trainer.layout.pool, trainer.layout.validation
     ss, split = trainer.shardset, cfg.data.split
     if pool_path.is_file() and val_path.is_file():
         pool, val = Manifest.load(pool_path), Manifest.load(val_path)
@@ -219,9 +218,7 @@ def held_out_parts(trainer) -> tuple[Manifest | None, Manifest | None]:
         val.check_against(ss)
         return pool, val
     ids = ss.ids(split)
-    rng = np.random.default_rng([cfg.run.seed, 7])
-    n_val = max(2, int(round(len(ids) * cfg.select.validation_fraction)))
-    val_ids = np.sort(rng.choice(ids, n_val, replace=False))
+    val_ids = draw_validation(ids, cfg.select.validation_fraction, cfg.run.seed)
     if trainer.dist.is_main:
         meta = {"validation_fraction": cfg.select.validation_fraction, "seed": cfg.run.seed}
         Manifest.for_shardset(ss, split, val_ids, producer={"name": "validation", "params": meta}).save(val_path)
@@ -231,25 +228,28 @@ def held_out_parts(trainer) -> tuple[Manifest | None, Manifest | None]:
     return Manifest.load(pool_path), Manifest.load(val_path)
 
 
+# In-process pruners by --selector name (pipeline.trainers.pruning registers them).
+PRUNERS: Registry[type[SubsetSource]] = Registry("pruner", flag="--selector")
+
+
+def register_pruner(cls: type[SubsetSource]) -> type[SubsetSource]:
+    return PRUNERS.register(cls)
+
+
 def create_subset_source(trainer) -> SubsetSource:
     cfg = trainer.cfg
     sel = cfg.select.selector
     if sel:
-        if cfg.data.manifest or (cfg.data.manifests and Path(cfg.data.manifests) != trainer.run_dir / "manifests"):
+        if cfg.data.manifest or (cfg.data.manifests and Path(cfg.data.manifests) != trainer.layout.manifests):
             raise PipelineError("choose either --selector (the run selects its own subsets) or --manifest/--manifests")
         if not 0 < cfg.select.fraction <= 1:
             raise PipelineError(f"--fraction {cfg.select.fraction}: must be in (0, 1]")
-        from pipeline.trainers.pruning import PRUNERS
-
         if sel in PRUNERS:
             return PRUNERS[sel](trainer, trainer.shardset.ids(cfg.data.split))
-        from pipeline.overlap import parse_params
-        from pipeline.selectors import create_selector
-
-        create_selector(sel, **parse_params(cfg.select.params))  # fail now, not in a background process
+        create_selector(sel, **parse_kv(cfg.select.params, "select.params"))  # fail now, not in a background process
         pool, validation = held_out_parts(trainer)
         if not trainer.dist.is_main:
-            return ManifestFolder(trainer, trainer.run_dir / "manifests", fallback=pool)
+            return ManifestFolder(trainer, trainer.layout.manifests, fallback=pool)
         return SelectionRounds(trainer, pool, validation)
     if cfg.data.manifest:
         return FixedManifest(trainer, cfg.data.manifest)
@@ -258,5 +258,5 @@ def create_subset_source(trainer) -> SubsetSource:
     return WholeSplit(trainer)
 
 
-__all__ = ["FixedManifest", "ManifestFolder", "SelectionRounds", "SubsetSource",
-           "WholeSplit", "create_subset_source", "held_out_parts"]
+__all__ = ["FixedManifest", "ManifestFolder", "PRUNERS", "SelectionRounds", "SubsetSource", "WholeSplit",
+           "create_subset_source", "held_out_parts", "register_pruner"]

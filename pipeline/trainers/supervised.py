@@ -26,10 +26,12 @@ import torch.nn.functional as F
 
 from pipeline.attacks import PGD
 from pipeline.augment import random_crop_flip, to_float
-from pipeline.losses import kl_per_sample, mart_loss_per_sample, trades_loss_per_sample
+from pipeline.losses import kl_per_sample
 from pipeline.models import model_spec
-from pipeline.trainers.base import HeadRows, StepRecord, Trainer
-from pipeline.trainers.config import register_section
+from pipeline.objectives.supervised import (ClassifierObjective, MARTObjective, PGDATObjective,
+                                            TRADESObjective)
+from pipeline.trainers.base import StepRecord, Trainer, register_trainer
+from pipeline.config import register_section
 
 NAT = "nat"
 
@@ -63,8 +65,7 @@ class SupervisedATTrainer(Trainer):
     config_defaults = {"optim.optimizer": "sgd", "optim.lr": 0.1, "optim.momentum": 0.9, "optim.weight_decay": 5e-4,
                        "optim.schedule": "step", "optim.warmup_epochs": 0, "attack.steps": 10,
                        "data.batch_size": 128}
-    selection_head = "logits"
-    divergence = "kl"
+    objective: type[ClassifierObjective]  # the per-sample loss, shared with selection
     start = "uniform"
 
     def model_spec(self) -> dict:
@@ -94,7 +95,7 @@ class SupervisedATTrainer(Trainer):
         return y
 
     def loss(self, logits_nat, logits_adv, y) -> torch.Tensor:
-        raise NotImplementedError
+        return self.objective.loss(logits_nat, logits_adv, y, {"beta": self.cfg.at.beta})
 
     def training_step(self, batch, epoch: int) -> StepRecord:
         images = batch.images.to(self.device, non_blocking=True)
@@ -113,42 +114,17 @@ class SupervisedATTrainer(Trainer):
     def selection_settings(self) -> dict:
         return {**super().selection_settings(), "beta": self.cfg.at.beta}
 
-    @classmethod
-    def selection_rows(cls, model, batch, gen, settings, attack) -> HeadRows:
-        """2 rows per sample at the classifier (the image and its PGD-CE version): the gradient of the method's
-        per-sample loss with respect to both logits."""
-        x = to_float(batch.images)
-        y = batch.labels.to(x.device).long()
-        head = model.heads["logits"]
-        pgd = PGD(lambda v: model(v, NAT, heads=("logits",))["logits"], lambda out, t: F.cross_entropy(out.float(), t),
-                  attack.eps, attack.step, attack.steps, module=model, generator=gen)
-        with torch.no_grad():
-            feats = [model.features(x, NAT), model.features(pgd(x, y), NAT)]
-            logits = [head(f) for f in feats]
-        nat, adv = (t.detach().float().requires_grad_(True) for t in logits)
-        loss = cls.loss_of(nat, adv, y, settings.get("beta", 6.0))
-        grads = torch.autograd.grad(loss.sum(), [nat, adv], allow_unused=True)  # PGD-AT's loss has no natural term
-        grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, (nat, adv))]
-        return HeadRows(feats, grads, [NAT, NAT])
 
-    @staticmethod
-    def loss_of(logits_nat, logits_adv, y, beta):
-        raise NotImplementedError
-
-
+@register_trainer
 class PGDATTrainer(SupervisedATTrainer):
     name = "pgd-at"
-
-    @staticmethod
-    def loss_of(logits_nat, logits_adv, y, beta):
-        return F.cross_entropy(logits_adv, y, reduction="none")
-
-    def loss(self, logits_nat, logits_adv, y):
-        return self.loss_of(logits_nat, logits_adv, y, self.cfg.at.beta)
+    objective = PGDATObjective
 
 
+@register_trainer
 class TRADESTrainer(SupervisedATTrainer):
     name = "trades"
+    objective = TRADESObjective
     start = "normal"
 
     @staticmethod
@@ -163,21 +139,9 @@ class TRADESTrainer(SupervisedATTrainer):
             self.model.train()
         return out
 
-    @staticmethod
-    def loss_of(logits_nat, logits_adv, y, beta):
-        return trades_loss_per_sample(logits_nat, logits_adv, y, beta)
 
-    def loss(self, logits_nat, logits_adv, y):
-        return self.loss_of(logits_nat, logits_adv, y, self.cfg.at.beta)
-
-
+@register_trainer
 class MARTTrainer(SupervisedATTrainer):
     name = "mart"
+    objective = MARTObjective
     start = "normal"
-
-    @staticmethod
-    def loss_of(logits_nat, logits_adv, y, beta):
-        return mart_loss_per_sample(logits_nat, logits_adv, y, beta)
-
-    def loss(self, logits_nat, logits_adv, y):
-        return self.loss_of(logits_nat, logits_adv, y, self.cfg.at.beta)

@@ -5,50 +5,33 @@ from __future__ import annotations
 from typing import Callable
 
 from pipeline.errors import PipelineError
+from pipeline.registry import Registry
 from pipeline.shards.sources.base import Encoded, Source
-
-
-def _folder(arg, follow_symlinks: bool = False):
-    from pipeline.shards.sources.folder import FolderSource
-
-    return FolderSource(arg, follow_symlinks)
+from pipeline.shards.sources.cifar import CifarSource
+from pipeline.shards.sources.digits import DigitsSource
+from pipeline.shards.sources.folder import FolderSource
+from pipeline.shards.sources.mnist import MnistSource
+from pipeline.shards.sources.synthetic import SyntheticSource
 
 
 def _cifar(form):
-    def make(arg):
-        from pipeline.shards.sources.cifar import CifarSource
-
-        return CifarSource(arg, form)
-
-    return make
+    return lambda arg: CifarSource(arg, form)
 
 
-def _mnist(arg):
-    from pipeline.shards.sources.mnist import MnistSource
-
-    return MnistSource(arg)
-
-
-def _digits(arg):
-    from pipeline.shards.sources.digits import DigitsSource
-
-    return DigitsSource(arg)
-
-
-def _synthetic(arg):
-    from pipeline.shards.sources.synthetic import SyntheticSource
-
-    return SyntheticSource(arg)
+# SOURCE forms: `form:PATH` (or a bare form) -> its reader
+SOURCES: Registry[Callable[..., Source]] = Registry("source")
+SOURCES.add("folder", lambda arg, follow_symlinks=False: FolderSource(arg, follow_symlinks))
+SOURCES.add("cifar10", _cifar("cifar10"))
+SOURCES.add("cifar100", _cifar("cifar100"))
+SOURCES.add("mnist", MnistSource)
+SOURCES.add("digits", DigitsSource)
+SOURCES.add("synthetic", SyntheticSource)
+PATHLESS = {"digits": "digits", "synthetic": "synthetic[:N]"}  # forms that take no PATH
 
 
-SOURCES: dict[str, Callable[[str | None], Source]] = {
-    "folder": _folder,
-    "cifar10": _cifar("cifar10"),
-    "cifar100": _cifar("cifar100"),
-    "mnist": _mnist,
-    "digits": _digits,
-    "synthetic": _synthetic,
-}
+def source_forms() -> str:
+    """"folder:PATH | cifar10:PATH | ... | digits | synthetic[:N]": for help texts and errors."""
+    return " | ".join(PATHLESS.get(f, f"{f}:PATH") for f in SOURCES)
 
 
 def open_source(spec: str, follow_symlinks: bool = False) -> Source:
@@ -57,7 +40,7 @@ def open_source(spec: str, follow_symlinks: bool = False) -> Source:
     form, _, arg = spec.partition(":")
     if form not in SOURCES:
         raise PipelineError(
-            f"unknown source {spec!r}: expected one of {', '.join(f + ':PATH' if f not in ('digits', 'synthetic') else f for f in SOURCES)}"
+            f"unknown source {spec!r}: expected one of {source_forms().replace(' | ', ', ')}"
         )
     source = SOURCES[form](arg or None, follow_symlinks) if form == "folder" else SOURCES[form](arg or None)
     if sum(len(source.labels(s)) for s in source.splits()) == 0:
@@ -65,4 +48,4 @@ def open_source(spec: str, follow_symlinks: bool = False) -> Source:
     return source
 
 
-__all__ = ["Encoded", "SOURCES", "Source", "open_source"]
+__all__ = ["Encoded", "SOURCES", "Source", "open_source", "source_forms"]

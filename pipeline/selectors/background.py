@@ -16,44 +16,26 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
 from pipeline.checkpoint import save_checkpoint
 from pipeline.errors import PipelineError
+from pipeline.kv import parse_kv
+from pipeline.runlayout import RunLayout
+from pipeline.runtime import die_with_parent, tune_allocator
+from pipeline.selectors.run import run_selection
 from pipeline.shards.manifest import round_path
 
 
-def parse_params(text: str) -> dict:
-    """"k=20,unit=batch" -> {"k": 20, "unit": "batch"} (numbers and booleans converted)."""
-    out = {}
-    for item in filter(None, (t.strip() for t in text.split(","))):
-        if "=" not in item:
-            raise PipelineError(f"select.params {text!r}: expected KEY=VALUE,KEY=VALUE")
-        k, v = (x.strip() for x in item.split("=", 1))
-        for cast in (int, float):
-            try:
-                v = cast(v)
-                break
-            except ValueError:
-                pass
-        if v in ("true", "false"):
-            v = v == "true"
-        out[k] = v
-    return out
-
-
 def _worker(kwargs: dict, threads: int, nice: int, group: tuple | None = None) -> None:
-    import os
-
-    import torch
-
-    from pipeline.runtime import die_with_parent, tune_allocator
-
-    import signal
-
     die_with_parent()  # a killed trainer takes its selection round with it
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle; it ends this round
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # ended by the trainer: exit cleanly, lock released
@@ -61,13 +43,9 @@ def _worker(kwargs: dict, threads: int, nice: int, group: tuple | None = None) -
         os.nice(nice)
     tune_allocator()
     torch.set_num_threads(threads)
-    from pipeline.selectors.run import run_selection
-
     if group is None:
         run_selection(**kwargs)
         return
-    import torch.distributed as dist
-
     init_file, rank, world = group  # a round's own process group: the processes share its proxy pass
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -119,18 +97,16 @@ class Round:
 
 
 class SelectionScheduler:
-    def __init__(self, run_dir: Path, data: str, split: str, cfg, device: str, seed: int, pool: str | None = None,
+    def __init__(self, layout: RunLayout, data: str, split: str, cfg, device: str, seed: int, pool: str | None = None,
                  validation: str | None = None):
-        self.run_dir, self.data, self.split, self.cfg, self.device, self.seed = run_dir, data, split, cfg, device, seed
+        self.layout, self.data, self.split, self.cfg, self.device, self.seed = layout, data, split, cfg, device, seed
         self.pool, self.validation = pool, validation
-        import torch
-
         self.train_threads = torch.get_num_threads()
-        self.params = parse_params(cfg.params)
+        self.params = parse_kv(cfg.params, "select.params")
         self.selector_name = cfg.selector
         self.pending: list[Round] = []
         self.next_round = 1
-        self.manifest_dir = run_dir / "manifests"
+        self.manifest_dir = layout.manifests
         self.ctx = mp.get_context("spawn")  # a clean interpreter: no inherited threads or CUDA state
 
     def state(self) -> dict:
@@ -172,7 +148,7 @@ class SelectionScheduler:
         stall = self.wait_all()  # never two selections at once: the machine is shared with training
         number = self.next_round
         self.next_round += 1
-        snap = self.run_dir / "snapshots" / f"round-{number:04d}.pt"
+        snap = self.layout.snapshot(number)
         save_checkpoint(snap, snapshot_state)
         rnd = Round(number, epoch, str(snap), str(round_path(self.manifest_dir, number)))
         rnd.stall = stall
@@ -199,8 +175,6 @@ class SelectionScheduler:
         pools on the same cores stall each other (OpenMP threads spin), and a niced round would starve."""
         if not self.device.startswith("cpu"):
             return
-        import torch
-
         busy = bool(self.pending)
         used = self.cfg.threads * self.cfg.processes
         torch.set_num_threads(max(1, self.train_threads - used) if busy else self.train_threads)

@@ -1,0 +1,66 @@
+"""Two-view NT-Xent objectives: ACL and DynACL (views and their PGD views), SimCLR (views only)."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.attacks import PGD
+from pipeline.augment import ContrastiveAugment
+from pipeline.losses import multiview_contrastive, nt_xent, row_gradients
+from pipeline.models.multibn import use_branch
+from pipeline.objectives.base import HeadRows, Objective, register_objective
+
+
+def contrastive_rows(model, images, settings: dict, attack, gen) -> HeadRows:
+    """Selection rows of a two-view NT-Xent method: the two views on the natural branch and, with an attack,
+    their PGD views (eval mode, adversarial branch): 4 rows per sample for ACL, 2 for SimCLR. Each row's term
+    is taken against the batch held fixed, divided by the row count (a sample's loss is its rows' mean)."""
+    t = settings.get("temperature", 0.5)
+    augment = ContrastiveAugment(images.shape[-1], settings.get("strength", 1.0), settings.get("min_crop_scale", 0.08))
+    views = torch.cat([augment(images, gen), augment(images, gen)])
+    nat, adv = model.branch("natural"), model.branch("adversarial")
+    with torch.no_grad():
+        passes = [(model.features(views, nat), nat)]
+    if attack is not None and attack.steps > 0:
+        pgd = PGD(lambda x: model(x, adv, heads=("proj",))["proj"], lambda z, _: nt_xent(z, t),
+                  attack.eps, attack.step, attack.steps, module=model, generator=gen)
+        x_adv = pgd(views)
+        with torch.no_grad():
+            passes.append((model.features(x_adv, adv), adv))
+    head, n = model.heads["proj"], len(images)
+    feats, grads, branches = [], [], []
+    for f, branch in passes:
+        with torch.no_grad(), use_branch(head, branch):
+            z = head(f)
+        g = row_gradients(z, lambda zz: multiview_contrastive(zz, 2, t, reduction="rows", detach_others=True))
+        feats += list(f.split(n))
+        grads += list(g.split(n))
+        branches += [branch, branch]
+    return HeadRows(feats, [g / len(feats) for g in grads], branches)
+
+
+@register_objective
+class ACLObjective(Objective):
+    """4 rows per sample: the two views (natural branch) and their PGD views (adversarial branch)."""
+
+    name = "acl"
+
+    @classmethod
+    def rows(cls, model, batch, gen, settings, attack) -> HeadRows:
+        return contrastive_rows(model, batch.images, settings, attack, gen)
+
+
+@register_objective
+class DynACLObjective(ACLObjective):
+    name = "dynacl"  # ACL's loss; the annealed strength and weight reach it through the snapshot's settings
+
+
+@register_objective
+class SimCLRObjective(Objective):
+    """2 rows per sample, its two views; no attack: SimCLR's step has none."""
+
+    name = "simclr"
+
+    @classmethod
+    def rows(cls, model, batch, gen, settings, attack) -> HeadRows:
+        return contrastive_rows(model, batch.images, settings, None, gen)

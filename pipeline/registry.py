@@ -1,0 +1,82 @@
+"""One registry idiom for every kind of pluggable part (timm's register_model / create_model / list_models).
+
+    TRAINERS = Registry("method", flag="--method")
+    @TRAINERS.register            # the class's own `name`; or @TRAINERS.register("name")
+    class ACLTrainer(Trainer): ...
+    TRAINERS.create("acl", cfg)   # one line naming the flag and every choice for an unknown name
+    TRAINERS.names()              # what help texts and "choose one of" messages are built from
+
+A registry reads like the dict it replaces (`name in R`, `R[name]`, iteration in registration order), so a
+part registered anywhere, a test file included, shows up wherever the names are listed.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Generic, Iterator, TypeVar
+
+from pipeline.errors import PipelineError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    def __init__(self, kind: str, flag: str | None = None):
+        self.kind, self.flag = kind, flag
+        self._items: dict[str, T] = {}
+
+    def register(self, item=None, *, name: str | None = None):
+        """Decorator: `@R.register`, `@R.register("name")` or `R.register(obj, name=...)`."""
+        if isinstance(item, str):
+            return lambda obj: self.add(item, obj)
+        if item is None:
+            return lambda obj: self.add(name or obj.name, obj)
+        return self.add(name or item.name, item)
+
+    def add(self, name: str, item: T) -> T:
+        self._items[name] = item
+        return item
+
+    def remove(self, name: str) -> None:
+        """For tests that register a part of their own and clean up after."""
+        self._items.pop(name, None)
+
+    def get(self, name: str) -> T:
+        if name not in self._items:
+            where = f"{self.flag} " if self.flag else f"{self.kind} "
+            raise PipelineError(f"{where}{name!r}: choose one of {self.choices(', ')}")
+        return self._items[name]
+
+    def create(self, name: str, *args, **kwargs):
+        return self.get(name)(*args, **kwargs)
+
+    def names(self) -> list[str]:
+        return list(self._items)
+
+    def choices(self, sep: str = " | ") -> str:
+        return sep.join(self._items)
+
+    def items(self):
+        return self._items.items()
+
+    def values(self):
+        return self._items.values()
+
+    def __contains__(self, name) -> bool:
+        return name in self._items
+
+    def __getitem__(self, name: str) -> T:
+        return self._items[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}: {', '.join(self._items)})"
+
+
+Factory = Callable[..., object]
+
+__all__ = ["Factory", "Registry"]
