@@ -9,6 +9,7 @@ import torch
 from pipeline import __version__
 from pipeline.atomic import atomic_path
 from pipeline.errors import DataError
+from pipeline.models import create_model, upgrade_state
 
 FORMAT = "pipeline.checkpoint"
 
@@ -38,8 +39,6 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
 
 def load_model(path: str | Path, map_location="cpu"):
     """(the model a checkpoint was trained as, with its weights; the checkpoint dict)."""
-    from pipeline.models import create_model
-
     ckpt = load_checkpoint(path, map_location)
     bad = [k for k, v in ckpt["model"].items() if torch.is_tensor(v) and v.is_floating_point()
            and not torch.isfinite(v).all()]
@@ -53,8 +52,6 @@ def load_model(path: str | Path, map_location="cpu"):
 
 def load_weights(model: torch.nn.Module, state: dict, path: str | Path) -> None:
     """load_state_dict with a message that says which architecture the weights do not fit."""
-    from pipeline.models import upgrade_state
-
     arch = getattr(model, "spec", {}).get("arch", "?")
     try:
         result = model.load_state_dict(upgrade_state(state), strict=False)

@@ -1,7 +1,13 @@
-"""The `pipeline` command line. Thin: parse, call the stage, print. Errors are one line and a non-zero exit."""
+"""The `pipeline` command line. Thin: parse, call the stage, print. Errors are one line and a non-zero exit.
+
+Each command imports its stage inside its function, for start-up time: `pipeline --version`, `--help` and
+`prepare` start without torch. Help texts that list names ("{methods}") are filled from the registries only
+when help is shown (`fill_help`), so a part registered anywhere (PIPELINE_PLUGINS) is listed too.
+"""
 
 from __future__ import annotations
 
+from inspect import signature
 import json
 import sys
 import time
@@ -13,6 +19,7 @@ from rich.markup import escape
 
 from pipeline import __version__
 from pipeline.errors import PipelineError
+from pipeline.registry import load_plugins
 from pipeline.progress import console, progress_bar
 from pipeline.runlayout import RunLayout
 
@@ -33,7 +40,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 @app.command()
 def prepare(
-    source: str = typer.Argument(..., help="folder:PATH | cifar10:PATH | cifar100:PATH | mnist:PATH | digits | synthetic[:N]"),
+    source: str = typer.Argument(..., help="{sources}"),
     out: Optional[Path] = typer.Option(None, help="Output folder [default: shards/<name>]."),
     formats: str = typer.Option("wds", help="Comma-separated: wds (always) and ffcv."),
     image_size: Optional[int] = typer.Option(None, help="Resize the shorter side to N and centre-crop to N x N."),
@@ -152,37 +159,37 @@ def stream(
 
 @app.command()
 def train(
-    data: Optional[Path] = typer.Option(None, help="Shard-set folder."),
-    out: Optional[Path] = typer.Option(None, help="Run folder (checkpoints, metrics.jsonl, config.toml)."),
-    method: Optional[str] = typer.Option(None, help="Training method by name: acl | dynacl | simclr | advcl | ascl (pipeline/trainers)."),
-    config: Optional[Path] = typer.Option(None, help="TOML file with [data] [model] [method] [attack] [optim] [run]."),
-    manifest: Optional[Path] = typer.Option(None, help="Train on this subset manifest."),
-    manifests: Optional[Path] = typer.Option(None, help="At each epoch, train on the newest valid manifest here."),
-    epochs: Optional[int] = typer.Option(None),
-    batch_size: Optional[int] = typer.Option(None),
-    lr: Optional[float] = typer.Option(None),
-    optimizer: Optional[str] = typer.Option(None, help="lars | sgd"),
-    arch: Optional[str] = typer.Option(None, help="smallcnn | resnet18 | resnet50"),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
-    seed: Optional[int] = typer.Option(None),
-    workers: Optional[int] = typer.Option(None, help="Loader worker processes."),
-    selector: Optional[str] = typer.Option(None, help="Select subsets during training: rcs | facility | random "
-                                           "(background, from snapshots) or loss | el2n | margin | forgetting | "
-                                           "grad-norm | infobatch (in process, from the steps' per-sample scores; "
-                                           "--set select.params=order=lowest|stratified,anneal=N)."),
-    fraction: Optional[float] = typer.Option(None, help="Subset size as a share of the split."),
-    warmup: Optional[int] = typer.Option(None, help="Epochs on the full data before the first selection "
-                                         "[default: 10% of the epochs]."),
-    select_every: Optional[int] = typer.Option(None, help="Epochs between selections [default: 2% of the epochs, "
-                                               "at least 1]."),
+    # Options named by a setting's `flag` set that setting; "@KEY" help is the setting's declared help.
+    data: Optional[Path] = typer.Option(None, help="@data.path"),
+    out: Optional[Path] = typer.Option(None, help="@run.out"),
+    method: Optional[str] = typer.Option(None, help="Training method by name: {methods}."),
+    config: Optional[Path] = typer.Option(None, help="TOML file with sections {sections} (docs/SETTINGS.md)."),
+    manifest: Optional[Path] = typer.Option(None, help="@data.manifest"),
+    manifests: Optional[Path] = typer.Option(None, help="@data.manifests"),
+    epochs: Optional[int] = typer.Option(None, help="@optim.epochs"),
+    batch_size: Optional[int] = typer.Option(None, help="@data.batch_size"),
+    lr: Optional[float] = typer.Option(None, help="@optim.lr"),
+    optimizer: Optional[str] = typer.Option(None, help="@optim.optimizer"),
+    arch: Optional[str] = typer.Option(None, help="{archs}"),
+    device: Optional[str] = typer.Option(None, help="@run.device"),
+    seed: Optional[int] = typer.Option(None, help="@run.seed"),
+    workers: Optional[int] = typer.Option(None, help="@data.workers"),
+    selector: Optional[str] = typer.Option(None, help="Select subsets during training: {selectors} "
+                                           "(background, from snapshots) or {pruners} (in process, from the steps' "
+                                           "per-sample scores; --set select.params=order=lowest|stratified,anneal=N)."),
+    fraction: Optional[float] = typer.Option(None, help="@select.fraction"),
+    warmup: Optional[int] = typer.Option(None, help="@select.warmup"),
+    select_every: Optional[int] = typer.Option(None, help="@select.every"),
     preset: Optional[str] = typer.Option(None, help="Selector preset, e.g. reference (RCS as the paper ran it)."),
-    sync: Optional[bool] = typer.Option(None, "--sync/--overlap", help="Wait for each selection, or overlap it."),
+    sync: Optional[bool] = typer.Option(None, "--sync/--overlap", help="@select.sync"),
     set_: list[str] = typer.Option([], "--set", help="Any setting, SECTION.KEY=VALUE (repeatable)."),
     resume: Optional[Path] = typer.Option(None, help="Continue the run in this folder exactly where it stopped."),
     overwrite: bool = typer.Option(False, help="Start afresh in a run folder that already holds a run."),
     stop_after: Optional[int] = typer.Option(None, help="Stop after this many epochs (the schedule keeps its length)."),
 ):
     """Pre-train an encoder (ACL, DynACL, ...) on a shard set, a subset manifest, or a folder of manifests."""
+    given = dict(locals())
+    from pipeline.config import flagged_settings
     from pipeline.trainers import TrainConfig, create_trainer, load_config
 
     if resume is not None:
@@ -191,16 +198,10 @@ def train(
         cfg = load_config(RunLayout(resume).config)
     else:
         cfg = load_config(config) if config else TrainConfig()
-    flags = {"--data": ("data.path", data), "--out": ("run.out", out), "--method": ("method.name", method),
-             "--manifest": ("data.manifest", manifest), "--manifests": ("data.manifests", manifests),
-             "--epochs": ("optim.epochs", epochs), "--batch-size": ("data.batch_size", batch_size),
-             "--lr": ("optim.lr", lr), "--optimizer": ("optim.optimizer", optimizer), "--arch": ("model.arch", arch),
-             "--device": ("run.device", device), "--seed": ("run.seed", seed), "--workers": ("data.workers", workers),
-             "--selector": ("select.selector", selector), "--fraction": ("select.fraction", fraction),
-             "--warmup": ("select.warmup", warmup), "--select-every": ("select.every", select_every),
-             "--sync/--overlap": ("select.sync", sync), "--preset": ("select.params", None if preset is None else
-                                                                     ",".join(filter(None, [f"preset={preset}",
-                                                                                            cfg.select.params])))}
+    flags = {flag: (key, given[flag.split("/")[0].lstrip("-").replace("-", "_")])
+             for key, flag in flagged_settings(exclude=("eval",)).items()}
+    flags["--preset"] = ("select.params", None if preset is None else
+                         ",".join(filter(None, [f"preset={preset}", cfg.select.params])))
     for flag, (key, value) in flags.items():
         if value is not None:
             cfg.set(key, str(value), origin=flag)
@@ -242,7 +243,7 @@ def train(
 @app.command()
 def select(
     data: Path = typer.Option(..., help="Shard-set folder."),
-    selector: str = typer.Option("rcs", help="rcs | facility | random"),
+    selector: str = typer.Option("rcs", help="{selectors}"),
     fraction: float = typer.Option(0.1, help="Share of the pool to select."),
     out: Optional[Path] = typer.Option(None, help="Manifest to write (.json; ids go beside it)."),
     checkpoint: Optional[Path] = typer.Option(None, help="Model snapshot [default: a freshly initialised model]."),
@@ -308,11 +309,11 @@ def select(
 def eval_(
     data: Path = typer.Option(..., help="Shard-set folder with train and test splits."),
     checkpoint: Path = typer.Option(..., help="A checkpoint written by `pipeline train`."),
-    protocol: Optional[str] = typer.Option(None, help="slf | alf | aff, or direct: the model's own classifier, no finetuning (ascl) [default: slf]"),
-    recipe: Optional[str] = typer.Option(None, help="acl | dynacl | advcl: the RobustSSL benchmark's finetuning "
+    protocol: Optional[str] = typer.Option(None, help="{protocols} (direct: the model's own classifier, no "
+                                           "finetuning, as for ascl) [default: slf]"),
+    recipe: Optional[str] = typer.Option(None, help="{recipes}: the RobustSSL benchmark's finetuning "
                                          "settings [default: the checkpoint's method]."),
-    attack: Optional[str] = typer.Option(None, help="Comma-separated: pgd20, eot-pgd20, autoattack, autoattack-rand, "
-                                         "clean [default: pgd20]."),
+    attack: Optional[str] = typer.Option(None, help="Comma-separated: {measures} [default: pgd20]."),
     epochs: Optional[int] = typer.Option(None, help="Finetuning epochs [default: the recipe's]."),
     lr: Optional[float] = typer.Option(None, help="Finetuning learning rate [default: the recipe's]."),
     batch_size: Optional[int] = typer.Option(None, help="Finetuning batch size [default: the recipe's]."),
@@ -389,7 +390,7 @@ def certify(
     limit: Optional[int] = typer.Option(None, help="Certify the first N test samples only."),
     out: Optional[Path] = typer.Option(None, help="Folder for certify.tsv / certify.json / certified.png "
                                        "[default: RUN/certify/<classifier>-sigmaS-nN]."),
-    protocol: str = typer.Option("slf", help="How an encoder is made a classifier: slf | alf | aff, or direct (its "
+    protocol: str = typer.Option("slf", help="How an encoder is made a classifier: {protocols} (direct: its "
                                  "own classifier)."),
     recipe: Optional[str] = typer.Option(None, help="Finetuning recipe [default: the checkpoint's method]."),
     epochs: Optional[int] = typer.Option(None, help="Finetuning epochs [default: the recipe's]."),
@@ -490,6 +491,38 @@ def experiment(
     console.print(f"wrote {escape(str(exp.out / 'results.md'))}, results.json and report/report.md")
 
 
+def _registry_names() -> dict:
+    from pipeline.config import all_sections
+    from pipeline.evaluation.measures import MEASURES
+    from pipeline.evaluation.protocols import PROTOCOLS
+    from pipeline.evaluation.recipes import RECIPES
+    from pipeline.models.backbones import BACKBONES
+    from pipeline.selectors import SELECTORS
+    from pipeline.shards.sources import source_forms
+    from pipeline.trainers import TRAINERS
+    from pipeline.trainers.subsets import PRUNERS
+
+    return {"methods": TRAINERS.choices(), "selectors": SELECTORS.choices(), "pruners": PRUNERS.choices(),
+            "measures": MEASURES.choices(", "), "protocols": PROTOCOLS.choices(), "archs": BACKBONES.choices(),
+            "recipes": " | ".join(RECIPES), "sources": source_forms(),
+            "sections": " ".join(f"[{s}]" for s in all_sections())}
+
+
+def fill_help() -> None:
+    """Fill the help texts that list registered names (kept as templates, so a later call lists later parts)."""
+    from pipeline.config import setting_help
+
+    names = _registry_names()
+    for command in app.registered_commands:
+        for param in signature(command.callback).parameters.values():
+            info = param.default
+            template = getattr(info, "help_template", None) or getattr(info, "help", None)
+            if isinstance(template, str):  # escaped: help is rich markup, where "[default: x]" would vanish
+                info.help_template = template
+                info.help = escape(setting_help(template[1:]) if template.startswith("@") else
+                                   template.format_map(names) if "{" in template else template)
+
+
 # What an interrupted command kept, and how to go on: set by each command before its long work.
 _on_interrupt = {"hint": "nothing was left half-written; run the same command again"}
 
@@ -519,6 +552,9 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     try:
+        load_plugins()
+        if "--help" in sys.argv[1:]:
+            fill_help()
         app()  # typer handles usage errors and --help itself, and exits
     except PipelineError as exc:
         console.print(f"[red]error:[/] {escape(str(exc))}")

@@ -1,24 +1,23 @@
-"""Training configuration: typed sections (ffcv-imagenet style), loadable from TOML, overridable per key.
+"""Training configuration: typed sections (ffcv-imagenet style), each setting declared once.
 
-    [data]    path, split, batch_size, workers, backend, manifest, manifests, use_weights, crop, decode
-    [model]   arch, head_width, proj_dim
-    [method]  name                     (its own settings live in the method's sections: [acl], [dynacl], ...)
-    [attack]  eps, step, steps         (0 = the budget rule of pipeline.attacks.budget)
-    [optim]   optimizer, lr, momentum, weight_decay, epochs, warmup_epochs, schedule, milestones, gamma,
-              lars_eta, lars_exclude_1d
-    [run]     out, seed, device, bf16, channels_last, compile, checkpoint_every, log_every, deterministic
-    [select]  selector, fraction, warmup, every, sync, params, threads, processes, device, workers, nice,
-              validation_fraction, fallback
-    [eval]    protocol, recipe, attack, eps, step, steps, epochs, lr, batch_size, limit, seed
+A setting is a dataclass field made by `setting(default, help, check=..., flag=...)`: its type (the field's
+annotation), default, help text, rule and command-line flag live together, and everything else is derived
+from that one declaration: `--set` and TOML coercion, the one-line error of a bad value (`check_value`), the
+flags' help texts (`setting_help`), the written RUN/config.toml and the settings table of docs/SETTINGS.md
+(`settings_markdown`; a test keeps the file in step). Fixed sections:
 
-A method declares its section next to its trainer with `@register_section("acl")`. `pipeline train --config
-FILE --set optim.lr=0.5 --epochs 20` applies FILE, then each override in turn. The effective configuration
-(with the sections of the chosen method) is written to RUN/config.toml.
+    [data] [model] [method] [attack] [optim] [run] [select] [eval]
+
+and each method's own ([acl], [dynacl], ...), declared next to its trainer with `@register_section("acl")`
+and validated like the fixed ones. `pipeline train --config FILE --set optim.lr=0.5 --epochs 20` applies
+FILE, then each override in turn. Structured settings (`select.params`, `eval.smoothing`, `eval.certify`)
+take `k=v,k=v` or a TOML table (`select.params = {k = 20, unit = "batch"}`), kept as the `k=v` text.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -27,84 +26,134 @@ import tomli_w
 
 from pipeline.atomic import atomic_path
 from pipeline.errors import PipelineError
+from pipeline.kv import format_kv, parse_kv
+from pipeline.models.backbones import BACKBONES
+from pipeline.shards.crops import parse_crop
+
+# Rules: (test, what the value must be).
+POSITIVE = (lambda v: v > 0, "must be > 0")
+NONNEG = (lambda v: v >= 0, "must be >= 0")
+AT_LEAST_ONE = (lambda v: v >= 1, "must be at least 1")
+
+
+def within(lo, hi, closed_lo: bool = True, closed_hi: bool = False):
+    lo_ok = (lambda v: v >= lo) if closed_lo else (lambda v: v > lo)
+    hi_ok = (lambda v: v <= hi) if closed_hi else (lambda v: v < hi)
+    return (lambda v: lo_ok(v) and hi_ok(v)), f"must be in {'[' if closed_lo else '('}{lo}, {hi}{']' if closed_hi else ')'}"
+
+
+def one_of(*choices):
+    shown = ["empty" if c == "" else str(c) for c in choices]
+    return (lambda v: v in choices), f"must be {', '.join(shown[:-1])} or {shown[-1]}"
+
+
+def _parses(parse, shape: str):
+    def test(v):
+        try:
+            parse(v)
+            return True
+        except PipelineError:
+            return False
+    return test, f"must be {shape}"
+
+
+def setting(default, help: str = "", *, check=None, flag: str | None = None, table: bool = False):
+    """A config field: `check` a rule (test, text); `flag` the command-line option that sets it; `table`: the
+    value may be a TOML table (kept as its `k=v` text)."""
+    meta = {"help": help, "check": check, "flag": flag, "table": table}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class DataConfig:
-    path: str = ""
-    split: str = "train"
-    batch_size: int = 512
-    workers: int = 2
-    backend: str = "auto"
-    manifest: str = ""  # train on this subset
-    manifests: str = ""  # take the newest valid manifest of this folder at each epoch boundary
-    use_weights: bool = True  # weight per-sample losses by a manifest's weights when it has them
-    crop: str = ""  # "random-resized:SIZE[,scale=LO-HI]": crop while decoding; for one-view methods (see docs)
-    decode: str = "auto"  # auto | cpu | device: JPEGs decoded on the GPU (nvJPEG) where torchvision can
+    path: str = setting("", "Shard-set folder.", flag="--data")
+    split: str = setting("train", "Split to train on.")
+    batch_size: int = setting(512, "Samples per step (per process).", check=AT_LEAST_ONE, flag="--batch-size")
+    workers: int = setting(2, "Loader worker processes.", check=NONNEG, flag="--workers")
+    backend: str = setting("auto", "Loader: auto | stream | indexed | ffcv.", check=one_of("auto", "stream", "indexed", "ffcv"))
+    manifest: str = setting("", "Train on this subset manifest.", flag="--manifest")
+    manifests: str = setting("", "At each epoch, train on the newest valid manifest of this folder.", flag="--manifests")
+    use_weights: bool = setting(True, "Weight per-sample losses by a manifest's weights when it has them.")
+    crop: str = setting("", "random-resized:SIZE[,scale=LO-HI][,ratio=LO-HI]: crop while decoding (one-view methods).",
+                        check=_parses(parse_crop, "empty, none or random-resized:SIZE[,scale=LO-HI][,ratio=LO-HI]"))
+    decode: str = setting("auto", "auto | cpu | device: JPEGs decoded on the GPU (nvJPEG) where torchvision can.",
+                          check=one_of("auto", "cpu", "device"))
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet18"
-    head_width: int = 512
-    proj_dim: int = 512
+    arch: str = setting("resnet18", "Backbone (pipeline.models registry).", flag="--arch")
+    head_width: int = setting(512, "Hidden width of the projection head.", check=AT_LEAST_ONE)
+    proj_dim: int = setting(512, "Output width of the projection head.", check=AT_LEAST_ONE)
 
 
 @dataclass
 class MethodConfig:
-    name: str = "acl"
+    name: str = setting("acl", "Training method (pipeline.trainers registry).", flag="--method")
 
 
 @dataclass
 class AttackConfig:
-    eps: float = 0.0
-    step: float = 0.0
-    steps: int = 5
+    eps: float = setting(0.0, "l_inf budget (0: 8/255 colour, 0.3 grey).", check=NONNEG)
+    step: float = setting(0.0, "PGD step (0: eps / 4).", check=NONNEG)
+    steps: int = setting(5, "PGD steps of the training attack.", check=AT_LEAST_ONE)
 
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "lars"
-    lr: float = 5.0
-    momentum: float = 0.9
-    weight_decay: float = 1e-6
-    epochs: int = 1000
-    warmup_epochs: int = 10
-    schedule: str = "cosine"  # cosine | step
-    milestones: list = field(default_factory=list)  # step schedule: epochs where lr is multiplied by gamma
-    gamma: float = 0.1
-    lars_eta: float = 0.001
-    lars_exclude_1d: bool = False  # the references adapt every parameter; True: biases and BN get plain SGD
+    optimizer: str = setting("lars", "lars | sgd.", check=one_of("lars", "sgd"), flag="--optimizer")
+    lr: float = setting(5.0, "Peak learning rate.", check=POSITIVE, flag="--lr")
+    momentum: float = setting(0.9, "Momentum.", check=within(0, 1))
+    weight_decay: float = setting(1e-6, "Weight decay.", check=NONNEG)
+    epochs: int = setting(1000, "Training epochs.", check=AT_LEAST_ONE, flag="--epochs")
+    warmup_epochs: int = setting(10, "Linear warm-up epochs.", check=NONNEG)
+    schedule: str = setting("cosine", "cosine | step.", check=one_of("cosine", "step"))
+    milestones: list = setting([], "Step schedule: epochs where lr is multiplied by gamma.",
+                               check=(lambda v: all(m >= 0 for m in v), "must be epochs >= 0"))
+    gamma: float = setting(0.1, "Step schedule factor.", check=POSITIVE)
+    lars_eta: float = setting(0.001, "LARS trust coefficient.", check=POSITIVE)
+    lars_exclude_1d: bool = setting(False, "Biases and BN get plain SGD (the references adapt every parameter).")
 
 
 @dataclass
 class RunConfig:
-    out: str = ""
-    seed: int = 0
-    device: str = "auto"
-    bf16: bool = True  # autocast to bfloat16 on CUDA
-    channels_last: bool = True  # on CUDA
-    compile: bool = False
-    checkpoint_every: int = 50
-    log_every: int = 10
-    deterministic: bool = False
+    out: str = setting("", "Run folder.", flag="--out")
+    seed: int = setting(0, "Seed of sampling, augmentation, attack starts and selection.", flag="--seed")
+    device: str = setting("auto", "auto | cpu | cuda.", check=one_of("auto", "cpu", "cuda"), flag="--device")
+    bf16: bool = setting(True, "Autocast to bfloat16 on CUDA.")
+    channels_last: bool = setting(True, "channels_last memory format on CUDA.")
+    compile: bool = setting(False, "torch.compile the training forward.")
+    checkpoint_every: int = setting(50, "Keep an epoch-NNNN.pt every N epochs (0: only last.pt).", check=NONNEG)
+    log_every: int = setting(10, "A step record every N steps (0: none).", check=NONNEG)
+    deterministic: bool = setting(False, "torch.use_deterministic_algorithms.")
 
 
 @dataclass
 class SelectConfig:
-    selector: str = ""  # empty: train on the data (or manifests) given
-    fraction: float = 0.1
-    warmup: int = -1  # epochs on the full data before the first selection; -1: 10% of the epochs (the paper's)
-    every: int = 0  # epochs between selections; 0: 2% of the epochs, at least 1 (the paper's proportion)
-    sync: bool = False  # wait for each selection (the paper's behaviour) instead of overlapping it
-    params: str = ""  # selector parameters, "k=20,unit=batch" or "preset=reference"
-    threads: int = 1  # torch threads of the background selection process
-    processes: int = 1  # processes per selection round (one process group, the proxy pass shared)
-    device: str = ""  # where rounds run: "" the trainer's device; "cuda:7"; "cuda:6,cuda:7" one per process
-    workers: int = 0  # loader workers of each selection process
-    nice: int = 10  # scheduling priority of the background selection process (higher yields to training)
-    validation_fraction: float = 0.01  # RCS's held-out U: chosen once per run, never trained on
-    fallback: str = ""  # "random": once a round costs more than its subset saves, select at random from then on
+    selector: str = setting("", "Select subsets during training (empty: train on the data or manifests given).",
+                            flag="--selector")
+    fraction: float = setting(0.1, "Subset size as a share of the pool.", check=within(0, 1, False, True),
+                              flag="--fraction")
+    warmup: int = setting(-1, "Epochs on the full data before the first selection (-1: 10% of the epochs).",
+                          check=(lambda v: v >= -1, "must be >= 0 (or -1: 10% of the epochs)"), flag="--warmup")
+    every: int = setting(0, "Epochs between selections (0: 2% of the epochs, at least 1).", check=NONNEG,
+                         flag="--select-every")
+    sync: bool = setting(False, "Wait for each selection (the paper's behaviour) instead of overlapping it.",
+                         flag="--sync/--overlap")
+    params: str = setting("", "Selector parameters, k=20,unit=batch or preset=reference (or a table).", table=True,
+                          check=_parses(lambda v: parse_kv(v, "select.params"), "KEY=VALUE,KEY=VALUE"))
+    threads: int = setting(1, "Torch threads of the background selection process.", check=AT_LEAST_ONE)
+    processes: int = setting(1, "Processes per selection round (one process group, the proxy pass shared).",
+                             check=AT_LEAST_ONE)
+    device: str = setting("", "Where rounds run: empty the trainer's device; cuda:7; cuda:6,cuda:7 one per process.")
+    workers: int = setting(0, "Loader workers of each selection process.", check=NONNEG)
+    nice: int = setting(10, "Scheduling priority of background rounds (higher yields to training).")
+    validation_fraction: float = setting(0.01, "RCS's held-out U: chosen once per run, never trained on.",
+                                         check=within(0, 0.5, False))
+    fallback: str = setting("", "random: once a round costs more than its subset saves, select at random from then on.",
+                            check=one_of("", "random"))
 
     def schedule(self, epochs: int) -> tuple[int, int]:
         """(warm-up epochs, epochs between selections), resolving the automatic defaults."""
@@ -115,71 +164,23 @@ class SelectConfig:
 
 @dataclass
 class EvalConfig:
-    protocol: str = "slf"
-    recipe: str = ""  # acl | dynacl | advcl; empty: the checkpoint's method
-    attack: str = "pgd20"  # comma-separated measures: clean, pgd20, autoattack, autoattack-rand
-    eps: float = 0.0
-    step: float = 0.0
-    steps: int = 20
-    epochs: int = 0  # 0: the recipe's
-    lr: float = 0.0
-    batch_size: int = 0
-    limit: int = 0  # evaluate on the first N test samples only (0: all)
-    seed: int = 0
-    noise_sigma: float = 0.0  # > 0: finetune with Gaussian noise augmentation (the base of a smoothed classifier)
-    smoothing: str = ""  # "sigma=S,n=N,alpha=A[,eot=M]": measure the smoothed classifier (randomized smoothing)
-    certify: str = ""  # "n0=N0,n=N,alpha=A,limit=L": `pipeline experiment` certifies the classifier too
-
-
-def _crop_ok(text: str) -> bool:
-    from pipeline.shards.crops import parse_crop
-
-    try:
-        parse_crop(text)
-        return True
-    except PipelineError:
-        return False
-
-
-# One place for the rules every command applies to a setting: (test, what it must be).
-_POS, _NONNEG = (lambda v: v > 0, "must be > 0"), (lambda v: v >= 0, "must be >= 0")
-_ONE = (lambda v: v >= 1, "must be at least 1")
-RULES = {
-    "data.batch_size": _ONE, "data.workers": _NONNEG,
-    "data.backend": (lambda v: v in ("auto", "stream", "indexed", "ffcv"), "must be auto, stream, indexed or ffcv"),
-    "data.decode": (lambda v: v in ("auto", "cpu", "device"), "must be auto, cpu or device"),
-    "data.crop": (_crop_ok, "must be empty, none or random-resized:SIZE[,scale=LO-HI][,ratio=LO-HI]"),
-    "model.head_width": _ONE, "model.proj_dim": _ONE,
-    "attack.eps": _NONNEG, "attack.step": _NONNEG, "attack.steps": _ONE,
-    "optim.optimizer": (lambda v: v in ("lars", "sgd"), "must be lars or sgd"),
-    "optim.lr": _POS, "optim.momentum": (lambda v: 0 <= v < 1, "must be in [0, 1)"), "optim.weight_decay": _NONNEG,
-    "optim.epochs": _ONE, "optim.warmup_epochs": _NONNEG, "optim.gamma": _POS, "optim.lars_eta": _POS,
-    "optim.schedule": (lambda v: v in ("cosine", "step"), "must be cosine or step"),
-    "optim.milestones": (lambda v: all(m >= 0 for m in v), "must be epochs >= 0"),
-    "run.device": (lambda v: v in ("auto", "cpu", "cuda"), "must be auto, cpu or cuda"),
-    "run.checkpoint_every": _NONNEG, "run.log_every": _NONNEG,
-    "select.fraction": (lambda v: 0 < v <= 1, "must be in (0, 1]"), "select.threads": _ONE, "select.processes": _ONE,
-    "select.workers": _NONNEG,
-    "select.warmup": (lambda v: v >= -1, "must be >= 0 (or -1: 10% of the epochs)"), "select.every": _NONNEG,
-    "select.validation_fraction": (lambda v: 0 < v < 0.5, "must be in (0, 0.5)"),
-    "select.fallback": (lambda v: v in ("", "random"), "must be empty or random"),
-    "eval.protocol": (lambda v: v in ("slf", "alf", "aff", "direct"), "must be slf, alf, aff or direct"),
-    "eval.eps": _NONNEG, "eval.step": _NONNEG, "eval.steps": _ONE, "eval.epochs": _NONNEG, "eval.lr": _NONNEG,
-    "eval.batch_size": _NONNEG, "eval.limit": _NONNEG, "eval.noise_sigma": _NONNEG,
-}
-FLAGS = {"data.path": "--data", "run.out": "--out", "method.name": "--method", "optim.epochs": "--epochs",
-         "data.batch_size": "--batch-size", "optim.lr": "--lr", "data.workers": "--workers",
-         "select.fraction": "--fraction", "select.warmup": "--warmup", "select.every": "--select-every",
-         "run.device": "--device", "model.arch": "--arch", "optim.optimizer": "--optimizer", "eval.eps": "--eps",
-         "eval.step": "--step", "eval.steps": "--steps", "eval.limit": "--limit", "eval.epochs": "--epochs"}
-
-
-def check_value(key: str, value) -> None:
-    """One line naming the setting (and its flag) when `value` breaks the rule for `key`."""
-    rule = RULES.get(key)
-    if rule is not None and not rule[0](value):
-        flag = f" ({FLAGS[key]})" if key in FLAGS else ""
-        raise PipelineError(f"{key} = {value!r}{flag}: {rule[1]}")
+    protocol: str = setting("slf", "Finetuning protocol (pipeline.evaluation registry).", flag="--protocol")
+    recipe: str = setting("", "acl | dynacl | advcl; empty: the checkpoint's method.", flag="--recipe")
+    attack: str = setting("pgd20", "Comma-separated measures (pipeline.evaluation.measures registry).", flag="--attack")
+    eps: float = setting(0.0, "l_inf budget (0: the checkpoint's training eps).", check=NONNEG, flag="--eps")
+    step: float = setting(0.0, "PGD step (0: eps / 4).", check=NONNEG, flag="--step")
+    steps: int = setting(20, "PGD steps.", check=AT_LEAST_ONE, flag="--steps")
+    epochs: int = setting(0, "Finetuning epochs (0: the recipe's).", check=NONNEG, flag="--epochs")
+    lr: float = setting(0.0, "Finetuning learning rate (0: the recipe's).", check=NONNEG, flag="--lr")
+    batch_size: int = setting(0, "Finetuning batch size (0: the recipe's).", check=NONNEG, flag="--batch-size")
+    limit: int = setting(0, "Evaluate on the first N test samples only (0: all).", check=NONNEG, flag="--limit")
+    seed: int = setting(0, "Finetuning and attack seed.", flag="--seed")
+    noise_sigma: float = setting(0.0, "> 0: finetune with Gaussian noise (the base of a smoothed classifier).",
+                                 check=NONNEG, flag="--noise-sigma")
+    smoothing: str = setting("", "sigma=S,n=N,alpha=A[,eot=M]: measure the smoothed classifier.", table=True,
+                             flag="--smoothing")
+    certify: str = setting("", "n0=N0,n=N,alpha=A,limit=L: `pipeline experiment` certifies the classifier too.",
+                           table=True)
 
 
 FIXED = {"data": DataConfig, "model": ModelConfig, "method": MethodConfig, "attack": AttackConfig,
@@ -198,6 +199,74 @@ def register_section(name: str):
         SECTIONS[name] = cls
         return cls
     return deco
+
+
+# Settings whose values are names in a registry: key -> (the names, comma-separated list?, empty allowed?).
+# The layer that owns the registry declares it (`declare_choices`), so the config layer imports none above it.
+_CHOICES: dict[str, tuple] = {}
+
+
+def declare_choices(key: str, names, many: bool = False, empty_ok: bool = False) -> None:
+    _CHOICES[key] = (names, many, empty_ok)
+
+
+declare_choices("model.arch", BACKBONES.names)
+
+
+def all_sections() -> list[str]:
+    return [*FIXED, *SECTIONS]
+
+
+def _declaration(key: str):
+    section, _, name = key.partition(".")
+    cls = FIXED.get(section) or SECTIONS.get(section)
+    return next((f for f in fields(cls) if f.name == name), None) if cls else None
+
+
+def flagged_settings(exclude=()) -> dict[str, str]:
+    """{key: flag} of every fixed setting a command-line flag sets (`pipeline train`'s options)."""
+    return {f"{name}.{f.name}": f.metadata["flag"] for name, cls in FIXED.items() if name not in exclude
+            for f in fields(cls) if f.metadata.get("flag")}
+
+
+def setting_help(key: str) -> str:
+    f = _declaration(key)
+    return f.metadata.get("help", "") if f is not None else ""
+
+
+def check_value(key: str, value) -> None:
+    """One line naming the setting (and its flag) when `value` breaks the rule declared for `key`."""
+    f = _declaration(key)
+    rule = f.metadata.get("check") if f is not None else None
+    flag = f" ({f.metadata['flag']})" if f is not None and f.metadata.get("flag") else ""
+    if rule is not None and not rule[0](value):
+        raise PipelineError(f"{key} = {value!r}{flag}: {rule[1]}")
+    if key in _CHOICES and isinstance(value, str):
+        names, many, empty_ok = _CHOICES[key]
+        known = list(names())
+        given = [v.strip() for v in value.split(",")] if many else [value]
+        bad = next((v for v in given if v not in known and not (empty_ok and v == "")), None)
+        if bad is not None:
+            raise PipelineError(f"{key} = {bad!r}{flag}: choose one of {', '.join(known)}")
+
+
+def settings_markdown() -> str:
+    """The settings table of docs/SETTINGS.md, from the declarations (fixed sections, then the methods')."""
+    lines = ["# Settings", "", "Generated from the declarations in `pipeline/config.py` and the methods' sections "
+             "(`python scripts/settings_doc.py`); a test keeps this file in step.", ""]
+    for name in all_sections():
+        cls = FIXED.get(name) or SECTIONS[name]
+        users = [m for m, secs in METHOD_SECTIONS.items() if name in secs]
+        lines += [f"## [{name}]" + (f" (read by {', '.join(users)})" if users else ""), "",
+                  "| setting | type | default | flag | rule | meaning |", "| --- | --- | --- | --- | --- | --- |"]
+        for f in fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            rule = f.metadata.get("check")
+            cells = [f"`{name}.{f.name}`", _kind(f.type), f"`{default!r}`", f.metadata.get("flag") or "",
+                     rule[1] if rule else "", f.metadata.get("help", "")]
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 class TrainConfig:
@@ -244,10 +313,13 @@ class TrainConfig:
         if sec is None:
             names = ", ".join([*FIXED, *SECTIONS])
             raise PipelineError(f"{origin}: unknown section {section!r} (sections: {names})")
-        types = {f.name: f.type for f in fields(sec)}
-        if key not in types:
-            raise PipelineError(f"{origin}: unknown setting {dotted!r} (in [{section}]: {', '.join(types)})")
-        setattr(sec, key, _coerce(value, types[key], dotted, origin))
+        declared = {f.name: f for f in fields(sec)}
+        if key not in declared:
+            raise PipelineError(f"{origin}: unknown setting {dotted!r} (in [{section}]: {', '.join(declared)})")
+        f = declared[key]
+        if isinstance(value, dict) and f.metadata.get("table"):
+            value = format_kv(parse_kv(value, dotted))
+        setattr(sec, key, _coerce(value, f.type, dotted, origin))
         self.explicit.add(dotted)
 
     def apply_defaults(self, defaults: dict) -> None:
@@ -258,10 +330,11 @@ class TrainConfig:
                 setattr(self.section(section), key, value)
 
     def validate(self) -> "TrainConfig":
-        """Apply every rule once, up front: a bad value is one line before any work starts."""
-        for name in FIXED:
-            for f in fields(getattr(self, name)):
-                check_value(f"{name}.{f.name}", getattr(getattr(self, name), f.name))
+        """Apply every rule once, up front (the method's sections too): a bad value is one line before any work."""
+        for name in [*FIXED, *METHOD_SECTIONS.get(self.method.name, ())]:
+            sec = self.section(name)
+            for f in fields(sec):
+                check_value(f"{name}.{f.name}", getattr(sec, f.name))
         return self
 
     def apply_overrides(self, items: list[str]) -> None:
@@ -276,8 +349,12 @@ class TrainConfig:
             tmp.write_bytes(tomli_w.dumps(self.to_dict()).encode())
 
 
+def _kind(type_name) -> str:
+    return type_name if isinstance(type_name, str) else type_name.__name__
+
+
 def _coerce(value, type_name, key: str, origin: str):
-    kind = type_name if isinstance(type_name, str) else type_name.__name__
+    kind = _kind(type_name)
     try:
         if kind == "bool":
             if isinstance(value, bool):
@@ -288,11 +365,16 @@ def _coerce(value, type_name, key: str, origin: str):
                 return False
             raise ValueError
         if kind == "int":
-            if isinstance(value, float) and not value.is_integer():
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
-            return int(value)
+            out = int(value)
+            if not -2**63 <= out < 2**63:
+                raise ValueError
+            return out
         if kind == "float":
-            return float(value)
+            if isinstance(value, bool) or not math.isfinite(out := float(value)):
+                raise ValueError
+            return out
         if kind == "list":  # of ints: "40,60" or a TOML list
             items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v.strip()]
             return [int(v) for v in items]
@@ -312,3 +394,4 @@ def load_config(path: str | Path) -> TrainConfig:
     except tomllib.TOMLDecodeError as exc:
         raise PipelineError(f"{path}: malformed TOML ({exc})") from exc
     return TrainConfig.from_dict(raw, origin=str(path))
+

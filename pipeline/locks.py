@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.errors import PipelineError
+from pipeline.progress import console
 
 LOCK_NAME = ".pipeline.lock"
 _held: dict[str, list] = {}  # real folder path -> [fd, count]
@@ -66,8 +67,6 @@ def acquire(folder: str | os.PathLike, command: str) -> None:
         os.close(fd)
     stale = _record(path)
     if stale.get("pid") and stale.get("pid") != os.getpid():
-        from pipeline.progress import console
-
         console.print(f"{folder}: taking over the lock left by `{stale.get('command', '?')}` (pid {stale['pid']} "
                       f"on {stale.get('host', '?')}), which is no longer running")
     mine = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,

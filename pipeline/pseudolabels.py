@@ -25,7 +25,12 @@ import numpy as np
 import torch
 
 from pipeline.atomic import write_json, write_npy
+from pipeline.augment import to_float
+from pipeline.checkpoint import load_model
 from pipeline.errors import DataError, PipelineError
+from pipeline.models.multibn import use_branch
+from pipeline.progress import progress_bar
+from pipeline.shards.shardset import ShardSet
 
 FORMAT = "pipeline.pseudo-labels"
 DEFAULT_COUNTS = (2, 10, 50, 100, 500)  # AdvCL's five heads
@@ -107,10 +112,6 @@ class PseudoLabels:
 def encoder_features(model, shardset, split: str, role: str = "eval", device="cpu", batch_size: int = 256,
                      progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(sorted ids, float32 encoder features) of every sample of `split`, through the branch playing `role`."""
-    from pipeline.augment import to_float
-    from pipeline.models.multibn import use_branch
-    from pipeline.progress import progress_bar
-
     model = model.to(device).eval()
     ids, feats = [], []
     loader = shardset.loader(split, backend="indexed", batch_size=batch_size, shuffle=False, device=device)
@@ -142,9 +143,6 @@ def kmeans_labels(features: np.ndarray, k: int, seed: int = 0, iterations: int =
 
 def make_pseudo_labels(data, checkpoint, counts=DEFAULT_COUNTS, split: str = "train", seed: int = 0,
                        device="cpu", role: str = "eval", progress: bool = True) -> PseudoLabels:
-    from pipeline.checkpoint import load_model
-    from pipeline.shards.shardset import ShardSet
-
     counts = tuple(int(c) for c in counts)
     if not counts or any(c < 2 for c in counts):
         raise PipelineError(f"--clusters {','.join(map(str, counts))}: each count must be at least 2")

@@ -7,12 +7,16 @@
     TRAINERS.names()              # what help texts and "choose one of" messages are built from
 
 A registry reads like the dict it replaces (`name in R`, `R[name]`, iteration in registration order), so a
-part registered anywhere, a test file included, shows up wherever the names are listed.
+part registered anywhere, a test file included, shows up wherever the names are listed. A module of one's own
+(a method, a selector, a measure) is registered in every process the tool starts, background selection rounds
+included, when it is named in PIPELINE_PLUGINS (comma-separated module names, importable on the Python path).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+import importlib
+import os
+from typing import Generic, Iterator, TypeVar
 
 from pipeline.errors import PipelineError
 
@@ -77,6 +81,19 @@ class Registry(Generic[T]):
         return f"Registry({self.kind!r}: {', '.join(self._items)})"
 
 
-Factory = Callable[..., object]
+PLUGINS_VARIABLE = "PIPELINE_PLUGINS"
 
-__all__ = ["Factory", "Registry"]
+
+def load_plugins() -> list[str]:
+    """Import the modules PIPELINE_PLUGINS names (their decorators register their parts); returns their names."""
+    names = [n.strip() for n in os.environ.get(PLUGINS_VARIABLE, "").split(",") if n.strip()]
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise PipelineError(f"{PLUGINS_VARIABLE}: cannot import {name!r} ({exc}); put its folder on PYTHONPATH "
+                                f"or remove it from {PLUGINS_VARIABLE}") from None
+    return names
+
+
+__all__ = ["PLUGINS_VARIABLE", "Registry", "load_plugins"]

@@ -20,10 +20,10 @@ import torch
 from pipeline.atomic import write_json
 from pipeline.attacks import budget
 from pipeline.checkpoint import load_checkpoint
-from pipeline.config import check_value
+from pipeline.config import check_value, declare_choices
 from pipeline.errors import PipelineError
 from pipeline.evaluation.classifiers import (classifier_path, finetune_settings_of, is_saved_classifier,
-                                             load_classifier, load_own_classifier, load_saved_classifier, run_folder,
+                                             load_classifier, load_own_classifier, load_saved_classifier,
                                              save_classifier)
 from pipeline.evaluation.measures import MEASURES, accuracies, parse_measures
 from pipeline.evaluation.protocols import PROTOCOLS, finetune
@@ -32,6 +32,10 @@ from pipeline.evaluation.smoothing import Smoothing
 from pipeline.progress import console
 from pipeline.runlayout import RunLayout
 from pipeline.shards.shardset import ShardSet
+
+
+declare_choices("eval.protocol", PROTOCOLS.names)
+declare_choices("eval.attack", MEASURES.names, many=True)
 
 
 def results_path(checkpoint: str | Path) -> Path:

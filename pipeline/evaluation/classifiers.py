@@ -22,11 +22,6 @@ from pipeline.shards.shardset import ShardSet
 KIND = "classifier"
 
 
-def run_folder(checkpoint: str | Path) -> Path:
-    """The run folder a checkpoint belongs to (RUN/checkpoints/x.pt, RUN/classifiers/x.pt), else its folder."""
-    return RunLayout.of_checkpoint(checkpoint).root
-
-
 def _check(checkpoint, model, ckpt, shardset: ShardSet, role: str) -> None:
     spec = model.spec
     if spec.get("in_channels") != shardset.channels:
@@ -107,4 +102,4 @@ def finetune_settings_of(ckpt: dict) -> FinetuneSettings:
 
 
 __all__ = ["is_saved_classifier", "load_classifier", "load_own_classifier", "load_saved_classifier",
-           "save_classifier", "classifier_path", "run_folder"]
+           "save_classifier", "classifier_path"]

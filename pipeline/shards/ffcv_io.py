@@ -42,7 +42,7 @@ def available() -> bool:
 class FfcvLoader:
     """ffcv's Loader over a split's `.beton`, yielding the same `Batch`es as the shard loaders."""
 
-    def __init__(self, shardset: ShardSet, split: str, rows, *, batch_size: int, shuffle: bool, seed: int,
+    def __init__(self, shardset, split: str, rows, *, batch_size: int, shuffle: bool, seed: int,
                  drop_last: bool, device, num_workers: int, image_size: int | None, rank: int, world_size: int,
                  row_weights: np.ndarray | None = None, crop=None):
         ff = _ffcv()

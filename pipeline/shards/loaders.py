@@ -26,8 +26,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.dist import rank_and_world
 from pipeline.errors import PipelineError
+from pipeline.runtime import die_with_parent
 from pipeline.shards.batch import Batch
 from pipeline.shards.crops import RandomResizedCrop, parse_crop
+from pipeline.shards.device_decode import DeviceDecoder, torchvision_decoder
+from pipeline.shards.ffcv_io import FfcvLoader
+from pipeline.shards.manifest import Manifest
 from pipeline.shards.reader import TaskReader
 
 BACKENDS = ("auto", "stream", "indexed", "ffcv")
@@ -128,8 +132,6 @@ class _TaskStream(IterableDataset):
 
 
 def _worker_init(_worker_id: int) -> None:
-    from pipeline.runtime import die_with_parent
-
     die_with_parent()
 
 
@@ -148,8 +150,6 @@ class ShardLoader:
                                  encoded=device_decode is not None)
         self.decoder = None
         if device_decode is not None:
-            from pipeline.shards.device_decode import DeviceDecoder
-
             size = crop.size if crop else (image_size or shardset.image_size)
             self.decoder = DeviceDecoder(device_decode, device, size, shardset.channels)
         self.device = torch.device(device)
@@ -210,8 +210,6 @@ def _subset_rows(shardset, split: str, subset, use_weights: bool):
     """(member-table rows of the subset or None for the whole split, per-row weights or None)."""
     if subset is None:
         return None, None
-    from pipeline.shards.manifest import Manifest
-
     weights = None
     if isinstance(subset, Manifest):
         subset.check_against(shardset)
@@ -255,8 +253,6 @@ def create_loader(shardset, split: str = "train", subset=None, *, backend: str =
     if backend == "auto":
         backend = "stream" if rows is None else "indexed"
     if backend == "ffcv":
-        from pipeline.shards.ffcv_io import FfcvLoader
-
         return FfcvLoader(shardset, split, rows, batch_size=batch_size, shuffle=shuffle, seed=seed,
                           drop_last=drop_last, device=device, num_workers=num_workers, image_size=image_size,
                           rank=rank, world_size=world_size, row_weights=row_weights, crop=crop)
@@ -274,8 +270,6 @@ def _device_decoder(decode, device, shardset):
         raise PipelineError(f"decode {decode!r}: choose auto, cpu or device")
     if decode == "cpu" or (decode == "auto" and shardset.index["image"].get("format") != "jpg"):
         return None
-    from pipeline.shards.device_decode import torchvision_decoder
-
     fn = torchvision_decoder(device)
     if fn is None and decode == "device":
         raise PipelineError("decode=device: needs a CUDA device and torchvision with GPU JPEG decoding "

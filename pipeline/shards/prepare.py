@@ -24,9 +24,11 @@ from pipeline import __version__
 from pipeline.atomic import write_json
 from pipeline.errors import PipelineError
 from pipeline.kv import parse_kv
-from pipeline.locks import folder_lock
+from pipeline.locks import LOCK_NAME, folder_lock
 from pipeline.progress import console, progress_bar
-from pipeline.shards import layout
+from pipeline.runtime import die_with_parent
+from pipeline.shards import ffcv_io, layout
+from pipeline.shards.ffcv_write import write_betons
 from pipeline.shards.images import DEFAULT_JPEG_QUALITY, CorruptImage, Encoding
 from pipeline.shards.sources import Source, open_source
 from pipeline.shards.tarshard import ShardSample, shard_looks_intact, write_shard
@@ -149,8 +151,6 @@ _worker: dict = {}
 
 
 def _init_worker(spec: str, encoding: Encoding, progress_queue, follow_symlinks: bool = False) -> None:
-    from pipeline.runtime import die_with_parent
-
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops the work
     _worker.update(source=open_source(spec, follow_symlinks), encoding=encoding, queue=progress_queue)
@@ -260,8 +260,6 @@ _OUR_TEMP = re.compile(r"^\..+\.tmp-\d+$")  # an atomic write cut short (pipelin
 
 def _refuse_foreign(out: Path, ours: set[str], what: str) -> None:
     """Refuse to work in a folder that holds anything our records do not account for."""
-    from pipeline.locks import LOCK_NAME
-
     foreign = sorted(p.name for p in out.iterdir()
                      if p.name not in ours and p.name != LOCK_NAME and not _OUR_TEMP.match(p.name))
     if foreign:
@@ -398,8 +396,6 @@ def prepare(spec: str, opts: PrepareOptions) -> PrepareResult:
     """Build (or finish) the shard set for `spec`."""
     opts.check()
     if "ffcv" in opts.formats:
-        from pipeline.shards import ffcv_io
-
         if not ffcv_io.available():
             raise PipelineError(ffcv_io.INSTALL_HINT)
     source = open_source(spec, opts.follow_symlinks)
@@ -454,7 +450,5 @@ def _prepare_locked(spec: str, opts: PrepareOptions, source: Source, out: Path) 
         index = json.loads(index_path.read_text())
     result = PrepareResult(out, index, sum(len(t.ids) for t in todo), time.perf_counter() - started)
     if "ffcv" in opts.formats:
-        from pipeline.shards.ffcv_write import write_betons
-
         result.index = write_betons(out, workers=opts.workers, progress=opts.progress)
     return result

@@ -11,6 +11,7 @@ import torch
 from pipeline.errors import PipelineError
 from pipeline.shards.batch import Batch
 from pipeline.shards.crops import RandomResizedCrop, crop_rng, decode_crop
+from pipeline.shards.device_decode import encode_batch
 from pipeline.shards.images import CorruptImage, decode
 
 MERGE_GAP = 16 * 1024  # read across gaps up to this size: cheaper than another system call
@@ -103,8 +104,6 @@ class TaskReader:
             yield Batch(images_t[sl], labels, ids, weights)
 
     def _encoded(self, rows: np.ndarray, blobs: list, epoch: int):
-        from pipeline.shards.device_decode import encode_batch
-
         for sl, labels, ids, weights in self._slices(rows):
             yield encode_batch(blobs[sl], labels, ids, weights, self.crop, self.seed, epoch,
                                lambda k, start=sl.start: self._path_of(rows[start + k]))

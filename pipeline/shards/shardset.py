@@ -12,6 +12,7 @@ import numpy as np
 from pipeline.errors import DataError, PipelineError
 from pipeline.shards import layout
 from pipeline.shards.images import decode
+from pipeline.shards.loaders import create_loader
 
 
 @dataclass(frozen=True)
@@ -137,8 +138,6 @@ class ShardSet:
     # -- loading ------------------------------------------------------------------------------------------
     def loader(self, split: str = "train", subset=None, **kwargs):
         """A loader over `split`, or over `subset` (ids, or a Manifest) of it. See loaders.create_loader."""
-        from pipeline.shards.loaders import create_loader
-
         return create_loader(self, split, subset, **kwargs)
 
     def __repr__(self) -> str:

@@ -11,7 +11,7 @@ from pipeline.augment import ContrastiveAugment
 from pipeline.losses import nt_xent
 from pipeline.models import model_spec
 from pipeline.trainers.base import StepRecord, Trainer, register_trainer
-from pipeline.config import register_section
+from pipeline.config import AT_LEAST_ONE, NONNEG, POSITIVE, register_section, setting, within
 
 NAT, ADV = "nat", "adv"  # ACL's two batch-norm branches; the eval branch is the adversarial one
 
@@ -19,15 +19,17 @@ NAT, ADV = "nat", "adv"  # ACL's two batch-norm branches; the eval branch is the
 @register_section("acl")
 @dataclass
 class ACLConfig:
-    temperature: float = 0.5
-    min_crop_scale: float = 0.08  # smallest area of RandomResizedCrop (raise it for tiny images)
+    temperature: float = setting(0.5, "NT-Xent temperature.", check=POSITIVE)
+    min_crop_scale: float = setting(0.08, "Smallest area of RandomResizedCrop (raise it for tiny images).",
+                                    check=within(0, 1, False, True))
 
 
 @register_section("dynacl")
 @dataclass
 class DynACLConfig:
-    period: int = 50  # epochs between augmentation-strength steps
-    swap: float = 2 / 3  # how far the loss weight moves towards the adversarial term over the run
+    period: int = setting(50, "Epochs between augmentation-strength steps.", check=AT_LEAST_ONE)
+    swap: float = setting(2 / 3, "How far the loss weight moves towards the adversarial term over the run.",
+                          check=NONNEG)
 
 
 @register_trainer

@@ -32,7 +32,7 @@ from pipeline.models import model_spec
 from pipeline.objectives.advcl import advcl_views
 from pipeline.pseudolabels import PseudoLabels
 from pipeline.trainers.base import StepRecord, Trainer, register_trainer
-from pipeline.config import register_section
+from pipeline.config import NONNEG, POSITIVE, register_section, setting, within
 
 NORMAL, PGD_CL, PGD_CE = "normal", "pgd", "pgd_ce"
 
@@ -40,13 +40,13 @@ NORMAL, PGD_CL, PGD_CE = "normal", "pgd", "pgd_ce"
 @register_section("advcl")
 @dataclass
 class AdvCLConfig:
-    pseudo_labels: str = ""  # the file `pipeline pseudo-labels` wrote (its .json header)
-    temperature: float = 0.5
-    base_temperature: float = 0.07
-    scale_temperature: bool = True  # the reference's x temperature / base_temperature; false: the plain loss
-    ce_weight: float = 0.2
-    hf_radius: float = 0.0  # 0: 8 at 32 px, scaled with the image size
-    min_crop_scale: float = 0.2
+    pseudo_labels: str = setting("", "The file `pipeline pseudo-labels` wrote (its .json header).")
+    temperature: float = setting(0.5, "Contrastive temperature.", check=POSITIVE)
+    base_temperature: float = setting(0.07, "The reference's base temperature.", check=POSITIVE)
+    scale_temperature: bool = setting(True, "The reference's x temperature / base_temperature; false: the plain loss.")
+    ce_weight: float = setting(0.2, "Weight of the pseudo-label cross-entropy.", check=NONNEG)
+    hf_radius: float = setting(0.0, "High-pass radius (0: 8 at 32 px, scaled with the image size).", check=NONNEG)
+    min_crop_scale: float = setting(0.2, "Smallest area of RandomResizedCrop.", check=within(0, 1, False, True))
 
 
 def cluster_heads(counts) -> list[str]:

@@ -21,7 +21,7 @@ from pipeline.errors import PipelineError
 from pipeline.losses import kl_per_sample
 from pipeline.models import model_spec
 from pipeline.trainers.base import StepRecord, Trainer, register_trainer
-from pipeline.config import register_section
+from pipeline.config import NONNEG, POSITIVE, one_of, register_section, setting
 
 NAT = "nat"
 RULES = ("all", "hard", "soft", "leaking")
@@ -31,11 +31,11 @@ BIG = 1e9  # the reference's LARGE_NUM: logits of illegal entries drop by it
 @register_section("ascl")
 @dataclass
 class ASCLConfig:
-    rule: str = "leaking"  # all | hard | soft | leaking: which positives and negatives an anchor keeps
-    temperature: float = 0.2
-    distance: str = "linf"  # linf (the reference's) | cosine
-    kl_weight: float = 2.0
-    ce_weight: float = 1.0  # cross-entropy on the adversarial views
+    rule: str = setting("leaking", "Which positives and negatives an anchor keeps.", check=one_of(*RULES))
+    temperature: float = setting(0.2, "Similarity temperature.", check=POSITIVE)
+    distance: str = setting("linf", "linf (the reference's) | cosine.", check=one_of("linf", "cosine"))
+    kl_weight: float = setting(2.0, "Weight of KL(natural || adversarial).", check=NONNEG)
+    ce_weight: float = setting(1.0, "Weight of the cross-entropy on the adversarial views.", check=NONNEG)
 
 
 def ascl_masks(labels: torch.Tensor, preds: torch.Tensor, rule: str) -> tuple[torch.Tensor, torch.Tensor]:

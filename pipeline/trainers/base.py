@@ -40,7 +40,7 @@ from pipeline.runlayout import RunLayout
 from pipeline.shards.crops import parse_crop
 from pipeline.shards.manifest import Manifest
 from pipeline.shards.shardset import ShardSet
-from pipeline.config import METHOD_SECTIONS, TrainConfig
+from pipeline.config import METHOD_SECTIONS, TrainConfig, declare_choices
 from pipeline.trainers.optim import build_optimizer, lr_at
 from pipeline.trainers.subsets import create_subset_source
 
@@ -368,3 +368,6 @@ def register_trainer(cls: type[Trainer]) -> type[Trainer]:
 
 def list_trainers() -> list[str]:
     return TRAINERS.names()
+
+
+declare_choices("method.name", TRAINERS.names)

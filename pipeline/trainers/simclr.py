@@ -14,7 +14,7 @@ from pipeline.augment import ContrastiveAugment
 from pipeline.losses import nt_xent
 from pipeline.models import model_spec
 from pipeline.trainers.base import StepRecord, Trainer, register_trainer
-from pipeline.config import register_section
+from pipeline.config import POSITIVE, one_of, register_section, setting, within
 
 NAT = "nat"  # the only branch: it plays every role
 
@@ -22,9 +22,11 @@ NAT = "nat"  # the only branch: it plays every role
 @register_section("simclr")
 @dataclass
 class SimCLRConfig:
-    temperature: float = 0.5
-    min_crop_scale: float = 0.08  # smallest area of RandomResizedCrop (raise it for tiny images)
-    head: str = "mlp2"  # SimCLR's head (Linear, BN, ReLU, Linear); mlp3 for ACL's, to compare like with like
+    temperature: float = setting(0.5, "NT-Xent temperature.", check=POSITIVE)
+    min_crop_scale: float = setting(0.08, "Smallest area of RandomResizedCrop (raise it for tiny images).",
+                                    check=within(0, 1, False, True))
+    head: str = setting("mlp2", "SimCLR's head (Linear, BN, ReLU, Linear); mlp3 for ACL's, to compare like with like.",
+                        check=one_of("mlp2", "mlp3", "linear"))
 
 
 @register_trainer

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.config import declare_choices
 from pipeline.errors import PipelineError
 from pipeline.kv import parse_kv
 from pipeline.progress import console
 from pipeline.registry import Registry
-from pipeline.selectors import create_selector, draw_validation, selector_needs_validation
+from pipeline.selectors import SELECTORS, create_selector, draw_validation, selector_needs_validation
 from pipeline.selectors.background import SelectionScheduler
 from pipeline.shards.manifest import Manifest, newest_valid, round_paths
 
@@ -234,6 +235,9 @@ PRUNERS: Registry[type[SubsetSource]] = Registry("pruner", flag="--selector")
 
 def register_pruner(cls: type[SubsetSource]) -> type[SubsetSource]:
     return PRUNERS.register(cls)
+
+
+declare_choices("select.selector", lambda: [*SELECTORS, *PRUNERS], empty_ok=True)
 
 
 def create_subset_source(trainer) -> SubsetSource:

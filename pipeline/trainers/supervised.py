@@ -31,7 +31,7 @@ from pipeline.models import model_spec
 from pipeline.objectives.supervised import (ClassifierObjective, MARTObjective, PGDATObjective,
                                             TRADESObjective)
 from pipeline.trainers.base import StepRecord, Trainer, register_trainer
-from pipeline.config import register_section
+from pipeline.config import NONNEG, register_section, setting
 
 NAT = "nat"
 
@@ -39,8 +39,8 @@ NAT = "nat"
 @register_section("at")
 @dataclass
 class SupervisedATConfig:
-    beta: float = 6.0  # TRADES and MART: weight of the KL term
-    start_std: float = 0.001  # TRADES and MART: the attack starts at x + start_std N(0, 1)
+    beta: float = setting(6.0, "TRADES and MART: weight of the KL term.", check=NONNEG)
+    start_std: float = setting(0.001, "TRADES and MART: the attack starts at x + start_std N(0, 1).", check=NONNEG)
 
 
 def per_sample_scores(logits_nat: torch.Tensor, logits_adv: torch.Tensor, feats_adv: torch.Tensor,

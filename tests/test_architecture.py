@@ -1,0 +1,143 @@
+"""The shape of the package: layers import only downwards, registries describe themselves, parts registered
+from outside show up everywhere names are listed, and method state survives a resume."""
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PLUGINS = str(Path(__file__).resolve().parent / "plugins")
+
+
+def test_import_linter_contracts_hold():
+    lint = Path(sys.executable).with_name("lint-imports")
+    out = subprocess.run([str(lint), "--no-cache"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert "2 kept, 0 broken" in out.stdout
+
+
+def test_no_function_local_imports_of_the_package_outside_the_cli():
+    """Imports inside functions hide cycles from the import graph; the CLI keeps its own for start-up time."""
+    found = []
+    for path in (ROOT / "pipeline").rglob("*.py"):
+        if path.name == "cli.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for inner in ast.walk(node):
+                    if isinstance(inner, ast.ImportFrom) and (inner.module or "").startswith("pipeline"):
+                        found.append(f"{path.relative_to(ROOT)}:{inner.lineno} {inner.module}")
+    assert not found, found
+
+
+def test_a_selection_round_does_not_import_the_training_stack(synthetic_set, tmp_path):
+    code = f"""
+import sys
+from pipeline.selectors.run import run_selection
+run_selection({str(synthetic_set.root)!r}, "rcs", 0.1, {str(tmp_path / 'm.json')!r}, arch="smallcnn", batch_size=128,
+              params={{"refreshes": 2}})
+print(sorted(m for m in sys.modules if m.startswith("pipeline.trainers") or m == "pipeline.experiment"))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert (tmp_path / "m.json").is_file()
+
+
+@pytest.fixture
+def toy_parts(monkeypatch):
+    """The parts of tests/plugins/toy_parts.py registered here and, through PIPELINE_PLUGINS, in every process."""
+    monkeypatch.syspath_prepend(PLUGINS)
+    monkeypatch.setenv("PIPELINE_PLUGINS", "toy_parts")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([PLUGINS, os.environ.get("PYTHONPATH", "")]))
+    from pipeline.registry import load_plugins
+
+    load_plugins()
+    yield
+    from pipeline.config import METHOD_SECTIONS
+    from pipeline.evaluation.measures import MEASURES
+    from pipeline.selectors import SELECTORS
+    from pipeline.trainers import TRAINERS
+
+    TRAINERS.remove("test-ema")
+    METHOD_SECTIONS.pop("test-ema", None)
+    SELECTORS.remove("test-first")
+    MEASURES.remove("test-flip")
+    sys.modules.pop("toy_parts", None)
+
+
+def _help(*args) -> str:
+    out = subprocess.run([sys.executable, "-m", "pipeline", *args, "--help"], capture_output=True, text=True,
+                         env={**os.environ, "COLUMNS": "250"})
+    assert out.returncode == 0, out.stderr
+    return " ".join(out.stdout.split())
+
+
+def test_registered_parts_appear_in_the_help_texts(toy_parts):
+    train = _help("train")
+    assert "test-ema" in train and "pgd-at" in train and "mart" in train  # every method, the new one too
+    assert "test-first" in train and "infobatch" in train
+    assert "[select]" in train and "[eval]" in train  # --config names every section
+    assert "test-first" in _help("select")
+    assert "test-flip" in _help("eval")
+
+
+def test_registered_parts_appear_in_runs_reports_and_tables(toy_parts, digits_set, tmp_path):
+    from pipeline.evaluation import evaluate
+    from pipeline.experiment import Arm, Experiment, results_markdown
+    from pipeline.report import build_report
+    from pipeline.trainers import create_trainer
+    from test_train import tiny_cfg
+
+    run = tmp_path / "run"
+    cfg = tiny_cfg(digits_set.root, run, **{"method.name": "test-ema", "optim.epochs": 3, "select.selector": "test-first",
+                                            "select.fraction": 0.5, "select.warmup": 1, "select.every": 1,
+                                            "select.sync": True})
+    t = create_trainer(cfg, progress=False)
+    try:
+        t.fit()
+    finally:
+        t.close()
+    rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rounds = [r for r in rounds if r["kind"] == "selection"]
+    assert rounds and all(r["selector"] == "test-first" for r in rounds)  # chosen in a spawned process
+    result = evaluate(digits_set.root, run / "checkpoints" / "last.pt", "slf", "clean,test-flip", epochs=1, lr=0.1,
+                      batch_size=128, limit=64, progress=False)
+    assert 0 <= result["test-flip"] <= 1
+    md = build_report([run], tmp_path / "report")[0].read_text()
+    assert "Flipped (test)" in md and "test-ema" in md and "test-first" in md
+    row = {"arm": "toy", "seed": 0, "run": str(run), "method": "test-ema", "selector": "test-first", "fraction": 0.5,
+           "clean": result["clean"], "test-flip": result["test-flip"], "train_s": 1.0, "images": 10, "epochs": 3,
+           "rounds": len(rounds), "selection_s": 0.1, "selection_process_s": 0.1, "stall_s": 0.0,
+           "eval": {"protocol": "slf", "samples": 64, "eps": 0.1}}
+    exp = Experiment(tmp_path / "exp.toml", tmp_path / "exp", {}, [Arm("toy", {}, [0])])
+    table = results_markdown(exp, [row])
+    assert "test-flip" in table and "test-ema" in table and "test-first" in table
+
+
+def test_method_state_is_checkpointed_and_restored(toy_parts, digits_set, tmp_path):
+    """An EMA teacher (state beyond the model) resumes exactly: the same teacher and model as one straight run."""
+    from pipeline.checkpoint import load_checkpoint
+    from pipeline.trainers import create_trainer, load_config
+    from test_train import tiny_cfg
+
+    over = {"method.name": "test-ema", "optim.epochs": 2}
+    straight = create_trainer(tiny_cfg(digits_set.root, tmp_path / "a", **over), progress=False)
+    straight.fit()
+    straight.close()
+    first = create_trainer(tiny_cfg(digits_set.root, tmp_path / "b", **over), progress=False)
+    first.fit(stop_after=1)
+    first.close()
+    resumed = create_trainer(load_config(tmp_path / "b" / "config.toml"), resume=True, progress=False)
+    resumed.fit()
+    resumed.close()
+    a, b = (load_checkpoint(tmp_path / r / "checkpoints" / "last.pt") for r in ("a", "b"))
+    teacher_a, teacher_b = a["method_state"]["teacher"], b["method_state"]["teacher"]
+    assert all(torch.equal(teacher_a[k], teacher_b[k]) for k in teacher_a)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
