@@ -36,6 +36,37 @@ def test_no_function_local_imports_of_the_package_outside_the_cli():
     assert not found, found
 
 
+def test_the_settings_table_in_the_docs_is_the_declarations():
+    import pipeline.trainers  # noqa: F401  (the methods' sections)
+    from pipeline.config import settings_markdown
+
+    assert (ROOT / "docs" / "SETTINGS.md").read_text() == settings_markdown() + "\n", \
+        "docs/SETTINGS.md is stale: run python scripts/settings_doc.py"
+
+
+def test_every_setting_has_help_and_every_rule_is_enforced():
+    import pipeline.trainers  # noqa: F401
+    from dataclasses import fields
+
+    from pipeline.config import FIXED, SECTIONS, TrainConfig
+    from pipeline.errors import PipelineError
+
+    for name, cls in {**FIXED, **SECTIONS}.items():
+        for f in fields(cls):
+            assert f.metadata.get("help"), f"{name}.{f.name} has no help text"
+    cfg = TrainConfig()
+    cfg.set("method.name", "dynacl")
+    cfg.set("dynacl.period", 0)  # a method section's rule, checked like the fixed ones
+    with pytest.raises(PipelineError, match="dynacl.period = 0: must be at least 1"):
+        cfg.validate()
+    for key, bad in [("optim.lr", "inf"), ("optim.epochs", True), ("run.seed", 2**70)]:
+        with pytest.raises(PipelineError, match=key):
+            TrainConfig().set(key, bad)
+    table = TrainConfig()
+    table.set("select.params", {"k": 20, "unit": "batch"})  # a TOML table, kept as its k=v text
+    assert table.select.params == "k=20,unit=batch"
+
+
 def test_a_selection_round_does_not_import_the_training_stack(synthetic_set, tmp_path):
     code = f"""
 import sys

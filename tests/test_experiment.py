@@ -82,7 +82,7 @@ def test_experiment_table_resume_and_changed_arm(digits_set, tmp_path):
     full = [r for r in rows if r["arm"] == "full"]
     mean, std = np.mean([r["clean"] for r in full]), np.std([r["clean"] for r in full], ddof=1)
     table = (tmp_path / "out" / "results.md").read_text()
-    assert f"| full | - | 1 | 2 | {100 * mean:.2f} ± {100 * std:.2f} |" in table
+    assert f"| full | acl | - | 1 | 2 | {100 * mean:.2f} ± {100 * std:.2f} |" in table
     arms = json.loads((tmp_path / "out" / "results.json").read_text())["arms"]
     assert arms[0]["clean"] == pytest.approx(mean) and arms[1]["clean_std"] is None  # one seed: no spread
     assert (tmp_path / "out" / "report" / "report.md").is_file()

@@ -119,7 +119,7 @@ def test_config_file_overrides_and_saved_config(digits_set, tmp_path):
     (["--set", "optim.lrr=1"], "unknown setting 'optim.lrr'"),
     (["--set", "optim.epochs=ten"], "not a valid int"),
     (["--method", "byol"], "method 'byol'"),
-    (["--arch", "vit"], "model arch 'vit'"),
+    (["--arch", "vit"], "model.arch = 'vit' (--arch): choose one of smallcnn"),
     (["--device", "tpu"], "run.device = 'tpu' (--device): must be auto, cpu or cuda"),
 ])
 def test_bad_training_settings_are_one_line(digits_set, tmp_path, args, needle):

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from pipeline.checkpoint import save_checkpoint
 from pipeline.errors import PipelineError
 from pipeline.kv import parse_kv
+from pipeline.registry import load_plugins
 from pipeline.runlayout import RunLayout
 from pipeline.runtime import die_with_parent, tune_allocator
 from pipeline.selectors.run import run_selection
@@ -36,6 +37,7 @@ from pipeline.shards.manifest import round_path
 
 
 def _worker(kwargs: dict, threads: int, nice: int, group: tuple | None = None) -> None:
+    load_plugins()  # a fresh interpreter: the user's own selectors and methods register again
     die_with_parent()  # a killed trainer takes its selection round with it
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle; it ends this round
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # ended by the trainer: exit cleanly, lock released

@@ -78,10 +78,15 @@ class PrepareOptions:
 
 def parse_per_class(text: str | dict | None) -> dict[str, int]:
     """'train=1000,test=200' (or {train = 1000}) -> {'train': 1000, 'test': 200}."""
-    out = parse_kv(text, "--per-class", example="train=1000")
-    bad = next((k for k, n in out.items() if isinstance(n, bool) or not isinstance(n, int) or n < 0), None)
-    if bad is not None:
-        raise PipelineError(f"--per-class {bad}={out[bad]!r}: expected SPLIT=N with N a whole number, e.g. train=1000")
+    try:
+        out = parse_kv(text, "--per-class")
+    except PipelineError:
+        out = None
+    bad = None if out is None else next((k for k, n in out.items() if isinstance(n, bool) or not isinstance(n, int)
+                                         or n < 0), None)
+    if out is None or bad is not None:
+        shown = text if out is None else f"{bad}={out[bad]!r}"
+        raise PipelineError(f"--per-class {shown!r}: expected SPLIT=N with N a whole number, e.g. train=1000")
     return out
 
 
