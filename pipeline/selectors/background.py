@@ -14,7 +14,6 @@ subset was stale.
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import signal
@@ -33,7 +32,7 @@ from pipeline.registry import load_plugins
 from pipeline.runlayout import RunLayout
 from pipeline.runtime import die_with_parent, tune_allocator
 from pipeline.selectors.run import run_selection
-from pipeline.shards.manifest import round_path
+from pipeline.shards.manifest import read_header, round_path
 
 
 def _worker(kwargs: dict, threads: int, nice: int, group: tuple | None = None) -> None:
@@ -208,7 +207,7 @@ class SelectionScheduler:
         self._share_cores()
 
     def record(self, r: Round, used_at_epoch: int) -> dict:
-        header = json.loads(Path(r.manifest).read_text())
+        header = read_header(r.manifest, strict=True)
         # 1-based epochs, as in the epoch records: snapshot at the start of epoch r.epoch + 1
         timing = header.get("timing", {})
         ready = Path(r.manifest).stat().st_mtime

@@ -40,15 +40,37 @@ def _header_path(path: str | Path) -> Path:
     return path if path.suffix == ".json" else path.with_name(path.name + ".json")
 
 
-def _referenced_arrays(header_path: Path) -> set[str]:
-    """Array files an existing header of ours names (nothing for a missing or foreign header)."""
+def read_header(path: str | Path, strict: bool = False) -> dict | None:
+    """The header of the manifest of ours at `path` (its .json, or the name it is saved under): the one reader
+    of manifest headers. None for a missing, unreadable or foreign file; with `strict`, one DataError line
+    naming the file and what is wrong instead."""
+    header_path = _header_path(path)
+    if not header_path.is_file():
+        if strict:
+            raise DataError(f"{header_path}: no such manifest (write one with `pipeline select`)")
+        return None
     try:
         h = json.loads(header_path.read_text())
-    except (OSError, ValueError):
-        return set()
+    except (OSError, ValueError) as exc:
+        if strict:
+            raise DataError(f"{header_path}: malformed manifest header ({exc}); select this round again") from exc
+        return None
     if not isinstance(h, dict) or h.get("format") != FORMAT:
-        return set()
-    return {Path(str(n)).name for n in (h.get("ids_file"), h.get("weights_file")) if n}
+        if strict:
+            raise DataError(f"{header_path}: not a manifest of this tool")
+        return None
+    return h
+
+
+def header_arrays(header_path: str | Path) -> list[Path]:
+    """The array files an existing header of ours names, beside it (nothing for a missing or foreign header)."""
+    header_path = _header_path(header_path)
+    h = read_header(header_path) or {}
+    return [header_path.parent / Path(str(n)).name for n in (h.get("ids_file"), h.get("weights_file")) if n]
+
+
+def _referenced_arrays(header_path: Path) -> set[str]:
+    return {p.name for p in header_arrays(header_path)}
 
 
 def check_manifest_target(path: str | Path) -> None:
@@ -61,11 +83,7 @@ def check_manifest_target(path: str | Path) -> None:
     if header_path.is_dir():
         raise DataError(f"{header_path}: is a folder; give a manifest file name")
     if header_path.exists():
-        try:
-            ours = json.loads(header_path.read_text()).get("format") == FORMAT
-        except (OSError, ValueError, AttributeError):
-            ours = False
-        if not ours:
+        if read_header(header_path) is None:
             raise DataError(f"{header_path}: exists and is not a manifest; refusing to replace it (choose another "
                             "--out)")
 
@@ -142,14 +160,7 @@ class Manifest:
     @classmethod
     def load(cls, path: str | Path) -> "Manifest":
         header_path = _header_path(path)
-        if not header_path.is_file():
-            raise DataError(f"{header_path}: no such manifest (write one with `pipeline select`)")
-        try:
-            h = json.loads(header_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DataError(f"{header_path}: malformed manifest header ({exc}); select this round again") from exc
-        if not isinstance(h, dict) or h.get("format") != FORMAT:
-            raise DataError(f"{header_path}: not a manifest of this tool")
+        h = read_header(header_path, strict=True)
         if h.get("format_version") != FORMAT_VERSION:
             raise DataError(f"{header_path}: manifest format {h.get('format_version')}, this tool reads {FORMAT_VERSION}")
         missing = [k for k in ("dataset_fingerprint", "split", "count", "ids_file", "ids_sha256") if k not in h]

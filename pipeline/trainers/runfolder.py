@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from pipeline.errors import PipelineError
 from pipeline.locks import LOCK_NAME
 from pipeline.runlayout import RunLayout
+from pipeline.shards.manifest import header_arrays, read_header
 
 
 def is_run(run: Path) -> bool:
@@ -18,13 +18,8 @@ def _manifest_files(folder: Path) -> list[Path]:
     """Manifest headers of ours in `folder` and the arrays they name."""
     out = []
     for header in folder.glob("*.json"):
-        try:
-            h = json.loads(header.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(h, dict) and h.get("format") == "pipeline.manifest":
-            out.append(header)
-            out += [folder / Path(str(n)).name for n in (h.get("ids_file"), h.get("weights_file")) if n]
+        if read_header(header) is not None:
+            out += [header, *header_arrays(header)]
     return out
 
 
