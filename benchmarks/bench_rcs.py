@@ -79,7 +79,7 @@ def rcs_rounds(args) -> None:
                       pool=str(work / f"pool-{n}.json"), seed=0, device=args.device)
         alone = _select({**kwargs, "out": str(work / f"alone-{n}.json"), "threads": torch.get_num_threads()})
         # overlapped as the trainer runs it: the round in a background process (1 thread, nice 10) while the
-        # foreground trains on the cores it leaves (pipeline.overlap.SelectionScheduler._share_cores)
+        # foreground trains on the cores it leaves (pipeline.selectors.background.SelectionScheduler._share_cores)
         threads = torch.get_num_threads()
         with ProcessPoolExecutor(1, mp_context=ctx) as bg:
             job = bg.submit(_select, {**kwargs, "out": str(work / f"over-{n}.json"), "threads": 1, "nice": 1})

@@ -1,0 +1,221 @@
+"""Running an experiment: prepare once, then train, evaluate (and certify) every (arm, seed) not yet done,
+recording each in OUT/experiment.json as it finishes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import tomli_w
+
+from pipeline.atomic import write_json
+from pipeline.checkpoint import load_checkpoint
+from pipeline.config import TrainConfig, load_config
+from pipeline.dist import resolve_device
+from pipeline.errors import PipelineError
+from pipeline.evaluation import evaluate
+from pipeline.evaluation.certify import certify
+from pipeline.experiment.spec import (
+    CERTIFIED_COLUMNS,
+    STATE,
+    Arm,
+    Experiment,
+    _pseudo_path,
+    _pseudo_refs,
+    _run_folder,
+    arm_config,
+    certify_spec,
+)
+from pipeline.experiment.table import write_results
+from pipeline.locks import folder_lock
+from pipeline.progress import console
+from pipeline.pseudolabels import DEFAULT_COUNTS, make_pseudo_labels
+from pipeline.report import load_run
+from pipeline.runlayout import RunLayout
+from pipeline.shards.prepare import PrepareOptions, prepare
+from pipeline.trainers import create_trainer
+from pipeline.trainers.runfolder import start_fresh
+from pipeline.trainers.subsets import PRUNERS
+
+
+def _ensure_pseudo_labels(exp: Experiment, arm: Arm, seed: int, data_path: str, progress: bool) -> None:
+    for ref in _pseudo_refs(arm):
+        path = _pseudo_path(exp, ref, seed)
+        if path.is_file():
+            continue
+        ckpt = RunLayout(_run_folder(exp, ref, seed)).last
+        if ref not in {a.name for a in exp.arms} or not ckpt.is_file():
+            raise PipelineError(f"{exp.path}: arm {arm.name} takes pseudo-labels from arm {ref!r}, seed {seed}, "
+                                f"which has no trained run ({ckpt}): put that arm earlier in the file")
+        console.print(f"pseudo-labels of {ckpt} -> {path}")
+        make_pseudo_labels(data_path, ckpt, DEFAULT_COUNTS, seed=seed, progress=progress).save(path)
+
+
+def _training(cfg) -> dict:
+    """The settings training depends on: everything but [eval] (a new evaluation never retrains), and only those
+    that differ from the defaults, so that a setting added to a later version (at its default) does not make
+    every finished run look changed."""
+    defaults = TrainConfig()
+    defaults.method.name = cfg.method.name  # the same method sections
+    base = defaults.to_dict()
+    return {section: {k: v for k, v in values.items() if base.get(section, {}).get(k, _MISSING) != v}
+            for section, values in cfg.to_dict().items() if section != "eval"}
+
+
+_MISSING = object()
+
+
+def _digest(settings: dict) -> str:
+    return hashlib.sha256(tomli_w.dumps(settings).encode()).hexdigest()[:16]
+
+
+def _prepare(exp: Experiment, progress: bool) -> str:
+    if not exp.prepare:
+        return exp.shared["data"]["path"]
+
+    p = dict(exp.prepare)
+    source = p.pop("source", None)
+    if not source:
+        raise PipelineError(f"{exp.path}: [prepare] needs source = \"folder:PATH\" (or cifar10:PATH, digits, ...)")
+    allowed = {"out", "image_size", "jpeg_quality", "per_class", "workers", "seed", "shard_size", "formats", "test_fraction"}
+    if set(p) - allowed:
+        raise PipelineError(f"{exp.path}: [prepare] has unknown setting(s) {', '.join(sorted(set(p) - allowed))} "
+                            f"({', '.join(sorted(allowed))})")
+    if "formats" in p:
+        p["formats"] = tuple(p["formats"])
+    p.setdefault("out", exp.out / "shards")
+    result = prepare(source, PrepareOptions(progress=progress, **p))
+    return str(result.out)
+
+
+def _fraction(cfg) -> float | None:
+    """The share of the data an arm trains on: 1 without a selector, None where the size follows the losses."""
+    if not cfg.select.selector:
+        return 1.0
+    pruner = PRUNERS[cfg.select.selector] if cfg.select.selector in PRUNERS else None
+    return None if pruner is not None and not pruner.fixed_fraction else cfg.select.fraction
+
+
+def _train(cfg, progress: bool) -> str:
+    """Train (or finish training) one arm's run; returns what was done."""
+
+    run = RunLayout(cfg.run.out)
+    last = run.last
+    resume, note = False, "trained"
+    if last.is_file() and run.config.is_file():
+        same = _training(load_config(run.config)) == _training(cfg)
+        done = int(load_checkpoint(last).get("epoch") or 0) if same else 0
+        if same and done >= cfg.optim.epochs:
+            return "already trained"
+        resume = same and done > 0
+        note = f"resumed after epoch {done}" if resume else "settings changed: trained afresh"
+    if not resume:
+        start_fresh(run.root, overwrite=True)
+    trainer = create_trainer(cfg, resume=resume, progress=progress)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    return note
+
+
+def _evaluate(cfg, seed: int, progress: bool) -> dict:
+    e = cfg.eval
+    result = evaluate(cfg.data.path, RunLayout(cfg.run.out).last, e.protocol, e.attack,
+                      e.recipe or None, e.epochs or None, e.lr or None, e.batch_size or None, limit=e.limit or None,
+                      device=_device(cfg), eps=e.eps or None, step=e.step or None, steps=e.steps, seed=e.seed + seed,
+                      progress=progress, noise_sigma=e.noise_sigma, smoothing=e.smoothing or None)
+    if e.certify:
+        c = certify_spec(e.certify)
+        sigma = result["smoothing"]["sigma"] if result["smoothing"] else e.noise_sigma
+        summary = certify(cfg.data.path, result["classifier_path"] or result["checkpoint"], sigma, c["n0"], c["n"],
+                          c["alpha"], c.get("limit"), protocol=e.protocol, batch=c.get("batch", 4096),
+                          seed=e.seed + seed, device=_device(cfg), progress=progress, eps=e.eps or None)
+        for radius, acc in summary["certified_accuracy"].items():
+            result[f"certified@{radius}"] = acc
+        result["measures"] = result["measures"] + [f"certified@{r}" for r in CERTIFIED_COLUMNS]
+        result["certify"] = {k: summary[k] for k in ("samples", "abstained", "seconds_per_sample", "out")}
+    return result
+
+
+def _device(cfg):
+    return resolve_device(cfg.run.device)
+
+
+def _row(arm: Arm, seed: int, cfg, result: dict) -> dict:
+    run = load_run(cfg.run.out)
+    rounds = run.rounds
+    measures = [m for m in result["measures"]]
+    return {
+        "arm": arm.name, "seed": seed, "run": cfg.run.out, "method": cfg.method.name,
+        "selector": cfg.select.selector or "-", "fraction": _fraction(cfg),
+        **{m: result.get(m) for m in measures},
+        "train_s": round(run.train_seconds, 2), "images": run.images, "epochs": len(run.epochs),
+        "rounds": len(rounds), "selection_s": round(sum(r.get("wall_s") or r.get("selection_s") or 0 for r in rounds), 2),
+        "selection_process_s": round(sum(r.get("process_s") or 0 for r in rounds), 2),
+        "stall_s": round(sum(r.get("stall_s") or 0 for r in rounds), 2),
+        "eval": {k: result.get(k) for k in ("protocol", "recipe", "eps", "samples", "checkpoint_sha256", "noise_sigma",
+                                            "smoothing", "certify")},
+    }
+
+
+def run_experiment(exp: Experiment, progress: bool = True, only: list[str] | None = None) -> list[dict]:
+    """Run every (arm, seed) not yet done; returns one row per finished run (in the file's order)."""
+    if only:
+        missing = sorted(set(only) - {a.name for a in exp.arms})
+        if missing:
+            raise PipelineError(f"--only {','.join(missing)}: no such arm in {exp.path} "
+                                f"({', '.join(a.name for a in exp.arms)})")
+    exp.out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(exp.out, "pipeline experiment"):
+        state_path = exp.out / STATE
+        state = _read_state(state_path)
+        data_path = _prepare(exp, progress)
+        todo = exp.runs()
+        for n, (arm, seed, run_id) in enumerate(todo, 1):
+            if only and arm.name not in only:
+                continue
+            cfg = arm_config(exp, arm, seed, data_path)
+            digest, eval_digest = _digest(_training(cfg)), _digest(cfg.to_dict()["eval"])
+            kept = state["runs"].get(run_id)
+            trained = kept and kept.get("digest") == digest and RunLayout(cfg.run.out).last.is_file()
+            if trained and kept.get("eval_digest", eval_digest) == eval_digest:
+                console.print(f"[{n}/{len(todo)}] {run_id}: done earlier, kept")
+                continue
+            started = time.perf_counter()
+            if trained:
+                note = "trained earlier, evaluation settings changed"
+            else:
+                console.print(f"[{n}/{len(todo)}] {run_id}: training ({cfg.run.out}/config.toml)")
+                _ensure_pseudo_labels(exp, arm, seed, data_path, progress)
+                note = _train(cfg, progress)
+                if note == "already trained" and kept and kept.get("eval_digest") == eval_digest:
+                    # the run folder holds these settings' finished training (the record's digest was taken
+                    # by an older version): its evaluation stands
+                    state["runs"][run_id] = {**kept, "digest": digest}
+                    write_json(state_path, state)
+                    console.print(f"[{n}/{len(todo)}] {run_id}: done earlier, kept")
+                    continue
+            console.print(f"[{n}/{len(todo)}] {run_id}: {note}; evaluating")
+            row = _row(arm, seed, cfg, _evaluate(cfg, seed, progress))
+            row["experiment_s"] = round(time.perf_counter() - started, 1)
+            state["runs"][run_id] = {"digest": digest, "eval_digest": eval_digest, "row": row}
+            write_json(state_path, state)  # after every arm: an interruption loses at most the arm in flight
+        rows = [state["runs"][rid]["row"] for _, _, rid in todo if rid in state["runs"]]
+        write_results(exp, rows)
+    return rows
+
+
+def _read_state(path: Path) -> dict:
+    if not path.is_file():
+        return {"format": "pipeline.experiment", "runs": {}}
+    try:
+        state = json.loads(path.read_text())
+        if state.get("format") != "pipeline.experiment" or not isinstance(state.get("runs"), dict):
+            raise ValueError
+        return state
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        raise PipelineError(f"{path}: not an experiment record (edited or foreign?); move it away to start the "
+                            "experiment afresh") from None

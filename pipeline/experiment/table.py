@@ -1,0 +1,100 @@
+"""An experiment's tables: one line per arm (mean and sample standard deviation over seeds) and one per run,
+with a column per registered measure; OUT/results.md, results.json and the report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.atomic import atomic_path, write_json
+from pipeline.evaluation.measures import list_measures
+from pipeline.experiment.spec import CERTIFIED_COLUMNS, Experiment
+from pipeline.report import build_report
+
+
+def _mean_std(values) -> tuple[float | None, float | None]:
+    v = [x for x in values if x is not None]
+    if not v:
+        return None, None
+    return float(np.mean(v)), (float(np.std(v, ddof=1)) if len(v) > 1 else None)
+
+
+def measure_columns() -> list[str]:
+    """Every registered measure, in registration order, then the certified accuracies."""
+    return [*list_measures(), *(f"certified@{r}" for r in CERTIFIED_COLUMNS)]
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One line per arm: mean and sample standard deviation (n-1) over its seeds."""
+    measures = [k for k in measure_columns() if any(r.get(k) is not None for r in rows)]
+    out = []
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        rs = [r for r in rows if r["arm"] == arm]
+        line = {"arm": arm, "method": rs[0].get("method", "-"), "selector": rs[0]["selector"], "fraction": rs[0]["fraction"], "seeds": [r["seed"] for r in rs]}
+        for key in (*measures, "train_s", "images", "selection_s", "stall_s"):
+            line[key], line[f"{key}_std"] = _mean_std(r.get(key) for r in rs)
+        out.append(line)
+    return out
+
+
+def _pm(mean, std, pct: bool = False, digits: int = 1) -> str:
+    if mean is None:
+        return "-"
+    if pct:
+        return f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
+    return f"{mean:,.{digits}f}" + (f" ± {std:,.{digits}f}" if std is not None else "")
+
+
+def results_markdown(exp: Experiment, rows: list[dict]) -> str:
+    groups = summarize(rows)
+    measures = [k for k in measure_columns() if any(g.get(k) is not None for g in groups)]
+    ev = rows[0]["eval"] if rows else {}
+    lines = [f"# Experiment {exp.path.name}", "",
+             f"{len(rows)} runs; evaluation {str(ev.get('protocol', '-')).upper()} ({ev.get('recipe')} recipe), "
+             f"eps {ev.get('eps', 0):.4g}, {ev.get('samples')} test samples. Accuracies in %, mean ± sample standard "
+             "deviation over seeds; times in seconds of training epochs (selection overlapped).", ""]
+    for arm in dict.fromkeys(r["arm"] for r in rows):  # arms measured otherwise say how
+        ev_arm = next(r["eval"] for r in rows if r["arm"] == arm)
+        if ev_arm.get("smoothing") or ev_arm.get("noise_sigma") or ev_arm.get("samples") != ev.get("samples"):
+            sm, c = ev_arm.get("smoothing") or {}, ev_arm.get("certify") or {}
+            lines.append(f"- {arm}: {ev_arm.get('samples')} test samples; finetuned with noise sigma "
+                         f"{ev_arm.get('noise_sigma') or 0:g}" + (f"; smoothed classifier sigma {sm['sigma']:g}, n "
+                         f"{sm['n']}, alpha {sm['alpha']:g}, EOT draws {sm['eot']} (abstentions are errors)" if sm else "")
+                         + (f"; certified on {c['samples']} samples" if c else ""))
+    lines += ["",
+             "| arm | method | selector | fraction | seeds | " + " | ".join(measures) +
+             " | train s | images trained on | selection s | stall s |",
+             "| --- | --- | --- | ---: | ---: | " + " | ".join("---:" for _ in measures) + " | ---: | ---: | ---: | ---: |"]
+    for g in groups:
+        lines.append(f"| {g['arm']} | {g['method']} | {g['selector']} | {'-' if g['fraction'] is None else format(g['fraction'], 'g')} | "
+                     f"{len(g['seeds'])} | "
+                     + " | ".join(_pm(g[m], g[f"{m}_std"], True) for m in measures)
+                     + f" | {_pm(g['train_s'], g['train_s_std'])} | {_pm(g['images'], None, digits=0)} | "
+                     + (f"{_pm(g['selection_s'], g['selection_s_std'])} | {_pm(g['stall_s'], None, digits=2)} |"
+                        if g["selector"] != "-" else "- | - |"))
+    lines += ["", "Every run:", "", "| run | " + " | ".join(measures) + " | train s | images | rounds | selection s | "
+              "selection process s | stall s |", "| --- | " + " | ".join("---:" for _ in measures) +
+              " | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['arm']}-s{r['seed']} | " + " | ".join(
+            "-" if r.get(m) is None else f"{100 * r[m]:.2f}" for m in measures) +
+            f" | {r['train_s']:.1f} | {r['images']:,} | {r['rounds']} | {r['selection_s']:.1f} | "
+            f"{r['selection_process_s']:.1f} | {r['stall_s']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(exp: Experiment, rows: list[dict]) -> list[Path]:
+    """OUT/results.md and results.json; OUT/report/ (figures, the trade-off plot) through `pipeline report`."""
+    if not rows:
+        return []
+    md = exp.out / "results.md"
+    with atomic_path(md) as tmp:
+        tmp.write_text(results_markdown(exp, rows))
+    write_json(exp.out / "results.json", {"experiment": str(exp.path), "rows": rows, "arms": summarize(rows)})
+
+    report, _ = build_report([r["run"] for r in rows], exp.out / "report")
+    return [md, exp.out / "results.json", report]
+
+
+__all__ = ["measure_columns", "results_markdown", "summarize", "write_results"]
