@@ -314,26 +314,21 @@ def eval_(
     recipe: Optional[str] = typer.Option(None, help="{recipes}: the RobustSSL benchmark's finetuning "
                                          "settings [default: the checkpoint's method]."),
     attack: Optional[str] = typer.Option(None, help="Comma-separated: {measures} [default: pgd20]."),
-    epochs: Optional[int] = typer.Option(None, help="Finetuning epochs [default: the recipe's]."),
-    lr: Optional[float] = typer.Option(None, help="Finetuning learning rate [default: the recipe's]."),
-    batch_size: Optional[int] = typer.Option(None, help="Finetuning batch size [default: the recipe's]."),
-    limit: Optional[int] = typer.Option(None, help="Evaluate on the first N test samples only."),
-    eps: Optional[float] = typer.Option(None, help="l_inf budget [default: the checkpoint's training eps; else "
-                                        "8/255 colour, 0.3 grey]."),
-    step: Optional[float] = typer.Option(None, help="PGD step [default: eps / 4]."),
-    steps: Optional[int] = typer.Option(None, help="PGD steps [default: 20]."),
+    epochs: Optional[int] = typer.Option(None, help="@eval.epochs"),
+    lr: Optional[float] = typer.Option(None, help="@eval.lr"),
+    batch_size: Optional[int] = typer.Option(None, help="@eval.batch_size"),
+    limit: Optional[int] = typer.Option(None, help="@eval.limit"),
+    eps: Optional[float] = typer.Option(None, help="@eval.eps"),
+    step: Optional[float] = typer.Option(None, help="@eval.step"),
+    steps: Optional[int] = typer.Option(None, help="@eval.steps"),
     config: Optional[Path] = typer.Option(None, help="TOML whose [eval] section gives defaults for these options."),
     branch: str = typer.Option("eval", help="Which batch-norm branch to deploy, by role: eval (the method's) or "
                                "natural (for scale)."),
-    noise_sigma: Optional[float] = typer.Option(None, help="Finetune with Gaussian noise N(0, S^2) on every input: "
-                                                "the base classifier of a smoothed one [default: 0, none]."),
-    smoothing: Optional[str] = typer.Option(None, help="sigma=S,n=N,alpha=A[,eot=M]: measure the smoothed "
-                                            "classifier (majority of N noisy draws, abstain unless the binomial test "
-                                            "passes at A); attacks target the randomized model, eot-pgd20 with M draws "
-                                            "per step [default M: N]."),
+    noise_sigma: Optional[float] = typer.Option(None, help="@eval.noise_sigma"),
+    smoothing: Optional[str] = typer.Option(None, help="@eval.smoothing"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     workers: int = typer.Option(0),
-    seed: Optional[int] = typer.Option(None),
+    seed: Optional[int] = typer.Option(None, help="@eval.seed"),
 ):
     """Finetune a pre-trained encoder (SLF, ALF, AFF) and report clean, PGD-20 and AutoAttack accuracy.
 

@@ -167,18 +167,20 @@ class EvalConfig:
     protocol: str = setting("slf", "Finetuning protocol (pipeline.evaluation registry).", flag="--protocol")
     recipe: str = setting("", "acl | dynacl | advcl; empty: the checkpoint's method.", flag="--recipe")
     attack: str = setting("pgd20", "Comma-separated measures (pipeline.evaluation.measures registry).", flag="--attack")
-    eps: float = setting(0.0, "l_inf budget (0: the checkpoint's training eps).", check=NONNEG, flag="--eps")
-    step: float = setting(0.0, "PGD step (0: eps / 4).", check=NONNEG, flag="--step")
-    steps: int = setting(20, "PGD steps.", check=AT_LEAST_ONE, flag="--steps")
-    epochs: int = setting(0, "Finetuning epochs (0: the recipe's).", check=NONNEG, flag="--epochs")
-    lr: float = setting(0.0, "Finetuning learning rate (0: the recipe's).", check=NONNEG, flag="--lr")
-    batch_size: int = setting(0, "Finetuning batch size (0: the recipe's).", check=NONNEG, flag="--batch-size")
-    limit: int = setting(0, "Evaluate on the first N test samples only (0: all).", check=NONNEG, flag="--limit")
+    eps: float = setting(0.0, "l_inf budget [default 0: the checkpoint's training eps; else 8/255 colour, 0.3 grey].",
+                         check=NONNEG, flag="--eps")
+    step: float = setting(0.0, "PGD step [default 0: eps / 4].", check=NONNEG, flag="--step")
+    steps: int = setting(20, "PGD steps [default 20].", check=AT_LEAST_ONE, flag="--steps")
+    epochs: int = setting(0, "Finetuning epochs [default 0: the recipe's].", check=NONNEG, flag="--epochs")
+    lr: float = setting(0.0, "Finetuning learning rate [default 0: the recipe's].", check=NONNEG, flag="--lr")
+    batch_size: int = setting(0, "Finetuning batch size [default 0: the recipe's].", check=NONNEG, flag="--batch-size")
+    limit: int = setting(0, "Evaluate on the first N test samples only [default 0: all].", check=NONNEG, flag="--limit")
     seed: int = setting(0, "Finetuning and attack seed.", flag="--seed")
-    noise_sigma: float = setting(0.0, "> 0: finetune with Gaussian noise (the base of a smoothed classifier).",
-                                 check=NONNEG, flag="--noise-sigma")
-    smoothing: str = setting("", "sigma=S,n=N,alpha=A[,eot=M]: measure the smoothed classifier.", table=True,
-                             flag="--smoothing")
+    noise_sigma: float = setting(0.0, "Finetune with Gaussian noise N(0, S^2) on every input: the base classifier of "
+                                 "a smoothed one [default 0: none].", check=NONNEG, flag="--noise-sigma")
+    smoothing: str = setting("", "sigma=S,n=N,alpha=A[,eot=M]: measure the smoothed classifier (majority of N noisy "
+                             "draws, abstain unless the binomial test passes at A); attacks target the randomized "
+                             "model, eot-pgd20 with M draws per step [default M: N].", table=True, flag="--smoothing")
     certify: str = setting("", "n0=N0,n=N,alpha=A,limit=L: `pipeline experiment` certifies the classifier too.",
                            table=True)
 

@@ -172,3 +172,29 @@ def test_method_state_is_checkpointed_and_restored(toy_parts, digits_set, tmp_pa
     teacher_a, teacher_b = a["method_state"]["teacher"], b["method_state"]["teacher"]
     assert all(torch.equal(teacher_a[k], teacher_b[k]) for k in teacher_a)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_report_never_writes_into_the_run_folders_it_reads(tmp_path):
+    """A torn last row of a certification table (a run killed mid-write) is skipped by readers, not cut off:
+    only `pipeline certify`, the table's writer, repairs it."""
+    from pipeline.evaluation.certify import COLUMNS, read_rows
+    from pipeline.report import build_report
+
+    run = tmp_path / "run"
+    (run / "certify" / "c").mkdir(parents=True)
+    (run / "config.toml").write_text('[method]\nname = "acl"\n[model]\narch = "smallcnn"\n')
+    (run / "metrics.jsonl").write_text(json.dumps({"kind": "epoch", "epoch": 1, "loss": 1.0, "lr": 0.1, "images": 10,
+                                                   "seconds": 1.0, "images_per_s": 10.0, "time": 100.0}) + "\n")
+    tsv = run / "certify" / "c" / "certify.tsv"
+    tsv.write_text("\t".join(COLUMNS) + "\n1\t0\t0\t0.5\t1\t0.1\n2\t1\t1\t0.2")  # the second row is torn
+    summary = {"settings": {"sigma": 0.25, "n0": 10, "n": 100, "alpha": 0.001}, "samples": 1, "abstained": 0,
+               "certified_accuracy": {"0": 1.0, "0.25": 1.0}, "linf_radius": {"0": 0.0, "0.25": 0.01}, "dims": 64,
+               "linf_eps": 0.1, "l2_radius_covering_linf_eps": 0.8, "certified_accuracy_at_linf_eps": 0.0,
+               "seconds_per_sample": 0.1}
+    (run / "certify" / "c" / "certify.json").write_text(json.dumps(summary))
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()}
+    assert len(read_rows(tsv)) == 1
+    md, _ = build_report([run], tmp_path / "report")
+    assert "certification" in md.read_text()
+    after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()}
+    assert after == before
