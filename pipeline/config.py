@@ -28,6 +28,7 @@ from pipeline.atomic import atomic_path
 from pipeline.errors import PipelineError
 from pipeline.kv import format_kv, parse_kv
 from pipeline.models.backbones import BACKBONES
+from pipeline.registry import Registry
 from pipeline.shards.crops import parse_crop
 
 # Rules: (test, what the value must be).
@@ -187,7 +188,7 @@ class EvalConfig:
 
 FIXED = {"data": DataConfig, "model": ModelConfig, "method": MethodConfig, "attack": AttackConfig,
          "optim": OptimConfig, "run": RunConfig, "select": SelectConfig, "eval": EvalConfig}
-SECTIONS: dict[str, type] = {}  # method sections, filled by @register_section next to each trainer
+SECTIONS: Registry[type] = Registry("config section")  # method sections: @register_section next to each trainer
 METHOD_SECTIONS: dict[str, tuple[str, ...]] = {}  # method name -> the sections it reads
 
 # Settings that lived under [method] before methods had sections of their own.
@@ -197,10 +198,7 @@ MOVED = {"method.temperature": "acl.temperature", "method.min_crop_scale": "acl.
 
 
 def register_section(name: str):
-    def deco(cls):
-        SECTIONS[name] = cls
-        return cls
-    return deco
+    return SECTIONS.register(name)
 
 
 # Settings whose values are names in a registry: key -> (the names, comma-separated list?, empty allowed?).
@@ -221,7 +219,7 @@ def all_sections() -> list[str]:
 
 def _declaration(key: str):
     section, _, name = key.partition(".")
-    cls = FIXED.get(section) or SECTIONS.get(section)
+    cls = FIXED.get(section) or (SECTIONS[section] if section in SECTIONS else None)
     return next((f for f in fields(cls) if f.name == name), None) if cls else None
 
 

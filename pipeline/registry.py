@@ -3,7 +3,8 @@
     TRAINERS = Registry("method", flag="--method")
     @TRAINERS.register            # the class's own `name`; or @TRAINERS.register("name")
     class ACLTrainer(Trainer): ...
-    TRAINERS.create("acl", cfg)   # one line naming the flag and every choice for an unknown name
+    TRAINERS.lookup("acl")        # the class; one line naming the flag and every choice for an unknown name
+    TRAINERS.create("acl", cfg)   # lookup, then call
     TRAINERS.names()              # what help texts and "choose one of" messages are built from
 
 A registry reads like the dict it replaces (`name in R`, `R[name]`, iteration in registration order), so a
@@ -44,20 +45,28 @@ class Registry(Generic[T]):
         """For tests that register a part of their own and clean up after."""
         self._items.pop(name, None)
 
-    def get(self, name: str) -> T:
+    def get(self, name: str, default=None):
+        """As dict.get: the part, or `default` (see `lookup` for the one-line error)."""
+        return self._items.get(name, default)
+
+    def lookup(self, name: str) -> T:
+        """The part registered as `name`; one line naming the flag and every choice when there is none."""
         if name not in self._items:
             where = f"{self.flag} " if self.flag else f"{self.kind} "
             raise PipelineError(f"{where}{name!r}: choose one of {self.choices(', ')}")
         return self._items[name]
 
     def create(self, name: str, *args, **kwargs):
-        return self.get(name)(*args, **kwargs)
+        return self.lookup(name)(*args, **kwargs)
 
     def names(self) -> list[str]:
         return list(self._items)
 
     def choices(self, sep: str = " | ") -> str:
         return sep.join(self._items)
+
+    def keys(self):
+        return self._items.keys()
 
     def items(self):
         return self._items.items()

@@ -198,3 +198,20 @@ def test_report_never_writes_into_the_run_folders_it_reads(tmp_path):
     assert "certification" in md.read_text()
     after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()}
     assert after == before
+
+
+def test_registry_lists_looks_up_and_names_every_choice():
+    from pipeline.errors import PipelineError
+    from pipeline.registry import Registry
+
+    r = Registry("widget", flag="--widget")
+
+    @r.register
+    class Small:
+        name = "small"
+
+    r.register("large")(dict)
+    assert r.names() == ["small", "large"] and "small" in r and r.get("huge") is None
+    assert r.lookup("small") is Small and r.create("large", a=1) == {"a": 1}
+    with pytest.raises(PipelineError, match=r"--widget 'huge': choose one of small, large"):
+        r.lookup("huge")

@@ -144,7 +144,7 @@ def arm_config(exp: Experiment, arm: Arm, seed: int, data_path: str):
     origin = f"{exp.path}: arm {arm.name}"
     cfg = TrainConfig.from_dict(merged, origin=origin)
     try:
-        TRAINERS.get(cfg.method.name).complete_config(cfg)  # as `pipeline train` will: the same config.toml
+        TRAINERS.lookup(cfg.method.name).complete_config(cfg)  # as `pipeline train` will: the same config.toml
         if cfg.eval.smoothing:
             Smoothing.parse(cfg.eval.smoothing)
         if cfg.eval.certify:

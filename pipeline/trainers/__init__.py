@@ -11,7 +11,7 @@ from pipeline.trainers.base import TRAINERS, StepRecord, Trainer, list_trainers,
 
 
 def create_trainer(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trainer:
-    cls = TRAINERS.get(cfg.method.name)
+    cls = TRAINERS.lookup(cfg.method.name)
     cls.complete_config(cfg)
     cfg.validate()
     if cfg.data.split == "test":
