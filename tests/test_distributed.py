@@ -1,6 +1,7 @@
 """Under a real torch.distributed process group (gloo, 2 CPU processes) each rank reads its own equal part."""
 
 import numpy as np
+import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -105,8 +106,6 @@ def test_pipeline_select_under_torchrun(digits_set, tmp_path):
 
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     if torchrun is None:
-        import pytest
-
         pytest.skip("torchrun not installed beside this Python")
     args = ["-m", "pipeline", "select", "--data", str(digits_set.root), "--selector", "facility", "--fraction", "0.2",
             "--arch", "smallcnn", "--device", "cpu", "--proxy", "gradients", "--seed", "5"]
@@ -117,4 +116,8 @@ def test_pipeline_select_under_torchrun(digits_set, tmp_path):
                           str(tmp_path / "two.json")], env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
     assert (two.stdout + two.stderr).count("selected 288") == 1  # rank 0 reports
-    assert np.array_equal(Manifest.load(tmp_path / "one.json").ids, Manifest.load(tmp_path / "two.json").ids)
+    one, two = Manifest.load(tmp_path / "one.json"), Manifest.load(tmp_path / "two.json")
+    # The same subset with the same weights. Not always in the same pick order: the ranks' k-NN blocks reach
+    # BLAS in other shapes, similarities can differ in their last float32 bit, and two near-tied gains swap.
+    assert dict(zip(one.ids.tolist(), one.weights.tolist())) == dict(zip(two.ids.tolist(), two.weights.tolist()))
+    assert one.extra["objective"] == pytest.approx(two.extra["objective"], rel=1e-6)
