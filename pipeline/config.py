@@ -40,7 +40,8 @@ AT_LEAST_ONE = (lambda v: v >= 1, "must be at least 1")
 def within(lo, hi, closed_lo: bool = True, closed_hi: bool = False):
     lo_ok = (lambda v: v >= lo) if closed_lo else (lambda v: v > lo)
     hi_ok = (lambda v: v <= hi) if closed_hi else (lambda v: v < hi)
-    return (lambda v: lo_ok(v) and hi_ok(v)), f"must be in {'[' if closed_lo else '('}{lo}, {hi}{']' if closed_hi else ')'}"
+    shown = f"{'[' if closed_lo else '('}{lo}, {hi}{']' if closed_hi else ')'}"
+    return (lambda v: lo_ok(v) and hi_ok(v)), f"must be in {shown}"
 
 
 def one_of(*choices):
@@ -73,9 +74,11 @@ class DataConfig:
     split: str = setting("train", "Split to train on.")
     batch_size: int = setting(512, "Samples per step (per process).", check=AT_LEAST_ONE, flag="--batch-size")
     workers: int = setting(2, "Loader worker processes.", check=NONNEG, flag="--workers")
-    backend: str = setting("auto", "Loader: auto | stream | indexed | ffcv.", check=one_of("auto", "stream", "indexed", "ffcv"))
+    backend: str = setting("auto", "Loader: auto | stream | indexed | ffcv.",
+                           check=one_of("auto", "stream", "indexed", "ffcv"))
     manifest: str = setting("", "Train on this subset manifest.", flag="--manifest")
-    manifests: str = setting("", "At each epoch, train on the newest valid manifest of this folder.", flag="--manifests")
+    manifests: str = setting("", "At each epoch, train on the newest valid manifest of this folder.",
+                             flag="--manifests")
     use_weights: bool = setting(True, "Weight per-sample losses by a manifest's weights when it has them.")
     crop: str = setting("", "random-resized:SIZE[,scale=LO-HI][,ratio=LO-HI]: crop while decoding (one-view methods).",
                         check=_parses(parse_crop, "empty, none or random-resized:SIZE[,scale=LO-HI][,ratio=LO-HI]"))

@@ -127,9 +127,9 @@ def test_registered_parts_appear_in_runs_reports_and_tables(toy_parts, digits_se
     from test_train import tiny_cfg
 
     run = tmp_path / "run"
-    cfg = tiny_cfg(digits_set.root, run, **{"method.name": "test-ema", "optim.epochs": 3, "select.selector": "test-first",
-                                            "select.fraction": 0.5, "select.warmup": 1, "select.every": 1,
-                                            "select.sync": True})
+    cfg = tiny_cfg(digits_set.root, run, **{"method.name": "test-ema", "optim.epochs": 3,
+                                            "select.selector": "test-first", "select.fraction": 0.5,
+                                            "select.warmup": 1, "select.every": 1, "select.sync": True})
     t = create_trainer(cfg, progress=False)
     try:
         t.fit()

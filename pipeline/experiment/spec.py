@@ -1,4 +1,6 @@
-"""What an experiment file says, checked before anything runs. `pipeline experiment CONFIG.toml`: a grid of arms trained and evaluated the same way, one after another.
+"""What an experiment file says, checked before anything runs.
+
+`pipeline experiment CONFIG.toml`: a grid of arms trained and evaluated the same way, one after another.
 
 An experiment file is a training config (the sections of `pipeline train --config`, shared by every arm) plus
 three things of its own:

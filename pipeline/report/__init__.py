@@ -30,7 +30,8 @@ def results_table(runs: list[RunRecord]) -> list[str]:
     """One row per evaluation; a column per registered measure (its title), in registration order."""
     measures = list_measures()
     lines = ["| run | checkpoint epoch | protocol | recipe | noise sigma | smoothed | "
-             + " | ".join(measure_title(m) for m in measures) + " | eps | test samples | train wall s | images trained on |",
+             + " | ".join(measure_title(m) for m in measures)
+             + " | eps | test samples | train wall s | images trained on |",
              "| --- | ---: | --- | --- | ---: | --- | " + " | ".join("---:" for _ in measures)
              + " | ---: | ---: | ---: | ---: |"]
     seen = set()
@@ -42,7 +43,8 @@ def results_table(runs: list[RunRecord]) -> list[str]:
             seen.add(key)
             lines.append(f"| {run.label} | {r.get('checkpoint_epoch')} | {r['protocol']} | {r.get('recipe', '-')} | "
                          f"{r.get('noise_sigma') or 0:g} | {_smoothing(r)} | "
-                         + "".join(f"{_pct(r.get(m))} | " for m in measures) + f"{r.get('eps', 0):.4g} | {r.get('samples')} | "
+                         + "".join(f"{_pct(r.get(m))} | " for m in measures)
+                         + f"{r.get('eps', 0):.4g} | {r.get('samples')} | "
                          f"{run.train_seconds:.1f} | {run.images:,} |")
     return lines
 

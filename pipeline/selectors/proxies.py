@@ -1,10 +1,10 @@
 """Proxies for selection, computed in one streaming pass over the candidates with a model snapshot.
 
 - features: encoder features of the natural images (natural branch), float16;
-- per-sample head gradients of the checkpoint's method, in closed form. The method's objective says how its loss
-  meets its selection head (`Objective.rows`, pipeline.objectives: ACL, 4 rows per sample, two views on the natural branch and their
-  PGD views on the adversarial one; SimCLR 2; AdvCL 4; ASCL 2 at its classifier), each row's loss taken with
-  the other rows of the batch held fixed. In eval mode every row passes the head independently, so for each
+- per-sample head gradients of the checkpoint's method, in closed form. The method's objective says how its
+  loss meets its selection head (`Objective.rows`, pipeline.objectives: ACL, 4 rows per sample, two views on
+  the natural branch and their PGD views on the adversarial one; SimCLR 2; AdvCL 4; ASCL 2 at its
+  classifier), each row's loss taken with the other rows of the batch held fixed. In eval mode every row passes the head independently, so for each
   linear layer l the per-sample weight gradient is sum over the sample's rows r of delta_lr a_lr^T (delta:
   loss gradient w.r.t. the layer's output, a: its input). Stored compressed as RCS does (each weight
   gradient averaged over its output dimension, each bias gradient to a scalar), plus the head input and

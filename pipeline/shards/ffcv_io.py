@@ -1,7 +1,8 @@
 """FFCV: the loader over a split's `.beton`, with the same batches as the others (`ffcv_write.py` writes them).
 
 ffcv is an optional extra (`pip install 'pipeline[ffcv]'`, after its system libraries); `_ffcv` here is the
-only place it is imported. Rows of a split's `.beton` follow the split's member table, so row r holds sample `ids[r]`; the id is
+only place it is imported. Rows of a split's `.beton` follow the split's member table, so row r holds sample
+`ids[r]`; the id is
 stored too (field `id`) because ffcv batches do not say which samples they hold.
 """
 

@@ -40,7 +40,8 @@ class EMATeacherTrainer(SimCLRTrainer):
         (out,) = self.forward([views], [NAT])
         with torch.no_grad():
             target = self.teacher(views, NAT, heads=("proj",))["proj"]
-        losses = nt_xent(out["proj"], 0.5, reduction="sample") + (out["proj"] - target).pow(2).mean(1).view(2, -1).mean(0)
+        distill = (out["proj"] - target).pow(2).mean(1).view(2, -1).mean(0)
+        losses = nt_xent(out["proj"], 0.5, reduction="sample") + distill
         return StepRecord(losses, {})
 
     def extra_state(self) -> dict:
