@@ -440,7 +440,8 @@ def report(
 def pseudo_labels(
     data: Path = typer.Option(..., help="Shard-set folder."),
     checkpoint: Path = typer.Option(..., help="Encoder checkpoint (e.g. a `--method simclr` run's last.pt)."),
-    out: Path = typer.Option(..., help="File to write: OUT.json beside OUT.ids.npy and OUT.labels.npy."),
+    out: Path = typer.Option(..., help="File to write: OUT.json beside its content-named arrays OUT.DIGEST.ids.npy and "
+                             "OUT.DIGEST.labels.npy."),
     clusters: str = typer.Option("2,10,50,100,500", help="Cluster counts, one labelling each (AdvCL's five)."),
     split: str = typer.Option("train"),
     seed: int = typer.Option(0, help="k-means seed: the same seed gives the same labels."),
@@ -554,6 +555,11 @@ def main() -> None:
     except PipelineError as exc:
         console.print(f"[red]error:[/] {escape(str(exc))}")
         sys.exit(exc.exit_code)
+    except OSError as exc:  # a read or write the stage did not turn into a message of its own: still one line
+        where = exc.filename or "a file"
+        console.print(f"[red]error:[/] {escape(str(where))}: {escape(exc.strerror or str(exc))}; check that the "
+                      "path exists, is readable and writable, and that its disk has space")
+        sys.exit(1)
     except (KeyboardInterrupt, _Interrupted) as exc:
         term = isinstance(exc, _Interrupted) and exc.signum == signal.SIGTERM
         name, code = ("SIGTERM", 143) if term else ("SIGINT", 130)

@@ -108,3 +108,45 @@ def folder_lock(folder: str | os.PathLike, command: str | None = None):
         yield
     finally:
         release(folder)
+
+
+@contextmanager
+def record_lock(record: str | os.PathLike, command: str, timeout: float = 120.0):
+    """Hold `.NAME.lock` beside the record file NAME for a read-merge-write of it (results.json): writers of
+    the same record take turns (waiting up to `timeout` seconds) instead of losing each other's entries;
+    unlike the folder lock, a training run holding its folder does not keep an evaluation out."""
+    record = Path(record)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    path = record.with_name(f".{record.name}.lock")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise PipelineError(f"{record.parent}: not writable ({exc.strerror}); choose another folder") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if time.monotonic() > deadline:
+                owner = _record(path)
+                raise PipelineError(f"{record}: held by `{owner.get('command', '?')}` (pid {owner.get('pid', '?')}) "
+                                    f"for over {timeout:.0f} s; wait for it to finish") from None
+            time.sleep(0.05)
+            continue
+        try:  # removed by its releasing holder between our open and our flock: open it again
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps({"pid": os.getpid(), "command": command}).encode(), 0)
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        os.close(fd)

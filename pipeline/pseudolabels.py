@@ -3,14 +3,15 @@
 AdvCL (Fan et al. 2021) trains pseudo-label heads on clusters of features from a separately pre-trained,
 non-robust contrastive model (its reference ships them as a pickle). Here they are computed from any encoder
 checkpoint (`pipeline train --method simclr` gives the reference's kind) with FAISS k-means, seeded, and
-stored like a manifest: a JSON header beside two .npy arrays,
+stored like a manifest: a JSON header beside two content-named .npy arrays,
 
-    FILE.json            format, shard-set fingerprint, split, checkpoint path and digest, counts, seed, ...
-    FILE.ids.npy         int64 sample ids, sorted
-    FILE.labels.npy      int32, one column per cluster count
+    FILE.json                 format, shard-set fingerprint, split, checkpoint path and digest, counts, seed, ...
+    FILE.DIGEST.ids.npy       int64 sample ids, sorted
+    FILE.DIGEST.labels.npy    int32, one column per cluster count
 
-Arrays first, header last (atomic renames); the header carries the arrays' digests, so a header paired with
-other arrays, or a file made on other data, is refused with a message naming both.
+Arrays first, header last (atomic renames), the old pair removed after the switch; the header carries the
+arrays' digests, so a header paired with other arrays, or a file made on other data, is refused with a
+message naming both.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pipeline.atomic import write_json, write_npy
 from pipeline.augment import to_float
 from pipeline.checkpoint import load_model
 from pipeline.errors import DataError, PipelineError
+from pipeline.shards.manifest import array_digest, owned_array
 from pipeline.models.multibn import use_branch
 from pipeline.progress import progress_bar
 from pipeline.shards.shardset import ShardSet
@@ -44,11 +46,25 @@ def _digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _paths(path: str | Path) -> tuple[Path, Path, Path]:
+def _header(path: str | Path) -> Path:
     p = Path(path)
-    if p.suffix == ".json":
-        p = p.with_suffix("")
-    return p.with_name(p.name + ".json"), p.with_name(p.name + ".ids.npy"), p.with_name(p.name + ".labels.npy")
+    return p if p.suffix == ".json" else p.with_name(p.name + ".json")
+
+
+def _read_header(header_path: Path) -> dict | None:
+    try:
+        h = json.loads(header_path.read_text())
+    except (OSError, ValueError):
+        return None
+    return h if isinstance(h, dict) and h.get("format") == FORMAT else None
+
+
+def _owned_arrays(header_path: Path) -> list[Path]:
+    """The arrays an existing header of ours names and provably wrote (content-named, digest matching)."""
+    h = _read_header(header_path) or {}
+    stem = header_path.with_suffix("").name
+    named = [header_path.parent / Path(str(h[k])).name for k in ("ids_file", "labels_file") if h.get(k)]
+    return [p for p in named if owned_array(p, stem, (".ids", ".labels"))]
 
 
 @dataclass
@@ -61,20 +77,34 @@ class PseudoLabels:
     extra: dict | None = None
 
     def save(self, path: str | Path) -> Path:
-        header, ids_path, labels_path = _paths(path)
+        """As a manifest is saved: content-named arrays, the header written last (the switch: one rename), the
+        old pair removed after it; a kill at any moment leaves the old or the new set readable. A target that
+        exists and is not a pseudo-label header of ours (a shard set's index.json, ...) is refused."""
+        header = _header(path)
+        if header.is_dir() or (header.exists() and _read_header(header) is None):
+            raise DataError(f"{header}: exists and is not a pseudo-label file of this tool; refusing to replace it "
+                            "(choose another --out)")
         header.parent.mkdir(parents=True, exist_ok=True)
-        write_npy(ids_path, np.asarray(self.ids, dtype=np.int64))
-        write_npy(labels_path, np.asarray(self.labels, dtype=np.int32))
+        stem = header.with_suffix("").name
+        ids, labels = np.asarray(self.ids, dtype=np.int64), np.asarray(self.labels, dtype=np.int32)
+        ids_path = header.with_name(f"{stem}.{array_digest(ids)}.ids.npy")
+        labels_path = header.with_name(f"{stem}.{array_digest(labels)}.labels.npy")
+        write_npy(ids_path, ids)
+        write_npy(labels_path, labels)
+        old = _owned_arrays(header)
         write_json(header, {"format": FORMAT, "version": 1, "dataset_fingerprint": self.dataset_fingerprint,
                             "split": self.split, "counts": list(self.counts), "samples": int(len(self.ids)),
                             "ids_file": ids_path.name, "ids_sha256": _digest(ids_path),
                             "labels_file": labels_path.name, "labels_sha256": _digest(labels_path),
                             **(self.extra or {})})
+        for p in old:
+            if p not in (ids_path, labels_path):
+                p.unlink(missing_ok=True)
         return header
 
     @classmethod
     def load(cls, path: str | Path, fingerprint: str | None = None) -> "PseudoLabels":
-        header_path, _, _ = _paths(path)
+        header_path = _header(path)
         try:
             h = json.loads(header_path.read_text())
         except FileNotFoundError:

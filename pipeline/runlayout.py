@@ -106,7 +106,8 @@ class RunLayout:
     # sub-folder -> names the trainer writes there; manifests (with the arrays their headers name) in
     # MANIFEST_FOLDERS. Files of other names are never touched.
     OWNED = {
-        ".": re.compile(rf"^({re.escape(CONFIG)}|{re.escape(METRICS)}|{re.escape(RESULTS)}|{re.escape(MARKER)})$"),
+        ".": re.compile(rf"^({re.escape(CONFIG)}|{re.escape(METRICS)}|{re.escape(RESULTS)}|{re.escape(MARKER)}"
+                        rf"|\.{re.escape(RESULTS)}\.lock)$"),  # the lock of results.json (record_lock)
         "checkpoints": re.compile(r"^(last|epoch-\d{4})\.pt$"),
         "snapshots": re.compile(r"^round-\d{4}\.(pt|group)$"),  # .group: a multi-process round's rendezvous
     }

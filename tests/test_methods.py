@@ -67,7 +67,7 @@ def test_pseudo_labels_seeded_exact_counts_and_stale_file_refused(digits_set, si
         PseudoLabels.load(header, "other")
     with pytest.raises(DataError, match="has none"):
         back.lookup(np.array([10 ** 9]))
-    (tmp_path / "pl.labels.npy").write_bytes(np.save.__doc__.encode()[:10])
+    (tmp_path / json.loads(header.read_text())["labels_file"]).write_bytes(np.save.__doc__.encode()[:10])
     with pytest.raises(DataError, match="labels array"):
         PseudoLabels.load(header)
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from pipeline.atomic import write_json
+from pipeline.atomic import move_aside, write_json
 from pipeline.attacks import budget
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import check_value, declare_choices
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, WriteError
 from pipeline.evaluation.classifiers import (classifier_path, finetune_settings_of, is_saved_classifier,
                                              load_classifier, load_own_classifier, load_saved_classifier,
                                              save_classifier)
@@ -29,6 +29,7 @@ from pipeline.evaluation.measures import MEASURES, accuracies, parse_measures
 from pipeline.evaluation.protocols import PROTOCOLS, finetune
 from pipeline.evaluation.recipes import DEFAULT_RECIPE, RECIPES, FinetuneSettings, recipe_settings
 from pipeline.evaluation.smoothing import Smoothing
+from pipeline.locks import record_lock
 from pipeline.progress import console
 from pipeline.runlayout import RunLayout
 from pipeline.shards.shardset import ShardSet
@@ -111,8 +112,8 @@ def prepare_classifier(ss: ShardSet, checkpoint: str | Path, protocol: str = "sl
     if save:
         try:
             info["classifier_path"] = str(save_classifier(path, model, ckpt, checkpoint, info["checkpoint_sha256"], s, ss))
-        except OSError as exc:
-            console.print(f"{path}: could not save the finetuned classifier ({exc.strerror}); results are kept")
+        except WriteError as exc:  # the numbers are measured all the same
+            console.print(f"{path}: could not save the finetuned classifier ({exc.reason}); results are kept")
     return model, {**info, "ckpt": ckpt, "settings": s, "protocol": protocol, "recipe": recipe}
 
 
@@ -185,28 +186,49 @@ def _digest(path) -> str:
     return h.hexdigest()[:16]
 
 
+def _ours(record) -> bool:
+    """A results.json of ours: one entry per checkpoint digest, each naming its checkpoint."""
+    return (isinstance(record, dict) and bool(record)
+            and all(isinstance(v, dict) and "checkpoint" in v for v in record.values()))
+
+
+def _read_results(path: Path) -> dict:
+    """The results recorded so far; a damaged file of ours is moved aside (said so), a foreign one refused."""
+    if not path.exists():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        aside = move_aside(path)
+        console.print(f"[yellow]{path}: unreadable (a torn or edited file); kept as {aside.name}, starting a new "
+                      "one[/]")
+        return {}
+    if not _ours(record):
+        raise PipelineError(f"{path}: exists and is not a results file of this tool; refusing to replace it (move "
+                            "it away, or evaluate a checkpoint outside that folder)")
+    return record
+
+
 def save_result(path: Path, digest: str, checkpoint: str, names: list[str], result: dict) -> Path:
     """results.json holds one entry per checkpoint (by content digest), each keyed by protocol and measure, so
-    evaluating another checkpoint of the same run never replaces these numbers. An unwritable folder gets the
-    results written to a fallback file in the temporary folder, named in the message."""
-    try:
-        previous = json.loads(path.read_text()) if path.is_file() else {}
-        if not isinstance(previous, dict):
-            previous = {}
-    except (OSError, ValueError):
-        previous = {}
-    entry = previous.setdefault(digest, {})
-    entry.update(checkpoint=checkpoint, checkpoint_epoch=result.get("checkpoint_epoch"))
-    for name in names[1:] or ["clean"]:
-        entry[result_key(result, name)] = {k: v for k, v in result.items() if k != "results_path"}
-    try:
-        write_json(path, previous)
-        return path
-    except OSError as exc:
-        fallback = Path(tempfile.gettempdir()) / f"pipeline-results-{digest}.json"
-        write_json(fallback, previous)
-        console.print(f"{path}: not writable ({exc.strerror}); results written to {fallback} instead")
-        return fallback
+    evaluating another checkpoint of the same run never replaces these numbers. Read, merged and written under
+    a lock of the record: two evaluations at once keep both. An unwritable folder gets the results written to a
+    fallback file in the temporary folder, named in the message."""
+    with record_lock(path, "pipeline eval"):
+        previous = _read_results(path)
+        entry = previous.setdefault(digest, {})
+        entry.update(checkpoint=checkpoint, checkpoint_epoch=result.get("checkpoint_epoch"))
+        for name in names[1:] or ["clean"]:
+            entry[result_key(result, name)] = {k: v for k, v in result.items() if k != "results_path"}
+        try:
+            write_json(path, previous)
+            return path
+        except (WriteError, OSError) as exc:
+            fallback = Path(tempfile.gettempdir()) / f"pipeline-results-{digest}.json"
+            write_json(fallback, previous)
+            reason = exc.reason if isinstance(exc, WriteError) else exc.strerror
+            console.print(f"{path}: not writable ({reason}); results written to {fallback} instead")
+            return fallback
 
 
 __all__ = ["FinetuneSettings", "MEASURES", "PROTOCOLS", "RECIPES", "Smoothing", "evaluate", "load_classifier",

@@ -26,6 +26,7 @@ from pipeline.errors import DataError, PipelineError
 from pipeline.evaluation import _digest, attack_budget, open_shardset, prepare_classifier
 from pipeline.evaluation.classifiers import is_saved_classifier
 from pipeline.evaluation.smoothing import certify_sample, linf_radius
+from pipeline.locks import folder_lock
 from pipeline.progress import console, progress_bar
 from pipeline.runlayout import RunLayout
 
@@ -147,43 +148,44 @@ def certify(data, checkpoint, sigma: float, n0: int = 100, n: int = 100_000, alp
                 "classifier_sha256": _digest(classifier_file), "dataset_fingerprint": ss.fingerprint,
                 "classifier": classifier_file, "checkpoint": str(checkpoint), "data": str(data),
                 "trained_noise_sigma": trained_sigma, "limit": limit}
-    out.mkdir(parents=True, exist_ok=True)
-    tsv, meta = out / "certify.tsv", out / "certify.json"
-    _check_settings(meta, settings)
-    write_json(meta, {"settings": settings})
-    ids = ss.ids(split)[:limit] if limit else ss.ids(split)
-    cut_torn_row(tsv)
-    rows = read_rows(tsv)
-    wanted = set(int(i) for i in ids)
-    stale = [r["id"] for r in rows if r["id"] not in wanted and limit is None]
-    if stale:
-        raise DataError(f"{tsv}: has sample {stale[0]}, which {data} ({split}) does not; delete the folder to start over")
-    done = {r["id"] for r in rows}
-    todo = np.array([i for i in ids if int(i) not in done], dtype=np.int64)
-    if rows:
-        console.print(f"{tsv}: {len(done):,} samples already certified; continuing with {len(todo):,}")
-    n_classes = len(ss.classes)
-    if len(todo):
-        new_file = not tsv.is_file()
-        with open(tsv, "a") as f, progress_bar(progress, unit="samples/s") as bar:
-            if new_file:
-                f.write("\t".join(COLUMNS) + "\n")
-                f.flush()
-            task = bar.add_task(f"certify sigma {sigma:g}, n {n:,}", total=len(todo))
-            for b in ss.loader(split, todo, batch_size=64, shuffle=False, device=device, num_workers=workers):
-                images = to_float(b.images.to(device))
-                for x, sample_id, label in zip(images, b.ids.tolist(), b.labels.tolist()):
-                    started = time.perf_counter()
-                    pred, radius, _ = certify_sample(model, x, sigma, n0, n, alpha, n_classes,
-                                                     _sample_generator(device, seed, sample_id), batch)
-                    row = (sample_id, label, pred, f"{radius:.6f}", int(pred == label),
-                           f"{time.perf_counter() - started:.3f}")
-                    f.write("\t".join(map(str, row)) + "\n")
+    with folder_lock(out, "pipeline certify"):  # one certification at a time appends to the table
+        out.mkdir(parents=True, exist_ok=True)
+        tsv, meta = out / "certify.tsv", out / "certify.json"
+        _check_settings(meta, settings)
+        write_json(meta, {"settings": settings})
+        ids = ss.ids(split)[:limit] if limit else ss.ids(split)
+        cut_torn_row(tsv)
+        rows = read_rows(tsv)
+        wanted = set(int(i) for i in ids)
+        stale = [r["id"] for r in rows if r["id"] not in wanted and limit is None]
+        if stale:
+            raise DataError(f"{tsv}: has sample {stale[0]}, which {data} ({split}) does not; delete the folder to start over")
+        done = {r["id"] for r in rows}
+        todo = np.array([i for i in ids if int(i) not in done], dtype=np.int64)
+        if rows:
+            console.print(f"{tsv}: {len(done):,} samples already certified; continuing with {len(todo):,}")
+        n_classes = len(ss.classes)
+        if len(todo):
+            new_file = not tsv.is_file()
+            with open(tsv, "a") as f, progress_bar(progress, unit="samples/s") as bar:
+                if new_file:
+                    f.write("\t".join(COLUMNS) + "\n")
                     f.flush()
-                    bar.advance(task)
-    rows = [r for r in read_rows(tsv) if r["id"] in wanted]
-    b = attack_budget(ss, info["ckpt"], eps)
-    summary = summarize(rows, settings, ss.channels * ss.image_size ** 2, b.eps)
-    write_json(meta, summary)
+                task = bar.add_task(f"certify sigma {sigma:g}, n {n:,}", total=len(todo))
+                for b in ss.loader(split, todo, batch_size=64, shuffle=False, device=device, num_workers=workers):
+                    images = to_float(b.images.to(device))
+                    for x, sample_id, label in zip(images, b.ids.tolist(), b.labels.tolist()):
+                        started = time.perf_counter()
+                        pred, radius, _ = certify_sample(model, x, sigma, n0, n, alpha, n_classes,
+                                                         _sample_generator(device, seed, sample_id), batch)
+                        row = (sample_id, label, pred, f"{radius:.6f}", int(pred == label),
+                               f"{time.perf_counter() - started:.3f}")
+                        f.write("\t".join(map(str, row)) + "\n")
+                        f.flush()
+                        bar.advance(task)
+        rows = [r for r in read_rows(tsv) if r["id"] in wanted]
+        b = attack_budget(ss, info["ckpt"], eps)
+        summary = summarize(rows, settings, ss.channels * ss.image_size ** 2, b.eps)
+        write_json(meta, summary)
     summary["tsv"], summary["json"], summary["out"], summary["name"] = str(tsv), str(meta), str(out), stem
     return summary

@@ -105,6 +105,8 @@ def load_run(path: str | Path) -> RunRecord:
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise PipelineError(f"{results}: not JSON") from None
         for digest, entry in by_ckpt.items():
+            if not isinstance(entry, dict):
+                continue
             for key, res in entry.items():
                 if isinstance(res, dict) and "protocol" in res:
                     run.results.append({"checkpoint": entry.get("checkpoint"), "digest": digest, "key": key, **res})

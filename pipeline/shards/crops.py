@@ -24,7 +24,7 @@ from PIL import Image
 
 from pipeline.errors import PipelineError
 from pipeline.kv import parse_kv
-from pipeline.shards.images import CorruptImage, _is_jpeg, _plain, convert, jpeg_pixels
+from pipeline.shards.images import CorruptImage, _is_jpeg, _plain, check_jpeg_pixels, check_size, convert, jpeg_pixels
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,7 @@ def _resample(pixels: np.ndarray, box: tuple[int, int, int, int], size: int) -> 
 
 def decode_crop(data: bytes, mode: str, crop: RandomResizedCrop, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
     """(crop.size x crop.size x C uint8 array, {"box": (top, left, h, w) at full resolution, "scale": DCT scale})."""
+    check_jpeg_pixels(data)
     if _is_jpeg(data):
         try:
             height, width, _, _ = simplejpeg.decode_jpeg_header(data)
@@ -106,8 +107,10 @@ def decode_crop(data: bytes, mode: str, crop: RandomResizedCrop, rng: np.random.
                 scaled = (round(top * sy), round(left * sx), max(1, round(h * sy)), max(1, round(w * sx)))
                 return _resample(pixels, scaled, crop.size), {"box": (top, left, h, w), "scale": sy}
     try:
-        pixels = np.asarray(convert(Image.open(io.BytesIO(data)), mode))
-    except (OSError, SyntaxError, ValueError) as exc:
+        img = Image.open(io.BytesIO(data))
+        check_size(img.height, img.width)
+        pixels = np.asarray(convert(img, mode))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise CorruptImage(_plain(exc)) from exc
     pixels = pixels.reshape(pixels.shape[0], pixels.shape[1], -1)
     box = crop.box(pixels.shape[0], pixels.shape[1], rng)

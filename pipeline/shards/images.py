@@ -9,6 +9,7 @@ JPEG goes through simplejpeg (libjpeg-turbo without PIL's Python-level header pa
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +33,55 @@ class Encoding:
 
 class CorruptImage(Exception):
     """An image that does not decode; prepare skips it and reports why."""
+
+
+# Decompression bombs: an image is refused from its header, before any pixel is decoded, when it declares more
+# pixels than PIL's own limit (about 89 million: 9,459 x 9,459); a 700-byte JPEG may claim 65000 x 65000.
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+
+def declared_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) from the header alone (libjpeg-turbo's header read for JPEG, PIL's lazy open for the
+    rest), or None when the header does not say."""
+    if data[:3] == b"\xff\xd8\xff":
+        try:
+            height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+            return height, width
+        except ValueError:
+            pass
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:  # reads the header only
+                return img.height, img.width
+    except Image.DecompressionBombError as exc:
+        raise CorruptImage(f"{_plain(exc)} (refused before decoding)") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return None
+
+
+def check_size(height: int, width: int) -> None:
+    if height * width > MAX_PIXELS:
+        raise CorruptImage(f"declares {width} x {height} pixels, above the limit of {MAX_PIXELS:,} (a "
+                           "decompression bomb?); refused before decoding")
+
+
+def check_pixels(data: bytes) -> None:
+    """Refuse an image whose header declares more than MAX_PIXELS pixels (CorruptImage, before decoding)."""
+    size = declared_size(data)
+    if size is not None:
+        check_size(*size)
+
+
+def check_jpeg_pixels(data: bytes) -> None:
+    """The cheap check of the loaders' hot path: a JPEG header read (about a microsecond); other formats are
+    checked on the image PIL opens anyway, before it decodes."""
+    if _is_jpeg(data):
+        try:
+            height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+        except ValueError:
+            return
+        check_size(height, width)
 
 
 def open_fully(data: bytes) -> Image.Image:
@@ -122,6 +172,7 @@ def transcode_file(data: bytes, mode: str, enc: Encoding = Encoding()) -> tuple[
 
     JPEG and PNG files are stored byte for byte when no resize is asked for: no re-encoding loss.
     """
+    check_pixels(data)
     if _is_jpeg(data):
         if enc.size is not None:
             done = _resize_jpeg(data, mode, enc)
@@ -153,16 +204,18 @@ def encode_array(pixels: np.ndarray, image_size: int | None) -> tuple[bytes, str
 
 def decode(data: bytes, mode: str, size: int | None = None) -> np.ndarray:
     """Decode stored bytes to an HxWxC uint8 array (C = 1 for mode L, 3 for RGB)."""
+    check_jpeg_pixels(data)
     if _is_jpeg(data):
         arr = jpeg_pixels(data, mode, False, size or 0, size or 0)
         if arr is not None:
             return arr if size is None else _square(arr, size)
     try:
         img = Image.open(io.BytesIO(data))
+        check_size(img.height, img.width)
         if size is not None and img.format == "JPEG":
             img.draft(mode, (size, size))  # lets libjpeg decode large images at a reduced scale
         img = convert(img, mode)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise CorruptImage(_plain(exc)) from exc
     if size is not None:
         img = resize_square(img, size)

@@ -62,11 +62,31 @@ def read_header(path: str | Path, strict: bool = False) -> dict | None:
     return h
 
 
+def array_digest(array: np.ndarray) -> str:
+    """The content digest in an array file's name (`STEM.DIGEST.npy`)."""
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
+
+
+def owned_array(path: Path, stem: str, kinds: tuple[str, ...] = ("", ".weights")) -> bool:
+    """Whether `path` is an array this tool wrote for the header named `stem`: its name is STEM.DIGEST[KIND].npy
+    and DIGEST is the digest of the array it holds. Nothing else is ever deleted as "the old pair"."""
+    m = re.fullmatch(re.escape(stem) + r"\.([0-9a-f]{16})(" + "|".join(re.escape(k) for k in kinds) + r")\.npy",
+                     path.name)
+    if m is None or not path.is_file() or path.is_symlink():
+        return False
+    try:
+        return array_digest(np.load(path, allow_pickle=False)) == m.group(1)
+    except (OSError, ValueError):
+        return False
+
+
 def header_arrays(header_path: str | Path) -> list[Path]:
-    """The array files an existing header of ours names, beside it (nothing for a missing or foreign header)."""
+    """The array files an existing header of ours names and provably wrote (see `owned_array`)."""
     header_path = _header_path(header_path)
     h = read_header(header_path) or {}
-    return [header_path.parent / Path(str(n)).name for n in (h.get("ids_file"), h.get("weights_file")) if n]
+    stem = header_path.with_suffix("").name
+    named = [header_path.parent / Path(str(n)).name for n in (h.get("ids_file"), h.get("weights_file")) if n]
+    return [p for p in named if owned_array(p, stem)]
 
 
 def _referenced_arrays(header_path: Path) -> set[str]:
@@ -122,7 +142,7 @@ class Manifest:
         check_manifest_target(header_path)
         stem = header_path.with_suffix("").name
         header_path.parent.mkdir(parents=True, exist_ok=True)
-        ids_digest = hashlib.sha256(np.ascontiguousarray(self.ids).tobytes()).hexdigest()[:16]
+        ids_digest = array_digest(self.ids)
         ids_path = header_path.with_name(f"{stem}.{ids_digest}.npy")
         write_npy(ids_path, self.ids)
         header = {
@@ -144,7 +164,7 @@ class Manifest:
         }
         keep = {ids_path.name}
         if self.weights is not None:
-            w_digest = hashlib.sha256(np.ascontiguousarray(self.weights).tobytes()).hexdigest()[:16]
+            w_digest = array_digest(self.weights)
             wpath = header_path.with_name(f"{stem}.{w_digest}.weights.npy")
             write_npy(wpath, self.weights)
             header["weights_file"] = wpath.name

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import __version__
-from pipeline.atomic import write_json
+from pipeline.atomic import is_temporary, write_json
 from pipeline.errors import PipelineError
 from pipeline.kv import parse_kv
 from pipeline.locks import LOCK_NAME, folder_lock
@@ -260,13 +260,14 @@ def _previous_records(out: Path, recipe: dict, overwrite: bool) -> tuple[dict[tu
     return {}, set()
 
 
-_OUR_TEMP = re.compile(r"^\..+\.tmp-\d+$")  # an atomic write cut short (pipeline.atomic)
+_OLD_TEMP = re.compile(r"^\..+\.tmp-\d+$")  # an atomic write cut short by an older version
 
 
 def _refuse_foreign(out: Path, ours: set[str], what: str) -> None:
     """Refuse to work in a folder that holds anything our records do not account for."""
     foreign = sorted(p.name for p in out.iterdir()
-                     if p.name not in ours and p.name != LOCK_NAME and not _OUR_TEMP.match(p.name))
+                     if p.name not in ours and p.name != LOCK_NAME and not is_temporary(p.name)
+                     and not _OLD_TEMP.match(p.name))
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise PipelineError(f"{out}: holds files this tool did not write ({shown}); refusing to {what} there "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.atomic import is_temporary
 from pipeline.errors import PipelineError
 from pipeline.locks import LOCK_NAME
 from pipeline.runlayout import RunLayout
@@ -43,7 +44,7 @@ def start_fresh(run: Path | None, overwrite: bool) -> None:
         folder = run / sub
         if folder.is_dir():
             for p in folder.iterdir():
-                if p.is_file() and pattern.match(p.name):
+                if p.is_file() and (pattern.match(p.name) or is_temporary(p.name)):  # ours, or a write cut short
                     p.unlink()
     for sub in RunLayout.MANIFEST_FOLDERS:
         if (run / sub).is_dir():
