@@ -70,7 +70,8 @@ WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENAMETOOLONG, err
 def _is_write_failure(exc: BaseException, *paths) -> bool:
     if isinstance(exc, OSError):
         named = exc.filename is not None and str(exc.filename) in {str(p) for p in paths}
-        return named or exc.filename is None and exc.errno in WRITE_ERRNOS
+        # numpy's short write ("719 requested and 109 written") carries neither errno nor file name
+        return named or exc.filename is None and (exc.errno in WRITE_ERRNOS or exc.errno is None)
     # torch.save reports a full disk as RuntimeError ("PytorchStreamWriter failed writing file ...")
     return isinstance(exc, RuntimeError) and "failed writing" in str(exc)
 

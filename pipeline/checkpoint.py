@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import torch
@@ -17,7 +18,10 @@ FORMAT = "pipeline.checkpoint"
 def save_checkpoint(path: str | Path, payload: dict) -> Path:
     path = Path(path)
     with atomic_path(path) as tmp:
-        torch.save({"format": FORMAT, "tool_version": __version__, **payload}, tmp)
+        try:
+            torch.save({"format": FORMAT, "tool_version": __version__, **payload}, tmp)
+        except RuntimeError as exc:  # torch's writer reports a full disk or a size limit as RuntimeError
+            raise OSError(errno.EIO, f"the write stopped: {(str(exc).splitlines() or ['?'])[0][:120]}") from exc
     return path
 
 

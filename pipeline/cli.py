@@ -7,10 +7,11 @@ when help is shown (`fill_help`), so a part registered anywhere (PIPELINE_PLUGIN
 
 from __future__ import annotations
 
-from inspect import signature
+import errno
 import json
 import sys
 import time
+from inspect import signature
 from pathlib import Path
 from typing import Optional
 
@@ -557,8 +558,9 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except OSError as exc:  # a read or write the stage did not turn into a message of its own: still one line
         where = exc.filename or "a file"
-        console.print(f"[red]error:[/] {escape(str(where))}: {escape(exc.strerror or str(exc))}; check that the "
-                      "path exists, is readable and writable, and that its disk has space")
+        fix = ("choose a shorter name" if exc.errno == errno.ENAMETOOLONG else
+               "check that the path exists, is readable and writable, and that its disk has space")
+        console.print(f"[red]error:[/] {escape(str(where))}: {escape(exc.strerror or str(exc))}; {fix}")
         sys.exit(1)
     except (KeyboardInterrupt, _Interrupted) as exc:
         term = isinstance(exc, _Interrupted) and exc.signum == signal.SIGTERM

@@ -35,6 +35,7 @@ from pipeline.shards.crops import parse_crop
 POSITIVE = (lambda v: v > 0, "must be > 0")
 NONNEG = (lambda v: v >= 0, "must be >= 0")
 AT_LEAST_ONE = (lambda v: v >= 1, "must be at least 1")
+WIDTH = (lambda v: 1 <= v <= 1 << 16, "must be between 1 and 65536 (a layer's width; wider ones exceed memory)")
 
 
 def within(lo, hi, closed_lo: bool = True, closed_hi: bool = False):
@@ -89,8 +90,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: str = setting("resnet18", "Backbone (pipeline.models registry).", flag="--arch")
-    head_width: int = setting(512, "Hidden width of the projection head.", check=AT_LEAST_ONE)
-    proj_dim: int = setting(512, "Output width of the projection head.", check=AT_LEAST_ONE)
+    head_width: int = setting(512, "Hidden width of the projection head.", check=WIDTH)
+    proj_dim: int = setting(512, "Output width of the projection head.", check=WIDTH)
 
 
 @dataclass

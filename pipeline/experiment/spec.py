@@ -108,6 +108,17 @@ def load_experiment(path: str | Path, out: str | Path | None = None) -> Experime
         names.add(name)
         arm_seeds = _seeds(a.pop("seeds"), f"{path}: arm {name}") if "seeds" in a else seeds
         arms.append(Arm(name, {k: _table(v, f"{path}: arm {name}: {k}") for k, v in a.items()}, arm_seeds))
+    for n, arm in enumerate(arms):  # pseudo-labels come from an arm trained before, with the same seeds
+        earlier = {a.name: a for a in arms[:n]}
+        for ref in _pseudo_refs(arm):
+            where = "is not in the file" if ref not in names else ("is this arm" if ref == arm.name else "comes later")
+            if ref not in earlier:
+                raise PipelineError(f"{path}: arm {arm.name} takes pseudo-labels from arm {ref!r}, which {where}: "
+                                    "name an arm given earlier in the file")
+            missing = sorted(set(arm.seeds) - set(earlier[ref].seeds))
+            if missing:
+                raise PipelineError(f"{path}: arm {arm.name} takes pseudo-labels from arm {ref!r}, which has no run "
+                                    f"with seed {missing[0]}: give both arms the same seeds")
     exp = Experiment(path, out, shared, arms, prepare)
     for arm in arms:  # every arm's settings are checked before anything runs
         arm_config(exp, arm, arm.seeds[0], data_path=shared.get("data", {}).get("path") or "-")

@@ -31,7 +31,10 @@ def summarize(rows: list[dict]) -> list[dict]:
     out = []
     for arm in dict.fromkeys(r["arm"] for r in rows):
         rs = [r for r in rows if r["arm"] == arm]
-        line = {"arm": arm, "method": rs[0].get("method", "-"), "selector": rs[0]["selector"], "fraction": rs[0]["fraction"], "seeds": [r["seed"] for r in rs]}
+        selector = rs[0]["selector"]
+        if selector != "-" and not any(r.get("rounds") for r in rs):  # every round finished after training ended
+            selector = f"{selector} (no round used: all data)"
+        line = {"arm": arm, "method": rs[0].get("method", "-"), "selector": selector, "fraction": rs[0]["fraction"], "seeds": [r["seed"] for r in rs]}
         for key in (*measures, "train_s", "images", "selection_s", "stall_s"):
             line[key], line[f"{key}_std"] = _mean_std(r.get(key) for r in rs)
         out.append(line)

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.atomic import atomic_path
 from pipeline.errors import PipelineError
 from pipeline.evaluation.certify import read_rows
 from pipeline.report.runs import RunRecord, robust_of
+
+
+def _save(fig, path: Path) -> None:
+    """Through a temporary file, as every artefact: a failed write leaves no half figure."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
 
 
 def _plt():
@@ -41,7 +48,7 @@ def training(run: RunRecord, path: Path) -> Path:
     share.set_ylabel("attack share")
     fig.suptitle(run.label)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -66,7 +73,7 @@ def selection_timeline(run: RunRecord, path: Path) -> Path:
     ax.set_xlabel("wall-clock seconds since training started")
     ax.set_title(f"{run.label}: epochs (cyan on a selected subset) and selection rounds")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -90,7 +97,7 @@ def tradeoff(runs: list[RunRecord], path: Path) -> Path | None:
            title="robust accuracy against training time")
     ax.margins(0.2)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -114,6 +121,6 @@ def certified_curve(tables: list[tuple[str, Path]], path: Path) -> Path:
            ylim=(0, 100))
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    _save(fig, path)
     plt.close(fig)
     return path
