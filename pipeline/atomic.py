@@ -97,7 +97,6 @@ def atomic_path(path: str | os.PathLike):
             sweep_temporaries(folder)
         if len(os.fsencode(path.name)) > 255:
             raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), str(path))
-        # a suffix after a dot: torch.save names its archive after the part of the file name before the last dot
         fd, name = tempfile.mkstemp(prefix=f".tmp-{os.getpid()}-", suffix=".tmp", dir=path.parent)
         os.fchmod(fd, FILE_MODE)
         os.close(fd)

@@ -17,9 +17,11 @@ FORMAT = "pipeline.checkpoint"
 
 def save_checkpoint(path: str | Path, payload: dict) -> Path:
     path = Path(path)
-    with atomic_path(path) as tmp:
+    # Through a file object: torch names the archive inside after a file name (the temporary one would make
+    # every save's bytes differ); a stream gets one fixed name, so the same state gives the same bytes.
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         try:
-            torch.save({"format": FORMAT, "tool_version": __version__, **payload}, tmp)
+            torch.save({"format": FORMAT, "tool_version": __version__, **payload}, f)
         except RuntimeError as exc:  # torch's writer reports a full disk or a size limit as RuntimeError
             raise OSError(errno.EIO, f"the write stopped: {(str(exc).splitlines() or ['?'])[0][:120]}") from exc
     return path

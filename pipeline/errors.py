@@ -22,3 +22,6 @@ class WriteError(PipelineError):
         self.path, self.reason = str(path), reason
         super().__init__(f"{path}: could not be written ({reason}); nothing there was changed. Free space on that "
                          "disk, check its permissions, or choose another output folder (a shorter name, if too long)")
+
+    def __reduce__(self):  # crosses process pools (prepare's encoders) intact
+        return type(self), (self.path, self.reason)
