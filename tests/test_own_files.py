@@ -335,3 +335,59 @@ def test_an_arm_whose_rounds_all_came_too_late_says_so():
            "stall_s": 0.0, "eval": {"protocol": "slf", "samples": 10, "eps": 0.1}}
     table = results_markdown(Experiment(Path("e.toml"), Path("out"), {}, [Arm("late", {}, [0])]), [row])
     assert "rcs (no round used: all data)" in table
+
+
+# -- resume keeps the bookkeeping ---------------------------------------------------------------------------------
+def _bookkeeping(run_dir: Path):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    selection = [(r["round"], r["epoch"], r["used_from_epoch"], r["size"], r["selector"]) for r in records
+                 if r["kind"] == "selection"]
+    accounting = [(r["epoch"], r["images_not_attacked"], r["images_not_attacked_total"]) for r in records
+                  if r["kind"] == "accounting"]
+    epochs = [r["epoch"] for r in records if r["kind"] == "epoch"]
+    return selection, accounting, epochs
+
+
+def test_a_resumed_run_keeps_every_selection_and_accounting_record(digits_set, tmp_path):
+    from pipeline.report import load_run
+    from pipeline.trainers import create_trainer, load_config
+    from test_train import tiny_cfg
+
+    over = {"optim.epochs": 5, "select.selector": "random", "select.fraction": 0.3, "select.warmup": 1,
+            "select.every": 2, "select.sync": True, "data.batch_size": 128}
+    straight = create_trainer(tiny_cfg(digits_set.root, tmp_path / "a", **over), progress=False)
+    straight.fit()
+    straight.close()
+    first = create_trainer(tiny_cfg(digits_set.root, tmp_path / "b", **over), progress=False)
+    first.fit(stop_after=2)
+    first.close()
+    for _ in range(2):  # stopped twice, at the end of epochs 2 and 4: right after each round was first used
+        again = create_trainer(load_config(tmp_path / "b" / "config.toml"), resume=True, progress=False)
+        again.fit(stop_after=2)
+        again.close()
+    a, b = _bookkeeping(tmp_path / "a"), _bookkeeping(tmp_path / "b")
+    assert len(a[0]) == 2 and len(a[1]) == 4 and a[2] == [1, 2, 3, 4, 5]
+    assert b == a
+    ra, rb = load_run(tmp_path / "a"), load_run(tmp_path / "b")
+    assert len(ra.rounds) == len(rb.rounds) and ra.images == rb.images
+    assert rb.accounting[-1]["images_not_attacked_total"] == ra.accounting[-1]["images_not_attacked_total"]
+
+
+def test_a_torn_metrics_line_is_cut_on_resume_and_skipped_by_the_report(digits_set, tmp_path):
+    from pipeline.report import load_run
+    from pipeline.trainers import create_trainer, load_config
+    from test_train import tiny_cfg
+
+    t = create_trainer(tiny_cfg(digits_set.root, tmp_path / "r", **{"optim.epochs": 2}), progress=False)
+    t.fit(stop_after=1)
+    t.close()
+    metrics = tmp_path / "r" / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"kind": "step", "epoch": 1, "lo')  # killed mid-write
+    assert len(load_run(tmp_path / "r").epochs) == 1
+    again = create_trainer(load_config(tmp_path / "r" / "config.toml"), resume=True, progress=False)
+    again.fit()
+    again.close()
+    lines = metrics.read_text().splitlines()
+    assert all(json.loads(line) for line in lines) and [json.loads(x)["epoch"] for x in lines
+                                                         if json.loads(x)["kind"] == "epoch"] == [1, 2]

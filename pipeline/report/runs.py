@@ -55,12 +55,19 @@ class RunRecord:
 
 
 def _jsonl(path: Path) -> list[dict]:
+    """The records of a metrics file; a torn last line (the run was killed while writing it: the next resume
+    cuts it) is left out, any other line that is not JSON is an error."""
+    text = path.read_text()
+    lines = text.splitlines()
+    torn = bool(lines) and not text.endswith("\n")
     out = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(lines, 1):
         if line.strip():
             try:
                 out.append(json.loads(line))
             except json.JSONDecodeError:
+                if torn and n == len(lines):
+                    break
                 raise PipelineError(f"{path}: line {n} is not JSON (an edited or foreign file?)") from None
     return out
 

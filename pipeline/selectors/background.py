@@ -115,12 +115,17 @@ class SelectionScheduler:
                 "pending": [{"number": r.number, "epoch": r.epoch, "snapshot": r.snapshot, "manifest": r.manifest}
                             for r in self.pending]}
 
-    def restore(self, state: dict) -> None:
-        """After --resume: rounds that were running when the run stopped are started again from their snapshot."""
+    def restore(self, state: dict) -> list[Round]:
+        """After --resume: rounds that were running when the run stopped are started again from their snapshot
+        (returned; a round whose manifest had appeared meanwhile is returned as finished)."""
         self.next_round = int(state.get("next_round", 1))
+        rounds = []
         for r in state.get("pending", []):
+            rnd = Round(r["number"], r["epoch"], r["snapshot"], r["manifest"])
             if not Path(r["manifest"]).is_file() and Path(r["snapshot"]).is_file():
-                self._launch(Round(r["number"], r["epoch"], r["snapshot"], r["manifest"]))
+                self._launch(rnd)
+            rounds.append(rnd)
+        return rounds
 
     def _launch(self, rnd: Round) -> None:
         kwargs = dict(data=self.data, selector=self.selector_name, fraction=self.cfg.fraction, out=rnd.manifest,

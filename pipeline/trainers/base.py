@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from pipeline import locks
+from pipeline.atomic import atomic_path
 from pipeline.attacks import budget
 from pipeline.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from pipeline.dist import init_distributed
@@ -123,6 +124,7 @@ class Trainer:
             forward = nn.parallel.DistributedDataParallel(forward, device_ids=[self.device] if self.cuda else None)
         self.forward = torch.compile(forward) if cfg.run.compile else forward
         self.start_epoch, self.global_step = 0, 0
+        self._metrics_lines = 0  # records this run has logged: a checkpoint keeps the count, a resume cuts back to it
         self.subset, self.loader, self._loader_key = None, None, None
         self.subsets = create_subset_source(self)
         if resume:
@@ -213,14 +215,14 @@ class Trainer:
                 summary = self._train_epoch(epoch)
                 self.subsets.epoch_end(epoch, summary)
                 self.start_epoch = epoch + 1
-                if self.is_main:
+                if self.is_main:  # the epoch's records first: the checkpoint counts them (`metrics_lines`)
                     for rec in self.subsets.records():
                         self._log(rec)
+                    self._log({"kind": "epoch", **summary})
                     state = self._state(epoch + 1, summary)
                     save_checkpoint(self.layout.last, state)
                     if cfg.run.checkpoint_every and (epoch + 1) % cfg.run.checkpoint_every == 0:
                         save_checkpoint(self.layout.epoch_checkpoint(epoch + 1), state)
-                    self._log({"kind": "epoch", **summary})
                 self.dist.barrier()
         except BaseException:
             self.subsets.close()  # interrupted or failed: end a running round now (--resume starts it again)
@@ -295,6 +297,7 @@ class Trainer:
     def _log(self, record: dict) -> None:
         with open(self.layout.metrics, "a") as f:
             f.write(json.dumps({**record, "time": time.time()}, default=float) + "\n")
+        self._metrics_lines += 1
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def _state(self, epochs_done: int, summary: dict) -> dict:
@@ -312,6 +315,7 @@ class Trainer:
             "summary": {k: v for k, v in summary.items() if isinstance(v, (int, float)) and v is not None},
             "selection": self._selection_state(),
             "method_state": self.extra_state(),
+            "metrics_lines": self._metrics_lines,
         }
 
     def _selection_state(self) -> dict:
@@ -337,11 +341,7 @@ class Trainer:
         if self.cuda and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), self.device)
         if self.is_main:  # drop metrics of work after the checkpoint: it is about to be redone
-            metrics = self.layout.metrics
-            if metrics.exists():
-                keep = [ln for ln in metrics.read_text().splitlines()
-                        if ln.strip() and json.loads(ln).get("epoch", 0) < self.start_epoch + (json.loads(ln)["kind"] == "epoch")]
-                metrics.write_text("".join(k + "\n" for k in keep))
+            self._metrics_lines = cut_metrics(self.layout.metrics, ckpt.get("metrics_lines"), self.start_epoch)
             console.print(f"resuming {self.run_dir} after epoch {self.start_epoch}")
 
     def __enter__(self):
@@ -371,3 +371,26 @@ def list_trainers() -> list[str]:
 
 
 declare_choices("method.name", TRAINERS.names)
+
+
+def cut_metrics(path: Path, lines: int | None, epochs_done: int) -> int:
+    """metrics.jsonl as it was at the checkpoint: its first `lines` records (what the checkpoint counted, so a
+    selection or accounting record of the last finished epoch stays); a torn last line (a crash mid-write) or
+    records of work after the checkpoint go. Checkpoints of older versions carry no count: their records are
+    kept by epoch. Returns the records kept."""
+    if not path.exists():
+        return 0
+    records = []
+    for line in path.read_bytes().split(b"\n"):
+        try:
+            records.append((line, json.loads(line)))
+        except ValueError:
+            continue  # torn or blank
+    if lines is not None:
+        keep = [ln for ln, _ in records[:int(lines)]]
+    else:
+        keep = [ln for ln, rec in records
+                if isinstance(rec, dict) and rec.get("epoch", 0) < epochs_done + (rec.get("kind") == "epoch")]
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(b"".join(ln + b"\n" for ln in keep))
+    return len(keep)

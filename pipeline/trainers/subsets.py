@@ -25,7 +25,7 @@ from pipeline.kv import parse_kv
 from pipeline.progress import console
 from pipeline.registry import Registry
 from pipeline.selectors import SELECTORS, create_selector, draw_validation, selector_needs_validation
-from pipeline.selectors.background import SelectionScheduler
+from pipeline.selectors.background import Round, SelectionScheduler
 from pipeline.shards.manifest import Manifest, newest_valid, round_paths
 
 
@@ -193,12 +193,34 @@ class SelectionRounds(ManifestFolder):
         out, self._pending_records = self._pending_records, []
         return out
 
+    # What a resume needs to end with the records of an uninterrupted run: rounds finished but not yet used
+    # (their selection record is written when a later epoch first trains on them), and the accounting so far.
+    _ACCOUNTING = ("full_images", "full_per_image", "saved_images", "saved_s", "selection_s", "warned")
+
     def state(self) -> dict:
-        return {**self.scheduler.state(), "last_selection_epoch": self.last_selection_epoch}
+        rounds = {str(n): {"epoch": r.epoch, "snapshot": r.snapshot, "manifest": r.manifest, "submitted": r.submitted,
+                           "stall": r.stall}
+                  for n, r in self.rounds.items() if self._subset_round is None or n > self._subset_round}
+        return {**self.scheduler.state(), "last_selection_epoch": self.last_selection_epoch, "rounds": rounds,
+                "subset_round": self._subset_round, "pending_records": self._pending_records,
+                "selector": self.scheduler.selector_name, "params": self.scheduler.params,
+                **{k: getattr(self, k) for k in self._ACCOUNTING}}
 
     def restore(self, state: dict) -> None:
         self.last_selection_epoch = int(state.get("last_selection_epoch", -1))
-        self.scheduler.restore(state)
+        self._subset_round = state.get("subset_round")
+        self._pending_records = list(state.get("pending_records") or [])
+        for key in self._ACCOUNTING:
+            if key in state:
+                setattr(self, key, state[key])
+        if state.get("selector") and state["selector"] != self.scheduler.selector_name:  # fell back to random
+            self.scheduler.switch_selector(state["selector"])
+        self.rounds = {int(n): Round(int(n), r["epoch"], r["snapshot"], r["manifest"], r.get("submitted", 0.0),
+                                     stall=r.get("stall", 0.0))
+                       for n, r in (state.get("rounds") or {}).items()}
+        for rnd in self.scheduler.restore(state):  # rounds running at the stop start again
+            if rnd.process is not None or rnd.number not in self.rounds:
+                self.rounds[rnd.number] = rnd
 
     def close(self) -> None:
         self.scheduler.close()
