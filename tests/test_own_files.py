@@ -391,3 +391,46 @@ def test_a_torn_metrics_line_is_cut_on_resume_and_skipped_by_the_report(digits_s
     lines = metrics.read_text().splitlines()
     assert all(json.loads(line) for line in lines) and [json.loads(x)["epoch"] for x in lines
                                                          if json.loads(x)["kind"] == "epoch"] == [1, 2]
+
+
+def _tiny_run(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.toml").write_text('[method]\nname = "acl"\n[model]\narch = "smallcnn"\n')
+    (folder / "metrics.jsonl").write_text(json.dumps({"kind": "epoch", "epoch": 1, "loss": 1.0, "lr": 0.1,
+                                                      "images": 10, "seconds": 1.0, "images_per_s": 10.0,
+                                                      "time": 100.0}) + "\n")
+    return folder
+
+
+def test_report_replaces_only_what_it_wrote(tmp_path):
+    from pipeline.report import build_report
+
+    run_dir = _tiny_run(tmp_path / "run")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.md").write_text("# My notes\n\nnot a report\n")
+    with pytest.raises(PipelineError, match="report.md, which `pipeline report` did not write"):
+        build_report([run_dir], out)
+    assert (out / "report.md").read_text() == "# My notes\n\nnot a report\n"
+    (out / "report.md").unlink()
+    (out / "run-training.png").write_bytes(b"\x89PNG my own figure")
+    with pytest.raises(PipelineError, match="run-training.png"):
+        build_report([run_dir], out)
+    (out / "run-training.png").unlink()
+    build_report([run_dir], out)
+    build_report([run_dir], out)  # its own report and figures: replaced
+    with pytest.raises(PipelineError, match="inside the run folder"):
+        build_report([run_dir], run_dir / "report")
+
+
+def test_an_experiment_refuses_to_replace_foreign_result_files(tmp_path):
+    from pipeline.experiment import load_experiment, run_experiment
+
+    exp = tmp_path / "exp.toml"
+    exp.write_text(f'[experiment]\nout = "{tmp_path / "out"}"\nseeds = [0]\n[data]\npath = "x"\n'
+                   '[[arm]]\nname = "a"\n')
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "results.md").write_text("my thesis chapter")
+    with pytest.raises(PipelineError, match="results.md: exists and is not an experiment table"):
+        run_experiment(load_experiment(exp), progress=False)
+    assert (tmp_path / "out" / "results.md").read_text() == "my thesis chapter"

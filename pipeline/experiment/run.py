@@ -28,7 +28,7 @@ from pipeline.experiment.spec import (
     arm_config,
     certify_spec,
 )
-from pipeline.experiment.table import write_results
+from pipeline.experiment.table import check_outputs, write_results
 from pipeline.locks import folder_lock
 from pipeline.progress import console
 from pipeline.pseudolabels import DEFAULT_COUNTS, make_pseudo_labels
@@ -170,6 +170,7 @@ def run_experiment(exp: Experiment, progress: bool = True, only: list[str] | Non
                                 f"({', '.join(a.name for a in exp.arms)})")
     exp.out.mkdir(parents=True, exist_ok=True)
     with folder_lock(exp.out, "pipeline experiment"):
+        check_outputs(exp)
         state_path = exp.out / STATE
         state = _read_state(state_path)
         data_path = _prepare(exp, progress)

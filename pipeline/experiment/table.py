@@ -3,11 +3,13 @@ with a column per registered measure; OUT/results.md, results.json and the repor
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.atomic import atomic_path, write_json
+from pipeline.errors import PipelineError
 from pipeline.evaluation.measures import list_measures
 from pipeline.experiment.spec import CERTIFIED_COLUMNS, Experiment
 from pipeline.report import build_report
@@ -85,6 +87,28 @@ def results_markdown(exp: Experiment, rows: list[dict]) -> str:
             f" | {r['train_s']:.1f} | {r['images']:,} | {r['rounds']} | {r['selection_s']:.1f} | "
             f"{r['selection_process_s']:.1f} | {r['stall_s']:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def check_outputs(exp: Experiment) -> None:
+    """Before anything runs: OUT/results.md and results.json, if there, must be an experiment's of ours."""
+    md, js = exp.out / "results.md", exp.out / "results.json"
+    if md.exists():
+        try:
+            ours = md.read_text(errors="replace").startswith("# Experiment ")
+        except OSError:
+            ours = False
+        if not ours:
+            raise PipelineError(f"{md}: exists and is not an experiment table of this tool; refusing to replace it "
+                                "(choose another experiment out)")
+    if js.exists():
+        try:
+            record = json.loads(js.read_text())
+            ours = isinstance(record, dict) and {"experiment", "rows", "arms"} <= set(record)
+        except (OSError, ValueError):
+            ours = False
+        if not ours:
+            raise PipelineError(f"{js}: exists and is not an experiment's results of this tool; refusing to replace "
+                                "it (choose another experiment out)")
 
 
 def write_results(exp: Experiment, rows: list[dict]) -> list[Path]:

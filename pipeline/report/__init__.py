@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from pipeline.atomic import atomic_path
+from pipeline.errors import PipelineError
 from pipeline.evaluation.measures import list_measures, measure_title
 from pipeline.locks import folder_lock
 from pipeline.report import figures
@@ -67,14 +68,44 @@ def certification_table(run: RunRecord) -> list[str]:
     return lines
 
 
+REPORT_MARK = "by `pipeline report` from each run's"  # in report.md's third line: the mark that we wrote it
+
+
+def _is_our_report(path: Path) -> bool:
+    try:
+        head = path.read_text(errors="replace").splitlines()[:3]
+    except OSError:
+        return False
+    return len(head) == 3 and head[0].startswith("# Report: ") and REPORT_MARK in head[2]
+
+
+def _check_out(out: Path, runs: list[RunRecord]) -> None:
+    """Refuse to write where the report would replace files it did not write, or into a run folder it reads."""
+    real = out.resolve()
+    for run in runs:
+        if real == run.path.resolve() or run.path.resolve() in real.parents:
+            raise PipelineError(f"--out {out}: is inside the run folder {run.path}, which the report reads; choose a "
+                                "folder outside the runs")
+    names = ["tradeoff.png", *(f"{_slug(r.name)}-{kind}.png" for r in runs for kind in
+                               ("training", "certified", "selection"))]
+    foreign = [n for n in names if (out / n).exists() and not figures.is_our_figure(out / n)]
+    if (out / "report.md").exists() and not _is_our_report(out / "report.md"):
+        foreign.insert(0, "report.md")
+    if foreign:
+        raise PipelineError(f"--out {out}: holds {', '.join(foreign[:3])}, which `pipeline report` did not write; "
+                            "refusing to replace them (choose another --out)")
+
+
 def build_report(run_paths: list[str | Path], out: str | Path) -> tuple[Path, list[Path]]:
-    """Write OUT/report.md and its figures; returns (markdown path, figure paths)."""
+    """Write OUT/report.md and its figures; returns (markdown path, figure paths). Replaces only a report and
+    figures it wrote before (their marks say so)."""
     runs = [load_run(p) for p in run_paths]
     out = Path(out)
+    _check_out(out, runs)
     with folder_lock(out, "pipeline report"):
         pngs: list[Path] = []
-        md = [f"# Report: {', '.join(r.name for r in runs)}", "", f"Written {time.strftime('%Y-%m-%d %H:%M')} by "
-              "`pipeline report` from each run's metrics.jsonl, config.toml, manifests and results.json.", ""]
+        md = [f"# Report: {', '.join(r.name for r in runs)}", "", f"Written {time.strftime('%Y-%m-%d %H:%M')} "
+              f"{REPORT_MARK} metrics.jsonl, config.toml, manifests and results.json.", ""]
         md += ["## Evaluation", ""] + (results_table(runs) if any(r.results for r in runs) else
                                         ["No run has been evaluated yet (`pipeline eval`)."]) + [""]
         trade = figures.tradeoff(runs, out / "tradeoff.png")

@@ -10,10 +10,23 @@ from pipeline.evaluation.certify import read_rows
 from pipeline.report.runs import RunRecord, robust_of
 
 
+SOFTWARE = "pipeline report"  # in every figure's PNG text: the mark that this tool wrote it
+
+
 def _save(fig, path: Path) -> None:
     """Through a temporary file, as every artefact: a failed write leaves no half figure."""
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
+        fig.savefig(tmp, dpi=90, format="png", metadata={"Software": SOFTWARE})
+
+
+def is_our_figure(path: Path) -> bool:
+    try:
+        from PIL import Image
+
+        with Image.open(path) as img:
+            return img.format == "PNG" and img.info.get("Software") == SOFTWARE
+    except Exception:  # noqa: BLE001  (anything unreadable is not provably ours)
+        return False
 
 
 def _plt():
