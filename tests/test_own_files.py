@@ -434,3 +434,31 @@ def test_an_experiment_refuses_to_replace_foreign_result_files(tmp_path):
     with pytest.raises(PipelineError, match="results.md: exists and is not an experiment table"):
         run_experiment(load_experiment(exp), progress=False)
     assert (tmp_path / "out" / "results.md").read_text() == "my thesis chapter"
+
+
+def test_ffcv_files_are_checked_by_verify_and_at_open(tmp_path):
+    from pipeline.shards import ffcv_io
+    from pipeline.shards.prepare import PrepareOptions, prepare
+    from pipeline.shards.shardset import ShardSet
+    from pipeline.shards.verify import verify
+
+    if not ffcv_io.available():
+        pytest.skip("ffcv is not installed (the ffcv extra)")
+    root = prepare("digits", PrepareOptions(out=tmp_path / "d", formats=("wds", "ffcv"), progress=False)).out
+    index = json.loads((root / "index.json").read_text())
+    assert len(index["splits"]["train"]["beton"]["sha256"]) == 64 and not verify(root, progress=False)
+    beton = root / "train.beton"
+    good = beton.read_bytes()
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0xFF  # a pixel byte: same size
+    beton.write_bytes(bytes(flipped))
+    assert any("SHA-256" in p for p in verify(root, progress=False))
+    beton.write_bytes(good[: len(good) // 2])  # cut short
+    with pytest.raises(PipelineError, match="bytes, index.json records"):
+        ShardSet.open(root).loader("train", backend="ffcv", batch_size=64)
+    # another split's file under this split's name, its size recorded to match
+    beton.write_bytes((root / "test.beton").read_bytes())
+    index["splits"]["train"]["beton"]["bytes"] = beton.stat().st_size
+    (root / "index.json").write_text(json.dumps(index))
+    with pytest.raises(PipelineError, match="not this split's"):
+        ShardSet.open(root).loader("train", backend="ffcv", batch_size=64)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.errors import PipelineError
+from pipeline.errors import DataError, PipelineError
 from pipeline.shards.batch import Batch
 
 INSTALL_HINT = ("ffcv is not installed: `apt-get install -y --no-install-recommends libturbojpeg0-dev libopencv-dev "
@@ -26,6 +26,7 @@ def _ffcv():
     import ffcv.fields
     import ffcv.fields.decoders
     import ffcv.loader
+    import ffcv.reader
     import ffcv.transforms
     import ffcv.writer
 
@@ -40,6 +41,24 @@ def available() -> bool:
         return False
 
 
+def check_beton(path, rec: dict, ids: np.ndarray) -> None:
+    """At open, cheaply: the file's size is the one index.json records, and its `id` field holds exactly the
+    split's sample ids in row order (another split's file, or one cut short, is refused); `verify` checks the
+    SHA-256 of every byte."""
+    ff = _ffcv()
+    refuse = "; prepare the FFCV files again (`pipeline prepare ... --formats wds,ffcv`) or use --backend indexed"
+    if path.stat().st_size != rec.get("bytes"):
+        raise DataError(f"{path}: {path.stat().st_size} bytes, index.json records {rec.get('bytes')}{refuse}")
+    try:
+        reader = ff.reader.Reader(str(path))
+        stored = np.asarray(reader.metadata["f2"])
+    except Exception as exc:  # noqa: BLE001  (ffcv raises many kinds for a damaged header)
+        raise DataError(f"{path}: not a readable FFCV file ({type(exc).__name__}){refuse}") from None
+    if len(stored) != len(ids) or not np.array_equal(stored, ids):
+        raise DataError(f"{path}: its samples are not this split's ({len(stored)} rows for {len(ids)} ids, or other "
+                        f"ids){refuse}")
+
+
 class FfcvLoader:
     """ffcv's Loader over a split's `.beton`, yielding the same `Batch`es as the shard loaders."""
 
@@ -52,6 +71,7 @@ class FfcvLoader:
         path = shardset.root / f"{split}.beton"
         if not rec or not path.is_file():
             raise PipelineError(f"{path}: missing; run `pipeline prepare SOURCE --out {shardset.root} --formats wds,ffcv`")
+        check_beton(path, rec, self.table_ids)
         if world_size > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             raise PipelineError("the ffcv backend splits work across ranks only under torch.distributed")
         dec = ff.fields.decoders

@@ -8,6 +8,7 @@ from pipeline.atomic import atomic_path, write_json
 from pipeline.errors import PipelineError
 from pipeline.progress import console
 from pipeline.shards import layout
+from pipeline.shards.layout import file_sha256
 from pipeline.shards.ffcv_io import _ffcv
 from pipeline.shards.reader import TaskReader
 from pipeline.shards.shardset import ShardSet
@@ -42,7 +43,7 @@ def write_betons(out, workers: int = 1, progress: bool = True) -> dict:
         info = index["splits"][split]
         path = shardset.root / f"{split}.beton"
         rec = info.get("beton")
-        if rec and path.is_file() and path.stat().st_size == rec["bytes"]:
+        if rec and path.is_file() and path.stat().st_size == rec["bytes"] and rec.get("sha256") == file_sha256(path):
             continue
         console.print(f"writing {path.name} ({info['count']} images)")
         small = shardset.image_size <= 64
@@ -57,6 +58,7 @@ def write_betons(out, workers: int = 1, progress: bool = True) -> dict:
             page = 2 << 20 if small else 8 << 20
             writer = ff.writer.DatasetWriter(str(tmp), fields, num_workers=max(1, workers), page_size=page)
             writer.from_indexed_dataset(_SplitRows(shardset, split), chunksize=256)
-        info["beton"] = {"file": path.name, "count": info["count"], "bytes": path.stat().st_size}
+        info["beton"] = {"file": path.name, "count": info["count"], "bytes": path.stat().st_size,
+                         "sha256": file_sha256(path)}
     write_json(shardset.root / layout.INDEX_NAME, index)
     return index

@@ -45,6 +45,15 @@ def read_member_table(path: Path) -> np.ndarray:
     return table
 
 
+def file_sha256(path: Path) -> str:
+    """The full SHA-256 of a file, read in 4 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def fingerprint(classes: list[str], image: dict, splits: dict) -> str:
     """Content fingerprint: classes, image format and the digest of every shard, nothing time-dependent."""
     content = {

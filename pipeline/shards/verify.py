@@ -118,6 +118,8 @@ def verify(root: str | Path, progress: bool = True) -> list[str]:
                     problems.append(f"{path}: missing (listed in index.json)")
                 elif path.stat().st_size != beton["bytes"]:
                     problems.append(f"{path}: {path.stat().st_size} bytes, index.json says {beton['bytes']}")
+                elif beton.get("sha256") and layout.file_sha256(path) != beton["sha256"]:  # older sets have none
+                    problems.append(f"{path}: its SHA-256 is not the one index.json records (corrupted or replaced)")
     got = layout.fingerprint(index["classes"], index["image"], index["splits"])
     if got != index["fingerprint"]:
         problems.append(f"{root / layout.INDEX_NAME}: fingerprint does not match its own shard list (edited by hand?)")
