@@ -10,7 +10,10 @@ import torch
 from pipeline import __version__
 from pipeline.atomic import atomic_path
 from pipeline.errors import DataError
-from pipeline.models import create_model, upgrade_state
+from pipeline.models import create_model, upgrade_spec, upgrade_state
+from pipeline.models.backbones import BACKBONES
+from pipeline.models.heads import HEADS
+from pipeline.validate import Fields
 
 FORMAT = "pipeline.checkpoint"
 
@@ -51,9 +54,36 @@ def load_model(path: str | Path, map_location="cpu"):
     if bad:
         raise DataError(f"{path}: holds non-finite weights (NaN or inf, e.g. {bad[0]}); it cannot be selected or "
                         "evaluated with; use an earlier checkpoint of the run")
-    model = create_model(ckpt["model_spec"])
+    model = create_model(validate_spec(path, ckpt["model_spec"]))
     load_weights(model, ckpt["model"], path)
     return model, ckpt
+
+
+def validate_spec(path, spec) -> dict:
+    """A checkpoint's model spec, checked field by field before a model is built from it (a forged width would
+    otherwise allocate without bound)."""
+    f = Fields(path, upgrade_spec(spec) if isinstance(spec, dict) else spec, "use a checkpoint `pipeline train` wrote",
+               "model_spec.")
+    arch = f.text("arch")
+    if arch not in BACKBONES:
+        f.fail("arch", arch, f"must be one of {BACKBONES.choices(', ')}")
+    f.int("in_channels", 1, 3)
+    f.text("stem")
+    branches = f.list("branches")
+    if not branches or not all(isinstance(b, str) for b in branches):
+        f.fail("branches", branches, "must be a non-empty list of names")
+    roles = f.table("roles")
+    if any(b not in branches for b in roles.values()):
+        f.fail("roles", roles, f"must name branches of the model ({', '.join(branches)})")
+    heads = f.table("heads")
+    for name in heads:
+        h = f.inner(f"heads.{name}", heads[name])
+        kind = h.text("kind")
+        if kind not in HEADS:
+            h.fail("kind", kind, f"must be one of {HEADS.choices(', ')}")
+        h.int("width", 0, 1 << 16)
+        h.int("out", 1, 1 << 16)
+    return f.record
 
 
 def load_weights(model: torch.nn.Module, state: dict, path: str | Path) -> None:

@@ -30,6 +30,7 @@ from pipeline.augment import to_float
 from pipeline.checkpoint import load_model
 from pipeline.errors import DataError, PipelineError
 from pipeline.shards.manifest import array_digest, owned_array
+from pipeline.validate import Fields
 from pipeline.models.multibn import use_branch
 from pipeline.progress import progress_bar
 from pipeline.shards.shardset import ShardSet
@@ -124,6 +125,19 @@ class PseudoLabels:
                                 "with; make the file again")
             arrays.append(np.load(p, allow_pickle=False))
         ids, labels = arrays
+        f = Fields(header_path, h, "make the file again with `pipeline pseudo-labels`")
+        counts = f.list("counts")
+        if not counts or not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in counts):
+            f.fail("counts", counts, "must be a list of cluster counts > 0")
+        f.int("samples", len(ids), len(ids))
+        if ids.dtype != np.int64 or ids.ndim != 1 or (len(ids) > 1 and np.any(np.diff(ids) <= 0)):
+            raise DataError(f"{header_path}: its ids must be increasing int64 sample ids (found {ids.dtype} "
+                            f"{ids.shape}); make the file again")
+        if labels.dtype != np.int32 or labels.shape != (len(ids), len(counts)):
+            raise DataError(f"{header_path}: its labels must be int32 of shape ({len(ids)}, {len(counts)}) (found "
+                            f"{labels.dtype} {labels.shape}); make the file again")
+        if len(ids) and (labels.min() < 0 or np.any(labels.max(0) >= np.asarray(counts))):
+            raise DataError(f"{header_path}: a label is outside its cluster count {counts}; make the file again")
         extra = {k: v for k, v in h.items() if k not in ("format", "version", "dataset_fingerprint", "split",
                                                          "counts", "samples")}
         return cls(ids, labels, tuple(h["counts"]), h["dataset_fingerprint"], h.get("split", "train"), extra)

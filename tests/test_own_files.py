@@ -462,3 +462,84 @@ def test_ffcv_files_are_checked_by_verify_and_at_open(tmp_path):
     (root / "index.json").write_text(json.dumps(index))
     with pytest.raises(PipelineError, match="not this split's"):
         ShardSet.open(root).loader("train", backend="ffcv", batch_size=64)
+
+
+# -- everything read back is validated ------------------------------------------------------------------------------
+def _copy_set(digits_set, tmp_path) -> Path:
+    import shutil
+
+    root = tmp_path / "set"
+    shutil.copytree(digits_set.root, root)
+    return root
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda ix: ix["splits"]["train"].update(count=-5), "splits.train.count = -5"),
+    (lambda ix: ix["splits"]["train"].update(count=10 ** 15), "splits.train.count = 1000000000000000"),
+    (lambda ix: ix["splits"]["train"]["shards"][0].update(tar="../../etc/passwd"), "shards.0.tar"),
+    (lambda ix: ix["splits"]["train"]["shards"][0].update(count="300"), "shards.0.count = '300'"),
+    (lambda ix: ix["splits"]["test"].update(id_range=[0, 5]), "splits.test.id_range"),
+    (lambda ix: ix["image"].update(channels=7), "image.channels = 7"),
+    (lambda ix: ix.update(classes=[]), "classes = []"),
+])
+def test_a_damaged_index_is_one_line_naming_the_field(digits_set, tmp_path, edit, needle):
+    from pipeline.shards.shardset import ShardSet
+
+    root = _copy_set(digits_set, tmp_path)
+    index = json.loads((root / "index.json").read_text())
+    edit(index)
+    (root / "index.json").write_text(json.dumps(index))
+    with pytest.raises(PipelineError, match=needle.replace("[", r"\[").replace(".", r"\.")):
+        ShardSet.open(root)
+    one_line_error(run("verify", root), needle)
+
+
+@pytest.mark.parametrize("column,value,needle", [
+    ("offset", 10 ** 12, "inside the"), ("size", -1, "inside the"), ("label", 99, "labels must be class numbers"),
+    ("id", 10 ** 9, "ids must increase within"),
+])
+def test_a_damaged_member_table_is_refused(digits_set, tmp_path, column, value, needle):
+    from pipeline.shards.shardset import ShardSet
+
+    root = _copy_set(digits_set, tmp_path)
+    idx = root / "train-000000.idx"
+    table = np.load(idx)
+    table[column][3] = value
+    with open(idx, "wb") as f:
+        np.save(f, table)
+    with pytest.raises(PipelineError, match=needle):
+        ShardSet.open(root).members("train")
+
+
+def test_manifest_pseudo_label_checkpoint_and_metrics_records_are_validated(digits_set, tmp_path):
+    from pipeline.checkpoint import load_model, save_checkpoint
+    from pipeline.models import create_model, model_spec
+    from pipeline.pseudolabels import PseudoLabels
+    from pipeline.report import load_run
+    from pipeline.shards.manifest import Manifest
+
+    header = Manifest.for_shardset(digits_set, "train", np.arange(5)).save(tmp_path / "m.json")
+    h = json.loads(header.read_text())
+    for key, bad in [("count", "5"), ("round", True), ("fraction", 7.0), ("ids_file", "../x.npy")]:
+        (tmp_path / "m.json").write_text(json.dumps({**h, key: bad}))
+        with pytest.raises(PipelineError, match=f"{key} = "):
+            Manifest.load(tmp_path / "m.json")
+
+    pl_header = PseudoLabels(np.arange(4), np.array([[0], [1], [0], [1]], np.int32), (2,), "f").save(tmp_path / "pl")
+    forged = PseudoLabels(np.arange(4), np.array([[0], [5], [0], [1]], np.int32), (2,), "f").save(tmp_path / "pl2")
+    assert PseudoLabels.load(pl_header).counts == (2,)
+    with pytest.raises(PipelineError, match="outside its cluster count"):
+        PseudoLabels.load(forged)
+
+    m = create_model(model_spec("smallcnn", 1, 8, heads={"proj": {"kind": "mlp3", "width": 16, "out": 8}}))
+    spec = {**m.spec, "heads": {"proj": {"kind": "mlp3", "width": 10 ** 9, "out": 8}}}
+    save_checkpoint(tmp_path / "c.pt", {"model_spec": spec, "model": m.state_dict(), "method": "acl"})
+    with pytest.raises(PipelineError, match=r"model_spec\.heads\.proj\.width = 1000000000"):
+        load_model(tmp_path / "c.pt")
+
+    run_dir = _tiny_run(tmp_path / "run")
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"kind": "epoch", "epoch": 2, "loss": "low", "images": 10, "seconds": 1.0,
+                            "time": 101.0}) + "\n")
+    with pytest.raises(PipelineError, match="record 2: loss = 'low'"):
+        load_run(run_dir)

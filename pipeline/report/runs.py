@@ -10,6 +10,7 @@ from pathlib import Path
 from pipeline.errors import PipelineError
 from pipeline.evaluation.measures import robust_measures
 from pipeline.runlayout import RunLayout
+from pipeline.validate import Fields
 from pipeline.shards.manifest import Manifest, round_paths
 
 
@@ -83,6 +84,21 @@ def load_run(path: str | Path) -> RunRecord:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise PipelineError(f"{run_files.config}: unreadable ({exc})") from None
     records = _jsonl(run_files.metrics)
+    for n, rec in enumerate(records, 1):  # every field the report reads, by type
+        f = Fields(f"{run_files.metrics}, record {n}", rec, "that line was edited or is foreign; remove it")
+        kind = f.text("kind")
+        if kind == "epoch":
+            for key in ("epoch", "images"):
+                f.int(key)
+            for key in ("loss", "seconds", "time"):
+                f.number(key)
+        elif kind == "selection":
+            f.int("round")
+        elif kind == "accounting":
+            for key in ("images_not_attacked_total",):
+                f.int(key)
+            for key in ("selection_s_total", "saved_s_total", "net_s"):
+                f.number(key)
     run = RunRecord(path, config, [r for r in records if r.get("kind") == "epoch"],
                     [r for r in records if r.get("kind") == "step"])
     if not run.epochs:

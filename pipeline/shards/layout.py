@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.errors import DataError
+from pipeline.validate import Fields
 
 INDEX_NAME = "index.json"
 FORMAT = "pipeline.shardset"
@@ -84,4 +86,91 @@ def load_index(root: Path) -> dict:
     for key in ("name", "classes", "image", "splits", "fingerprint"):
         if key not in index:
             raise DataError(f"{path}: malformed index, no {key!r}; run `pipeline prepare` again")
+    validate_index(path, index)
     return index
+
+
+_SPLIT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def validate_index(path: Path, index: dict) -> None:
+    """Every field a reader uses, by type and range: one DataError line naming the field."""
+    f = Fields(path, index, "prepare the shard set again (`pipeline prepare ... --overwrite`)")
+    f.text("name")
+    f.text("fingerprint", re.compile(r"^[0-9a-f]{32}$"))
+    classes = f.list("classes")
+    if not classes or not all(isinstance(c, str) for c in classes) or len(set(classes)) != len(classes):
+        f.fail("classes", classes, "must be a non-empty list of distinct names")
+    image = f.inner("image")
+    mode = image.text("mode", re.compile(r"^(L|RGB)$"))
+    image.int("channels", 1 if mode == "L" else 3, 1 if mode == "L" else 3)
+    size = image.get("size", optional=True)
+    if size is not None and (not isinstance(size, list) or len(size) != 2
+                             or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1 << 16 for v in size)):
+        image.fail("size", size, "must be [height, width] in pixels, or null")
+    splits = f.table("splits")
+    if not splits:
+        f.fail("splits", splits, "must name at least one split")
+    seen_ids: list[tuple[int, int, str]] = []
+    for split, info in splits.items():
+        if not _SPLIT.fullmatch(split):
+            f.fail(f"splits.{split}", split, "must be a split name of letters, digits, '-' or '_'")
+        s = f.inner(f"splits.{split}", info)
+        count = s.int("count")
+        shards = s.list("shards")
+        total, last = 0, -1
+        for n, rec in enumerate(shards):
+            r = s.inner(f"shards.{n}", rec)
+            tar, idx = r.name("tar"), r.name("idx")
+            if not (tar.startswith(f"{split}-") and tar.endswith(".tar") and idx.startswith(f"{split}-")
+                    and idx.endswith(".idx")):
+                r.fail("tar", tar, f"must be {split}-NNNNNN.tar beside {split}-NNNNNN.idx")
+            n_rec = r.int("count")
+            first, last_id = r.int("first_id", optional=not n_rec), r.int("last_id", optional=not n_rec)
+            if n_rec and (last_id < first or first <= last or last_id - first + 1 < n_rec):
+                r.fail("first_id", first, f"must start after id {last} and span at least its {n_rec} samples")
+            r.int("bytes")
+            r.text("sha256", _HEX64)
+            total += n_rec
+            last = last_id if n_rec else last
+        if total != count:
+            s.fail("count", count, f"must be the sum of its shards' counts ({total})")
+        id_range = s.get("id_range", optional=True)
+        if id_range is not None and count:
+            firsts = [sh["first_id"] for sh in shards if sh["count"]]
+            if (not isinstance(id_range, list) or len(id_range) != 2 or id_range[0] != min(firsts)
+                    or id_range[1] != last):
+                s.fail("id_range", id_range, f"must be [{min(firsts)}, {last}], its shards' first and last ids")
+            seen_ids.append((id_range[0], id_range[1], split))
+        beton = s.table("beton", optional=True)
+        if beton is not None:
+            b = s.inner("beton", beton)
+            b.name("file")
+            b.int("count")
+            b.int("bytes")
+            b.text("sha256", _HEX64, optional=True)
+    seen_ids.sort()
+    for (lo, hi, a), (lo2, hi2, b) in zip(seen_ids, seen_ids[1:]):
+        if lo2 <= hi:
+            f.fail(f"splits.{b}.id_range", [lo2, hi2], f"overlaps split {a}'s ids [{lo}, {hi}]")
+
+
+def validate_member_table(path: Path, table: np.ndarray, rec: dict, n_classes: int) -> None:
+    """A shard's .idx against its index record: the row count, ids in the shard's range and increasing, labels
+    of known classes, every member inside the tar's recorded size."""
+    fix = "the shard set is damaged: run `pipeline verify`, then prepare it again"
+    if len(table) != rec["count"]:
+        raise DataError(f"{path}: {len(table)} rows, index.json says {rec['count']}; {fix}")
+    if not len(table):
+        return
+    ids, labels = table["id"], table["label"]
+    if ids[0] < rec["first_id"] or ids[-1] > rec["last_id"] or (len(ids) > 1 and np.any(np.diff(ids) <= 0)):
+        raise DataError(f"{path}: ids must increase within [{rec['first_id']}, {rec['last_id']}] as index.json "
+                        f"says (found {int(ids.min())}..{int(ids.max())}); {fix}")
+    if labels.min() < 0 or labels.max() >= n_classes:
+        raise DataError(f"{path}: labels must be class numbers in [0, {n_classes}) (found {int(labels.min())}.."
+                        f"{int(labels.max())}); {fix}")
+    offsets, sizes = table["offset"].astype(np.int64), table["size"].astype(np.int64)
+    if offsets.min() < 0 or sizes.min() < 0 or int((offsets + sizes).max()) > rec["bytes"]:
+        raise DataError(f"{path}: member offsets and sizes must lie inside the {rec['bytes']:,}-byte tar; {fix}")

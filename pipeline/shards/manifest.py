@@ -24,6 +24,7 @@ import numpy as np
 from pipeline import __version__
 from pipeline.atomic import write_json, write_npy
 from pipeline.errors import DataError
+from pipeline.validate import Fields
 
 FORMAT = "pipeline.manifest"
 FORMAT_VERSION = 1
@@ -186,6 +187,16 @@ class Manifest:
         missing = [k for k in ("dataset_fingerprint", "split", "count", "ids_file", "ids_sha256") if k not in h]
         if missing:
             raise DataError(f"{header_path}: malformed manifest header, missing {', '.join(missing)}")
+        f = Fields(header_path, h, "select this round again")
+        f.text("dataset_fingerprint")
+        f.text("split")
+        f.int("count")
+        f.name("ids_file")
+        f.text("ids_sha256")
+        f.name("weights_file", optional=True)
+        f.int("round", optional=True)
+        f.int("epoch", optional=True)
+        f.number("fraction", 0, 1, optional=True)
         ids_path = header_path.parent / Path(h["ids_file"]).name
         if not ids_path.is_file():
             raise DataError(f"{header_path}: its id file {ids_path.name} is missing; select this round again")
@@ -198,6 +209,10 @@ class Manifest:
             weights = cls._load_array(header_path.parent / Path(h["weights_file"]).name, np.float32)
         if len(ids) != h["count"] or (weights is not None and len(weights) != len(ids)):
             raise DataError(f"{header_path}: count {h['count']} does not match {ids_path.name} ({len(ids)} ids)")
+        if len(ids) and ids.min() < 0:
+            raise DataError(f"{ids_path}: sample ids must be >= 0 (found {int(ids.min())}); select this round again")
+        if weights is not None and len(weights) and (not np.isfinite(weights).all() or weights.min() < 0):
+            raise DataError(f"{header_path}: its weights must be finite and >= 0; select this round again")
         known = {"format", "format_version", "dataset_fingerprint", "split", "producer", "round", "epoch", "fraction",
                  "snapshot", "count", "ids_file", "ids_sha256", "weights_file", "created"}
         return cls(ids=ids, split=h["split"], dataset_fingerprint=h["dataset_fingerprint"],

@@ -90,11 +90,7 @@ class ShardSet:
             parts, starts = [], [0]
             for rec in info["shards"]:
                 table = layout.read_member_table(self.root / rec["idx"])
-                if len(table) != rec["count"]:
-                    raise DataError(
-                        f"{self.root / rec['idx']}: {len(table)} rows, index.json says {rec['count']}; "
-                        f"the shard set is damaged: run `pipeline verify {self.root}`, then prepare it again"
-                    )
+                layout.validate_member_table(self.root / rec["idx"], table, rec, len(self.classes))
                 parts.append(table)
                 starts.append(starts[-1] + len(table))
             t = np.concatenate(parts) if parts else np.zeros(0, layout.MEMBER_DTYPE)

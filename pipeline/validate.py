@@ -1,0 +1,95 @@
+"""Checks for records read back from disk: each names the file and the field, in one DataError line.
+
+A record of ours can still be damaged, edited by hand or forged; everything read back goes through a
+validator of its type (`shards.layout.validate_index` and `validate_member_table`, the manifest header, the
+pseudo-label arrays, checkpoint specs, metrics records) built from these helpers, so a bad value is refused
+where it is read, not met later as a traceback or a 12 GB allocation.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from pipeline.errors import DataError
+
+LIMIT = 1 << 40  # no count, id, offset or size of ours comes near this
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a file name in its own folder: no path, no link out
+
+
+class Fields:
+    """`Fields(path, record, fix)` then `.int("count")`, `.text("split")`, ...: each returns the value or raises
+    one line "PATH: FIELD = VALUE: what it must be; FIX"."""
+
+    def __init__(self, path, record, fix: str, where: str = ""):
+        self.path, self.record, self.fix, self.where = path, record, fix, where
+        if not isinstance(record, dict):
+            self.fail("", record, "must be a table of fields")
+
+    def fail(self, key: str, value, rule: str):
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        name = f"{self.where}{key}" if key else (self.where.rstrip(".") or "the record")
+        raise DataError(f"{self.path}: {name} = {shown}: {rule}; {self.fix}")
+
+    def get(self, key: str, optional: bool = False):
+        if key not in self.record:
+            if optional:
+                return None
+            self.fail(key, None, "is missing")
+        return self.record[key]
+
+    def int(self, key: str, lo: int = 0, hi: int = LIMIT, optional: bool = False):
+        v = self.get(key, optional)
+        if v is None and optional:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            self.fail(key, v, f"must be a whole number in [{lo}, {hi}]")
+        return v
+
+    def number(self, key: str, lo: float = -math.inf, hi: float = math.inf, optional: bool = False):
+        v = self.get(key, optional)
+        if v is None and optional:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
+            self.fail(key, v, f"must be a finite number in [{lo:g}, {hi:g}]")
+        return v
+
+    def text(self, key: str, pattern: re.Pattern | None = None, optional: bool = False):
+        v = self.get(key, optional)
+        if v is None and optional:
+            return None
+        if not isinstance(v, str) or (pattern is not None and not pattern.fullmatch(v)):
+            self.fail(key, v, "must be text" + (f" matching {pattern.pattern}" if pattern is not None else ""))
+        return v
+
+    def name(self, key: str, optional: bool = False):
+        """A file name beside the record: no folder part, nothing that leaves the folder."""
+        v = self.get(key, optional)
+        if v is None and optional:
+            return None
+        if not isinstance(v, str) or not SAFE_NAME.fullmatch(v) or ".." in v:
+            self.fail(key, v, "must be a plain file name in the same folder")
+        return v
+
+    def table(self, key: str, optional: bool = False) -> dict | None:
+        v = self.get(key, optional)
+        if v is None and optional:
+            return None
+        if not isinstance(v, dict):
+            self.fail(key, v, "must be a table")
+        return v
+
+    def list(self, key: str, optional: bool = False) -> list | None:
+        v = self.get(key, optional)
+        if v is None and optional:
+            return None
+        if not isinstance(v, list):
+            self.fail(key, v, "must be a list")
+        return v
+
+    def inner(self, key: str, record=None) -> "Fields":
+        return Fields(self.path, self.record[key] if record is None else record, self.fix, f"{self.where}{key}.")
+
+
+__all__ = ["Fields", "LIMIT", "SAFE_NAME"]
