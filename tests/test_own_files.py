@@ -543,3 +543,24 @@ def test_manifest_pseudo_label_checkpoint_and_metrics_records_are_validated(digi
                             "time": 101.0}) + "\n")
     with pytest.raises(PipelineError, match="record 2: loss = 'low'"):
         load_run(run_dir)
+
+
+def test_results_certification_and_experiment_records_are_validated(tmp_path):
+    from pipeline.experiment.run import _read_state
+    from pipeline.report import load_run
+
+    run_dir = _tiny_run(tmp_path / "run")
+    (run_dir / "results.json").write_text(json.dumps(
+        {"d1": {"checkpoint": "c.pt", "slf-pgd20": {"protocol": "slf", "clean": 0.5, "pgd20": "high"}}}))
+    with pytest.raises(PipelineError, match=r"d1\.slf-pgd20\.pgd20 = 'high'"):
+        load_run(run_dir)
+    (run_dir / "results.json").unlink()
+    (run_dir / "certify" / "c").mkdir(parents=True)
+    (run_dir / "certify" / "c" / "certify.json").write_text(json.dumps(
+        {"settings": {"sigma": 0.25, "n0": 10, "n": 100, "alpha": 0.001}, "samples": -3, "certified_accuracy": {}}))
+    with pytest.raises(PipelineError, match="samples = -3"):
+        load_run(run_dir)
+    state = tmp_path / "experiment.json"
+    state.write_text(json.dumps({"format": "pipeline.experiment", "runs": {"a-s0": {"digest": 5, "row": {}}}}))
+    with pytest.raises(PipelineError, match=r"runs\.a-s0\.digest = 5"):
+        _read_state(state)

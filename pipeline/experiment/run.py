@@ -38,6 +38,7 @@ from pipeline.shards.prepare import PrepareOptions, prepare
 from pipeline.trainers import create_trainer
 from pipeline.trainers.runfolder import start_fresh
 from pipeline.trainers.subsets import PRUNERS
+from pipeline.validate import Fields
 
 
 def _ensure_pseudo_labels(exp: Experiment, arm: Arm, seed: int, data_path: str, progress: bool) -> None:
@@ -216,7 +217,16 @@ def _read_state(path: Path) -> dict:
         state = json.loads(path.read_text())
         if state.get("format") != "pipeline.experiment" or not isinstance(state.get("runs"), dict):
             raise ValueError
-        return state
     except (ValueError, UnicodeDecodeError, AttributeError):
         raise PipelineError(f"{path}: not an experiment record (edited or foreign?); move it away to start the "
                             "experiment afresh") from None
+    for run_id, kept in state["runs"].items():  # every field a resumed experiment reads
+        f = Fields(path, kept, "move the file away to run the experiment afresh", f"runs.{run_id}.")
+        f.text("digest")
+        f.text("eval_digest", optional=True)
+        row = f.table("row")
+        r = f.inner("row", row)
+        r.text("arm")
+        r.int("seed")
+        r.text("run")
+    return state

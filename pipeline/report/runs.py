@@ -73,6 +73,34 @@ def _jsonl(path: Path) -> list[dict]:
     return out
 
 
+def _check_certification(meta: Path, summary: dict) -> None:
+    f = Fields(meta, summary, "certify again into a new folder")
+    st = f.inner("settings")
+    st.number("sigma", 0)
+    st.int("n0", 1)
+    st.int("n", 1)
+    st.number("alpha", 0, 1)
+    for key in ("samples", "abstained", "dims"):
+        f.int(key)
+    for key in ("linf_eps", "l2_radius_covering_linf_eps", "seconds_per_sample"):
+        f.number(key, 0)
+    f.number("certified_accuracy_at_linf_eps", 0, 1)
+    for key in ("certified_accuracy", "linf_radius"):
+        table = f.table(key)
+        inner = f.inner(key, table)
+        for radius in table:
+            inner.number(radius, 0)
+
+
+def _check_result(results: Path, digest: str, key: str, res: dict) -> None:
+    f = Fields(results, res, "evaluate again (`pipeline eval`)", f"{digest}.{key}.")
+    f.text("protocol")
+    for name in robust_measures() + ["clean"]:
+        f.number(name, 0, 1, optional=True)
+    f.number("eps", 0, optional=True)
+    f.int("samples", optional=True)
+
+
 def load_run(path: str | Path) -> RunRecord:
     path = Path(path)
     run_files = RunLayout(path)
@@ -132,6 +160,7 @@ def load_run(path: str | Path) -> RunRecord:
                 continue
             for key, res in entry.items():
                 if isinstance(res, dict) and "protocol" in res:
+                    _check_result(results, digest, key, res)
                     run.results.append({"checkpoint": entry.get("checkpoint"), "digest": digest, "key": key, **res})
     for meta in run_files.certifications():
         try:
@@ -139,6 +168,7 @@ def load_run(path: str | Path) -> RunRecord:
         except (OSError, ValueError):
             continue  # a certification being written; the report shows the finished ones
         if "certified_accuracy" in summary:
+            _check_certification(meta, summary)
             run.certifications.append({**summary, "name": meta.parent.name, "tsv": str(meta.parent / "certify.tsv")})
     return run
 
