@@ -103,6 +103,12 @@ def test_a_full_disk_during_checkpointing_is_one_line_and_keeps_the_last_checkpo
     assert not temporaries(run_dir)
 
 
+def test_a_full_disk_during_prepare_is_one_line_and_leaves_no_temporaries(tmp_path):
+    r = run("prepare", "digits", "--out", tmp_path / "d", "--shard-size", "500", limit_file_bytes=100_000)
+    one_line_error(r, "could not be written")
+    assert not temporaries(tmp_path)
+
+
 def test_failed_writes_of_select_and_report_are_one_line(digits_set, tmp_path):
     r = run("select", "--data", digits_set.root, "--selector", "random", "--fraction", "0.5", "--out",
             tmp_path / "m" / "round-0001.json", limit_file_bytes=1000)
@@ -564,3 +570,6 @@ def test_results_certification_and_experiment_records_are_validated(tmp_path):
     state.write_text(json.dumps({"format": "pipeline.experiment", "runs": {"a-s0": {"digest": 5, "row": {}}}}))
     with pytest.raises(PipelineError, match=r"runs\.a-s0\.digest = 5"):
         _read_state(state)
+    state.write_text('{"format": "pipeline.experiment", "runs": {"a-s0": {"dig')  # torn
+    assert _read_state(state)["runs"] == {}
+    assert [p.name.startswith("experiment.json.corrupt-") for p in tmp_path.glob("experiment.json.*")] == [True]

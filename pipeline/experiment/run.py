@@ -10,7 +10,7 @@ from pathlib import Path
 
 import tomli_w
 
-from pipeline.atomic import write_json
+from pipeline.atomic import move_aside, write_json
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import TrainConfig, load_config
 from pipeline.dist import resolve_device
@@ -215,11 +215,15 @@ def _read_state(path: Path) -> dict:
         return {"format": "pipeline.experiment", "runs": {}}
     try:
         state = json.loads(path.read_text())
-        if state.get("format") != "pipeline.experiment" or not isinstance(state.get("runs"), dict):
-            raise ValueError
-    except (ValueError, UnicodeDecodeError, AttributeError):
+    except (ValueError, UnicodeDecodeError):  # ours, torn or damaged: kept aside; finished runs are found again
+        aside = move_aside(path)
+        console.print(f"[yellow]{path}: unreadable; kept as {aside.name}. Starting a new record: arms whose runs "
+                      "finished are recognised by their run folders and only evaluated again[/]")
+        return {"format": "pipeline.experiment", "runs": {}}
+    if (not isinstance(state, dict) or state.get("format") != "pipeline.experiment"
+            or not isinstance(state.get("runs"), dict)):
         raise PipelineError(f"{path}: not an experiment record (edited or foreign?); move it away to start the "
-                            "experiment afresh") from None
+                            "experiment afresh")
     for run_id, kept in state["runs"].items():  # every field a resumed experiment reads
         f = Fields(path, kept, "move the file away to run the experiment afresh", f"runs.{run_id}.")
         f.text("digest")
