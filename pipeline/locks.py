@@ -33,6 +33,31 @@ def _record(path: Path) -> dict:
         return {}
 
 
+def _lock_file(path: Path, wait: float = 0.0) -> int | None:
+    """An open descriptor holding flock(LOCK_EX) on `path`, or None when another holder keeps it for `wait`
+    seconds. A file its releasing holder removed between our open and our flock is opened again."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise PipelineError(f"{path.parent}: not writable ({exc.strerror}); choose another folder") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
+            continue
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
 def acquire(folder: str | os.PathLike, command: str) -> None:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
@@ -46,25 +71,12 @@ def acquire(folder: str | os.PathLike, command: str) -> None:
         _held[key][1] += 1
         return
     path = folder / LOCK_NAME
-    while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise PipelineError(f"{folder}: not writable ({exc.strerror}); choose another output folder") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            owner = _record(path)
-            raise PipelineError(f"{folder}: in use by `{owner.get('command', '?')}` (pid {owner.get('pid', '?')} on "
-                                f"{owner.get('host', '?')} since {owner.get('started', '?')}); wait for it to finish "
-                                "or choose another folder") from None
-        try:  # the file may have been removed by its releasing holder between our open and our flock
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)
+    fd = _lock_file(path)
+    if fd is None:
+        owner = _record(path)
+        raise PipelineError(f"{folder}: in use by `{owner.get('command', '?')}` (pid {owner.get('pid', '?')} on "
+                            f"{owner.get('host', '?')} since {owner.get('started', '?')}); wait for it to finish "
+                            "or choose another folder")
     stale = _record(path)
     if stale.get("pid") and stale.get("pid") != os.getpid():
         console.print(f"{folder}: taking over the lock left by `{stale.get('command', '?')}` (pid {stale['pid']} "
@@ -118,28 +130,11 @@ def record_lock(record: str | os.PathLike, command: str, timeout: float = 120.0)
     record = Path(record)
     record.parent.mkdir(parents=True, exist_ok=True)
     path = record.with_name(f".{record.name}.lock")
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise PipelineError(f"{record.parent}: not writable ({exc.strerror}); choose another folder") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            if time.monotonic() > deadline:
-                owner = _record(path)
-                raise PipelineError(f"{record}: held by `{owner.get('command', '?')}` (pid {owner.get('pid', '?')}) "
-                                    f"for over {timeout:.0f} s; wait for it to finish") from None
-            time.sleep(0.05)
-            continue
-        try:  # removed by its releasing holder between our open and our flock: open it again
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)
+    fd = _lock_file(path, wait=timeout)
+    if fd is None:
+        owner = _record(path)
+        raise PipelineError(f"{record}: held by `{owner.get('command', '?')}` (pid {owner.get('pid', '?')}) "
+                            f"for over {timeout:.0f} s; wait for it to finish")
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps({"pid": os.getpid(), "command": command}).encode(), 0)
     try:

@@ -16,7 +16,6 @@ message naming both.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -29,22 +28,19 @@ from pipeline.atomic import write_json, write_npy
 from pipeline.augment import to_float
 from pipeline.checkpoint import load_model
 from pipeline.errors import DataError, PipelineError
-from pipeline.shards.manifest import array_digest, owned_array
-from pipeline.validate import Fields
 from pipeline.models.multibn import use_branch
 from pipeline.progress import progress_bar
+from pipeline.shards.layout import file_sha256
+from pipeline.shards.manifest import array_digest, owned_array
 from pipeline.shards.shardset import ShardSet
+from pipeline.validate import Fields
 
 FORMAT = "pipeline.pseudo-labels"
 DEFAULT_COUNTS = (2, 10, 50, 100, 500)  # AdvCL's five heads
 
 
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+def _digest(path) -> str:
+    return file_sha256(path)[:16]
 
 
 def _header(path: str | Path) -> Path:

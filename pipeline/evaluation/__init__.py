@@ -8,7 +8,6 @@ classifier to RUN/classifiers/ (for `pipeline certify` and for measuring it agai
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 import time
@@ -22,9 +21,15 @@ from pipeline.attacks import budget
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import check_value, declare_choices
 from pipeline.errors import PipelineError, WriteError
-from pipeline.evaluation.classifiers import (classifier_path, finetune_settings_of, is_saved_classifier,
-                                             load_classifier, load_own_classifier, load_saved_classifier,
-                                             save_classifier)
+from pipeline.evaluation.classifiers import (
+    classifier_path,
+    finetune_settings_of,
+    is_saved_classifier,
+    load_classifier,
+    load_own_classifier,
+    load_saved_classifier,
+    save_classifier,
+)
 from pipeline.evaluation.measures import MEASURES, accuracies, parse_measures
 from pipeline.evaluation.protocols import PROTOCOLS, finetune
 from pipeline.evaluation.recipes import DEFAULT_RECIPE, RECIPES, FinetuneSettings, recipe_settings
@@ -32,8 +37,8 @@ from pipeline.evaluation.smoothing import Smoothing
 from pipeline.locks import record_lock
 from pipeline.progress import console
 from pipeline.runlayout import RunLayout
+from pipeline.shards.layout import file_sha256
 from pipeline.shards.shardset import ShardSet
-
 
 declare_choices("eval.protocol", PROTOCOLS.names)
 declare_choices("eval.attack", MEASURES.names, many=True)
@@ -179,11 +184,7 @@ def result_key(result: dict, name: str) -> str:
 
 
 def _digest(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    return file_sha256(path)[:16]
 
 
 def _ours(record) -> bool:

@@ -7,7 +7,6 @@ sparse member costs nothing), and every finding of every shard is listed; no tra
 
 from __future__ import annotations
 
-import hashlib
 import tarfile
 from pathlib import Path
 
@@ -15,15 +14,6 @@ from pipeline.errors import DataError
 from pipeline.progress import progress_bar
 from pipeline.shards import layout
 from pipeline.shards.images import CorruptImage, open_fully
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 _LABEL_MAX = 32  # bytes of a label member (decimal text)
 
@@ -41,7 +31,7 @@ def _check_shard(root: Path, split: str, rec: dict, id_range, on_image) -> list[
     size = tar_path.stat().st_size
     if size != rec["bytes"]:
         problems.append(f"{tar_path}: {size} bytes, index.json says {rec['bytes']} (truncated or replaced)")
-    elif _sha256(tar_path) != rec["sha256"]:
+    elif layout.file_sha256(tar_path) != rec["sha256"]:
         problems.append(f"{tar_path}: content digest differs from index.json (the file was modified)")
     try:
         table = layout.read_member_table(idx_path)
