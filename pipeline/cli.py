@@ -402,13 +402,16 @@ def certify(
 
     from pipeline.dist import resolve_device
     from pipeline.evaluation.certify import certify as run_certify
-    from pipeline.report.figures import certified_curve
+    from pipeline.report.figures import certified_curve, is_our_figure
 
     r = run_certify(data, checkpoint, sigma, n0, n, alpha, limit, out, protocol, batch, seed, resolve_device(device),
                     recipe=recipe, epochs=epochs, lr=lr, batch_size=batch_size, workers=workers)
+    png = Path(r["out"]) / "certified.png"
     try:  # the command draws; `certify` only computes and writes its rows
-        r["png"] = str(certified_curve([(r["name"], Path(r["tsv"]))], Path(r["out"]) / "certified.png"))
-    except PipelineError as exc:  # matplotlib missing: the numbers stand without the figure
+        if png.exists() and not is_our_figure(png):
+            raise PipelineError(f"{png}: exists and was not drawn by this tool; the figure is not drawn over it")
+        r["png"] = str(certified_curve([(r["name"], Path(r["tsv"]))], png))
+    except PipelineError as exc:  # matplotlib missing, or a foreign file: the numbers stand without the figure
         console.print(str(exc))
     t = Table(title=f"certified accuracy, sigma {sigma:g}, n0 {n0}, n {n:,}, alpha {alpha:g}: {r['samples']:,} "
               f"samples, {r['abstained']:,} abstained", title_justify="left")

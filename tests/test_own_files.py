@@ -573,3 +573,18 @@ def test_results_certification_and_experiment_records_are_validated(tmp_path):
     state.write_text('{"format": "pipeline.experiment", "runs": {"a-s0": {"dig')  # torn
     assert _read_state(state)["runs"] == {}
     assert [p.name.startswith("experiment.json.corrupt-") for p in tmp_path.glob("experiment.json.*")] == [True]
+
+
+def test_certify_refuses_a_foreign_record_in_its_out_folder(digits_set, tmp_path):
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.evaluation.certify import certify
+    from pipeline.models import create_model, model_spec
+
+    m = create_model(model_spec("smallcnn", 1, 8, heads={"logits": {"kind": "linear", "width": 0, "out": 10}}))
+    ckpt = save_checkpoint(tmp_path / "c.pt", {"model_spec": m.spec, "model": m.state_dict(), "method": "pgd-at"})
+    out = tmp_path / "cert"
+    out.mkdir()
+    (out / "certify.json").write_text('["my", "notes"]')
+    with pytest.raises(PipelineError, match="not a certification record of this tool"):
+        certify(digits_set.root, ckpt, 0.25, n0=5, n=10, limit=2, out=out, protocol="direct", progress=False)
+    assert (out / "certify.json").read_text() == '["my", "notes"]'

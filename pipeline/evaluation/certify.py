@@ -100,8 +100,11 @@ def _check_settings(meta_path: Path, settings: dict) -> None:
         return
     try:
         before = json.loads(meta_path.read_text())["settings"]
+        if not isinstance(before, dict):
+            raise TypeError
     except (OSError, ValueError, KeyError, TypeError):
-        raise DataError(f"{meta_path}: unreadable; delete its folder to certify again") from None
+        raise DataError(f"{meta_path}: not a certification record of this tool (unreadable, edited or foreign); "
+                        "refusing to replace it: give another --out") from None
     differ = [k for k in IDENTITY if before.get(k) != settings.get(k)]
     if differ:
         what = ", ".join(f"{k} {before.get(k)} -> {settings.get(k)}" for k in differ)
