@@ -1,0 +1,186 @@
+"""Does a selector's subset do what it promises? RD(U) after real training on it, against random subsets.
+
+From one snapshot (ACL, smallcnn, after `--warm-epochs` on the pool), every selector and `--random` random
+draws pick subsets of exactly the same size from the same candidates (the pool less a held-out U, given to
+every selector); each subset then gets the same real training update from that snapshot (`--epochs` ACL
+epochs, the same seed and learning rate). Measured before and after, paired: RD(U), RCS's representational
+divergence between the natural and PGD-on-RD views of U at the projection head, and the same on `--test`
+test images. Also the score stability of RCS's proxies: two proxy passes that differ only in their seed
+(augmentation and attack draws), their alignment scores' correlation and top-fraction overlap (chance = the
+fraction).
+
+A selector is valid at a setting when its subsets lower RD(U) more than random's beyond the random spread
+(mean - 1 sd of the random draws) on every seed.
+
+    python benchmarks/bench_selection.py [--pool 5000] [--fraction 0.2] [--seeds 0,1,2] [--random 5]
+                                         [--selectors rcs,facility] [--epochs 1] [--warm-epochs 4]
+
+Data: ../shared/data/cifar10 (class folders) at `--image-size` px when present, else a synthetic set. One JSON
+line with every number, then a table per seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.attacks import budget
+from pipeline.checkpoint import load_model, save_checkpoint
+from pipeline.config import load_config
+from pipeline.losses import representational_divergence
+from pipeline.models.multibn import use_branch
+from pipeline.selectors import draw_validation
+from pipeline.selectors.proxies import ProxyComputer
+from pipeline.selectors.run import run_selection
+from pipeline.shards.manifest import Manifest
+from pipeline.shards.prepare import PrepareOptions, prepare
+from pipeline.shards.shardset import ShardSet
+from pipeline.trainers import TrainConfig, create_trainer
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+
+
+def _config(data, out, epochs: int, lr: float, manifest=None) -> TrainConfig:
+    cfg = TrainConfig()
+    settings = {"data.path": str(data), "run.out": str(out), "model.arch": "smallcnn", "model.head_width": 256,
+                "model.proj_dim": 128, "data.batch_size": 128, "data.workers": 0, "optim.optimizer": "sgd",
+                "optim.lr": lr, "optim.epochs": epochs, "optim.warmup_epochs": 0, "run.device": "cpu",
+                "run.log_every": 0, "run.checkpoint_every": 0, "acl.min_crop_scale": 0.2, "run.seed": 0}
+    if manifest:
+        settings["data.manifest"] = str(manifest)
+    for k, v in settings.items():
+        cfg.set(k, v)
+    return cfg
+
+
+def _rd(model, ss, split: str, ids: np.ndarray, seed: int = 123) -> float:
+    """RD at the projection head between natural and PGD-on-RD views of `ids` (3 steps, as the proxies' U)."""
+    b = budget(ss.channels, None, None)
+    pc = ProxyComputer(model, ss, split, "cpu", 256, b.eps, b.step, 1, seed=seed, method="acl")
+    nat, adv = pc.validation_state(np.sort(ids), spread=False)
+    head = model.heads["proj"]
+    with torch.no_grad():
+        with use_branch(head, model.branch("natural")):
+            z_nat = head(nat)
+        with use_branch(head, model.branch("adversarial")):
+            z_adv = head(adv)
+        return float(representational_divergence(z_adv, z_nat, "minmax_kl"))
+
+
+def _train_from_snapshot(snapshot_run: Path, out: Path, manifest: Path, epochs: int) -> Path:
+    """The same update for every subset: a copy of the snapshot's run, resumed on the subset for `epochs`."""
+    shutil.copytree(snapshot_run, out)
+    cfg = load_config(out / "config.toml")
+    done = int(torch.load(out / "checkpoints" / "last.pt", weights_only=True)["epoch"])
+    cfg.set("data.manifest", str(manifest))
+    cfg.set("run.out", str(out))
+    cfg.set("optim.epochs", done + epochs)
+    cfg.save(out / "config.toml")
+    t = create_trainer(load_config(out / "config.toml"), resume=True, progress=False)
+    try:
+        t.fit()
+    finally:
+        t.close()
+    return out / "checkpoints" / "last.pt"
+
+
+def _stability(model, ss, candidates: np.ndarray, val: np.ndarray, fraction: float) -> dict:
+    scores = []
+    for seed in (11, 12):
+        b = budget(ss.channels, None, None)
+        pc = ProxyComputer(model, ss, "train", "cpu", 256, b.eps, b.step, 1, seed=seed, validation_ids=val,
+                           method="acl", settings={"min_crop_scale": 0.2})
+        scores.append(pc.compute(candidates, need_features=False, spread=False).alignment)
+    a, b2 = scores
+    k = max(1, int(round(fraction * len(a))))
+    top_a, top_b = set(np.argsort(-a)[:k].tolist()), set(np.argsort(-b2)[:k].tolist())
+    return {"correlation": float(np.corrcoef(a, b2)[0, 1]), "top_overlap": len(top_a & top_b) / k, "chance": fraction}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pool", type=int, default=5000)
+    ap.add_argument("--fraction", type=float, default=0.2)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--random", type=int, default=5, help="random draws per seed")
+    ap.add_argument("--selectors", default="rcs,facility")
+    ap.add_argument("--epochs", type=int, default=1, help="training epochs on each subset")
+    ap.add_argument("--warm-epochs", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=0.5)
+    ap.add_argument("--image-size", type=int, default=16)
+    ap.add_argument("--validation", type=int, default=200, help="size of U")
+    ap.add_argument("--test", type=int, default=500, help="test images RD is also measured on")
+    args = ap.parse_args()
+    torch.set_flush_denormal(True)
+    work = Path(tempfile.mkdtemp(prefix="bench-selection-"))
+    per_class = max(1, args.pool // 10)
+    source = f"folder:{SHARED}" if SHARED.is_dir() else f"synthetic:{args.pool + args.test}"
+    prepare(source, PrepareOptions(out=work / "data", image_size=args.image_size, workers=2, progress=False,
+                                   per_class={"train": per_class, "test": max(1, args.test // 10)}
+                                   if SHARED.is_dir() else {}))
+    ss = ShardSet.open(work / "data")
+    pool = ss.ids("train")
+    val = draw_validation(pool, args.validation / len(pool), seed=0)
+    candidates = np.setdiff1d(pool, val)
+    test_ids = ss.ids("test")[: args.test]
+    Manifest.for_shardset(ss, "train", candidates).save(work / "candidates.json")
+    Manifest.for_shardset(ss, "train", val).save(work / "validation.json")
+    started = time.perf_counter()
+    warm = create_trainer(_config(work / "data", work / "snapshot", args.warm_epochs, args.lr,
+                                  work / "candidates.json"), progress=False)
+    warm.fit()
+    save_checkpoint(work / "snap.pt", warm.snapshot(args.warm_epochs))
+    warm.close()
+    model, _ = load_model(work / "snap.pt")
+    before = {"rd_u": _rd(model, ss, "train", val), "rd_test": _rd(model, ss, "test", test_ids)}
+    stability = _stability(model, ss, candidates, val, args.fraction)
+    rows = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        picks = [(name, seed) for name in args.selectors.split(",") if name] + \
+                [("random", seed * 1000 + j) for j in range(args.random)]
+        for name, sel_seed in picks:
+            out = work / "subsets" / f"{name}-{sel_seed}.json"
+            m = run_selection(ss, name, args.fraction, out, checkpoint=work / "snap.pt", pool=work / "candidates.json",
+                              validation=work / "validation.json", seed=sel_seed, params={"per_class": False}
+                              if name == "facility" else None)
+            ckpt = _train_from_snapshot(work / "snapshot", work / "runs" / f"{name}-{sel_seed}", out, args.epochs)
+            trained, _ = load_model(ckpt)
+            rows.append({"seed": seed, "selector": name, "selection_seed": sel_seed, "size": len(m),
+                         "rd_u": _rd(trained, ss, "train", val), "rd_test": _rd(trained, ss, "test", test_ids)})
+            print(json.dumps(rows[-1]), flush=True)
+    summary = []
+    for seed in sorted({r["seed"] for r in rows}):
+        rand = [r for r in rows if r["seed"] == seed and r["selector"] == "random"]
+        for key in ("rd_u", "rd_test"):
+            deltas = np.array([r[key] - before[key] for r in rand])
+            for r in rows:
+                if r["seed"] == seed and r["selector"] != "random":
+                    d = r[key] - before[key]
+                    summary.append({"seed": seed, "selector": r["selector"], "measure": key, "delta": d,
+                                    "random_mean": float(deltas.mean()), "random_sd": float(deltas.std(ddof=1)),
+                                    "minus_random": d - float(deltas.mean()),
+                                    "beats_random": bool(d < deltas.mean() - deltas.std(ddof=1))})
+    print(json.dumps({"benchmark": "selection_validity", "date": time.strftime("%Y-%m-%d"), "machine": platform.node(),
+                      "data": source, "image_size": args.image_size, "pool": len(pool), "u": len(val),
+                      "fraction": args.fraction, "epochs": args.epochs, "warm_epochs": args.warm_epochs,
+                      "lr": args.lr, "before": before, "stability": stability, "rows": rows, "summary": summary,
+                      "seconds": round(time.perf_counter() - started, 1)}))
+    print(f"\nbefore: RD(U) {before['rd_u']:.5f}, RD(test) {before['rd_test']:.5f}; proxy stability: r = "
+          f"{stability['correlation']:.2f}, top-{args.fraction:.0%} overlap {stability['top_overlap']:.0%} "
+          f"(chance {args.fraction:.0%})")
+    print(f"{'seed':>4} {'selector':>9} {'measure':>8} {'delta':>9} {'random':>18} {'minus random':>13} beats")
+    for s in summary:
+        print(f"{s['seed']:>4} {s['selector']:>9} {s['measure']:>8} {s['delta']:>+9.5f} "
+              f"{s['random_mean']:>+9.5f} +- {s['random_sd']:.5f} {s['minus_random']:>+13.5f} {s['beats_random']}")
+
+
+if __name__ == "__main__":
+    main()
