@@ -9,6 +9,7 @@ process that made it is dead (a kill -9 mid-write leaves nothing behind for long
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -16,8 +17,6 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-
-import errno
 
 import numpy as np
 
@@ -67,17 +66,14 @@ WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENAMETOOLONG, err
                 errno.EIO, errno.ENOTDIR, errno.EISDIR}
 
 
-def _is_write_failure(exc: BaseException, *paths) -> bool:
-    if isinstance(exc, OSError):
-        named = exc.filename is not None and str(exc.filename) in {str(p) for p in paths}
-        # numpy's short write ("719 requested and 109 written") carries neither errno nor file name
-        return named or exc.filename is None and (exc.errno in WRITE_ERRNOS or exc.errno is None)
-    # torch.save reports a full disk as RuntimeError ("PytorchStreamWriter failed writing file ...")
-    return isinstance(exc, RuntimeError) and "failed writing" in str(exc)
+def _is_write_failure(exc: OSError, *paths) -> bool:
+    named = exc.filename is not None and str(exc.filename) in {str(p) for p in paths}
+    # numpy's short write ("719 requested and 109 written") carries neither errno nor file name
+    return named or exc.filename is None and (exc.errno in WRITE_ERRNOS or exc.errno is None)
 
 
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
+def _reason(exc: OSError) -> str:
+    if exc.strerror:
         return exc.strerror.lower() if exc.errno != errno.EFBIG else "file too large for this disk or limit"
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
 
@@ -103,7 +99,7 @@ def atomic_path(path: str | os.PathLike):
         tmp = Path(name)
         yield tmp
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as exc:
+    except OSError as exc:  # torch's own write errors become OSError in checkpoint.save_checkpoint
         if _is_write_failure(exc, path, path.parent, tmp):
             raise WriteError(path, _reason(exc)) from exc
         raise

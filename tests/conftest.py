@@ -90,3 +90,15 @@ def write_mnist(root: Path, n_train=30, n_test=12, gz=True, seed=0):
 
 def all_pixels(ss: ShardSet, split: str) -> dict[int, np.ndarray]:
     return {int(i): ss.read_image(split, int(i)) for i in ss.ids(split)}
+
+
+def write_tiny_run(folder: Path) -> Path:
+    """The least a report reads as a run: config.toml and one epoch record."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.toml").write_text('[method]\nname = "acl"\n[model]\narch = "smallcnn"\n')
+    (folder / "metrics.jsonl").write_text(json.dumps({"kind": "epoch", "epoch": 1, "loss": 1.0, "lr": 0.1,
+                                                      "images": 10, "seconds": 1.0, "images_per_s": 10.0,
+                                                      "time": 100.0}) + "\n")
+    return folder

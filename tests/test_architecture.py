@@ -180,11 +180,10 @@ def test_report_never_writes_into_the_run_folders_it_reads(tmp_path):
     from pipeline.evaluation.certify import COLUMNS, read_rows
     from pipeline.report import build_report
 
-    run = tmp_path / "run"
+    from conftest import write_tiny_run
+
+    run = write_tiny_run(tmp_path / "run")
     (run / "certify" / "c").mkdir(parents=True)
-    (run / "config.toml").write_text('[method]\nname = "acl"\n[model]\narch = "smallcnn"\n')
-    (run / "metrics.jsonl").write_text(json.dumps({"kind": "epoch", "epoch": 1, "loss": 1.0, "lr": 0.1, "images": 10,
-                                                   "seconds": 1.0, "images_per_s": 10.0, "time": 100.0}) + "\n")
     tsv = run / "certify" / "c" / "certify.tsv"
     tsv.write_text("\t".join(COLUMNS) + "\n1\t0\t0\t0.5\t1\t0.1\n2\t1\t1\t0.2")  # the second row is torn
     summary = {"settings": {"sigma": 0.25, "n0": 10, "n": 100, "alpha": 0.001}, "samples": 1, "abstained": 0,

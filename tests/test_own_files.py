@@ -17,7 +17,7 @@ import simplejpeg
 from pipeline.atomic import atomic_path, is_temporary, write_json
 from pipeline.errors import PipelineError
 
-from conftest import write_image_folder
+from conftest import write_image_folder, write_tiny_run
 
 PY = [sys.executable, "-m", "pipeline"]
 
@@ -399,19 +399,10 @@ def test_a_torn_metrics_line_is_cut_on_resume_and_skipped_by_the_report(digits_s
                                                          if json.loads(x)["kind"] == "epoch"] == [1, 2]
 
 
-def _tiny_run(folder: Path) -> Path:
-    folder.mkdir(parents=True)
-    (folder / "config.toml").write_text('[method]\nname = "acl"\n[model]\narch = "smallcnn"\n')
-    (folder / "metrics.jsonl").write_text(json.dumps({"kind": "epoch", "epoch": 1, "loss": 1.0, "lr": 0.1,
-                                                      "images": 10, "seconds": 1.0, "images_per_s": 10.0,
-                                                      "time": 100.0}) + "\n")
-    return folder
-
-
 def test_report_replaces_only_what_it_wrote(tmp_path):
     from pipeline.report import build_report
 
-    run_dir = _tiny_run(tmp_path / "run")
+    run_dir = write_tiny_run(tmp_path / "run")
     out = tmp_path / "out"
     out.mkdir()
     (out / "report.md").write_text("# My notes\n\nnot a report\n")
@@ -543,7 +534,7 @@ def test_manifest_pseudo_label_checkpoint_and_metrics_records_are_validated(digi
     with pytest.raises(PipelineError, match=r"model_spec\.heads\.proj\.width = 1000000000"):
         load_model(tmp_path / "c.pt")
 
-    run_dir = _tiny_run(tmp_path / "run")
+    run_dir = write_tiny_run(tmp_path / "run")
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"kind": "epoch", "epoch": 2, "loss": "low", "images": 10, "seconds": 1.0,
                             "time": 101.0}) + "\n")
@@ -555,7 +546,7 @@ def test_results_certification_and_experiment_records_are_validated(tmp_path):
     from pipeline.experiment.run import _read_state
     from pipeline.report import load_run
 
-    run_dir = _tiny_run(tmp_path / "run")
+    run_dir = write_tiny_run(tmp_path / "run")
     (run_dir / "results.json").write_text(json.dumps(
         {"d1": {"checkpoint": "c.pt", "slf-pgd20": {"protocol": "slf", "clean": 0.5, "pgd20": "high"}}}))
     with pytest.raises(PipelineError, match=r"d1\.slf-pgd20\.pgd20 = 'high'"):

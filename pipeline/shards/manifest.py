@@ -90,9 +90,6 @@ def header_arrays(header_path: str | Path) -> list[Path]:
     return [p for p in named if owned_array(p, stem)]
 
 
-def _referenced_arrays(header_path: Path) -> set[str]:
-    return {p.name for p in header_arrays(header_path)}
-
 
 def check_manifest_target(path: str | Path) -> None:
     """Refuse to write a manifest onto a folder or onto a file that is not a manifest of ours (a shard set's
@@ -170,7 +167,7 @@ class Manifest:
             write_npy(wpath, self.weights)
             header["weights_file"] = wpath.name
             keep.add(wpath.name)
-        old = _referenced_arrays(header_path)
+        old = {p.name for p in header_arrays(header_path)}
         write_json(header_path, header)  # the switch: one rename
         for name in old - keep:  # the previous pair, now unreferenced
             (header_path.parent / name).unlink(missing_ok=True)
