@@ -38,7 +38,8 @@ from pipeline.config import load_config
 from pipeline.losses import representational_divergence
 from pipeline.models.multibn import use_branch
 from pipeline.selectors import draw_validation
-from pipeline.selectors.proxies import ProxyComputer
+from pipeline.kv import parse_kv
+from pipeline.selectors.proxies import ProxyComputer, head_gradient_norms
 from pipeline.selectors.run import run_selection
 from pipeline.shards.manifest import Manifest
 from pipeline.shards.prepare import PrepareOptions, prepare
@@ -92,17 +93,39 @@ def _train_from_snapshot(snapshot_run: Path, out: Path, manifest: Path, epochs: 
     return out / "checkpoints" / "last.pt"
 
 
-def _stability(model, ss, candidates: np.ndarray, val: np.ndarray, fraction: float) -> dict:
-    scores = []
+def _stability(model, ss, candidates: np.ndarray, val: np.ndarray, fraction: float, draws: int) -> dict:
+    """Two proxy passes of `draws` draws each, differing only in their seed: how alike are their scores?"""
+    scores = {"alignment": [], "cosine": [], "grad_norm": []}
     for seed in (11, 12):
         b = budget(ss.channels, None, None)
         pc = ProxyComputer(model, ss, "train", "cpu", 256, b.eps, b.step, 1, seed=seed, validation_ids=val,
                            method="acl", settings={"min_crop_scale": 0.2})
-        scores.append(pc.compute(candidates, need_features=False, spread=False).alignment)
-    a, b2 = scores
-    k = max(1, int(round(fraction * len(a))))
-    top_a, top_b = set(np.argsort(-a)[:k].tolist()), set(np.argsort(-b2)[:k].tolist())
-    return {"correlation": float(np.corrcoef(a, b2)[0, 1]), "top_overlap": len(top_a & top_b) / k, "chance": fraction}
+        px = pc.compute(candidates, need_features=False, spread=False, draws=draws)
+        scores["alignment"].append(px.alignment)
+        scores["cosine"].append(px.alignment / np.linalg.norm(px.compressed_grads, axis=1))
+        scores["grad_norm"].append(-head_gradient_norms(pc.head, px.row_feats, px.row_grads, px.row_branches))
+    out = {"draws": draws, "chance": fraction}
+    for name, (a, b2) in scores.items():
+        k = max(1, int(round(fraction * len(a))))
+        top_a, top_b = set(np.argsort(-a)[:k].tolist()), set(np.argsort(-b2)[:k].tolist())
+        out[name] = {"correlation": float(np.corrcoef(a, b2)[0, 1]), "top_overlap": len(top_a & top_b) / k}
+    return out
+
+
+def _variants(spec: str) -> list[tuple[str, str, dict]]:
+    """"rcs;rcs:draws=4,normalize=true;facility" -> [(label, selector, params)]."""
+    out = []
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        name, _, kv = part.partition(":")
+        out.append((part, name, parse_kv(kv, "--selectors")))
+    return out
+
+
+def _step_norm(trained, snapshot) -> float:
+    """How far the update moved the weights (all parameters): a subset that trains less moves them less."""
+    a, b = dict(trained.named_parameters()), dict(snapshot.named_parameters())
+    with torch.no_grad():
+        return float(torch.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in a)))
 
 
 def main() -> None:
@@ -111,7 +134,9 @@ def main() -> None:
     ap.add_argument("--fraction", type=float, default=0.2)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--random", type=int, default=5, help="random draws per seed")
-    ap.add_argument("--selectors", default="rcs,facility")
+    ap.add_argument("--selectors", default="rcs;facility",
+                    help="variants separated by ';', each SELECTOR[:k=v,k=v] (facility gets per_class=false)")
+    ap.add_argument("--stability-draws", default="1", help="proxy draws per pass for the stability figures")
     ap.add_argument("--epochs", type=int, default=1, help="training epochs on each subset")
     ap.add_argument("--warm-epochs", type=int, default=4)
     ap.add_argument("--lr", type=float, default=0.5)
@@ -141,29 +166,34 @@ def main() -> None:
     warm.close()
     model, _ = load_model(work / "snap.pt")
     before = {"rd_u": _rd(model, ss, "train", val), "rd_test": _rd(model, ss, "test", test_ids)}
-    stability = _stability(model, ss, candidates, val, args.fraction)
+    stability = [_stability(model, ss, candidates, val, args.fraction, int(d)) for d in args.stability_draws.split(",")]
+    print(json.dumps({"stability": stability}), flush=True)
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
-        picks = [(name, seed) for name in args.selectors.split(",") if name] + \
-                [("random", seed * 1000 + j) for j in range(args.random)]
-        for name, sel_seed in picks:
-            out = work / "subsets" / f"{name}-{sel_seed}.json"
+        picks = [(label, name, params, seed) for label, name, params in _variants(args.selectors)] + \
+                [("random", "random", {}, seed * 1000 + j) for j in range(args.random)]
+        for n_pick, (label, name, params, sel_seed) in enumerate(picks):
+            if name == "facility":
+                params = {"per_class": False, **params}
+            out = work / "subsets" / f"{seed}-{n_pick}.json"
+            t = time.perf_counter()
             m = run_selection(ss, name, args.fraction, out, checkpoint=work / "snap.pt", pool=work / "candidates.json",
-                              validation=work / "validation.json", seed=sel_seed, params={"per_class": False}
-                              if name == "facility" else None)
-            ckpt = _train_from_snapshot(work / "snapshot", work / "runs" / f"{name}-{sel_seed}", out, args.epochs)
+                              validation=work / "validation.json", seed=sel_seed, params=params)
+            took = time.perf_counter() - t
+            ckpt = _train_from_snapshot(work / "snapshot", work / "runs" / f"{seed}-{n_pick}", out, args.epochs)
             trained, _ = load_model(ckpt)
-            rows.append({"seed": seed, "selector": name, "selection_seed": sel_seed, "size": len(m),
+            rows.append({"seed": seed, "selector": label, "selection_seed": sel_seed, "size": len(m),
+                         "select_s": round(took, 2), "step_norm": _step_norm(trained, model),
                          "rd_u": _rd(trained, ss, "train", val), "rd_test": _rd(trained, ss, "test", test_ids)})
             print(json.dumps(rows[-1]), flush=True)
     summary = []
     for seed in sorted({r["seed"] for r in rows}):
         rand = [r for r in rows if r["seed"] == seed and r["selector"] == "random"]
-        for key in ("rd_u", "rd_test"):
-            deltas = np.array([r[key] - before[key] for r in rand])
+        for key in ("rd_u", "rd_test", "step_norm"):  # step_norm: the weights' move itself (before = 0)
+            deltas = np.array([r[key] - before.get(key, 0.0) for r in rand])
             for r in rows:
                 if r["seed"] == seed and r["selector"] != "random":
-                    d = r[key] - before[key]
+                    d = r[key] - before.get(key, 0.0)
                     summary.append({"seed": seed, "selector": r["selector"], "measure": key, "delta": d,
                                     "random_mean": float(deltas.mean()), "random_sd": float(deltas.std(ddof=1)),
                                     "minus_random": d - float(deltas.mean()),
@@ -173,12 +203,14 @@ def main() -> None:
                       "fraction": args.fraction, "epochs": args.epochs, "warm_epochs": args.warm_epochs,
                       "lr": args.lr, "before": before, "stability": stability, "rows": rows, "summary": summary,
                       "seconds": round(time.perf_counter() - started, 1)}))
-    print(f"\nbefore: RD(U) {before['rd_u']:.5f}, RD(test) {before['rd_test']:.5f}; proxy stability: r = "
-          f"{stability['correlation']:.2f}, top-{args.fraction:.0%} overlap {stability['top_overlap']:.0%} "
-          f"(chance {args.fraction:.0%})")
-    print(f"{'seed':>4} {'selector':>9} {'measure':>8} {'delta':>9} {'random':>18} {'minus random':>13} beats")
+    print(f"\nbefore: RD(U) {before['rd_u']:.5f}, RD(test) {before['rd_test']:.5f}")
+    for st in stability:
+        print(f"proxy stability, {st['draws']} draw(s) per pass: " + "; ".join(
+            f"{k} r = {st[k]['correlation']:.2f}, top-{args.fraction:.0%} overlap {st[k]['top_overlap']:.0%}"
+            for k in ("alignment", "cosine", "grad_norm")) + f" (chance {args.fraction:.0%})")
+    print(f"{'seed':>4} {'selector':>28} {'measure':>8} {'delta':>9} {'random':>18} {'minus random':>13} beats")
     for s in summary:
-        print(f"{s['seed']:>4} {s['selector']:>9} {s['measure']:>8} {s['delta']:>+9.5f} "
+        print(f"{s['seed']:>4} {s['selector']:>28} {s['measure']:>8} {s['delta']:>+9.5f} "
               f"{s['random_mean']:>+9.5f} +- {s['random_sd']:.5f} {s['minus_random']:>+13.5f} {s['beats_random']}")
 
 

@@ -183,6 +183,7 @@ def train(
     select_every: Optional[int] = typer.Option(None, help="@select.every"),
     preset: Optional[str] = typer.Option(None, help="Selector preset, e.g. reference (RCS as the paper ran it)."),
     sync: Optional[bool] = typer.Option(None, "--sync/--overlap", help="@select.sync"),
+    select_lag: Optional[int] = typer.Option(None, help="@select.lag"),
     set_: list[str] = typer.Option([], "--set", help="Any setting, SECTION.KEY=VALUE (repeatable)."),
     resume: Optional[Path] = typer.Option(None, help="Continue the run in this folder exactly where it stopped."),
     overwrite: bool = typer.Option(False, help="Start afresh in a run folder that already holds a run."),

@@ -145,8 +145,11 @@ class SelectConfig:
                           check=(lambda v: v >= -1, "must be >= 0 (or -1: 10% of the epochs)"), flag="--warmup")
     every: int = setting(0, "Epochs between selections (0: 2% of the epochs, at least 1).", check=NONNEG,
                          flag="--select-every")
-    sync: bool = setting(False, "Wait for each selection (the paper's behaviour) instead of overlapping it.",
+    sync: bool = setting(False, "Wait for each selection (the paper's behaviour) instead of overlapping it: lag 0.",
                          flag="--sync/--overlap")
+    lag: int = setting(1, "Epochs from a round's snapshot to the first epoch that trains on its subset (the "
+                          "trainer waits if the round is late): runs reproduce whatever the timing.", check=NONNEG,
+                       flag="--select-lag")
     params: str = setting("", "Selector parameters, k=20,unit=batch or preset=reference (or a table).", table=True,
                           check=_parses(lambda v: parse_kv(v, "select.params"), "KEY=VALUE,KEY=VALUE"))
     threads: int = setting(1, "Torch threads of the background selection process.", check=AT_LEAST_ONE)

@@ -2,9 +2,11 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from pipeline.errors import PipelineError
+from pipeline.shards.manifest import Manifest
 from pipeline.trainers import create_trainer, load_config
 
 from test_train import tiny_cfg
@@ -14,29 +16,38 @@ def _records(run):
     return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_overlapped_selection_runs_beside_training_and_is_switched_to(digits_set, tmp_path):
-    run = tmp_path / "ov"
-    cfg = tiny_cfg(digits_set.root, run, **{"optim.epochs": 6, "select.selector": "facility", "select.fraction": 0.3,
-                                          "select.warmup": 1, "select.every": 2, "select.params": "attack_steps=1",
-                                          "run.log_every": 1})
+def _overlapped_run(root, run):
+    cfg = tiny_cfg(root, run, **{"optim.epochs": 6, "select.selector": "facility", "select.fraction": 0.3,
+                                 "select.warmup": 1, "select.every": 2, "select.params": "attack_steps=1",
+                                 "run.log_every": 1})
     create_trainer(cfg, progress=False).fit()
-    recs = _records(run)
+    return _records(run)
+
+
+def test_overlapped_selection_runs_beside_training_on_a_fixed_schedule_and_reproduces(digits_set, tmp_path):
+    import torch
+
+    recs = _overlapped_run(digits_set.root, tmp_path / "a")
     rounds = [r for r in recs if r["kind"] == "selection"]
     epochs = [r for r in recs if r["kind"] == "epoch"]
     steps = [r for r in recs if r["kind"] == "step"]
-    # snapshots at the start of epochs 2 and 4 (none at 6: overlapped, it could not be used before the end);
-    # on a loaded machine round 2 may still be running when the run ends, so it may go unused
-    assert [r["round"] for r in rounds] in ([1], [1, 2])
-    assert [r["epoch"] for r in rounds] == [2, 4][: len(rounds)]
-    assert sorted(p.name for p in (run / "snapshots").iterdir()) == ["round-0001.pt", "round-0002.pt"]
-    assert all(r["used_from_epoch"] > r["epoch"] - 1 for r in rounds)
+    # snapshots at the start of epochs 2 and 4, each used one epoch later (select.lag = 1); none at 6: it
+    # would be due after the end
+    assert [(r["round"], r["epoch"], r["used_from_epoch"], r["stale_epochs"]) for r in rounds] == [(1, 2, 3, 1),
+                                                                                                 (2, 4, 5, 1)]
+    assert sorted(p.name for p in (tmp_path / "a" / "snapshots").iterdir()) == ["round-0001.pt", "round-0002.pt"]
     # training went on while round 1 was being selected
     r1 = rounds[0]
     assert any(r1["submitted_at"] < s["time"] < r1["ready_at"] for s in steps)
-    used = [e["subset_round"] for e in epochs]
-    assert used[0] is None and 1 in used
+    assert [e["subset_round"] for e in epochs] == [None, None, 1, 1, 2, 2]
     assert all(e["subset_size"] == 431 for e in epochs if e["subset_round"])
-    assert sum(r["stall_s"] for r in rounds) < 5.0
+    # the same seed again: the same manifests and bit-identical weights, however the rounds were timed
+    _overlapped_run(digits_set.root, tmp_path / "b")
+    for name in ("round-0001.json", "round-0002.json"):
+        a, b = (Manifest.load(tmp_path / r / "manifests" / name) for r in "ab")
+        assert np.array_equal(a.ids, b.ids) and np.array_equal(a.weights, b.weights)
+    wa, wb = (torch.load(tmp_path / r / "checkpoints" / "last.pt", weights_only=True)["model"] for r in "ab")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_sync_selection_blocks_and_is_used_at_once(digits_set, tmp_path):

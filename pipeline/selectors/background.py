@@ -2,8 +2,8 @@
 background process that writes the next manifest into RUN/manifests/; the trainer keeps training on the current
 subset and switches at the first epoch boundary after the manifest appears (`--manifests` semantics).
 
-The schedule lives in `trainers.subsets.SelectionRounds`; this module runs the rounds. With `sync` the trainer
-waits for each selection (the paper's blocking behaviour). The background process runs with its own thread
+The schedule lives in `trainers.subsets.SelectionRounds` (a round is used `select.lag` epochs after its
+snapshot; with `sync` at once, the paper's blocking behaviour); this module runs the rounds. The background process runs with its own thread
 count and a lower scheduling priority (`select.threads`, `select.nice`), so on a CPU machine it takes the
 cores training leaves idle. `select.processes = N` runs each round as N processes in a process group of
 their own (gloo) sharing the proxy pass, as `pipeline select` does under torchrun; `select.device` says
@@ -147,7 +147,6 @@ class SelectionScheduler:
         rnd.process = _Processes(procs)
         rnd.process.start()
         self.pending.append(rnd)
-        self._share_cores()
 
     def submit(self, epoch: int, snapshot_state: dict) -> Round:
         """Snapshot the model and start selecting the next round in the background."""
@@ -159,9 +158,15 @@ class SelectionScheduler:
         rnd = Round(number, epoch, str(snap), str(round_path(self.manifest_dir, number)))
         rnd.stall = stall
         self._launch(rnd)
-        if self.cfg.sync:
-            rnd.stall += self.wait_all()
         return rnd
+
+    def wait_for(self, rnd: Round) -> float:
+        """Seconds waited for `rnd` to finish (0 when it has)."""
+        start = time.perf_counter()
+        if rnd in self.pending:
+            rnd.process.join()
+            self._finish(rnd)
+        return time.perf_counter() - start
 
     def wait_all(self) -> float:
         start = time.perf_counter()
@@ -176,19 +181,18 @@ class SelectionScheduler:
             self._finish(r)
         return done
 
-    def _share_cores(self) -> None:
-        """On a CPU, the trainer leaves the selection process its threads while a round runs: two thread
-        pools on the same cores stall each other (OpenMP threads spin), and a niced round would starve."""
+    def share_cores(self, busy: bool) -> None:
+        """On a CPU, the trainer leaves the selection processes their threads while a round is scheduled to
+        run: two thread pools on the same cores stall each other (OpenMP threads spin), and a niced round would
+        starve. The caller says when, by the schedule, so that the trainer's thread count is reproducible."""
         if not self.device.startswith("cpu"):
             return
-        busy = bool(self.pending)
         used = self.cfg.threads * self.cfg.processes
         torch.set_num_threads(max(1, self.train_threads - used) if busy else self.train_threads)
 
     def _finish(self, r: Round) -> None:
         if r in self.pending:
             self.pending.remove(r)
-            self._share_cores()
         Path(r.snapshot).with_suffix(".group").unlink(missing_ok=True)
         if r.process.exitcode != 0 or not Path(r.manifest).is_file():
             raise PipelineError(f"selection round {r.number} failed (exit code {r.process.exitcode}); its snapshot is "
@@ -209,7 +213,7 @@ class SelectionScheduler:
                 r.process.kill()
                 r.process.join()
         self.pending.clear()
-        self._share_cores()
+        self.share_cores(False)
 
     def record(self, r: Round, used_at_epoch: int) -> dict:
         header = read_header(r.manifest, strict=True)

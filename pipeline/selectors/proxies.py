@@ -30,7 +30,7 @@ from pipeline.augment import to_float
 from pipeline.dist import gather_objects, gather_rows, rank_and_world
 from pipeline.losses import representational_divergence
 from pipeline.models.multibn import use_branch
-from pipeline.objectives import objective_of
+from pipeline.objectives import HeadRows, objective_of
 from pipeline.selectors.base import draw_validation
 
 
@@ -135,6 +135,10 @@ class ProxyComputer:
         with use_branch(self.model, branch):
             return self.model.encoder(images)
 
+    def _rows(self, batch, batch_no: int, budget: Budget, draws: int) -> HeadRows:
+        return _mean_of_draws([self.method.rows(self.model, batch, self._generator(2 + 10 * d, batch_no), self.settings,
+                                                budget) for d in range(draws)])
+
     def split_validation(self, pool_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(candidates, U): the run's U when it gave one, else a seeded part of the pool."""
         if self.validation_ids is not None:
@@ -142,33 +146,41 @@ class ProxyComputer:
         val = draw_validation(pool_ids, self.validation_fraction, self.seed)
         return np.setdiff1d(pool_ids, val), val
 
-    def validation_state(self, val_ids: np.ndarray, spread: bool = True):
-        """U's natural and virtual-adversarial encoder features (PGD on RD: 3 steps, step 1.25 eps / 3)."""
+    def validation_state(self, val_ids: np.ndarray, spread: bool = True, draws: int = 1):
+        """U's natural and virtual-adversarial encoder features (PGD on RD: 3 steps, step 1.25 eps / 3). With
+        `draws` > 1, that many attacks from other random starts, each adversarial view beside its natural one:
+        RD over the rows is then the mean of the draws' RDs (RD is a mean over samples)."""
         b_nat, b_adv = self.branches
         head, kind = self.head_name, self.method.divergence
         mine, first = self._share(val_ids, spread)
         nat, adv = [], []
         for k, b in enumerate(self._batches(mine) if len(mine) else []):
-            attack = PGD(lambda x: self.model(x, b_adv, heads=(head,))[head],
-                         lambda z, z_nat: representational_divergence(z, z_nat, kind), self.eps, 1.25 * self.eps / 3,
-                         3, module=self.model, generator=self._generator(1, first + k))
             x = to_float(b.images)
             with torch.no_grad():
                 z_nat = self.model(x, b_nat, heads=(head,))[head]
-            x_adv = attack(x, z_nat)
-            nat.append(self._features(x, b_nat))
-            adv.append(self._features(x_adv, b_adv))
+                f_nat = self._features(x, b_nat)
+            for draw in range(draws):
+                attack = PGD(lambda x: self.model(x, b_adv, heads=(head,))[head],
+                             lambda z, z_nat: representational_divergence(z, z_nat, kind), self.eps,
+                             1.25 * self.eps / 3, 3, module=self.model,
+                             generator=self._generator(1 + 10 * draw, first + k))
+                nat.append(f_nat)
+                adv.append(self._features(attack(x, z_nat), b_adv))
         d = self.model.encoder.feature_dim
         empty = torch.zeros(0, d, device=self.device)
         nat, adv = (torch.cat(nat) if nat else empty), (torch.cat(adv) if adv else empty)
         return (gather_rows(nat), gather_rows(adv)) if spread else (nat, adv)
 
     def compute(self, pool_ids: np.ndarray, need_gradients: bool = True, need_features: bool = True,
-                spread: bool = True) -> Proxies:
+                spread: bool = True, draws: int = 1) -> Proxies:
         """Proxies of the pool; `need_features=False` skips the encoder pass on the plain images (RCS uses
         only gradients: about a tenth of the pass). Under torch.distributed with `spread`, each rank computes
         whole batches of its own block of the pool and every rank gets all of them: the same proxies as one
-        process (per-batch randomness, the same batches)."""
+        process (per-batch randomness, the same batches).
+
+        `draws` > 1: every gradient is the mean over that many augmentation and attack draws (a sample's rows
+        are those of all its draws, their loss gradients divided by `draws`), and U's RD over as many attack
+        draws. Draw 0 is the single-draw proxy: `draws=1` is unchanged."""
         pool_ids = np.asarray(pool_ids, dtype=np.int64)
         b_nat, b_adv = self.branches
         d = self.model.encoder.feature_dim
@@ -179,7 +191,7 @@ class ProxyComputer:
             return Proxies(np.sort(pool_ids), np.zeros(0, np.int64), (gather_rows(local) if spread else local).numpy(),
                            branches=self.branches)
         cand, val = self.split_validation(pool_ids)
-        val_feats = self.validation_state(val, spread)
+        val_feats = self.validation_state(val, spread, draws)
         budget = Budget(self.eps, self.step, self.attack_steps)
         head = self.head
         mine, first = self._share(cand, spread)
@@ -187,7 +199,7 @@ class ProxyComputer:
         for k, b in enumerate(self._batches(mine) if len(mine) else []):
             if need_features:
                 feats.append(self._features(to_float(b.images), b_nat).half().cpu())
-            rows = self.method.rows(self.model, b, self._generator(2, first + k), self.settings, budget)
+            rows = self._rows(b, first + k, budget, draws)
             row_branches = tuple(rows.branches)
             comp.append(compressed_rows(head, rows).cpu())
             row_feats.append(torch.stack(rows.feats, 1).half().cpu())
@@ -208,6 +220,15 @@ class ProxyComputer:
         val_comp = rd_gradient(head, *val_feats, branches=self.branches, kind=self.method.divergence)
         return Proxies(np.sort(cand), val, features, comp, row_feats, row_grads, val_feats, val_comp,
                        self.branches, row_branches, self.method.divergence)
+
+
+def _mean_of_draws(draws: list) -> HeadRows:
+    """One sample's rows over several draws: all of them, each loss gradient divided by the draw count, so
+    that the rebuilt gradient is the mean of the draws' gradients."""
+    if len(draws) == 1:
+        return draws[0]
+    return HeadRows([f for d in draws for f in d.feats], [g / len(draws) for d in draws for g in d.grads],
+                    [b for d in draws for b in d.branches])
 
 
 def compressed_rows(head: nn.Module, rows) -> torch.Tensor:
@@ -259,3 +280,30 @@ def pick_gradient(head: nn.Module, row_feats: torch.Tensor, row_grads: torch.Ten
             grads = torch.autograd.grad(z, params, grad_outputs=row_grads[:, cols].reshape(len(z), -1).float())
             total = [t + g for t, g in zip(total, grads)]
     return total
+
+
+def head_gradient_norms(head: nn.Module, row_feats: torch.Tensor, row_grads: torch.Tensor, row_branches: tuple,
+                        batch: int = 1024) -> np.ndarray:
+    """Per-sample norm of the full head gradient (all linear layers' weights and biases), exactly, from each
+    row's head input and loss gradient: ||sum_r d_r a_r^T||^2 = sum_rs (d_r . d_s)(a_r . a_s) per layer, so no
+    per-sample outer product is formed. A sample's difficulty in the sense of EL2N / gradient-norm pruning."""
+    n = len(row_feats)
+    out = np.zeros(n)
+    for lo in range(0, n, batch):
+        rf, rg = row_feats[lo:lo + batch].float(), row_grads[lo:lo + batch].float()
+        m = len(rf)
+        per_layer_a, per_layer_d = None, None
+        for branch in dict.fromkeys(row_branches):  # each branch's rows through the head in one pass
+            cols = [r for r, b in enumerate(row_branches) if b == branch]
+            a_list, d_list = head_rows_backward(head, rf[:, cols].reshape(-1, rf.shape[-1]),
+                                                rg[:, cols].reshape(-1, rg.shape[-1]), branch)
+            a_list = [a.reshape(m, len(cols), -1) for a in a_list]
+            d_list = [d.reshape(m, len(cols), -1) for d in d_list]
+            per_layer_a = a_list if per_layer_a is None else [torch.cat(x, 1) for x in zip(per_layer_a, a_list)]
+            per_layer_d = d_list if per_layer_d is None else [torch.cat(x, 1) for x in zip(per_layer_d, d_list)]
+        sq = torch.zeros(m)
+        for a, d in zip(per_layer_a, per_layer_d):
+            dd = d @ d.transpose(1, 2)
+            sq += (dd * (a @ a.transpose(1, 2))).sum((1, 2)) + dd.sum((1, 2))  # weight and bias parts
+        out[lo:lo + m] = sq.clamp_min(0).sqrt().double().numpy()
+    return out

@@ -26,7 +26,7 @@ from pipeline.progress import console
 from pipeline.registry import Registry
 from pipeline.selectors import SELECTORS, create_selector, draw_validation, selector_needs_validation
 from pipeline.selectors.background import Round, SelectionScheduler
-from pipeline.shards.manifest import Manifest, newest_valid, round_paths
+from pipeline.shards.manifest import Manifest, newest_valid, round_path, round_paths
 
 
 class SubsetSource:
@@ -109,7 +109,12 @@ class ManifestFolder(SubsetSource):
 
 
 class SelectionRounds(ManifestFolder):
-    """Background selection from snapshots (pipeline.overlap), rounds read back from RUN/manifests."""
+    """Background selection from snapshots (pipeline.selectors.background), on a fixed schedule: the round
+    whose snapshot is taken at the start of epoch e is trained on from epoch e + `select.lag` (0 with `sync`);
+    if it is not ready then, the trainer waits (recorded as the round's stall). Which subset an epoch trains on
+    never depends on timing, and neither do the trainer's threads: on a CPU it leaves the round its cores from
+    the snapshot until the epoch the round is due, whether or not it finished sooner (torch's float results
+    depend on the thread count). Two runs with the same seed give the same manifests and weights."""
 
     kind = "selection"
 
@@ -117,6 +122,7 @@ class SelectionRounds(ManifestFolder):
         super().__init__(trainer, trainer.layout.manifests, fallback=pool)
         cfg = trainer.cfg
         self.warmup, self.every = cfg.select.schedule(cfg.optim.epochs)
+        self.lag = 0 if cfg.select.sync else cfg.select.lag
         self.last_selection_epoch = -1
         self.scheduler = SelectionScheduler(
             trainer.layout, cfg.data.path, cfg.data.split, cfg.select, str(trainer.device), cfg.run.seed,
@@ -129,27 +135,38 @@ class SelectionRounds(ManifestFolder):
     def is_selection_epoch(self, epoch: int) -> bool:
         return epoch >= self.warmup and (epoch - self.warmup) % self.every == 0
 
+    def _unused(self) -> list:
+        return [r for n, r in sorted(self.rounds.items()) if self._subset_round is None or n > self._subset_round]
+
     def epoch_start(self, epoch: int) -> None:
-        last_epoch = epoch == self.trainer.cfg.optim.epochs - 1  # an overlapped round started now is never used
+        # a round that would be due after the last epoch is never used: not started
         if (self.is_selection_epoch(epoch) and epoch > self.last_selection_epoch
-                and (self.trainer.cfg.select.sync or not last_epoch)):
+                and epoch + self.lag < self.trainer.cfg.optim.epochs):
             rnd = self.scheduler.submit(epoch, self.trainer.snapshot(epoch))
             self.rounds[rnd.number] = rnd
             self.last_selection_epoch = epoch
-        self.scheduler.poll()
+        self.scheduler.poll()  # a failed round is reported now, not when it is due
+        self.scheduler.share_cores(any(r.epoch + self.lag > epoch for r in self._unused()))
 
     def current(self, epoch: int) -> Manifest | None:
-        m = super().current(epoch)
-        number = getattr(m, "round", None)
-        if m is not None and m is not self.fallback and number != self._subset_round:
-            rnd = self.rounds.get(number)
-            if rnd is not None:
-                rec = self.scheduler.record(rnd, epoch)
-                self._pending_records.append(rec)
-                self.selection_s += rec.get("wall_s") or 0.0
-                self._check_worth(rec, len(m))
-            self._subset_round = number
-        return m
+        due = [r for r in self._unused() if r.epoch + self.lag <= epoch]
+        if due:
+            rnd = due[-1]  # the newest due round (an older one, never trained on, is skipped)
+            rnd.stall += self.scheduler.wait_for(rnd)
+            self.scheduler.share_cores(any(r.epoch + self.lag > epoch for r in self._unused() if r is not rnd))
+            m = Manifest.load(rnd.manifest)
+            m.check_against(self.trainer.shardset)
+            rec = self.scheduler.record(rnd, epoch)
+            self._pending_records.append(rec)
+            self.selection_s += rec.get("wall_s") or 0.0
+            self._subset_round, self._cached = rnd.number, m
+            self._check_worth(rec, len(m))
+        if self._subset_round is None:
+            return self.fallback
+        if self._cached is None:  # resumed after the round was first used
+            self._cached = Manifest.load(round_path(self.folder, self._subset_round))
+            self._cached.check_against(self.trainer.shardset)
+        return self._cached
 
     def _check_worth(self, rec: dict, size: int) -> None:
         """Say once per run when a round costs more than the training its subset saves until the next round."""
@@ -185,9 +202,6 @@ class SelectionRounds(ManifestFolder):
                                       "saved_s_total": self.saved_s, "selection_s_total": self.selection_s,
                                       "net_s": self.saved_s - self.selection_s,
                                       "images_not_attacked_total": self.saved_images})
-
-    def observe(self, batch, record) -> None:
-        self.scheduler.poll()  # a finished round gives its cores back to training at once
 
     def records(self) -> list[dict]:
         out, self._pending_records = self._pending_records, []
