@@ -35,11 +35,9 @@ import torch
 from pipeline.attacks import budget
 from pipeline.checkpoint import load_model, save_checkpoint
 from pipeline.config import load_config
-from pipeline.losses import representational_divergence
-from pipeline.models.multibn import use_branch
 from pipeline.selectors import draw_validation
 from pipeline.kv import parse_kv
-from pipeline.selectors.proxies import ProxyComputer, head_gradient_norms
+from pipeline.selectors.proxies import ProxyComputer, divergence_on, head_gradient_norms
 from pipeline.selectors.run import run_selection
 from pipeline.shards.manifest import Manifest
 from pipeline.shards.prepare import PrepareOptions, prepare
@@ -62,18 +60,8 @@ def _config(data, out, epochs: int, lr: float, manifest=None) -> TrainConfig:
     return cfg
 
 
-def _rd(model, ss, split: str, ids: np.ndarray, seed: int = 123) -> float:
-    """RD at the projection head between natural and PGD-on-RD views of `ids` (3 steps, as the proxies' U)."""
-    b = budget(ss.channels, None, None)
-    pc = ProxyComputer(model, ss, split, "cpu", 256, b.eps, b.step, 1, seed=seed, method="acl")
-    nat, adv = pc.validation_state(np.sort(ids), spread=False)
-    head = model.heads["proj"]
-    with torch.no_grad():
-        with use_branch(head, model.branch("natural")):
-            z_nat = head(nat)
-        with use_branch(head, model.branch("adversarial")):
-            z_adv = head(adv)
-        return float(representational_divergence(z_adv, z_nat, "minmax_kl"))
+def _rd(model, ss, split: str, ids: np.ndarray) -> float:
+    return divergence_on(model, ss, split, ids, "acl", budget(ss.channels, None, None).eps)
 
 
 def _train_from_snapshot(snapshot_run: Path, out: Path, manifest: Path, epochs: int) -> Path:

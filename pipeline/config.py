@@ -152,6 +152,11 @@ class SelectConfig:
                        flag="--select-lag")
     params: str = setting("", "Selector parameters, k=20,unit=batch or preset=reference (or a table).", table=True,
                           check=_parses(lambda v: parse_kv(v, "select.params"), "KEY=VALUE,KEY=VALUE"))
+    proxies: str = setting("fresh", "fresh: each round passes the candidates through its snapshot; recorded: rounds "
+                                    "use the rows training recorded (selectors/recorded.py), fresh ones only for the "
+                                    "rest and U.", check=one_of("fresh", "recorded"))
+    row_age: int = setting(-1, "select.proxies = recorded: use rows at most this many epochs old (-1: any age).",
+                           check=(lambda v: v >= -1, "must be >= 0 (or -1: any age)"))
     threads: int = setting(1, "Torch threads of the background selection process.", check=AT_LEAST_ONE)
     processes: int = setting(1, "Processes per selection round (one process group, the proxy pass shared).",
                              check=AT_LEAST_ONE)

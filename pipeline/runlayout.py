@@ -6,7 +6,8 @@ reads a run (trainer, selection rounds, eval, certify, report, experiment, --ove
     RUN/metrics.jsonl             one JSON record per line: epochs, steps, selection rounds, accounting
     RUN/checkpoints/last.pt       and epoch-NNNN.pt
     RUN/manifests/round-NNNN.json the subsets the run trained on (headers; arrays beside them)
-    RUN/snapshots/round-NNNN.pt   the model a background round selected with (.group: its rendezvous file)
+    RUN/snapshots/round-NNNN.pt   the model a background round selected with (.group: its rendezvous file;
+                                  .rows.npz: the rows training recorded for it; rows.npz: all recorded rows)
     RUN/selection/pool.json       the split less the held-out U, and U (validation.json), for selectors with U
     RUN/results.json              every evaluation of the run's checkpoints
     RUN/classifiers/*.pt          finetuned classifiers (`pipeline eval`)
@@ -78,6 +79,15 @@ class RunLayout:
     def snapshot(self, number: int) -> Path:
         return self.snapshots / f"round-{number:04d}.pt"
 
+    def round_rows(self, number: int) -> Path:
+        """The rows training recorded, handed to round `number` (select.proxies = recorded)."""
+        return self.snapshots / f"round-{number:04d}.rows.npz"
+
+    @property
+    def row_book(self) -> Path:
+        """Every pool sample's latest recorded rows, saved with each checkpoint so that a resume has them."""
+        return self.snapshots / "rows.npz"
+
     @property
     def selection(self) -> Path:
         return self.root / "selection"
@@ -109,7 +119,8 @@ class RunLayout:
         ".": re.compile(rf"^({re.escape(CONFIG)}|{re.escape(METRICS)}|{re.escape(RESULTS)}|{re.escape(MARKER)}"
                         rf"|\.{re.escape(RESULTS)}\.lock)$"),  # the lock of results.json (record_lock)
         "checkpoints": re.compile(r"^(last|epoch-\d{4})\.pt$"),
-        "snapshots": re.compile(r"^round-\d{4}\.(pt|group)$"),  # .group: a multi-process round's rendezvous
+        # .group: a multi-process round's rendezvous; .rows.npz and rows.npz: recorded selection rows
+        "snapshots": re.compile(r"^(round-\d{4}\.(pt|group|rows\.npz)|rows\.npz)$"),
     }
     MANIFEST_FOLDERS = ("manifests", "selection")
 

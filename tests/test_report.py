@@ -58,3 +58,48 @@ def test_report_refuses_a_folder_that_is_not_a_run(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pipeline", "report", tmp_path / "x", "--out", tmp_path / "o"],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "not a training run" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_run_with_a_held_out_u_logs_rd_u_and_the_report_plots_it(digits_set, tmp_path):
+    """RD(U) per epoch from the model of that epoch (recomputed here from the kept checkpoints), the round's
+    value the one at its snapshot, the report's line and figure; a run whose rounds come too late says so."""
+    pytest.importorskip("matplotlib", reason="report extra not installed")
+    from pipeline.checkpoint import load_model
+    from pipeline.selectors.proxies import divergence_on
+    from pipeline.shards.manifest import Manifest
+    from pipeline.shards.shardset import ShardSet
+
+    run = tmp_path / "rd"
+    cfg = tiny_cfg(digits_set.root, run, **{"optim.epochs": 4, "select.selector": "rcs", "select.fraction": 0.3,
+                                           "select.warmup": 2, "select.every": 1, "select.lag": 1,
+                                           "select.params": "refreshes=2", "select.validation_fraction": 0.05,
+                                           "attack.eps": 0.1})
+    with create_trainer(cfg, progress=False) as t:
+        t.fit()
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in recs if r["kind"] == "epoch"]
+    start = [r for r in recs if r["kind"] == "divergence"]
+    assert len(start) == 1 and start[0]["epoch"] == 0
+    ss, val = ShardSet.open(digits_set.root), Manifest.load(run / "selection" / "validation.json").ids
+    for e in epochs:  # checkpoint_every = 1: the model after every epoch is kept
+        model, _ = load_model(run / "checkpoints" / f"epoch-{e['epoch']:04d}.pt")
+        assert e["rd_u"] == pytest.approx(divergence_on(model, ss, "train", val, "acl", 0.1), rel=1e-5)
+    rounds = [r for r in recs if r["kind"] == "selection"]
+    assert [r["epoch"] for r in rounds] == [3] and rounds[0]["rd_u"] == epochs[1]["rd_u"]  # snapshot after epoch 2
+    out = tmp_path / "report"
+    r = subprocess.run([sys.executable, "-m", "pipeline", "report", run, "--out", out], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    md = (out / "report.md").read_text()
+    assert (out / "rd-divergence.png").is_file()
+    assert f"{start[0]['rd_u']:.5f} after 0 epochs, {epochs[-1]['rd_u']:.5f} after 4" in md
+    assert "warm-up trend" in md and "never trained on a subset" not in md
+
+    late = tmp_path / "late"
+    cfg = tiny_cfg(digits_set.root, late, **{"optim.epochs": 2, "select.selector": "random", "select.fraction": 0.3,
+                                            "select.warmup": 1, "select.every": 1, "select.lag": 1})
+    with create_trainer(cfg, progress=False) as t:
+        t.fit()
+    r = subprocess.run([sys.executable, "-m", "pipeline", "report", late, "--out", tmp_path / "r2"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "This run never trained on a subset" in (tmp_path / "r2" / "report.md").read_text()

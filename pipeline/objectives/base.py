@@ -40,6 +40,11 @@ class Objective:
     def rows(cls, model, batch, gen: torch.Generator, settings: dict, attack) -> HeadRows:
         raise NotImplementedError
 
+    # What a training step already computed, as rows: `passes` are the selection head's inputs during the step's
+    # forward, each (features, branch), in the order the step ran them; `n` the batch size. Rows recorded so
+    # (`select.proxies = recorded`) stand in for the proxy pass. None: the method does not say (the default).
+    rows_from_step = None
+
 
 OBJECTIVES: Registry[type[Objective]] = Registry("method")
 

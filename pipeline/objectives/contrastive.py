@@ -13,8 +13,7 @@ from pipeline.objectives.base import HeadRows, Objective, register_objective
 
 def contrastive_rows(model, images, settings: dict, attack, gen) -> HeadRows:
     """Selection rows of a two-view NT-Xent method: the two views on the natural branch and, with an attack,
-    their PGD views (eval mode, adversarial branch): 4 rows per sample for ACL, 2 for SimCLR. Each row's term
-    is taken against the batch held fixed, divided by the row count (a sample's loss is its rows' mean)."""
+    their PGD views (eval mode, adversarial branch): 4 rows per sample for ACL, 2 for SimCLR."""
     t = settings.get("temperature", 0.5)
     augment = ContrastiveAugment(images.shape[-1], settings.get("strength", 1.0), settings.get("min_crop_scale", 0.08))
     views = torch.cat([augment(images, gen), augment(images, gen)])
@@ -27,7 +26,14 @@ def contrastive_rows(model, images, settings: dict, attack, gen) -> HeadRows:
         x_adv = pgd(views)
         with torch.no_grad():
             passes.append((model.features(x_adv, adv), adv))
-    head, n = model.heads["proj"], len(images)
+    return contrastive_head_rows(model.heads["proj"], passes, len(images), settings)
+
+
+def contrastive_head_rows(head, passes: list, n: int, settings: dict) -> HeadRows:
+    """The rows of given head inputs (each pass: the 2n features of both views and its branch), the head in
+    eval mode: each row's NT-Xent term taken against the batch held fixed, divided by the row count (a
+    sample's loss is its rows' mean)."""
+    t = settings.get("temperature", 0.5)
     feats, grads, branches = [], [], []
     for f, branch in passes:
         with torch.no_grad(), use_branch(head, branch):
@@ -49,6 +55,10 @@ class ACLObjective(Objective):
     def rows(cls, model, batch, gen, settings, attack) -> HeadRows:
         return contrastive_rows(model, batch.images, settings, attack, gen)
 
+    @classmethod
+    def rows_from_step(cls, head, passes, n, settings) -> HeadRows:
+        return contrastive_head_rows(head, passes, n, settings)
+
 
 @register_objective
 class DynACLObjective(ACLObjective):
@@ -64,3 +74,7 @@ class SimCLRObjective(Objective):
     @classmethod
     def rows(cls, model, batch, gen, settings, attack) -> HeadRows:
         return contrastive_rows(model, batch.images, settings, None, gen)
+
+    @classmethod
+    def rows_from_step(cls, head, passes, n, settings) -> HeadRows:
+        return contrastive_head_rows(head, passes, n, settings)

@@ -128,6 +128,14 @@ def build_report(run_paths: list[str | Path], out: str | Path) -> tuple[Path, li
                           f"{share:.0%} | {e.get('subset_round') if e.get('subset_round') is not None else '-'} | "
                           f"{e.get('subset_size')} |")
             md.append("")
+            sel = cfg.get("select", {})
+            if sel.get("selector") and run.warmup_epochs == len(run.epochs):
+                md += [f"This run never trained on a subset: no round of {sel['selector']} was used in its "
+                       f"{len(run.epochs)} epochs (select.warmup {sel.get('warmup')}, every {sel.get('every')}, "
+                       f"lag {0 if sel.get('sync') else sel.get('lag', 1)}); its numbers are those of all data.", ""]
+            if len(run.divergence) > 1:
+                pngs.append(figures.divergence(run, out / f"{slug}-divergence.png"))
+                md += [_divergence_line(run), "", f"![RD(U)]({slug}-divergence.png)", ""]
             if run.accounting:
                 a = run.accounting[-1]
                 md += [f"Selection accounting: {len(run.rounds)} rounds took {a['selection_s_total']:.1f} s (wall, "
@@ -158,6 +166,18 @@ def build_report(run_paths: list[str | Path], out: str | Path) -> tuple[Path, li
         with atomic_path(path) as tmp:
             tmp.write_text("\n".join(md) + "\n")
     return path, pngs
+
+
+def _divergence_line(run: RunRecord) -> str:
+    """What RD(U) did, against where the warm-up was taking it."""
+    (e0, v0), (e1, v1) = run.divergence[0], run.divergence[-1]
+    line = f"RD(U), RCS's divergence on the held-out U: {v0:.5f} after {e0} epochs, {v1:.5f} after {e1}"
+    trend = figures.warmup_trend(run)
+    if trend and run.warmup_epochs < len(run.epochs):
+        expected = trend[1] + trend[0] * e1
+        line += (f"; the warm-up trend ({trend[0]:+.5f} per epoch) would give {expected:.5f}, so the subset epochs "
+                 f"ended {v1 - expected:+.5f} from it (lower is what selection promises)")
+    return line + "."
 
 
 def summary_table(run_paths):

@@ -91,6 +91,39 @@ def selection_timeline(run: RunRecord, path: Path) -> Path:
     return path
 
 
+def warmup_trend(run: RunRecord) -> tuple[float, float] | None:
+    """(slope, intercept) of RD(U) against epochs over the warm-up (the epochs before any subset): where RD(U)
+    was heading on all data, the line the subset epochs are judged against. None with fewer than 2 points."""
+    points = [(e, v) for e, v in run.divergence if e <= run.warmup_epochs]
+    if len(points) < 2:
+        return None
+    import numpy as np
+
+    slope, intercept = np.polyfit([p[0] for p in points], [p[1] for p in points], 1)
+    return float(slope), float(intercept)
+
+
+def divergence(run: RunRecord, path: Path) -> Path:
+    """RD(U) per epoch, the warm-up trend extended over the run, subset epochs shaded."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    xs, ys = [p[0] for p in run.divergence], [p[1] for p in run.divergence]
+    ax.plot(xs, ys, marker="o", color="tab:blue", label="RD(U)")
+    trend = warmup_trend(run)
+    if trend:
+        end = max(xs)
+        ax.plot([0, end], [trend[1], trend[1] + trend[0] * end], ls="--", color="grey", label="warm-up trend")
+    for e in run.epochs:
+        if e.get("subset_round") is not None:
+            ax.axvspan(e["epoch"] - 1, e["epoch"], color="tab:cyan", alpha=0.15, lw=0)
+    ax.set(xlabel="epochs done", ylabel="RD(U)", title=f"{run.label}: RD on the held-out U (shaded: subset epochs)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
 def tradeoff(runs: list[RunRecord], path: Path) -> Path | None:
     """Robust accuracy against training wall time: what selection buys."""
     points = []

@@ -25,6 +25,12 @@ class RunRecord:
     accounting: list[dict] = field(default_factory=list)  # per subset epoch: what selection cost and saved
     warnings: list[dict] = field(default_factory=list)
     certifications: list[dict] = field(default_factory=list)  # certify.json summaries, with "tsv" and "name"
+    divergence: list[tuple[int, float]] = field(default_factory=list)  # (epochs done, RD(U)) of a run with a U
+
+    @property
+    def warmup_epochs(self) -> int:
+        """Epochs before the first one that trained on a subset (all of them when none did)."""
+        return next((i for i, e in enumerate(self.epochs) if e.get("subset_round") is not None), len(self.epochs))
 
     @property
     def name(self) -> str:
@@ -120,6 +126,10 @@ def load_run(path: str | Path) -> RunRecord:
                 f.int(key)
             for key in ("loss", "seconds", "time"):
                 f.number(key)
+            f.number("rd_u", optional=True)
+        elif kind == "divergence":
+            f.int("epoch")
+            f.number("rd_u")
         elif kind == "selection":
             f.int("round")
         elif kind == "accounting":
@@ -131,6 +141,8 @@ def load_run(path: str | Path) -> RunRecord:
                     [r for r in records if r.get("kind") == "step"])
     if not run.epochs:
         raise PipelineError(f"{path}: no finished epoch in metrics.jsonl yet")
+    run.divergence = ([(r["epoch"], r["rd_u"]) for r in records if r.get("kind") == "divergence"][:1] +
+                      [(e["epoch"], e["rd_u"]) for e in run.epochs if e.get("rd_u") is not None])
     run.accounting = [r for r in records if r.get("kind") == "accounting"]
     run.warnings = [r for r in records if r.get("kind") == "selection_not_worth"]
     manifests = {n: p for n, p in round_paths(run_files.manifests)}

@@ -95,6 +95,8 @@ class Round:
     submitted: float = field(default_factory=time.time)
     process: object = None
     stall: float = 0.0
+    rd_u: float | None = None  # RD(U) at the snapshot, when the run keeps a U
+    rows: str | None = None  # the rows training recorded for it (select.proxies = recorded)
 
 
 class SelectionScheduler:
@@ -112,8 +114,8 @@ class SelectionScheduler:
 
     def state(self) -> dict:
         return {"next_round": self.next_round,
-                "pending": [{"number": r.number, "epoch": r.epoch, "snapshot": r.snapshot, "manifest": r.manifest}
-                            for r in self.pending]}
+                "pending": [{"number": r.number, "epoch": r.epoch, "snapshot": r.snapshot, "manifest": r.manifest,
+                             "rows": r.rows} for r in self.pending]}
 
     def restore(self, state: dict) -> list[Round]:
         """After --resume: rounds that were running when the run stopped are started again from their snapshot
@@ -121,7 +123,7 @@ class SelectionScheduler:
         self.next_round = int(state.get("next_round", 1))
         rounds = []
         for r in state.get("pending", []):
-            rnd = Round(r["number"], r["epoch"], r["snapshot"], r["manifest"])
+            rnd = Round(r["number"], r["epoch"], r["snapshot"], r["manifest"], rows=r.get("rows"))
             if not Path(r["manifest"]).is_file() and Path(r["snapshot"]).is_file():
                 self._launch(rnd)
             rounds.append(rnd)
@@ -131,7 +133,7 @@ class SelectionScheduler:
         kwargs = dict(data=self.data, selector=self.selector_name, fraction=self.cfg.fraction, out=rnd.manifest,
                       checkpoint=rnd.snapshot, split=self.split, seed=self.seed + rnd.number, device=self.device,
                       params=self.params, round_no=rnd.number, epoch=rnd.epoch,
-                      pool=self.pool, validation=self.validation)
+                      pool=self.pool, validation=self.validation, recorded=rnd.rows)
         n = self.cfg.processes
         devices = [d.strip() for d in self.cfg.device.split(",") if d.strip()] or [self.device]
         group_file = Path(rnd.snapshot).with_suffix(".group")
@@ -148,14 +150,17 @@ class SelectionScheduler:
         rnd.process.start()
         self.pending.append(rnd)
 
-    def submit(self, epoch: int, snapshot_state: dict) -> Round:
-        """Snapshot the model and start selecting the next round in the background."""
+    def submit(self, epoch: int, snapshot_state: dict, rows=None) -> Round:
+        """Snapshot the model and start selecting the next round in the background; `rows`
+        (selectors.recorded.RecordedRows) go beside the snapshot for the round to use."""
         stall = self.wait_all()  # never two selections at once: the machine is shared with training
         number = self.next_round
         self.next_round += 1
         snap = self.layout.snapshot(number)
         save_checkpoint(snap, snapshot_state)
         rnd = Round(number, epoch, str(snap), str(round_path(self.manifest_dir, number)))
+        if rows is not None:
+            rnd.rows = str(rows.save(self.layout.round_rows(number)))
         rnd.stall = stall
         self._launch(rnd)
         return rnd
@@ -197,6 +202,8 @@ class SelectionScheduler:
         if r.process.exitcode != 0 or not Path(r.manifest).is_file():
             raise PipelineError(f"selection round {r.number} failed (exit code {r.process.exitcode}); its snapshot is "
                                 f"{r.snapshot}: run `pipeline select --checkpoint {r.snapshot}` to see why")
+        if r.rows:  # needed only while the round runs (a resume relaunches a running round with it)
+            Path(r.rows).unlink(missing_ok=True)
         r.finished = time.time()
 
     def switch_selector(self, name: str) -> None:
@@ -223,6 +230,6 @@ class SelectionScheduler:
         return {"kind": "selection", "round": r.number, "epoch": r.epoch + 1, "used_from_epoch": used_at_epoch + 1,
                 "stale_epochs": used_at_epoch - r.epoch, "selection_s": timing.get("total"),
                 "process_s": timing.get("process_s"), "device": timing.get("device"),
-                "stall_s": r.stall, "size": header.get("count"), "selector": header.get("producer", {}).get("name"),
+                "stall_s": r.stall, "rd_u": r.rd_u, "size": header.get("count"), "selector": header.get("producer", {}).get("name"),
                 "submitted_at": r.submitted, "ready_at": ready,
                 "wall_s": ready - r.submitted}  # process start included: what the round cost at most

@@ -28,6 +28,7 @@ from torch import nn
 from pipeline.attacks import PGD, Budget
 from pipeline.augment import to_float
 from pipeline.dist import gather_objects, gather_rows, rank_and_world
+from pipeline.errors import PipelineError
 from pipeline.losses import representational_divergence
 from pipeline.models.multibn import use_branch
 from pipeline.objectives import HeadRows, objective_of
@@ -93,7 +94,7 @@ class ProxyComputer:
                  step: float = 2 / 255, attack_steps: int = 1, temperature: float = 0.5,
                  validation_fraction: float = 0.01, seed: int = 0, min_crop_scale: float = 0.08,
                  strength: float = 1.0, validation_ids: np.ndarray | None = None, method: str = "acl",
-                 settings: dict | None = None, workers: int = 0):
+                 settings: dict | None = None, workers: int = 0, recorded=None):
         torch.set_flush_denormal(True)  # denormal floats in trained weights slow CPU math down ~10x
         self.method = objective_of(method)
         self.model = model.to(device).eval()
@@ -104,6 +105,7 @@ class ProxyComputer:
         self.batch_size, self.eps, self.step, self.attack_steps = batch_size, eps, step, attack_steps
         self.validation_fraction, self.seed, self.workers = validation_fraction, seed, workers
         self.validation_ids = None if validation_ids is None else np.sort(np.asarray(validation_ids, dtype=np.int64))
+        self.recorded, self.fresh_count = recorded, None  # rows training recorded (selectors.recorded)
         self.settings = {"temperature": temperature, "min_crop_scale": min_crop_scale, "strength": strength,
                          **(settings or {})}
 
@@ -172,7 +174,7 @@ class ProxyComputer:
         return (gather_rows(nat), gather_rows(adv)) if spread else (nat, adv)
 
     def compute(self, pool_ids: np.ndarray, need_gradients: bool = True, need_features: bool = True,
-                spread: bool = True, draws: int = 1) -> Proxies:
+                spread: bool = True, draws: int = 1, recorded=None) -> Proxies:
         """Proxies of the pool; `need_features=False` skips the encoder pass on the plain images (RCS uses
         only gradients: about a tenth of the pass). Under torch.distributed with `spread`, each rank computes
         whole batches of its own block of the pool and every rank gets all of them: the same proxies as one
@@ -180,7 +182,11 @@ class ProxyComputer:
 
         `draws` > 1: every gradient is the mean over that many augmentation and attack draws (a sample's rows
         are those of all its draws, their loss gradients divided by `draws`), and U's RD over as many attack
-        draws. Draw 0 is the single-draw proxy: `draws=1` is unchanged."""
+        draws. Draw 0 is the single-draw proxy: `draws=1` is unchanged.
+
+        `recorded` (selectors.recorded.RecordedRows): rows training recorded; candidates that have them are not
+        passed through the model again (their compressed gradients are rebuilt at this snapshot's head), the
+        others are computed fresh; U is always fresh. `self.fresh_count` says how many were."""
         pool_ids = np.asarray(pool_ids, dtype=np.int64)
         b_nat, b_adv = self.branches
         d = self.model.encoder.feature_dim
@@ -194,12 +200,20 @@ class ProxyComputer:
         val_feats = self.validation_state(val, spread, draws)
         budget = Budget(self.eps, self.step, self.attack_steps)
         head = self.head
-        mine, first = self._share(cand, spread)
+        fresh, taken, row_draws = cand, None, draws
+        recorded = self.recorded if recorded is None else recorded
+        if recorded is not None and len(recorded.ids):
+            row_draws = 1  # a recorded row is one draw: fresh rows match it (U keeps its draws)
+            pos = np.minimum(np.searchsorted(recorded.ids, cand), len(recorded.ids) - 1)
+            have = recorded.ids[pos] == cand
+            fresh, taken = cand[~have], pos[have]
+        self.fresh_count = len(fresh)
+        mine, first = self._share(fresh, spread)
         feats, comp, row_feats, row_grads, row_branches = [], [], [], [], None
         for k, b in enumerate(self._batches(mine) if len(mine) else []):
             if need_features:
                 feats.append(self._features(to_float(b.images), b_nat).half().cpu())
-            rows = self._rows(b, first + k, budget, draws)
+            rows = self._rows(b, first + k, budget, row_draws)
             row_branches = tuple(rows.branches)
             comp.append(compressed_rows(head, rows).cpu())
             row_feats.append(torch.stack(rows.feats, 1).half().cpu())
@@ -215,11 +229,41 @@ class ProxyComputer:
                          for t, m in zip(local, meta[1])]
             local = [None if t is None else gather_rows(t) for t in local]
         feats, comp, row_feats, row_grads = local
+        if taken is not None:
+            feats, comp, row_feats, row_grads, row_branches = self._merge_recorded(
+                cand, fresh, taken, recorded, (feats, comp, row_feats, row_grads), row_branches, need_features, spread)
         features = feats.numpy() if feats is not None else np.zeros((len(cand), 0), np.float16)
         comp = comp.numpy() if comp is not None else np.zeros((0, 0), np.float32)
         val_comp = rd_gradient(head, *val_feats, branches=self.branches, kind=self.method.divergence)
         return Proxies(np.sort(cand), val, features, comp, row_feats, row_grads, val_feats, val_comp,
                        self.branches, row_branches, self.method.divergence)
+
+
+    def _merge_recorded(self, cand, fresh, taken, recorded, fresh_parts, row_branches, need_features, spread):
+        """The fresh candidates' parts and the recorded ones', in the order of `cand` (sorted ids)."""
+        if row_branches is not None and tuple(row_branches) != tuple(recorded.branches):
+            raise PipelineError(f"recorded rows have branches {recorded.branches}, fresh ones {row_branches}: "
+                                "they come from another method or attack; use select.proxies = fresh")
+        comp = []
+        for lo in range(0, len(taken), self.batch_size):
+            rows = recorded.rows(taken[lo:lo + self.batch_size])
+            rows = HeadRows([f.to(self.device) for f in rows.feats], [g.to(self.device) for g in rows.grads],
+                            rows.branches)
+            comp.append(compressed_rows(self.head, rows).cpu())
+        rec = [torch.cat(comp), torch.from_numpy(recorded.feats[taken]), torch.from_numpy(recorded.grads[taken]).float()]
+        feats = None
+        if need_features:  # encoder features of the natural images: recorded rows have those of views only
+            feats = torch.from_numpy(self.compute(cand[np.isin(cand, fresh, invert=True)], need_gradients=False,
+                                                  spread=spread).features)
+        order = np.argsort(np.concatenate([fresh, cand[np.isin(cand, fresh, invert=True)]]), kind="stable")
+        merged = []
+        for f_part, r_part in zip(fresh_parts, [feats, *rec]):
+            if r_part is None:
+                merged.append(None)
+                continue
+            both = r_part if f_part is None else torch.cat([f_part.to(r_part.dtype), r_part])
+            merged.append(both[torch.from_numpy(order)])
+        return (*merged, tuple(recorded.branches))
 
 
 def _mean_of_draws(draws: list) -> HeadRows:
@@ -307,3 +351,19 @@ def head_gradient_norms(head: nn.Module, row_feats: torch.Tensor, row_grads: tor
             sq += (dd * (a @ a.transpose(1, 2))).sum((1, 2)) + dd.sum((1, 2))  # weight and bias parts
         out[lo:lo + m] = sq.clamp_min(0).sqrt().double().numpy()
     return out
+
+
+def divergence_on(model, shardset, split: str, ids: np.ndarray, method: str, eps: float, device="cpu",
+                  batch_size: int = 256, seed: int = 123) -> float:
+    """RD(U): RCS's representational divergence between the natural and the PGD-on-RD views of `ids` at the
+    method's selection head (3 steps, as the proxies' U), averaged over U; what RCS promises to lower. Leaves
+    the model in eval mode (a trainer puts it back in train mode itself)."""
+    pc = ProxyComputer(model, shardset, split, device, batch_size, eps, eps / 4, 1, seed=seed, method=method)
+    nat, adv = pc.validation_state(np.sort(np.asarray(ids, dtype=np.int64)), spread=False)
+    head = pc.head
+    with torch.no_grad():
+        with use_branch(head, pc.branches[0]):
+            z_nat = head(nat)
+        with use_branch(head, pc.branches[1]):
+            z_adv = head(adv)
+        return float(representational_divergence(z_adv, z_nat, pc.method.divergence))

@@ -20,6 +20,7 @@ from pipeline.models import create_model, model_spec
 from pipeline.progress import console
 from pipeline.selectors.base import SelectionContext, create_selector, draw_validation
 from pipeline.selectors.proxies import ProxyComputer
+from pipeline.selectors.recorded import RecordedRows
 from pipeline.shards.manifest import Manifest, check_manifest_target
 from pipeline.shards.shardset import ShardSet
 
@@ -53,8 +54,9 @@ def run_selection(data, selector: str, fraction: float, out, checkpoint=None, sp
                   seed: int = 0, device="cpu", params: dict | None = None, arch: str = "resnet18",
                   batch_size: int = 256, round_no: int | None = None, epoch: int | None = None,
                   attack_steps: int | None = None, validation=None, validation_fraction: float = 0.01,
-                  workers: int = 0) -> Manifest:
-    """`pool`, `validation`: manifests (or id arrays) of the candidates and of a held-out U; a selector that
+                  workers: int = 0, recorded=None) -> Manifest:
+    """`recorded`: a rows file training wrote (selectors.recorded), standing in for the proxy pass of the
+    candidates it covers. `pool`, `validation`: manifests (or id arrays) of the candidates and of a held-out U; a selector that
     needs U and gets none draws it once from the pool (seeded) and leaves it out of the candidates. The
     manifest's folder is locked for the whole selection: one writer at a time. Under torch.distributed
     (torchrun) every rank calls this: the ranks share the proxy pass, rank 0 writes the manifest, and every
@@ -63,13 +65,15 @@ def run_selection(data, selector: str, fraction: float, out, checkpoint=None, sp
     rank, world = rank_and_world()
     with folder_lock(Path(out).parent, f"pipeline select --selector {selector}") if rank == 0 else nullcontext():
         manifest = _run_selection(data, selector, fraction, out, checkpoint, split, pool, seed, device, params, arch,
-                                  batch_size, round_no, epoch, attack_steps, validation, validation_fraction, workers)
+                                  batch_size, round_no, epoch, attack_steps, validation, validation_fraction, workers,
+                                  recorded)
     barrier()
     return manifest if rank == 0 else Manifest.load(out)
 
 
 def _run_selection(data, selector, fraction, out, checkpoint, split, pool, seed, device, params, arch, batch_size,
-                   round_no, epoch, attack_steps, validation, validation_fraction, workers) -> Manifest | None:
+                   round_no, epoch, attack_steps, validation, validation_fraction, workers,
+                   recorded) -> Manifest | None:
     started = time.perf_counter()
     ss = data if isinstance(data, ShardSet) else ShardSet.open(data)
     if not 0 < fraction <= 1:
@@ -95,7 +99,8 @@ def _run_selection(data, selector, fraction, out, checkpoint, split, pool, seed,
         b = budget(ss.channels, a.get("eps"), a.get("step"))
         proxies = ProxyComputer(model, ss, split, device, batch_size, b.eps, b.step, sel.params.get("attack_steps", 1),
                                 validation_fraction=validation_fraction, seed=seed, validation_ids=val_ids,
-                                method=settings["method"], settings=settings, workers=workers)
+                                method=settings["method"], settings=settings, workers=workers,
+                                recorded=None if recorded is None else RecordedRows.load(recorded))
     ctx = SelectionContext(ss, split, np.asarray(pool_ids), budget_n, seed, sel.params, proxies, val_ids)
     result = sel.select(ctx)
     rank, world = rank_and_world()
@@ -106,6 +111,8 @@ def _run_selection(data, selector, fraction, out, checkpoint, split, pool, seed,
     timing["device"] = str(device)
     timing["process_s"] = round(time.process_time(), 3)
     timing["processes"] = world
+    if proxies is not None and proxies.fresh_count is not None and proxies.recorded is not None:
+        timing["fresh_rows"] = int(proxies.fresh_count)  # candidates without recorded rows
     manifest = Manifest.for_shardset(
         ss, split, np.sort(result.ids) if result.weights is None else result.ids, weights=result.weights,
         producer={"name": selector, "params": sel.params}, round=round_no, epoch=epoch, fraction=fraction,

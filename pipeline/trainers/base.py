@@ -63,11 +63,25 @@ class BranchForward(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        # select.proxies = recorded: the selection head's inputs of every pass, (features, branch), are
+        # appended to `captured` (what a step already computed, for selection rows)
+        self.capture_head: nn.Module | None = None
+        self.captured: list = []
 
     def forward(self, inputs: list[torch.Tensor], branches: list[str], heads: list | None = None) -> list[dict]:
         """`heads`: per input, the heads to run (None: all), so a pass touches only the heads its loss uses."""
         heads = heads or [None] * len(inputs)
-        return [self.model(x, b, heads=h) for x, b, h in zip(inputs, branches, heads)]
+        if self.capture_head is None:
+            return [self.model(x, b, heads=h) for x, b, h in zip(inputs, branches, heads)]
+        out = []
+        for x, b, h in zip(inputs, branches, heads):
+            hook = self.capture_head.register_forward_pre_hook(
+                lambda _m, args, b=b: self.captured.append((args[0].detach(), b)))
+            try:
+                out.append(self.model(x, b, heads=h))
+            finally:
+                hook.remove()
+        return out
 
 
 class Trainer:
@@ -119,7 +133,7 @@ class Trainer:
         # One generator for augmentation and attack starts, seeded per rank; its state is checkpointed.
         self.gen = torch.Generator(self.device).manual_seed(cfg.run.seed * 1000 + self.dist.rank)
         self.setup()
-        forward = BranchForward(self.model)
+        forward = self.branch_forward = BranchForward(self.model)
         if self.dist.distributed:
             forward = nn.parallel.DistributedDataParallel(forward, device_ids=[self.device] if self.cuda else None)
         self.forward = torch.compile(forward) if cfg.run.compile else forward

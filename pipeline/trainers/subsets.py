@@ -26,6 +26,9 @@ from pipeline.progress import console
 from pipeline.registry import Registry
 from pipeline.selectors import SELECTORS, create_selector, draw_validation, selector_needs_validation
 from pipeline.selectors.background import Round, SelectionScheduler
+from pipeline.objectives import objective_of
+from pipeline.selectors.proxies import divergence_on
+from pipeline.selectors.recorded import RowBook
 from pipeline.shards.manifest import Manifest, newest_valid, round_path, round_paths
 
 
@@ -128,6 +131,9 @@ class SelectionRounds(ManifestFolder):
             trainer.layout, cfg.data.path, cfg.data.split, cfg.select, str(trainer.device), cfg.run.seed,
             pool=None if pool is None else str(pool.path), validation=None if validation is None else str(validation.path))
         self.rounds, self._pending_records, self._subset_round = {}, [], None
+        self.validation = validation
+        self.book = self._row_book(pool) if cfg.select.proxies == "recorded" else None
+        self._rd_last: tuple[int, float] | None = None  # (epochs done, RD(U) then)
         # accounting: what selection cost and what training on subsets saved, estimated from measured epochs
         self.full_images, self.full_per_image = None, None
         self.saved_images, self.saved_s, self.selection_s, self.warned = 0, 0.0, 0.0, False
@@ -138,11 +144,62 @@ class SelectionRounds(ManifestFolder):
     def _unused(self) -> list:
         return [r for n, r in sorted(self.rounds.items()) if self._subset_round is None or n > self._subset_round]
 
+    def _row_book(self, pool: Manifest | None) -> RowBook:
+        t = self.trainer
+        self.objective = objective_of(t.name)
+        if self.objective.rows_from_step is None:
+            raise PipelineError(f"select.proxies = recorded: method {t.name!r} does not say how its steps give "
+                                "selection rows (ACL, DynACL and SimCLR do); use select.proxies = fresh")
+        if t.dist.distributed or t.cfg.run.compile:
+            raise PipelineError("select.proxies = recorded works in one process without run.compile for now; "
+                                "use select.proxies = fresh")
+        book = RowBook(pool.ids if pool is not None else t.shardset.ids(t.cfg.data.split))
+        if t.layout.row_book.is_file():  # a resume: the rows recorded before the stop
+            book.load(t.layout.row_book)
+        return book
+
+    def observe(self, batch, record) -> None:
+        """Record the step's rows for selection (select.proxies = recorded): the selection head's inputs of the
+        step's passes, their rows taken with the head in eval mode (each row passes it on its own)."""
+        fwd = self.trainer.branch_forward
+        if self.book is None or fwd.capture_head is None:
+            return
+        passes, fwd.captured = [(f.float(), b) for f, b in fwd.captured], []
+        head = fwd.capture_head
+        was = head.training
+        head.eval()
+        try:
+            rows = self.objective.rows_from_step(head, passes, len(batch.ids), self.trainer.selection_settings())
+        finally:
+            head.train(was)
+        self.book.add(batch.ids.cpu().numpy() if hasattr(batch.ids, "cpu") else batch.ids, rows, self._epoch)
+
+    def divergence(self, epochs_done: int) -> float | None:
+        """RD(U) of the model now (after `epochs_done` epochs), measured once per epoch: what RCS promises to
+        lower, logged so that a run shows whether selection works (None when the run keeps no U)."""
+        if self.validation is None:
+            return None
+        if self._rd_last is None or self._rd_last[0] != epochs_done:
+            t = self.trainer
+            self._rd_last = (epochs_done, divergence_on(t.model, t.shardset, t.cfg.data.split, self.validation.ids,
+                                                        t.name, t.budget.eps, t.device))
+            if epochs_done == 0:
+                self._pending_records.append({"kind": "divergence", "epoch": 0, "rd_u": self._rd_last[1]})
+        return self._rd_last[1]
+
     def epoch_start(self, epoch: int) -> None:
+        self._epoch = epoch
+        if self.book is not None:
+            self.trainer.branch_forward.capture_head = self.trainer.model.heads[self.objective.head]
+        if epoch == 0:
+            self.divergence(0)  # the starting point of the run's RD(U) curve
         # a round that would be due after the last epoch is never used: not started
         if (self.is_selection_epoch(epoch) and epoch > self.last_selection_epoch
                 and epoch + self.lag < self.trainer.cfg.optim.epochs):
-            rnd = self.scheduler.submit(epoch, self.trainer.snapshot(epoch))
+            age = self.trainer.cfg.select.row_age
+            rows = None if self.book is None else self.book.recorded(epoch - age if age >= 0 else 0)
+            rnd = self.scheduler.submit(epoch, self.trainer.snapshot(epoch), rows)
+            rnd.rd_u = self.divergence(epoch)
             self.rounds[rnd.number] = rnd
             self.last_selection_epoch = epoch
         self.scheduler.poll()  # a failed round is reported now, not when it is due
@@ -189,6 +246,11 @@ class SelectionRounds(ManifestFolder):
             self.scheduler.switch_selector(fallback)
 
     def epoch_end(self, epoch: int, summary: dict) -> None:
+        if self.book is not None:  # saved with the checkpoint that follows: a resume records on from here
+            self.book.save(self.trainer.layout.row_book)
+            summary["recorded_rows"] = int((self.book.epochs >= 0).sum())
+        if self.trainer.is_main and self.validation is not None:
+            summary["rd_u"] = self.divergence(epoch + 1)
         if summary.get("subset_round") is None:  # a full-data epoch measures what an image costs
             self.full_images = summary["images"]
             self.full_per_image = summary["seconds"] / max(summary["images"], 1)
@@ -213,7 +275,7 @@ class SelectionRounds(ManifestFolder):
 
     def state(self) -> dict:
         rounds = {str(n): {"epoch": r.epoch, "snapshot": r.snapshot, "manifest": r.manifest, "submitted": r.submitted,
-                           "stall": r.stall}
+                           "stall": r.stall, "rd_u": r.rd_u}
                   for n, r in self.rounds.items() if self._subset_round is None or n > self._subset_round}
         return {**self.scheduler.state(), "last_selection_epoch": self.last_selection_epoch, "rounds": rounds,
                 "subset_round": self._subset_round, "pending_records": self._pending_records,
@@ -230,10 +292,12 @@ class SelectionRounds(ManifestFolder):
         if state.get("selector") and state["selector"] != self.scheduler.selector_name:  # fell back to random
             self.scheduler.switch_selector(state["selector"])
         self.rounds = {int(n): Round(int(n), r["epoch"], r["snapshot"], r["manifest"], r.get("submitted", 0.0),
-                                     stall=r.get("stall", 0.0))
+                                     stall=r.get("stall", 0.0), rd_u=r.get("rd_u"))
                        for n, r in (state.get("rounds") or {}).items()}
         for rnd in self.scheduler.restore(state):  # rounds running at the stop start again
             if rnd.process is not None or rnd.number not in self.rounds:
+                if rnd.number in self.rounds:
+                    rnd.rd_u = self.rounds[rnd.number].rd_u
                 self.rounds[rnd.number] = rnd
 
     def close(self) -> None:
