@@ -17,6 +17,7 @@ rows at ResNet-18 (512, 128) are 6.1 kB, 6.1 GB per million samples (the book is
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +49,7 @@ class RecordedRows:
         try:
             with np.load(path, allow_pickle=False) as z:
                 parts = {k: z[k] for k in ("ids", "feats", "grads", "epochs", "branches")}
-        except (OSError, ValueError, KeyError, EOFError) as exc:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
             raise PipelineError(f"{path}: not a file of recorded selection rows ({exc}); select with "
                                 "select.proxies = fresh, or record it again") from None
         ids, feats, grads = parts["ids"], parts["feats"], parts["grads"]

@@ -365,7 +365,9 @@ class Trainer:
         self.close()
 
     def close(self) -> None:
-        """Release the run folder (its lock) and the process group."""
+        """End running selection rounds (a resume starts them again from their snapshots), release the run
+        folder (its lock) and the process group."""
+        self.subsets.close()
         if self.is_main:
             locks.release(self.run_dir)
         self.dist.close()
