@@ -70,6 +70,8 @@ def _train_from_snapshot(snapshot_run: Path, out: Path, manifest: Path, epochs: 
     cfg = load_config(out / "config.toml")
     done = int(torch.load(out / "checkpoints" / "last.pt", weights_only=True)["epoch"])
     cfg.set("data.manifest", str(manifest))
+    cfg.set("select.selector", "")  # the warm-up's selection settings: this run trains on the manifest only
+    cfg.set("select.proxies", "fresh")
     cfg.set("run.out", str(out))
     cfg.set("optim.epochs", done + epochs)
     cfg.save(out / "config.toml")
@@ -123,7 +125,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--random", type=int, default=5, help="random draws per seed")
     ap.add_argument("--selectors", default="rcs;facility",
-                    help="variants separated by ';', each SELECTOR[:k=v,k=v] (facility gets per_class=false)")
+                    help="variants separated by ';', each SELECTOR[:k=v,k=v] (facility gets per_class=false; "
+                         "recorded=true: from the rows the warm-up's last epoch recorded)")
     ap.add_argument("--stability-draws", default="1", help="proxy draws per pass for the stability figures")
     ap.add_argument("--epochs", type=int, default=1, help="training epochs on each subset")
     ap.add_argument("--warm-epochs", type=int, default=4)
@@ -147,33 +150,50 @@ def main() -> None:
     Manifest.for_shardset(ss, "train", candidates).save(work / "candidates.json")
     Manifest.for_shardset(ss, "train", val).save(work / "validation.json")
     started = time.perf_counter()
-    warm = create_trainer(_config(work / "data", work / "snapshot", args.warm_epochs, args.lr,
-                                  work / "candidates.json"), progress=False)
+    # The warm-up run holds out U itself (the same formula and seed: the same U and candidates) and records
+    # its steps' selection rows (select.proxies = recorded; no round is due before its end), for the
+    # variants that select from recorded rows.
+    warm_cfg = _config(work / "data", work / "snapshot", args.warm_epochs, args.lr)
+    for k, v in {"select.selector": "rcs", "select.proxies": "recorded", "select.warmup": args.warm_epochs,
+                 "select.validation_fraction": args.validation / len(pool)}.items():
+        warm_cfg.set(k, v)
+    warm = create_trainer(warm_cfg, progress=False)
     warm.fit()
     save_checkpoint(work / "snap.pt", warm.snapshot(args.warm_epochs))
     warm.close()
+    assert np.array_equal(Manifest.load(work / "snapshot" / "selection" / "validation.json").ids, val)
+    rows_file = work / "snapshot" / "snapshots" / "rows.npz"
     model, _ = load_model(work / "snap.pt")
     before = {"rd_u": _rd(model, ss, "train", val), "rd_test": _rd(model, ss, "test", test_ids)}
     stability = [_stability(model, ss, candidates, val, args.fraction, int(d)) for d in args.stability_draws.split(",")]
     print(json.dumps({"stability": stability}), flush=True)
-    rows = []
+    rows, picked = [], {}
     for seed in [int(s) for s in args.seeds.split(",")]:
         picks = [(label, name, params, seed) for label, name, params in _variants(args.selectors)] + \
                 [("random", "random", {}, seed * 1000 + j) for j in range(args.random)]
         for n_pick, (label, name, params, sel_seed) in enumerate(picks):
             if name == "facility":
                 params = {"per_class": False, **params}
+            params = dict(params)
+            recorded = rows_file if params.pop("recorded", False) else None
             out = work / "subsets" / f"{seed}-{n_pick}.json"
             t = time.perf_counter()
             m = run_selection(ss, name, args.fraction, out, checkpoint=work / "snap.pt", pool=work / "candidates.json",
-                              validation=work / "validation.json", seed=sel_seed, params=params)
+                              validation=work / "validation.json", seed=sel_seed, params=params, recorded=recorded)
             took = time.perf_counter() - t
             ckpt = _train_from_snapshot(work / "snapshot", work / "runs" / f"{seed}-{n_pick}", out, args.epochs)
             trained, _ = load_model(ckpt)
+            picked[(seed, label)] = set(m.ids.tolist())
             rows.append({"seed": seed, "selector": label, "selection_seed": sel_seed, "size": len(m),
                          "select_s": round(took, 2), "step_norm": _step_norm(trained, model),
                          "rd_u": _rd(trained, ss, "train", val), "rd_test": _rd(trained, ss, "test", test_ids)})
             print(json.dumps(rows[-1]), flush=True)
+    overlaps = []  # a variant from recorded rows against the same variant from a fresh pass, where both ran
+    for (seed, label), ids in picked.items():
+        base = label.replace(",recorded=true", "").replace("recorded=true,", "").replace(":recorded=true", "")
+        if base != label and (seed, base) in picked:
+            overlaps.append({"seed": seed, "recorded": label, "fresh": base,
+                             "overlap": len(ids & picked[(seed, base)]) / len(ids)})
     summary = []
     for seed in sorted({r["seed"] for r in rows}):
         rand = [r for r in rows if r["seed"] == seed and r["selector"] == "random"]
@@ -190,12 +210,15 @@ def main() -> None:
                       "data": source, "image_size": args.image_size, "pool": len(pool), "u": len(val),
                       "fraction": args.fraction, "epochs": args.epochs, "warm_epochs": args.warm_epochs,
                       "lr": args.lr, "before": before, "stability": stability, "rows": rows, "summary": summary,
+                      "recorded_overlap": overlaps,
                       "seconds": round(time.perf_counter() - started, 1)}))
     print(f"\nbefore: RD(U) {before['rd_u']:.5f}, RD(test) {before['rd_test']:.5f}")
     for st in stability:
         print(f"proxy stability, {st['draws']} draw(s) per pass: " + "; ".join(
             f"{k} r = {st[k]['correlation']:.2f}, top-{args.fraction:.0%} overlap {st[k]['top_overlap']:.0%}"
             for k in ("alignment", "cosine", "grad_norm")) + f" (chance {args.fraction:.0%})")
+    for o in overlaps:
+        print(f"seed {o['seed']}: {o['recorded']} shares {o['overlap']:.0%} of its picks with {o['fresh']}")
     print(f"{'seed':>4} {'selector':>28} {'measure':>8} {'delta':>9} {'random':>18} {'minus random':>13} beats")
     for s in summary:
         print(f"{s['seed']:>4} {s['selector']:>28} {s['measure']:>8} {s['delta']:>+9.5f} "

@@ -18,7 +18,7 @@ def _records(run):
 
 def _overlapped_run(root, run):
     cfg = tiny_cfg(root, run, **{"optim.epochs": 6, "select.selector": "facility", "select.fraction": 0.3,
-                                 "select.warmup": 1, "select.every": 2, "select.params": "attack_steps=1",
+                                 "select.warmup": 1, "select.every": 2, "select.params": "attack_steps=1,draws=1",
                                  "run.log_every": 1})
     create_trainer(cfg, progress=False).fit()
     return _records(run)

@@ -250,8 +250,9 @@ def test_rcs_reference_preset(digits_set, tmp_path):
     m = run_selection(digits_set, "rcs", 0.2, tmp_path / "ref.json", tmp_path / "snap.pt", seed=2,
                       params={"preset": "reference", "batch_size": 64})
     p = m.producer["params"]
-    assert (p["preset"], p["unit"], p["chunk_size"], p["refreshes"], p["attack_steps"]) == ("reference", "batch", 0, 0, 5)
+    assert (p["preset"], p["unit"], p["chunk_size"], p["refreshes"], p["attack_steps"], p["draws"], p["normalize"]) == (
+        "reference", "batch", 0, 0, 5, 1, False)
     assert p["batch_size"] == 64  # an explicit parameter still wins over the preset
     assert len(m) == round(0.2 * digits_set.count("train"))
-    with pytest.raises(Exception, match="preset 'fast'"):
-        run_selection(digits_set, "rcs", 0.2, tmp_path / "x.json", tmp_path / "snap.pt", params={"preset": "fast"})
+    with pytest.raises(Exception, match="preset 'quick': choose one of reference, fast"):
+        run_selection(digits_set, "rcs", 0.2, tmp_path / "x.json", tmp_path / "snap.pt", params={"preset": "quick"})

@@ -25,7 +25,8 @@ from pipeline.selectors.proxies import head_gradient_norms
 def difficulty(ctx: SelectionContext, draws: int) -> tuple[np.ndarray, np.ndarray, dict]:
     """(candidate ids, their difficulty, timing)."""
     t = time.perf_counter()
-    proxies = ctx.proxies.compute(ctx.pool_ids, need_gradients=True, need_features=False, draws=draws)
+    proxies = ctx.proxies.compute(ctx.pool_ids, need_gradients=True, need_features=False, draws=draws,
+                                  validation=False)
     t_proxies = time.perf_counter() - t
     norms = head_gradient_norms(ctx.proxies.head, proxies.row_feats, proxies.row_grads, proxies.row_branches)
     return proxies.candidate_ids, norms, {"proxies": t_proxies, "scores": time.perf_counter() - t - t_proxies}

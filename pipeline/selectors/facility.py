@@ -1,8 +1,9 @@
 """`facility`: facility location over a FAISS k-NN graph of proxy vectors, plus an optional robustness term.
 
-Proxy vectors: encoder features of the natural images (`proxy=features`) or the compressed per-sample
-ACL head gradients (`proxy=gradients`, averaged over `draws` augmentation and attack draws: CRAIG's gradient
-coverage). With `alignment_weight` > 0 the modular RCS term is added: each
+Proxy vectors: the compressed per-sample head gradients of the checkpoint's method (`proxy=gradients`, the
+default, averaged over `draws` = 4 augmentation and attack draws: CRAIG's gradient coverage), or encoder
+features of the natural images (`proxy=features`, `preset=features`: a tenth of the cost, but its subsets raised
+RD(U) more than random ones did in benchmarks/bench_selection.py). With `alignment_weight` > 0 the modular RCS term is added: each
 candidate's alignment of its ACL gradient with the RD gradient of the validation set, scaled to [0, 1] and to
 the size of a typical coverage gain; the sum stays monotone submodular. Weights: how many pool points each
 pick represents (its points in the k-NN graph; points with no pick among their neighbours go to the most
@@ -85,8 +86,11 @@ def greedi_select(vectors: np.ndarray, budget: int, k: int, optimizer: str, modu
 class FacilitySelector(Selector):
     name = "facility"
     needs_model = True
-    defaults = {"k": 20, "optimizer": "lazy", "per_class": False, "alignment_weight": 0.0, "proxy": "features",
-                "knn_backend": "auto", "attack_steps": 1, "partitions": 1, "draws": 1}
+    # gradients over 4 draws: the one setting whose subsets lowered RD(U) beyond random's spread on every seed
+    # (benchmarks/RESULTS.md, bench_selection); `preset=features` is the earlier default, coverage of features
+    defaults = {"k": 20, "optimizer": "lazy", "per_class": False, "alignment_weight": 0.0, "proxy": "gradients",
+                "knn_backend": "auto", "attack_steps": 1, "partitions": 1, "draws": 4}
+    presets = {"features": {"proxy": "features", "draws": 1}}
 
     @property
     def needs_validation(self) -> bool:
@@ -101,7 +105,7 @@ class FacilitySelector(Selector):
         if not isinstance(p["draws"], int) or isinstance(p["draws"], bool) or p["draws"] < 1:
             raise PipelineError(f"--draws {p['draws']!r}: a whole number of proxy draws, at least 1")
         proxies = ctx.proxies.compute(ctx.pool_ids, need_gradients=p["proxy"] == "gradients" or p["alignment_weight"] > 0,
-                                      draws=p["draws"])
+                                      draws=p["draws"], validation=p["alignment_weight"] > 0)
         timing["proxies"] = time.perf_counter() - t
         vectors = proxies.features if p["proxy"] == "features" else proxies.compressed_grads
         modular = None

@@ -174,7 +174,7 @@ class ProxyComputer:
         return (gather_rows(nat), gather_rows(adv)) if spread else (nat, adv)
 
     def compute(self, pool_ids: np.ndarray, need_gradients: bool = True, need_features: bool = True,
-                spread: bool = True, draws: int = 1, recorded=None) -> Proxies:
+                spread: bool = True, draws: int = 1, recorded=None, validation: bool = True) -> Proxies:
         """Proxies of the pool; `need_features=False` skips the encoder pass on the plain images (RCS uses
         only gradients: about a tenth of the pass). Under torch.distributed with `spread`, each rank computes
         whole batches of its own block of the pool and every rank gets all of them: the same proxies as one
@@ -186,7 +186,8 @@ class ProxyComputer:
 
         `recorded` (selectors.recorded.RecordedRows): rows training recorded; candidates that have them are not
         passed through the model again (their compressed gradients are rebuilt at this snapshot's head), the
-        others are computed fresh; U is always fresh. `self.fresh_count` says how many were."""
+        others are computed fresh; U is always fresh. `self.fresh_count` says how many were.
+        `validation=False`: no U is held out (a selector that scores nothing against U: every candidate stays)."""
         pool_ids = np.asarray(pool_ids, dtype=np.int64)
         b_nat, b_adv = self.branches
         d = self.model.encoder.feature_dim
@@ -196,8 +197,11 @@ class ProxyComputer:
             local = torch.cat(feats) if feats else torch.zeros(0, d, dtype=torch.float16)
             return Proxies(np.sort(pool_ids), np.zeros(0, np.int64), (gather_rows(local) if spread else local).numpy(),
                            branches=self.branches)
-        cand, val = self.split_validation(pool_ids)
-        val_feats = self.validation_state(val, spread, draws)
+        if validation:
+            cand, val = self.split_validation(pool_ids)
+            val_feats = self.validation_state(val, spread, draws)
+        else:
+            cand, val, val_feats = np.sort(pool_ids), np.zeros(0, np.int64), None
         budget = Budget(self.eps, self.step, self.attack_steps)
         head = self.head
         fresh, taken, row_draws = cand, None, draws
@@ -234,7 +238,8 @@ class ProxyComputer:
                 cand, fresh, taken, recorded, (feats, comp, row_feats, row_grads), row_branches, need_features, spread)
         features = feats.numpy() if feats is not None else np.zeros((len(cand), 0), np.float16)
         comp = comp.numpy() if comp is not None else np.zeros((0, 0), np.float32)
-        val_comp = rd_gradient(head, *val_feats, branches=self.branches, kind=self.method.divergence)
+        val_comp = (None if val_feats is None else
+                    rd_gradient(head, *val_feats, branches=self.branches, kind=self.method.divergence))
         return Proxies(np.sort(cand), val, features, comp, row_feats, row_grads, val_feats, val_comp,
                        self.branches, row_branches, self.method.divergence)
 

@@ -14,6 +14,10 @@ those of the snapshot (the reference's approximation). Large pools are cut into 
 size and starts again from the snapshot's head (its own generator: a chunk's picks do not depend on which
 process runs it, so under torchrun whole chunks go to ranks). The snapshot's model is never modified.
 
+Defaults beyond the paper, measured with benchmarks/bench_selection.py: each candidate's gradient (and U's)
+is the mean over `draws` = 4 augmentation and attack draws (one draw's scores correlate 0.44 between two
+passes, four draws' 0.75), and candidates are ranked by cosine (`normalize`), so that a hard sample's large
+gradient is not by itself a large gain. `preset=fast`: one draw, inner products (the earlier default).
 `preset=reference` gives the reference's choices: minibatch units of 512, one greedy over the whole pool
 with one U, the training attack (5 steps) for the candidates' views, a refresh after every pick.
 """
@@ -105,9 +109,13 @@ class RCSSelector(Selector):
     name = "rcs"
     needs_model = True
     needs_validation = True  # type: ignore[assignment]
+    # draws=4 and normalize: the RCS variant whose subsets did best against random in bench_selection (still
+    # not better than random on every seed: benchmarks/RESULTS.md); `preset=fast` the earlier default
     defaults = {"unit": "sample", "eta": 0.01, "chunk_size": 20000, "batch_size": 512, "refreshes": 16,
-                "reference_batch": 512, "attack_steps": 1, "draws": 1, "normalize": False}
-    presets = {"reference": {"unit": "batch", "batch_size": 512, "chunk_size": 0, "refreshes": 0, "attack_steps": 5}}
+                "reference_batch": 512, "attack_steps": 1, "draws": 4, "normalize": True}
+    presets = {"reference": {"unit": "batch", "batch_size": 512, "chunk_size": 0, "refreshes": 0, "attack_steps": 5,
+                             "draws": 1, "normalize": False},
+               "fast": {"draws": 1, "normalize": False}}
 
     def select(self, ctx: SelectionContext) -> Selection:
         p = self.params

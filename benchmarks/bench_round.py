@@ -1,0 +1,101 @@
+"""What does a selection round cost against a full-pool epoch, with rows training recorded and without?
+
+For each pool size: one ACL epoch on the whole pool with `select.proxies = recorded` (the trainer keeps every
+sample's selection rows) and the same epoch without (the baseline: the cost of recording is the difference);
+then a standalone `pipeline select --selector rcs` from that epoch's checkpoint, timed as a user sees it
+(process start, imports, loading and the greedy: wall seconds of the whole command, median of `--repeats`),
+with `--recorded` rows and with a fresh proxy pass (the baseline). Reported: each as a share of the full-pool
+epoch without recording (target for recorded rounds: at most 0.1), and the recording overhead per epoch.
+
+    python benchmarks/bench_round.py [--pools 10000,50000] [--fraction 0.2] [--repeats 3] [--image-size 16]
+
+Data: ../shared/data/cifar10 (class folders) at `--image-size` px when present, else synthetic. One JSON line
+per pool size, then a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from pipeline.shards.prepare import PrepareOptions, prepare
+from pipeline.trainers import TrainConfig, create_trainer
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+
+
+def _epoch(data: Path, out: Path, recorded: bool) -> float:
+    """Seconds of one full-pool ACL epoch (the run selects with rcs, its first round due after the end)."""
+    cfg = TrainConfig()
+    settings = {"data.path": str(data), "run.out": str(out), "model.arch": "smallcnn", "model.head_width": 256,
+                "model.proj_dim": 128, "data.batch_size": 128, "data.workers": 0, "optim.optimizer": "sgd",
+                "optim.lr": 0.5, "optim.epochs": 1, "optim.warmup_epochs": 0, "run.device": "cpu", "run.log_every": 0,
+                "run.checkpoint_every": 0, "acl.min_crop_scale": 0.2, "attack.steps": 5, "select.selector": "rcs",
+                "select.warmup": 1, "select.proxies": "recorded" if recorded else "fresh"}
+    for k, v in settings.items():
+        cfg.set(k, v)
+    with create_trainer(cfg, progress=False) as t:
+        return float(t.fit()["seconds"])
+
+
+def _select(data: Path, run: Path, out: Path, fraction: float, recorded: bool, repeats: int) -> tuple[float, dict]:
+    cmd = [sys.executable, "-m", "pipeline", "select", "--data", str(data), "--selector", "rcs", "--fraction",
+           str(fraction), "--checkpoint", str(run / "checkpoints" / "last.pt"), "--pool",
+           str(run / "selection" / "pool.json"), "--device", "cpu", "--out", str(out)]
+    if recorded:
+        cmd += ["--recorded", str(run / "snapshots" / "rows.npz")]
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True)
+        times.append(time.perf_counter() - t)
+    timing = json.loads(out.read_text())["timing"]
+    return statistics.median(times), timing
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pools", default="10000,50000")
+    ap.add_argument("--fraction", type=float, default=0.2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--image-size", type=int, default=16)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-round-"))
+    rows = []
+    for pool in [int(p) for p in args.pools.split(",")]:
+        data = work / f"data-{pool}"
+        source = f"folder:{SHARED}" if SHARED.is_dir() else f"synthetic:{pool}"
+        prepare(source, PrepareOptions(out=data, image_size=args.image_size, workers=2, progress=False,
+                                       per_class={"train": pool // 10} if SHARED.is_dir() else {}))
+        plain = _epoch(data, work / f"plain-{pool}", recorded=False)
+        rec = _epoch(data, work / f"rec-{pool}", recorded=True)
+        run = work / f"rec-{pool}"
+        fresh_s, fresh_t = _select(data, run, work / f"sel-fresh-{pool}" / "round-0001.json", args.fraction, False,
+                                   args.repeats)
+        rec_s, rec_t = _select(data, run, work / f"sel-rec-{pool}" / "round-0001.json", args.fraction, True,
+                               args.repeats)
+        row = {"benchmark": "round_cost", "date": time.strftime("%Y-%m-%d"), "machine": platform.node(),
+               "data": source, "image_size": args.image_size, "pool": pool, "fraction": args.fraction,
+               "epoch_s": plain, "epoch_recording_s": rec, "recording_overhead": rec / plain - 1,
+               "round_fresh_s": fresh_s, "round_recorded_s": rec_s, "round_fresh_share": fresh_s / plain,
+               "round_recorded_share": rec_s / plain, "recorded_vs_fresh": rec_s / fresh_s,
+               "timing_fresh": fresh_t, "timing_recorded": rec_t,
+               "rows_bytes": (run / "snapshots" / "rows.npz").stat().st_size}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(f"\n{'pool':>7} {'epoch s':>8} {'recording':>10} {'fresh round s':>14} {'/ epoch':>8} "
+          f"{'recorded round s':>17} {'/ epoch':>8}")
+    for r in rows:
+        print(f"{r['pool']:>7} {r['epoch_s']:>8.1f} {r['recording_overhead']:>+10.1%} {r['round_fresh_s']:>14.1f} "
+              f"{r['round_fresh_share']:>8.3f} {r['round_recorded_s']:>17.1f} {r['round_recorded_share']:>8.3f}")
+
+
+if __name__ == "__main__":
+    main()
