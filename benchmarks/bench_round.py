@@ -6,8 +6,12 @@ then a standalone `pipeline select --selector rcs` from that epoch's checkpoint,
 (process start, imports, loading and the greedy: wall seconds of the whole command, median of `--repeats`),
 with `--recorded` rows and with a fresh proxy pass (the baseline). Reported: each as a share of the full-pool
 epoch without recording (target for recorded rounds: at most 0.1), and the recording overhead per epoch.
+With `--arms E`: the CPU experiment's schedule (20% subsets, warm-up 1, a round every 2 epochs) trained for E
+epochs with random subsets (the baseline), RCS from fresh proxies in background rounds, and RCS from recorded
+rows in the trainer's process (`select.processes = 0`): wall time of each against random's (target: 1.05).
 
-    python benchmarks/bench_round.py [--pools 10000,50000] [--fraction 0.2] [--repeats 3] [--image-size 16]
+    python benchmarks/bench_round.py [--pools 10000,50000] [--fraction 0.2] [--repeats 3] [--epoch-repeats 1]
+                                     [--image-size 16]
 
 Data: ../shared/data/cifar10 (class folders) at `--image-size` px when present, else synthetic. One JSON line
 per pool size, then a table.
@@ -45,6 +49,31 @@ def _epoch(data: Path, out: Path, recorded: bool) -> float:
         return float(t.fit()["seconds"])
 
 
+def _arm(data: Path, out: Path, settings: dict, epochs: int) -> dict:
+    """Wall seconds of a whole training run on the CPU experiment's schedule (fraction 0.2, warm-up 1, a
+    round every 2 epochs), selection included."""
+    cfg = TrainConfig()
+    base = {"data.path": str(data), "run.out": str(out), "model.arch": "smallcnn", "model.head_width": 256,
+            "model.proj_dim": 128, "data.batch_size": 128, "data.workers": 0, "optim.optimizer": "sgd",
+            "optim.lr": 0.5, "optim.epochs": epochs, "optim.warmup_epochs": 1, "run.device": "cpu",
+            "run.checkpoint_every": 0, "attack.steps": 5, "select.fraction": 0.2, "select.warmup": 1,
+            "select.every": 2}
+    for k, v in {**base, **settings}.items():
+        cfg.set(k, v)
+    started = time.perf_counter()
+    with create_trainer(cfg, progress=False) as t:
+        t.fit()
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"wall_s": time.perf_counter() - started,
+            "stall_s": sum(r.get("stall_s") or 0 for r in recs if r["kind"] == "selection"),
+            "rounds": sum(r["kind"] == "selection" for r in recs)}
+
+
+ARMS = {"random": {"select.selector": "random"},
+        "rcs-fresh": {"select.selector": "rcs"},
+        "rcs-recorded": {"select.selector": "rcs", "select.proxies": "recorded", "select.processes": 0}}
+
+
 def _select(data: Path, run: Path, out: Path, fraction: float, recorded: bool, repeats: int) -> tuple[float, dict]:
     cmd = [sys.executable, "-m", "pipeline", "select", "--data", str(data), "--selector", "rcs", "--fraction",
            str(fraction), "--checkpoint", str(run / "checkpoints" / "last.pt"), "--pool",
@@ -64,8 +93,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pools", default="10000,50000")
     ap.add_argument("--fraction", type=float, default=0.2)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each standalone select (median)")
+    ap.add_argument("--epoch-repeats", type=int, default=1, help="epochs with and without recording (median)")
     ap.add_argument("--image-size", type=int, default=16)
+    ap.add_argument("--arms", type=int, default=0, help="also train the CPU experiment's random and rcs arms for "
+                                                         "this many epochs on each pool and compare wall times")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-round-"))
     rows = []
@@ -74,20 +106,26 @@ def main() -> None:
         source = f"folder:{SHARED}" if SHARED.is_dir() else f"synthetic:{pool}"
         prepare(source, PrepareOptions(out=data, image_size=args.image_size, workers=2, progress=False,
                                        per_class={"train": pool // 10} if SHARED.is_dir() else {}))
-        plain = _epoch(data, work / f"plain-{pool}", recorded=False)
-        rec = _epoch(data, work / f"rec-{pool}", recorded=True)
-        run = work / f"rec-{pool}"
+        plains, recs = [], []
+        for i in range(args.epoch_repeats):  # alternated, so that a drift of the machine's speed hits both
+            plains.append(_epoch(data, work / f"plain-{pool}-{i}", recorded=False))
+            recs.append(_epoch(data, work / f"rec-{pool}-{i}", recorded=True))
+        plain, rec = statistics.median(plains), statistics.median(recs)
+        run = work / f"rec-{pool}-0"
         fresh_s, fresh_t = _select(data, run, work / f"sel-fresh-{pool}" / "round-0001.json", args.fraction, False,
                                    args.repeats)
         rec_s, rec_t = _select(data, run, work / f"sel-rec-{pool}" / "round-0001.json", args.fraction, True,
                                args.repeats)
         row = {"benchmark": "round_cost", "date": time.strftime("%Y-%m-%d"), "machine": platform.node(),
                "data": source, "image_size": args.image_size, "pool": pool, "fraction": args.fraction,
-               "epoch_s": plain, "epoch_recording_s": rec, "recording_overhead": rec / plain - 1,
+               "epoch_s": plain, "epoch_recording_s": rec, "epochs_s": plains, "epochs_recording_s": recs, "recording_overhead": rec / plain - 1,
                "round_fresh_s": fresh_s, "round_recorded_s": rec_s, "round_fresh_share": fresh_s / plain,
                "round_recorded_share": rec_s / plain, "recorded_vs_fresh": rec_s / fresh_s,
                "timing_fresh": fresh_t, "timing_recorded": rec_t,
                "rows_bytes": (run / "snapshots" / "rows.npz").stat().st_size}
+        if args.arms:
+            arms = {name: _arm(data, work / f"arm-{name}-{pool}", settings, args.arms) for name, settings in ARMS.items()}
+            row["arms"] = {name: {**a, "vs_random": a["wall_s"] / arms["random"]["wall_s"]} for name, a in arms.items()}
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(f"\n{'pool':>7} {'epoch s':>8} {'recording':>10} {'fresh round s':>14} {'/ epoch':>8} "
@@ -95,6 +133,9 @@ def main() -> None:
     for r in rows:
         print(f"{r['pool']:>7} {r['epoch_s']:>8.1f} {r['recording_overhead']:>+10.1%} {r['round_fresh_s']:>14.1f} "
               f"{r['round_fresh_share']:>8.3f} {r['round_recorded_s']:>17.1f} {r['round_recorded_share']:>8.3f}")
+        for name, a in r.get("arms", {}).items():
+            print(f"    arm {name}: {a['wall_s']:.1f} s wall ({a['vs_random']:.3f} x random), {a['rounds']} rounds, "
+                  f"stall {a['stall_s']:.1f} s")
 
 
 if __name__ == "__main__":

@@ -124,3 +124,16 @@ def test_recorded_proxies_need_a_method_that_records(digits_set, tmp_path):
     cfg = _recorded_run(digits_set.root, tmp_path / "x", **{"method.name": "ascl"})
     with pytest.raises(PipelineError, match="does not say how its steps give selection rows"):
         create_trainer(cfg, progress=False)
+
+
+def test_rounds_in_the_trainers_process(digits_set, tmp_path):
+    """select.processes = 0: no process is started; the rounds are written and used on the same schedule."""
+    run = tmp_path / "inproc"
+    with create_trainer(_recorded_run(digits_set.root, run, **{"select.processes": 0, "optim.epochs": 3}),
+                        progress=False) as t:
+        t.fit()
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["used_from_epoch"]) for r in recs if r["kind"] == "selection"] == [(1, 3)]
+    assert [e["subset_round"] for e in recs if e["kind"] == "epoch"] == [None, None, 1]
+    m = Manifest.load(run / "manifests" / "round-0001.json")
+    assert m.extra["timing"]["fresh_rows"] < len(m) and m.producer["name"] == "rcs"

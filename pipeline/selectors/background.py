@@ -5,7 +5,9 @@ subset and switches at the first epoch boundary after the manifest appears (`--m
 The schedule lives in `trainers.subsets.SelectionRounds` (a round is used `select.lag` epochs after its
 snapshot; with `sync` at once, the paper's blocking behaviour); this module runs the rounds. The background process runs with its own thread
 count and a lower scheduling priority (`select.threads`, `select.nice`), so on a CPU machine it takes the
-cores training leaves idle. `select.processes = N` runs each round as N processes in a process group of
+cores training leaves idle. `select.processes = 0` runs each round in the trainer's own process at the snapshot (it
+blocks training for the round's duration, with no process start: for rounds from recorded rows, which cost a
+few percent of an epoch). `select.processes = N` runs each round as N processes in a process group of
 their own (gloo) sharing the proxy pass, as `pipeline select` does under torchrun; `select.device` says
 where (a dedicated GPU, `cuda:7`; one device per process, `cuda:6,cuda:7`; the trainer's own by default).
 Per round the metrics log the selection time, how long the trainer waited (stall) and how many epochs the
@@ -53,6 +55,23 @@ def _worker(kwargs: dict, threads: int, nice: int, group: tuple | None = None) -
         run_selection(**kwargs)
     finally:
         dist.destroy_process_group()
+
+
+class _InProcess:
+    """A round run in the trainer's own process (`select.processes = 0`): done when it is launched."""
+
+    exitcode = 0
+
+    def start(self) -> None:
+        pass
+
+    def join(self, timeout: float | None = None) -> None:
+        pass
+
+    def is_alive(self) -> bool:
+        return False
+
+    terminate = kill = start
 
 
 class _Processes:
@@ -135,6 +154,11 @@ class SelectionScheduler:
                       params=self.params, round_no=rnd.number, epoch=rnd.epoch,
                       pool=self.pool, validation=self.validation, recorded=rnd.rows)
         n = self.cfg.processes
+        if n == 0:  # in the trainer's process, with its threads: no process start (cheap rounds, recorded rows)
+            run_selection(**kwargs, workers=self.cfg.workers)
+            rnd.process = _InProcess()
+            self.pending.append(rnd)
+            return
         devices = [d.strip() for d in self.cfg.device.split(",") if d.strip()] or [self.device]
         group_file = Path(rnd.snapshot).with_suffix(".group")
         group_file.unlink(missing_ok=True)  # file:// rendezvous needs a fresh file
@@ -192,7 +216,7 @@ class SelectionScheduler:
         starve. The caller says when, by the schedule, so that the trainer's thread count is reproducible."""
         if not self.device.startswith("cpu"):
             return
-        used = self.cfg.threads * self.cfg.processes
+        used = self.cfg.threads * self.cfg.processes  # 0 with rounds in process: the trainer keeps its threads
         torch.set_num_threads(max(1, self.train_threads - used) if busy else self.train_threads)
 
     def _finish(self, r: Round) -> None:

@@ -126,6 +126,9 @@ class SelectionRounds(ManifestFolder):
         cfg = trainer.cfg
         self.warmup, self.every = cfg.select.schedule(cfg.optim.epochs)
         self.lag = 0 if cfg.select.sync else cfg.select.lag
+        if cfg.select.processes == 0 and trainer.dist.distributed:
+            raise PipelineError("select.processes = 0 (rounds in the trainer's process) works in one process; under "
+                                "torchrun give rounds processes of their own (select.processes >= 1)")
         self.last_selection_epoch = -1
         self.scheduler = SelectionScheduler(
             trainer.layout, cfg.data.path, cfg.data.split, cfg.select, str(trainer.device), cfg.run.seed,
