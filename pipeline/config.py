@@ -158,8 +158,9 @@ class SelectConfig:
     row_age: int = setting(-1, "select.proxies = recorded: use rows at most this many epochs old (-1: any age).",
                            check=(lambda v: v >= -1, "must be >= 0 (or -1: any age)"))
     threads: int = setting(1, "Torch threads of the background selection process.", check=AT_LEAST_ONE)
-    processes: int = setting(1, "Processes per selection round (one process group, the proxy pass shared); 0: in the "
-                                "trainer's process, blocking it, no process start.", check=NONNEG)
+    processes: int = setting(-1, "Processes per selection round (one process group, the proxy pass shared); 0: in "
+                                 "the trainer's process, blocking it; -1: 0 for random and recorded rows, else 1.",
+                             check=(lambda v: v >= -1, "must be >= 0 (or -1: automatic)"))
     device: str = setting("", "Where rounds run: empty the trainer's device; cuda:7; cuda:6,cuda:7 one per process.")
     workers: int = setting(0, "Loader workers of each selection process.", check=NONNEG)
     nice: int = setting(10, "Scheduling priority of background rounds (higher yields to training).")

@@ -33,6 +33,7 @@ from pipeline.kv import parse_kv
 from pipeline.registry import load_plugins
 from pipeline.runlayout import RunLayout
 from pipeline.runtime import die_with_parent, tune_allocator
+from pipeline.selectors.base import create_selector
 from pipeline.selectors.run import run_selection
 from pipeline.shards.manifest import read_header, round_path
 
@@ -123,6 +124,7 @@ class SelectionScheduler:
                  validation: str | None = None):
         self.layout, self.data, self.split, self.cfg, self.device, self.seed = layout, data, split, cfg, device, seed
         self.pool, self.validation = pool, validation
+        self.in_process_ok = True  # False under torchrun: a round in one rank's process would stall the others
         self.train_threads = torch.get_num_threads()
         self.params = parse_kv(cfg.params, "select.params")
         self.selector_name = cfg.selector
@@ -153,7 +155,7 @@ class SelectionScheduler:
                       checkpoint=rnd.snapshot, split=self.split, seed=self.seed + rnd.number, device=self.device,
                       params=self.params, round_no=rnd.number, epoch=rnd.epoch,
                       pool=self.pool, validation=self.validation, recorded=rnd.rows)
-        n = self.cfg.processes
+        n = self.processes
         if n == 0:  # in the trainer's process, with its threads: no process start (cheap rounds, recorded rows)
             run_selection(**kwargs, workers=self.cfg.workers)
             rnd.process = _InProcess()
@@ -216,7 +218,7 @@ class SelectionScheduler:
         starve. The caller says when, by the schedule, so that the trainer's thread count is reproducible."""
         if not self.device.startswith("cpu"):
             return
-        used = self.cfg.threads * self.cfg.processes  # 0 with rounds in process: the trainer keeps its threads
+        used = self.cfg.threads * self.processes  # 0 with rounds in process: the trainer keeps its threads
         torch.set_num_threads(max(1, self.train_threads - used) if busy else self.train_threads)
 
     def _finish(self, r: Round) -> None:
@@ -229,6 +231,16 @@ class SelectionScheduler:
         if r.rows:  # needed only while the round runs (a resume relaunches a running round with it)
             Path(r.rows).unlink(missing_ok=True)
         r.finished = time.time()
+
+    @property
+    def processes(self) -> int:
+        """Processes per round; `select.processes = -1` (the default): none, in the trainer's process, for rounds
+        that pass nothing through a model (random) or use recorded rows, since a process start and cores kept
+        free for it cost more than such a round; else one."""
+        if self.cfg.processes >= 0:
+            return self.cfg.processes
+        cheap = not create_selector(self.selector_name, **self.params).needs_model or self.cfg.proxies == "recorded"
+        return 0 if cheap and self.in_process_ok else 1
 
     def switch_selector(self, name: str) -> None:
         """Later rounds use `name` (with its defaults) instead of the configured selector."""

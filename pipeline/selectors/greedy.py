@@ -15,14 +15,28 @@ import heapq
 import math
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 import scipy.sparse as sp
 
 # The greedy loops are scalar and branchy: compiled with numba they run ~50x faster than numpy-per-candidate.
+# numba is imported, and the loops compiled (or loaded from numba's cache), on the first greedy only: the
+# import alone costs 0.3 s of every process that imports the selectors, an RCS round's included.
+_COMPILED = False
 
 
-@numba.njit(cache=True)
+def _compile() -> None:
+    global _COMPILED, _gain, _take, _lazy, _best_of
+    if _COMPILED:
+        return
+    import numba
+
+    jit = numba.njit(cache=True)
+    _gain, _take = jit(_gain), jit(_take)  # first: the loops below call them compiled
+    _lazy, _best_of = jit(_lazy), jit(_best_of)
+    _COMPILED = True
+
+
+
 def _gain(j, indptr, indices, data, cur, mod):
     g = mod[j]
     for p in range(indptr[j], indptr[j + 1]):
@@ -32,7 +46,6 @@ def _gain(j, indptr, indices, data, cur, mod):
     return g
 
 
-@numba.njit(cache=True)
 def _take(j, rank, indptr, indices, data, cur, owner):
     for p in range(indptr[j], indptr[j + 1]):
         i = indices[p]
@@ -41,7 +54,6 @@ def _take(j, rank, indptr, indices, data, cur, owner):
             owner[i] = rank
 
 
-@numba.njit(cache=True)
 def _lazy(indptr, indices, data, mod, budget, cur, owner, picks, gains):
     n = len(indptr) - 1
     heap = [(-_gain(0, indptr, indices, data, cur, mod), 0)]
@@ -64,7 +76,6 @@ def _lazy(indptr, indices, data, mod, budget, cur, owner, picks, gains):
     return count
 
 
-@numba.njit(cache=True)
 def _best_of(cand, indptr, indices, data, cur, mod):
     best, best_g = -1, -np.inf
     for c in cand:
@@ -97,6 +108,7 @@ def maximize(graph: sp.csr_matrix, budget: int, optimizer: str = "lazy", modular
              seed: int = 0, epsilon: float = 0.01) -> GreedyResult:
     """`graph`: candidates x points (square when every point is a candidate; GreeDi's merge step covers all
     points with the union of the parts' picks)."""
+    _compile()
     n = graph.shape[0]
     budget = min(budget, n)
     indptr, indices = graph.indptr.astype(np.int64), graph.indices.astype(np.int64)

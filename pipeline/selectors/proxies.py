@@ -106,6 +106,7 @@ class ProxyComputer:
         self.validation_fraction, self.seed, self.workers = validation_fraction, seed, workers
         self.validation_ids = None if validation_ids is None else np.sort(np.asarray(validation_ids, dtype=np.int64))
         self.recorded, self.fresh_count = recorded, None  # rows training recorded (selectors.recorded)
+        self._validation_cache: dict = {}
         self.settings = {"temperature": temperature, "min_crop_scale": min_crop_scale, "strength": strength,
                          **(settings or {})}
 
@@ -152,6 +153,12 @@ class ProxyComputer:
         """U's natural and virtual-adversarial encoder features (PGD on RD: 3 steps, step 1.25 eps / 3). With
         `draws` > 1, that many attacks from other random starts, each adversarial view beside its natural one:
         RD over the rows is then the mean of the draws' RDs (RD is a mean over samples)."""
+        key = (np.asarray(val_ids, dtype=np.int64).tobytes(), spread, draws)
+        if key not in self._validation_cache:  # one U for every chunk of a pool: its pass is made once
+            self._validation_cache = {key: self._validation_state(val_ids, spread, draws)}
+        return self._validation_cache[key]
+
+    def _validation_state(self, val_ids: np.ndarray, spread: bool, draws: int):
         b_nat, b_adv = self.branches
         head, kind = self.head_name, self.method.divergence
         mine, first = self._share(val_ids, spread)

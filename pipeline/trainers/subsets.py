@@ -126,13 +126,14 @@ class SelectionRounds(ManifestFolder):
         cfg = trainer.cfg
         self.warmup, self.every = cfg.select.schedule(cfg.optim.epochs)
         self.lag = 0 if cfg.select.sync else cfg.select.lag
-        if cfg.select.processes == 0 and trainer.dist.distributed:
-            raise PipelineError("select.processes = 0 (rounds in the trainer's process) works in one process; under "
-                                "torchrun give rounds processes of their own (select.processes >= 1)")
         self.last_selection_epoch = -1
         self.scheduler = SelectionScheduler(
             trainer.layout, cfg.data.path, cfg.data.split, cfg.select, str(trainer.device), cfg.run.seed,
             pool=None if pool is None else str(pool.path), validation=None if validation is None else str(validation.path))
+        self.scheduler.in_process_ok = not trainer.dist.distributed
+        if self.scheduler.processes == 0 and trainer.dist.distributed:
+            raise PipelineError("select.processes = 0 (rounds in the trainer's process) works in one process; under "
+                                "torchrun give rounds processes of their own: select.processes = 1")
         self.rounds, self._pending_records, self._subset_round = {}, [], None
         self.validation = validation
         self.book = self._row_book(pool) if cfg.select.proxies == "recorded" else None
