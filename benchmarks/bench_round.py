@@ -98,6 +98,7 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=16)
     ap.add_argument("--arms", type=int, default=0, help="also train the CPU experiment's random and rcs arms for "
                                                          "this many epochs on each pool and compare wall times")
+    ap.add_argument("--arm-names", default=",".join(ARMS), help=f"which of {', '.join(ARMS)} (random always)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-round-"))
     rows = []
@@ -124,7 +125,8 @@ def main() -> None:
                "timing_fresh": fresh_t, "timing_recorded": rec_t,
                "rows_bytes": (run / "snapshots" / "rows.npz").stat().st_size}
         if args.arms:
-            arms = {name: _arm(data, work / f"arm-{name}-{pool}", settings, args.arms) for name, settings in ARMS.items()}
+            arms = {name: _arm(data, work / f"arm-{name}-{pool}", ARMS[name], args.arms)
+                    for name in ["random", *[a for a in args.arm_names.split(",") if a != "random"]]}
             row["arms"] = {name: {**a, "vs_random": a["wall_s"] / arms["random"]["wall_s"]} for name, a in arms.items()}
         rows.append(row)
         print(json.dumps(row), flush=True)

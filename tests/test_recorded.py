@@ -79,7 +79,7 @@ def _recorded_run(root, run, selector="rcs", proxies="recorded", **over):
     cfg = tiny_cfg(root, run, **{"optim.epochs": 4, "select.selector": selector, "select.fraction": 0.3,
                                  "select.warmup": 1, "select.every": 1, "select.proxies": proxies,
                                  "select.params": "refreshes=2" if selector == "rcs" else "",
-                                 "attack.eps": 0.1, **over})
+                                 "attack.eps": 0.1, "select.processes": 1, **over})  # rows through a file
     return cfg
 
 

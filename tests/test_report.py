@@ -92,7 +92,7 @@ def test_a_run_with_a_held_out_u_logs_rd_u_and_the_report_plots_it(digits_set, t
     md = (out / "report.md").read_text()
     assert (out / "rd-divergence.png").is_file()
     assert f"{start[0]['rd_u']:.5f} after 0 epochs, {epochs[-1]['rd_u']:.5f} after 4" in md
-    assert "warm-up trend" in md and "never trained on a subset" not in md
+    assert "warm-up's linear trend" in md and "never trained on a subset" not in md
 
     late = tmp_path / "late"
     cfg = tiny_cfg(digits_set.root, late, **{"optim.epochs": 2, "select.selector": "random", "select.fraction": 0.3,

@@ -175,8 +175,10 @@ def _divergence_line(run: RunRecord) -> str:
     trend = figures.warmup_trend(run)
     if trend and run.warmup_epochs < len(run.epochs):
         expected = trend[1] + trend[0] * e1
-        line += (f"; the warm-up trend ({trend[0]:+.5f} per epoch) would give {expected:.5f}, so the subset epochs "
-                 f"ended {v1 - expected:+.5f} from it (lower is what selection promises)")
+        line += (f"; the warm-up's linear trend ({trend[0]:+.5f} per epoch) would give {expected:.5f} "
+                 f"({v1 - expected:+.5f}). The trend is a guide only (RD(U) also moves with the learning-rate "
+                 "schedule and flattens as training goes on): a random-subset run of the same schedule is the "
+                 "comparison that tells whether the subsets lowered it")
     return line + "."
 
 

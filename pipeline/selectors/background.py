@@ -150,14 +150,14 @@ class SelectionScheduler:
             rounds.append(rnd)
         return rounds
 
-    def _launch(self, rnd: Round) -> None:
+    def _launch(self, rnd: Round, rows=None) -> None:
         kwargs = dict(data=self.data, selector=self.selector_name, fraction=self.cfg.fraction, out=rnd.manifest,
                       checkpoint=rnd.snapshot, split=self.split, seed=self.seed + rnd.number, device=self.device,
                       params=self.params, round_no=rnd.number, epoch=rnd.epoch,
                       pool=self.pool, validation=self.validation, recorded=rnd.rows)
         n = self.processes
         if n == 0:  # in the trainer's process, with its threads: no process start (cheap rounds, recorded rows)
-            run_selection(**kwargs, workers=self.cfg.workers)
+            run_selection(**{**kwargs, "recorded": rows if rows is not None else rnd.rows}, workers=self.cfg.workers)
             rnd.process = _InProcess()
             self.pending.append(rnd)
             return
@@ -185,9 +185,12 @@ class SelectionScheduler:
         snap = self.layout.snapshot(number)
         save_checkpoint(snap, snapshot_state)
         rnd = Round(number, epoch, str(snap), str(round_path(self.manifest_dir, number)))
+        rnd.stall = stall
+        if rows is not None and self.processes == 0:  # in this process: the rows need no file
+            self._launch(rnd, rows)
+            return rnd
         if rows is not None:
             rnd.rows = str(rows.save(self.layout.round_rows(number)))
-        rnd.stall = stall
         self._launch(rnd)
         return rnd
 

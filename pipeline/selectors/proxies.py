@@ -193,7 +193,8 @@ class ProxyComputer:
 
         `recorded` (selectors.recorded.RecordedRows): rows training recorded; candidates that have them are not
         passed through the model again (their compressed gradients are rebuilt at this snapshot's head), the
-        others are computed fresh; U is always fresh. `self.fresh_count` says how many were.
+        others are computed fresh (one draw, as recorded rows are; U's attack too); U is always fresh.
+        `self.fresh_count` says how many were fresh.
         `validation=False`: no U is held out (a selector that scores nothing against U: every candidate stays)."""
         pool_ids = np.asarray(pool_ids, dtype=np.int64)
         b_nat, b_adv = self.branches
@@ -204,6 +205,9 @@ class ProxyComputer:
             local = torch.cat(feats) if feats else torch.zeros(0, d, dtype=torch.float16)
             return Proxies(np.sort(pool_ids), np.zeros(0, np.int64), (gather_rows(local) if spread else local).numpy(),
                            branches=self.branches)
+        recorded = self.recorded if recorded is None else recorded
+        if recorded is not None and len(recorded.ids):
+            draws = 1  # a recorded row is one draw: fresh rows and U's attack match it (as measured)
         if validation:
             cand, val = self.split_validation(pool_ids)
             val_feats = self.validation_state(val, spread, draws)
@@ -211,10 +215,8 @@ class ProxyComputer:
             cand, val, val_feats = np.sort(pool_ids), np.zeros(0, np.int64), None
         budget = Budget(self.eps, self.step, self.attack_steps)
         head = self.head
-        fresh, taken, row_draws = cand, None, draws
-        recorded = self.recorded if recorded is None else recorded
+        fresh, taken = cand, None
         if recorded is not None and len(recorded.ids):
-            row_draws = 1  # a recorded row is one draw: fresh rows match it (U keeps its draws)
             pos = np.minimum(np.searchsorted(recorded.ids, cand), len(recorded.ids) - 1)
             have = recorded.ids[pos] == cand
             fresh, taken = cand[~have], pos[have]
@@ -224,7 +226,7 @@ class ProxyComputer:
         for k, b in enumerate(self._batches(mine) if len(mine) else []):
             if need_features:
                 feats.append(self._features(to_float(b.images), b_nat).half().cpu())
-            rows = self._rows(b, first + k, budget, row_draws)
+            rows = self._rows(b, first + k, budget, draws)
             row_branches = tuple(rows.branches)
             comp.append(compressed_rows(head, rows).cpu())
             row_feats.append(torch.stack(rows.feats, 1).half().cpu())
@@ -257,8 +259,9 @@ class ProxyComputer:
             raise PipelineError(f"recorded rows have branches {recorded.branches}, fresh ones {row_branches}: "
                                 "they come from another method or attack; use select.proxies = fresh")
         comp = []
-        for lo in range(0, len(taken), self.batch_size):
-            rows = recorded.rows(taken[lo:lo + self.batch_size])
+        step = 16 * self.batch_size  # no model pass here: large batches, few calls
+        for lo in range(0, len(taken), step):
+            rows = recorded.rows(taken[lo:lo + step])
             rows = HeadRows([f.to(self.device) for f in rows.feats], [g.to(self.device) for g in rows.grads],
                             rows.branches)
             comp.append(compressed_rows(self.head, rows).cpu())

@@ -55,7 +55,7 @@ def run_selection(data, selector: str, fraction: float, out, checkpoint=None, sp
                   batch_size: int = 256, round_no: int | None = None, epoch: int | None = None,
                   attack_steps: int | None = None, validation=None, validation_fraction: float = 0.01,
                   workers: int = 0, recorded=None) -> Manifest:
-    """`recorded`: a rows file training wrote (selectors.recorded), standing in for the proxy pass of the
+    """`recorded`: a rows file training wrote (selectors.recorded; or its RecordedRows), standing in for the proxy pass of the
     candidates it covers. `pool`, `validation`: manifests (or id arrays) of the candidates and of a held-out U; a selector that
     needs U and gets none draws it once from the pool (seeded) and leaves it out of the candidates. The
     manifest's folder is locked for the whole selection: one writer at a time. Under torch.distributed
@@ -100,7 +100,8 @@ def _run_selection(data, selector, fraction, out, checkpoint, split, pool, seed,
         proxies = ProxyComputer(model, ss, split, device, batch_size, b.eps, b.step, sel.params.get("attack_steps", 1),
                                 validation_fraction=validation_fraction, seed=seed, validation_ids=val_ids,
                                 method=settings["method"], settings=settings, workers=workers,
-                                recorded=None if recorded is None else RecordedRows.load(recorded))
+                                recorded=recorded if recorded is None or isinstance(recorded, RecordedRows)
+                                else RecordedRows.load(recorded))
     ctx = SelectionContext(ss, split, np.asarray(pool_ids), budget_n, seed, sel.params, proxies, val_ids)
     result = sel.select(ctx)
     rank, world = rank_and_world()
