@@ -12,6 +12,11 @@ fraction).
 A selector is valid at a setting when its subsets lower RD(U) more than random's beyond the random spread
 (mean - 1 sd of the random draws) on every seed.
 
+Variants (`--selectors`, separated by ';'): SELECTOR[:k=v,...] with the selector's parameters; `recorded=true`
+selects from the rows the warm-up's last epoch recorded (select.proxies = recorded); `fullnet[:draws=N,order=lowest]` is a
+probe, not a selector: the top candidates by RCS's alignment taken through every parameter of the network
+(an exact forward-mode product, `_fullnet_scores`) instead of the projection head only.
+
     python benchmarks/bench_selection.py [--pool 5000] [--fraction 0.2] [--seeds 0,1,2] [--random 5]
                                          [--selectors rcs,facility] [--epochs 1] [--warm-epochs 4]
 
@@ -102,6 +107,64 @@ def _stability(model, ss, candidates: np.ndarray, val: np.ndarray, fraction: flo
     return out
 
 
+def _fullnet_scores(model, ss, candidates: np.ndarray, val: np.ndarray, seed: int, draws: int = 1) -> np.ndarray:
+    """A probe, not a product selector: each candidate's alignment <grad of its ACL rows' loss, grad RD(U)>
+    through the whole network (every parameter, not the projection head only), exactly, by one forward-mode
+    product per batch: the rows' loss linearised at the head output (the proxies' row gradients held fixed),
+    its directional derivative along U's RD gradient (torch.func.jvp; eval mode, so rows are independent)."""
+    from torch.func import functional_call, jvp
+
+    from pipeline.attacks import PGD
+    from pipeline.augment import ContrastiveAugment, to_float
+    from pipeline.losses import nt_xent, representational_divergence
+    from pipeline.objectives.contrastive import contrastive_head_rows
+
+    model.eval()
+    nat, adv = model.branch("natural"), model.branch("adversarial")
+    eps = budget(ss.channels, None, None).eps
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+
+    def out(p, x, branch):
+        return functional_call(model, {**p, **buffers}, (x, branch), {"heads": ("proj",)})["proj"]
+
+    gen = torch.Generator().manual_seed(seed)
+    u = next(iter(ss.loader("train", np.sort(val), backend="indexed", batch_size=len(val), shuffle=False)))
+    x = to_float(u.images)
+    with torch.no_grad():
+        z_nat = out(params, x, nat)
+    pgd = PGD(lambda xx: model(xx, adv, heads=("proj",))["proj"], lambda z, zn: representational_divergence(z, zn),
+              eps, 1.25 * eps / 3, 3, module=model, generator=gen)
+    x_adv = pgd(x, z_nat)
+    p_grad = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    rd = representational_divergence(out(p_grad, x_adv, adv), out(p_grad, x, nat))
+    names = list(p_grad)
+    tangent = dict(zip(names, torch.autograd.grad(rd, [p_grad[k] for k in names], allow_unused=True)))
+    tangent = {k: (torch.zeros_like(params[k]) if g is None else g) for k, g in tangent.items()}
+    augment = ContrastiveAugment(ss.image_size, 1.0, 0.2)
+    scores = np.zeros(len(candidates))
+    order = np.sort(candidates)
+    for draw in range(draws):
+        done = 0
+        for b in ss.loader("train", order, backend="indexed", batch_size=256, shuffle=False):
+            n = len(b.ids)
+            views = torch.cat([augment(b.images, gen), augment(b.images, gen)])
+            attack = PGD(lambda xx: model(xx, adv, heads=("proj",))["proj"], lambda z, _: nt_xent(z, 0.5), eps,
+                         eps / 4, 1, module=model, generator=gen)
+            x_views_adv = attack(views)
+            with torch.no_grad():
+                passes = [(model.features(views, nat), nat), (model.features(x_views_adv, adv), adv)]
+            rows = contrastive_head_rows(model.heads["proj"], passes, n, {"temperature": 0.5})
+            total = torch.zeros(n)
+            for k, (xs, branch) in enumerate(((views, nat), (x_views_adv, adv))):
+                _, t_out = jvp(lambda p: out(p, xs, branch), (params,), (tangent,))
+                g = torch.cat([rows.grads[2 * k], rows.grads[2 * k + 1]])
+                total += (g * t_out).sum(1).reshape(2, n).sum(0)
+            scores[done:done + n] += total.detach().numpy() / draws
+            done += n
+    return scores  # in the order of np.sort(candidates)
+
+
 def _variants(spec: str) -> list[tuple[str, str, dict]]:
     """"rcs;rcs:draws=4,normalize=true;facility" -> [(label, selector, params)]."""
     out = []
@@ -178,8 +241,17 @@ def main() -> None:
             recorded = rows_file if params.pop("recorded", False) else None
             out = work / "subsets" / f"{seed}-{n_pick}.json"
             t = time.perf_counter()
-            m = run_selection(ss, name, args.fraction, out, checkpoint=work / "snap.pt", pool=work / "candidates.json",
-                              validation=work / "validation.json", seed=sel_seed, params=params, recorded=recorded)
+            if name == "fullnet":  # the probe: the top alignment through the whole network
+                scores = _fullnet_scores(model, ss, candidates, val, sel_seed, int(params.get("draws", 1)))
+                budget_n = int(round(args.fraction * len(candidates)))
+                sign = -1 if params.get("order", "highest") == "highest" else 1  # lowest: the sign diagnostic
+                chosen = np.sort(candidates)[np.argsort(sign * scores, kind="stable")[:budget_n]]
+                m = Manifest.for_shardset(ss, "train", np.sort(chosen), producer={"name": "fullnet"})
+                m.save(out)
+            else:
+                m = run_selection(ss, name, args.fraction, out, checkpoint=work / "snap.pt",
+                                  pool=work / "candidates.json", validation=work / "validation.json", seed=sel_seed,
+                                  params=params, recorded=recorded)
             took = time.perf_counter() - t
             ckpt = _train_from_snapshot(work / "snapshot", work / "runs" / f"{seed}-{n_pick}", out, args.epochs)
             trained, _ = load_model(ckpt)
