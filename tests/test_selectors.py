@@ -256,3 +256,34 @@ def test_rcs_reference_preset(digits_set, tmp_path):
     assert len(m) == round(0.2 * digits_set.count("train"))
     with pytest.raises(Exception, match="preset 'quick': choose one of reference, fast"):
         run_selection(digits_set, "rcs", 0.2, tmp_path / "x.json", tmp_path / "snap.pt", params={"preset": "quick"})
+
+
+def test_whole_network_alignment_equals_autograd(digits_set, tmp_path):
+    """`alignment`'s score: the forward-mode product equals <per-sample gradient of the rows' linearised loss,
+    tangent> from autograd, for every parameter of the model; the selector keeps the lowest."""
+    from pipeline.attacks import Budget
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.objectives import objective_of
+    from pipeline.selectors.alignment import network_alignment
+    from pipeline.selectors.run import run_selection
+
+    model = _tiny_snapshot(digits_set)
+    batch = next(iter(digits_set.loader("train", digits_set.ids("train")[:5], batch_size=5, shuffle=False)))
+    rows = objective_of("acl").rows(model, batch, torch.Generator().manual_seed(0), {"min_crop_scale": 0.4},
+                                    Budget(0.1, 0.025, 1))
+    torch.manual_seed(1)
+    tangent = {k: torch.randn_like(p) for k, p in model.named_parameters()}
+    fast = network_alignment(model, "proj", rows, tangent)
+    for i in range(5):
+        model.zero_grad()
+        loss = sum((rows.grads[r][i] * model(rows.inputs[r][i:i + 1], rows.branches[r], heads=("proj",))["proj"][0]).sum()
+                   for r in range(len(rows.grads)))
+        grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+        ref = sum((g * tangent[k]).sum() for (k, _), g in zip(model.named_parameters(), grads) if g is not None)
+        assert float(fast[i]) == pytest.approx(float(ref), rel=1e-4, abs=1e-7)
+    save_checkpoint(tmp_path / "snap.pt", {"model_spec": model.spec, "model": model.state_dict()})
+    runs = [run_selection(digits_set, "alignment", 0.1, tmp_path / f"{n}.json", tmp_path / "snap.pt", seed=3,
+                          params={"attack_steps": 1}) for n in "ab"]
+    assert len(runs[0]) == round(0.1 * digits_set.count("train"))
+    np.testing.assert_array_equal(runs[0].ids, runs[1].ids)
+    assert not set(runs[0].ids) & set(runs[0].extra["validation_ids"])

@@ -25,6 +25,7 @@ class HeadRows:
     feats: list
     grads: list
     branches: list
+    inputs: list | None = None  # the images of each row (n each), where the objective keeps them
 
 
 class Objective:

@@ -20,13 +20,17 @@ def contrastive_rows(model, images, settings: dict, attack, gen) -> HeadRows:
     nat, adv = model.branch("natural"), model.branch("adversarial")
     with torch.no_grad():
         passes = [(model.features(views, nat), nat)]
+    inputs = [views]
     if attack is not None and attack.steps > 0:
         pgd = PGD(lambda x: model(x, adv, heads=("proj",))["proj"], lambda z, _: nt_xent(z, t),
                   attack.eps, attack.step, attack.steps, module=model, generator=gen)
         x_adv = pgd(views)
         with torch.no_grad():
             passes.append((model.features(x_adv, adv), adv))
-    return contrastive_head_rows(model.heads["proj"], passes, len(images), settings)
+        inputs.append(x_adv)
+    rows = contrastive_head_rows(model.heads["proj"], passes, len(images), settings)
+    rows.inputs = [x for pass_images in inputs for x in pass_images.split(len(images))]
+    return rows
 
 
 def contrastive_head_rows(head, passes: list, n: int, settings: dict) -> HeadRows:
