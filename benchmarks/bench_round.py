@@ -79,7 +79,7 @@ def _select(data: Path, run: Path, out: Path, fraction: float, recorded: bool, r
            str(fraction), "--checkpoint", str(run / "checkpoints" / "last.pt"), "--pool",
            str(run / "selection" / "pool.json"), "--device", "cpu", "--out", str(out)]
     if recorded:
-        cmd += ["--recorded", str(run / "snapshots" / "rows.npz")]
+        cmd += ["--recorded", str(run / "snapshots" / "book.rows")]
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -123,7 +123,7 @@ def main() -> None:
                "round_fresh_s": fresh_s, "round_recorded_s": rec_s, "round_fresh_share": fresh_s / plain,
                "round_recorded_share": rec_s / plain, "recorded_vs_fresh": rec_s / fresh_s,
                "timing_fresh": fresh_t, "timing_recorded": rec_t,
-               "rows_bytes": (run / "snapshots" / "rows.npz").stat().st_size}
+               "rows_bytes": (run / "snapshots" / "book.rows").stat().st_size}
         if args.arms:
             arms = {name: _arm(data, work / f"arm-{name}-{pool}", ARMS[name], args.arms)
                     for name in ["random", *[a for a in args.arm_names.split(",") if a != "random"]]}

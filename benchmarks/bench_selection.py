@@ -225,7 +225,7 @@ def main() -> None:
     save_checkpoint(work / "snap.pt", warm.snapshot(args.warm_epochs))
     warm.close()
     assert np.array_equal(Manifest.load(work / "snapshot" / "selection" / "validation.json").ids, val)
-    rows_file = work / "snapshot" / "snapshots" / "rows.npz"
+    rows_file = work / "snapshot" / "snapshots" / "book.rows"
     model, _ = load_model(work / "snap.pt")
     before = {"rd_u": _rd(model, ss, "train", val), "rd_test": _rd(model, ss, "test", test_ids)}
     stability = [_stability(model, ss, candidates, val, args.fraction, int(d)) for d in args.stability_draws.split(",")]

@@ -269,7 +269,7 @@ def select(
     proxy: Optional[str] = typer.Option(None, help="facility: features | gradients"),
     per_class: bool = typer.Option(False, help="facility/random: budget per class"),
     knn_backend: Optional[str] = typer.Option(None, help="facility: auto | faiss-flat | faiss-ivf | faiss-gpu | torch"),
-    recorded: Optional[Path] = typer.Option(None, help="Rows training recorded (RUN/snapshots/round-NNNN.rows.npz, "
+    recorded: Optional[Path] = typer.Option(None, help="Rows training recorded (RUN/snapshots/book.rows, "
                                             "select.proxies = recorded): no proxy pass for the samples they cover."),
     watch: Optional[Path] = typer.Option(None, help="Keep selecting for this training run, round after round."),
     every: int = typer.Option(1, help="--watch: select when the run's checkpoint is this many epochs newer."),

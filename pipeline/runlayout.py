@@ -7,7 +7,7 @@ reads a run (trainer, selection rounds, eval, certify, report, experiment, --ove
     RUN/checkpoints/last.pt       and epoch-NNNN.pt
     RUN/manifests/round-NNNN.json the subsets the run trained on (headers; arrays beside them)
     RUN/snapshots/round-NNNN.pt   the model a background round selected with (.group: its rendezvous file;
-                                  .rows.npz: the rows training recorded for it; rows.npz: all recorded rows)
+                                  .rows: the rows training recorded for it; book.rows: all recorded rows)
     RUN/selection/pool.json       the split less the held-out U, and U (validation.json), for selectors with U
     RUN/results.json              every evaluation of the run's checkpoints
     RUN/classifiers/*.pt          finetuned classifiers (`pipeline eval`)
@@ -81,12 +81,12 @@ class RunLayout:
 
     def round_rows(self, number: int) -> Path:
         """The rows training recorded, handed to round `number` (select.proxies = recorded)."""
-        return self.snapshots / f"round-{number:04d}.rows.npz"
+        return self.snapshots / f"round-{number:04d}.rows"
 
     @property
     def row_book(self) -> Path:
         """Every pool sample's latest recorded rows, saved with each checkpoint so that a resume has them."""
-        return self.snapshots / "rows.npz"
+        return self.snapshots / "book.rows"
 
     @property
     def selection(self) -> Path:
@@ -119,8 +119,8 @@ class RunLayout:
         ".": re.compile(rf"^({re.escape(CONFIG)}|{re.escape(METRICS)}|{re.escape(RESULTS)}|{re.escape(MARKER)}"
                         rf"|\.{re.escape(RESULTS)}\.lock)$"),  # the lock of results.json (record_lock)
         "checkpoints": re.compile(r"^(last|epoch-\d{4})\.pt$"),
-        # .group: a multi-process round's rendezvous; .rows.npz and rows.npz: recorded selection rows
-        "snapshots": re.compile(r"^(round-\d{4}\.(pt|group|rows\.npz)|rows\.npz)$"),
+        # .group: a multi-process round's rendezvous; .rows and book.rows: recorded selection rows
+        "snapshots": re.compile(r"^(round-\d{4}\.(pt|group|rows)|book\.rows)$"),
     }
     MANIFEST_FOLDERS = ("manifests", "selection")
 

@@ -53,26 +53,30 @@ def test_rows_files_are_validated(tmp_path):
     rows = HeadRows([torch.randn(3, 5), torch.randn(3, 5)], [torch.randn(3, 2), torch.randn(3, 2)], ["n", "a"])
     book.add(np.array([11, 15, 99]), rows, epoch=4)  # 99 is not in the pool: left out
     assert list(book.epochs) == [-1, 4, -1, -1, -1, 4, -1, -1, -1, -1]
-    back = RecordedRows.load(book.recorded(4).save(tmp_path / "r.npz"))
+    back = RecordedRows.load(book.recorded(4).save(tmp_path / "r.rows"))
     np.testing.assert_array_equal(back.ids, [11, 15])
     np.testing.assert_array_equal(back.feats[1], torch.stack([f[1] for f in rows.feats]).half().numpy())
     np.testing.assert_array_equal(back.grads[0], torch.stack([g[0] for g in rows.grads]).numpy())
     assert back.branches == ("n", "a") and not len(book.recorded(5).ids)
     again = RowBook(np.arange(10, 20))
-    again.load(book.save(tmp_path / "book.npz"))
+    again.load(book.save(tmp_path / "book.rows"))
     np.testing.assert_array_equal(again.epochs, book.epochs)
     np.testing.assert_array_equal(again.grads, book.grads)
-    (tmp_path / "torn.npz").write_bytes((tmp_path / "r.npz").read_bytes()[:100])
-    with pytest.raises(PipelineError, match="torn.npz: not a file of recorded selection rows"):
-        RecordedRows.load(tmp_path / "torn.npz")
-    np.savez(tmp_path / "odd.npz", ids=np.array([2, 1]), feats=back.feats, grads=back.grads, epochs=back.epochs,
-             branches=np.array(back.branches))
-    with pytest.raises(PipelineError, match="odd.npz: recorded rows whose arrays do not agree"):
-        RecordedRows.load(tmp_path / "odd.npz")
-    np.savez(tmp_path / "pickled.npz", ids=np.array([1, 2], dtype=object), feats=back.feats, grads=back.grads,
-             epochs=back.epochs, branches=np.array(back.branches))
-    with pytest.raises(PipelineError, match="pickled.npz"):
-        RecordedRows.load(tmp_path / "pickled.npz")
+    (tmp_path / "torn.rows").write_bytes((tmp_path / "r.rows").read_bytes()[:-100])
+    with pytest.raises(PipelineError, match="torn.rows: not a file of recorded selection rows"):
+        RecordedRows.load(tmp_path / "torn.rows")
+
+    def write(name, ids, allow_pickle=False):
+        with open(tmp_path / name, "wb") as f:
+            for a in (ids, back.feats, back.grads, back.epochs, np.array(back.branches)):
+                np.save(f, a, allow_pickle=allow_pickle)
+
+    write("odd.rows", np.array([2, 1]))
+    with pytest.raises(PipelineError, match="odd.rows: recorded rows whose arrays do not agree"):
+        RecordedRows.load(tmp_path / "odd.rows")
+    write("pickled.rows", np.array([1, 2], dtype=object), allow_pickle=True)
+    with pytest.raises(PipelineError, match="pickled.rows: not a file of recorded selection rows"):
+        RecordedRows.load(tmp_path / "pickled.rows")
 
 
 def _recorded_run(root, run, selector="rcs", proxies="recorded", **over):
@@ -98,7 +102,7 @@ def test_a_run_selects_from_recorded_rows_resumes_exactly_and_recording_changes_
     assert timing[0]["fresh_rows"] == pool - epochs[0]["images"]  # only the samples epoch 1 did not reach
     assert all(t["fresh_rows"] < pool // 4 for t in timing)
     snaps = sorted(p.name for p in (run / "snapshots").iterdir())
-    assert snaps == ["round-0001.pt", "round-0002.pt", "rows.npz"]  # round rows gone once used
+    assert snaps == ["book.rows", "round-0001.pt", "round-0002.pt"]  # round rows gone once used
     # stopped after 2 epochs and resumed: the same rounds and weights as without the stop
     half = tmp_path / "half"
     with create_trainer(_recorded_run(digits_set.root, half), progress=False) as t:
