@@ -8,9 +8,10 @@ mode, so that rows are independent). No per-sample gradient is ever formed.
 
 `order=lowest` (the default) keeps the candidates whose gradient most opposes lowering RD(U) at first order;
 `order=highest` is RCS's rule (one-shot, no greedy). Measured with benchmarks/bench_selection.py (16 px
-CIFAR-10, 5,000-image pool, 3 seeds): `highest` raises RD(U) far more than random subsets do, `lowest` lowers
-it far more, on test images too: the first-order prediction has the wrong sign after an epoch of training, and
-the lowest-ranked are the ones that pay. Needs an objective that keeps its rows' images (ACL, DynACL, SimCLR);
+CIFAR-10, 3 seeds): with a 5,000-image pool `highest` raises RD(U) far more than random subsets do and
+`lowest` lowers it far more (two snapshots, on test images too); with a 10,000-image pool `lowest` raises it
+far more and `highest` is no better than random. The first-order score is a strong signal whose sign is not
+stable: a research tool, not a default. Needs an objective that keeps its rows' images (ACL, DynACL, SimCLR);
 one process (not spread over torchrun ranks).
 """
 
