@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from torch.func import functional_call, jvp
 
-from pipeline.attacks import PGD, Budget
+from pipeline.attacks import Budget
 from pipeline.augment import to_float
 from pipeline.errors import PipelineError
 from pipeline.losses import representational_divergence
-from pipeline.selectors.base import Selection, SelectionContext, Selector, register_selector
+from pipeline.selectors.base import Selection, SelectionContext, Selector, check_draws, register_selector
 
 
 def rd_parameter_gradient(pc, val_ids: np.ndarray) -> dict:
@@ -43,10 +43,7 @@ def rd_parameter_gradient(pc, val_ids: np.ndarray) -> dict:
         x = to_float(b.images)
         with torch.no_grad():
             z_nat = model(x, b_nat, heads=(head,))[head]
-        attack = PGD(lambda xx: model(xx, b_adv, heads=(head,))[head],
-                     lambda z, zn: representational_divergence(z, zn, kind), pc.eps, 1.25 * pc.eps / 3, 3,
-                     module=model, generator=pc._generator(1, k))
-        x_adv = attack(x, z_nat)
+        x_adv = pc.virtual_adversarial(x, z_nat, k)
         with torch.enable_grad():
             rd = representational_divergence(model(x_adv, b_adv, heads=(head,))[head],
                                              model(x, b_nat, heads=(head,))[head], kind)
@@ -90,8 +87,7 @@ class AlignmentSelector(Selector):
         p = self.params
         if p["order"] not in ("lowest", "highest"):
             raise PipelineError(f"--order {p['order']!r}: choose lowest or highest")
-        if not isinstance(p["draws"], int) or isinstance(p["draws"], bool) or p["draws"] < 1:
-            raise PipelineError(f"--draws {p['draws']!r}: a whole number of proxy draws, at least 1")
+        check_draws(p["draws"])
         pc = ctx.proxies
         started = time.perf_counter()
         cand, val = pc.split_validation(np.asarray(ctx.pool_ids))

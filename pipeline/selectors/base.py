@@ -89,6 +89,13 @@ def selector_needs_validation(name: str, params: str | dict) -> bool:
     return create_selector(name, **parse_kv(params, "select.params")).needs_validation
 
 
+def check_draws(draws) -> int:
+    """The `draws` parameter of the proxy-based selectors: a whole number, at least 1."""
+    if not isinstance(draws, int) or isinstance(draws, bool) or draws < 1:
+        raise PipelineError(f"--draws {draws!r}: a whole number of proxy draws, at least 1")
+    return draws
+
+
 def draw_validation(pool_ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """RCS's held-out validation part U of a pool: the one formula every caller draws it by (sorted ids, at
     least 2, a seeded stream of its own)."""

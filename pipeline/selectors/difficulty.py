@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.selectors.base import Selection, SelectionContext, Selector, register_selector
+from pipeline.selectors.base import Selection, SelectionContext, Selector, check_draws, register_selector
 from pipeline.selectors.proxies import head_gradient_norms
 
 
@@ -47,11 +47,6 @@ def stratified_budget(sizes: np.ndarray, budget: int) -> np.ndarray:
 class _DifficultySelector(Selector):
     needs_model = True
 
-    def _check(self) -> None:
-        d = self.params["draws"]
-        if not isinstance(d, int) or isinstance(d, bool) or d < 1:
-            raise PipelineError(f"--draws {d!r}: a whole number of proxy draws, at least 1")
-
 
 @register_selector
 class EasySelector(_DifficultySelector):
@@ -59,7 +54,7 @@ class EasySelector(_DifficultySelector):
     defaults = {"draws": 1, "attack_steps": 1}
 
     def select(self, ctx: SelectionContext) -> Selection:
-        self._check()
+        check_draws(self.params["draws"])
         ids, norms, timing = difficulty(ctx, self.params["draws"])
         keep = np.argsort(norms, kind="stable")[: ctx.budget]
         return Selection(np.sort(ids[keep]), None, float(norms[keep].sum()), timing,
@@ -72,7 +67,7 @@ class CCSSelector(_DifficultySelector):
     defaults = {"draws": 1, "attack_steps": 1, "hard_cut": 0.1, "strata": 50}
 
     def select(self, ctx: SelectionContext) -> Selection:
-        self._check()
+        check_draws(self.params["draws"])
         p = self.params
         if not 0 <= p["hard_cut"] < 1:
             raise PipelineError(f"--hard_cut {p['hard_cut']!r}: the share of hardest samples dropped, in [0, 1)")

@@ -19,7 +19,8 @@ import numpy as np
 
 from pipeline.dist import gather_objects, rank_and_world
 from pipeline.errors import PipelineError
-from pipeline.selectors.base import Selection, SelectionContext, Selector, class_budgets, register_selector
+from pipeline.selectors.base import (Selection, SelectionContext, Selector, check_draws, class_budgets,
+                                     register_selector)
 from pipeline.selectors.greedy import maximize
 from pipeline.selectors.knn import _normalise, cover_graph, knn_graph
 
@@ -103,8 +104,7 @@ class FacilitySelector(Selector):
             raise PipelineError(f"--proxy {p['proxy']!r}: choose features or gradients")
         timing = {}
         t = time.perf_counter()
-        if not isinstance(p["draws"], int) or isinstance(p["draws"], bool) or p["draws"] < 1:
-            raise PipelineError(f"--draws {p['draws']!r}: a whole number of proxy draws, at least 1")
+        check_draws(p["draws"])
         proxies = ctx.proxies.compute(ctx.pool_ids, need_gradients=p["proxy"] == "gradients" or p["alignment_weight"] > 0,
                                       draws=p["draws"], validation=p["alignment_weight"] > 0)
         timing["proxies"] = time.perf_counter() - t

@@ -158,9 +158,18 @@ class ProxyComputer:
             self._validation_cache = {key: self._validation_state(val_ids, spread, draws)}
         return self._validation_cache[key]
 
+    def virtual_adversarial(self, x: torch.Tensor, z_nat: torch.Tensor, batch_no: int, draw: int = 0) -> torch.Tensor:
+        """U's views for RD: PGD on RD at the selection head (3 steps, step 1.25 eps / 3), its random start drawn
+        from (batch, draw), the same whichever rank or selector asks."""
+        head, kind = self.head_name, self.method.divergence
+        attack = PGD(lambda xx: self.model(xx, self.branches[1], heads=(head,))[head],
+                     lambda z, zn: representational_divergence(z, zn, kind), self.eps, 1.25 * self.eps / 3, 3,
+                     module=self.model, generator=self._generator(1 + 10 * draw, batch_no))
+        return attack(x, z_nat)
+
     def _validation_state(self, val_ids: np.ndarray, spread: bool, draws: int):
         b_nat, b_adv = self.branches
-        head, kind = self.head_name, self.method.divergence
+        head = self.head_name
         mine, first = self._share(val_ids, spread)
         nat, adv = [], []
         for k, b in enumerate(self._batches(mine) if len(mine) else []):
@@ -169,12 +178,8 @@ class ProxyComputer:
                 z_nat = self.model(x, b_nat, heads=(head,))[head]
                 f_nat = self._features(x, b_nat)
             for draw in range(draws):
-                attack = PGD(lambda x: self.model(x, b_adv, heads=(head,))[head],
-                             lambda z, z_nat: representational_divergence(z, z_nat, kind), self.eps,
-                             1.25 * self.eps / 3, 3, module=self.model,
-                             generator=self._generator(1 + 10 * draw, first + k))
                 nat.append(f_nat)
-                adv.append(self._features(attack(x, z_nat), b_adv))
+                adv.append(self._features(self.virtual_adversarial(x, z_nat, first + k, draw), b_adv))
         d = self.model.encoder.feature_dim
         empty = torch.zeros(0, d, device=self.device)
         nat, adv = (torch.cat(nat) if nat else empty), (torch.cat(adv) if adv else empty)

@@ -32,7 +32,7 @@ import torch
 
 from pipeline.dist import gather_objects, rank_and_world
 from pipeline.errors import PipelineError
-from pipeline.selectors.base import Selection, SelectionContext, Selector, register_selector
+from pipeline.selectors.base import Selection, SelectionContext, Selector, check_draws, register_selector
 from pipeline.selectors.proxies import head_linears, pick_gradient, rd_gradient
 
 
@@ -121,8 +121,7 @@ class RCSSelector(Selector):
         p = self.params
         if p["unit"] not in ("sample", "batch"):
             raise PipelineError(f"--unit {p['unit']!r}: choose sample or batch")
-        if not isinstance(p["draws"], int) or isinstance(p["draws"], bool) or p["draws"] < 1:
-            raise PipelineError(f"--draws {p['draws']!r}: a whole number of proxy draws, at least 1")
+        check_draws(p["draws"])
         rng = np.random.default_rng(ctx.seed)
         timing = {"proxies": 0.0, "greedy": 0.0}
         pool = np.asarray(ctx.pool_ids)
