@@ -11,7 +11,7 @@ epochs with random subsets (the baseline), RCS from fresh proxies in background 
 rows in the trainer's process (`select.processes = 0`): wall time of each against random's (target: 1.05).
 
     python benchmarks/bench_round.py [--pools 10000,50000] [--fraction 0.2] [--repeats 3] [--epoch-repeats 1]
-                                     [--image-size 16]
+                                     [--image-size 16] [--arms 15 --arm-repeats 3 --arm-names rcs-recorded]
 
 Data: ../shared/data/cifar10 (class folders) at `--image-size` px when present, else synthetic. One JSON line
 per pool size, then a table.
@@ -98,6 +98,8 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=16)
     ap.add_argument("--arms", type=int, default=0, help="also train the CPU experiment's random and rcs arms for "
                                                          "this many epochs on each pool and compare wall times")
+    ap.add_argument("--arm-repeats", type=int, default=1, help="runs of every arm, alternated (the ratio per pair "
+                                                              "and its median: this machine drifts by several %%)")
     ap.add_argument("--arm-names", default=",".join(ARMS), help=f"which of {', '.join(ARMS)} (random always)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-round-"))
@@ -124,10 +126,16 @@ def main() -> None:
                "round_recorded_share": rec_s / plain, "recorded_vs_fresh": rec_s / fresh_s,
                "timing_fresh": fresh_t, "timing_recorded": rec_t,
                "rows_bytes": (run / "snapshots" / "book.rows").stat().st_size}
-        if args.arms:
-            arms = {name: _arm(data, work / f"arm-{name}-{pool}", ARMS[name], args.arms)
-                    for name in ["random", *[a for a in args.arm_names.split(",") if a != "random"]]}
-            row["arms"] = {name: {**a, "vs_random": a["wall_s"] / arms["random"]["wall_s"]} for name, a in arms.items()}
+        if args.arms:  # repeated in alternation: each repeat pairs every arm with the random arm run next to it
+            names = ["random", *[a for a in args.arm_names.split(",") if a != "random"]]
+            runs = [{name: _arm(data, work / f"arm-{name}-{pool}-{i}", ARMS[name], args.arms) for name in names}
+                    for i in range(args.arm_repeats)]
+            row["arms"] = {name: {"wall_s": [r[name]["wall_s"] for r in runs],
+                                  "vs_random": [r[name]["wall_s"] / r["random"]["wall_s"] for r in runs],
+                                  "vs_random_median": statistics.median(r[name]["wall_s"] / r["random"]["wall_s"]
+                                                                        for r in runs),
+                                  "stall_s": [r[name]["stall_s"] for r in runs], "rounds": runs[0][name]["rounds"]}
+                           for name in names}
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(f"\n{'pool':>7} {'epoch s':>8} {'recording':>10} {'fresh round s':>14} {'/ epoch':>8} "
@@ -136,8 +144,10 @@ def main() -> None:
         print(f"{r['pool']:>7} {r['epoch_s']:>8.1f} {r['recording_overhead']:>+10.1%} {r['round_fresh_s']:>14.1f} "
               f"{r['round_fresh_share']:>8.3f} {r['round_recorded_s']:>17.1f} {r['round_recorded_share']:>8.3f}")
         for name, a in r.get("arms", {}).items():
-            print(f"    arm {name}: {a['wall_s']:.1f} s wall ({a['vs_random']:.3f} x random), {a['rounds']} rounds, "
-                  f"stall {a['stall_s']:.1f} s")
+            walls = ", ".join(f"{w:.1f}" for w in a["wall_s"])
+            ratios = ", ".join(f"{v:.3f}" for v in a["vs_random"])
+            print(f"    arm {name}: {walls} s wall; x random per pair {ratios} (median {a['vs_random_median']:.3f}); "
+                  f"{a['rounds']} rounds, stall {max(a['stall_s']):.1f} s at most")
 
 
 if __name__ == "__main__":

@@ -47,6 +47,13 @@ def compress(grads_w: list[torch.Tensor], grads_b: list[torch.Tensor]) -> torch.
     return torch.cat(parts, dim=-1)
 
 
+def vjp_objective(z: torch.Tensor, grad_z: torch.Tensor) -> torch.Tensor:
+    """sum(z * grad_z): its gradient is the vector-Jacobian product with `grad_z`, bit for bit (the product's
+    backward multiplies grad_z by ones). Passing grad_outputs= instead makes torch import sympy for a shape
+    check on the first call (0.44 s of a standalone round)."""
+    return (z * grad_z).sum()
+
+
 def head_rows_backward(head: nn.Module, feats: torch.Tensor, grad_out: torch.Tensor, branch: str):
     """Per-row (input a_l, output gradient delta_l) of each linear layer, for rows that pass independently."""
     inputs, outputs = [], []
@@ -59,7 +66,7 @@ def head_rows_backward(head: nn.Module, feats: torch.Tensor, grad_out: torch.Ten
     try:
         with use_branch(head, branch), torch.enable_grad():
             z = head(feats)
-            deltas = torch.autograd.grad(z, outputs, grad_outputs=grad_out)
+            deltas = torch.autograd.grad(vjp_objective(z, grad_out), outputs)
     finally:
         for h in hooks:
             h.remove()
@@ -341,7 +348,7 @@ def pick_gradient(head: nn.Module, row_feats: torch.Tensor, row_grads: torch.Ten
             feats = row_feats[:, cols].reshape(-1, row_feats.shape[-1]).float()
             with use_branch(head, branch):
                 z = head(feats)
-            grads = torch.autograd.grad(z, params, grad_outputs=row_grads[:, cols].reshape(len(z), -1).float())
+            grads = torch.autograd.grad(vjp_objective(z, row_grads[:, cols].reshape(len(z), -1).float()), params)
             total = [t + g for t, g in zip(total, grads)]
     return total
 

@@ -71,6 +71,7 @@ def _rcs_greedy(proxies, head, picks_wanted, eta, unit, batch_size, rng, refresh
         cand = proxies.compressed_grads
     if normalize:
         cand = cand / np.maximum(np.linalg.norm(cand, axis=1, keepdims=True), 1e-12)
+    cand = cand.astype(np.float64)  # once: U's gradient is float64, and `cand @` it cast a copy at every block
     work = copy.deepcopy(head)  # stepped during the greedy; the snapshot's head is left alone
     snapshot_head = copy.deepcopy(head)  # candidate gradients are those of the snapshot
     params = [p for lin in head_linears(work) for p in (lin.weight, lin.bias)]
