@@ -136,3 +136,23 @@ def test_natural_branch_is_deployed_and_kept_apart(digits_set, trained):
                  progress=False, branch="natural")
     saved = json.loads((trained.parent.parent / "results.json").read_text())[r["checkpoint_sha256"]]
     assert saved["slf-clean-natural"]["eval_branch"] == "nat" and saved["slf-clean-natural"]["chance"] == 0.1
+
+
+@pytest.mark.parametrize("protocol", ["slf", "alf"])
+def test_the_linear_layer_learns_on_the_branch_it_is_deployed_through(digits_set, trained, protocol):
+    """SLF and ALF train the classifier on the encoder's features through the deployed branch (ACL: the
+    adversarial one), the branch its test accuracy is then measured through; a classifier fitted to the natural
+    branch's features and deployed on the adversarial one loses accuracy for no reason of the encoder's."""
+    from pipeline.models.multibn import multibn_layers
+
+    clf, _ = load_classifier(trained, digits_set, "cpu")
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen.append(m.branch)) for m in multibn_layers(clf.encoder)
+             if not m.shared]
+    s = FinetuneSettings(protocol=protocol, epochs=1, lr=0.1, batch_size=256, milestones=[], train_steps=1)
+    try:
+        finetune(clf, digits_set.loader("train", batch_size=256), protocol, s, 0.1, 0.05, "cpu", progress=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen and set(seen) == {clf.branches["eval"]} == {"adv"}

@@ -33,9 +33,13 @@ class LinearClassifier(nn.Module):
         nn.init.zeros_(self.fc.weight)
         nn.init.zeros_(self.fc.bias)
 
-    def forward(self, x, branch: str | None = None):
+    def features(self, x, branch: str | None = None):
+        """Encoder features through the eval branch (or `branch`): the ones the linear layer is deployed on."""
         set_branch(self.encoder, branch or self.branches["eval"])
-        return self.fc(self.encoder(x))
+        return self.encoder(x)
+
+    def forward(self, x, branch: str | None = None):
+        return self.fc(self.features(x, branch))
 
 
 PROTOCOLS: Registry[type["Protocol"]] = Registry("protocol", flag="--protocol")
@@ -68,8 +72,8 @@ class SLF(Protocol):
 
     def loss(self, x, y):
         self.model.encoder.eval()
-        with torch.no_grad():
-            feats = self.model.encoder(self.noisy(x))
+        with torch.no_grad():  # through the deployed branch: the one the test accuracy is measured through
+            feats = self.model.features(self.noisy(x))
         return F.cross_entropy(self.model.fc(feats), y)
 
 
@@ -88,7 +92,7 @@ class ALF(Protocol):
         self.model.encoder.eval()
         x_adv = self.attack(x, y)
         with torch.no_grad():
-            feats = self.model.encoder(self.noisy(x_adv))
+            feats = self.model.features(self.noisy(x_adv))
         return F.cross_entropy(self.model.fc(feats), y)
 
 
