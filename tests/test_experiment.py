@@ -1,6 +1,8 @@
 """pipeline experiment: a grid of arms on digits; its table equals the runs' own files; resume; bad files."""
 
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -151,3 +153,33 @@ def test_training_digest_ignores_settings_at_their_defaults_and_method_completio
     assert "crop" not in _training(cfg)["data"] and _training(cfg)["optim"]["epochs"] == 20
     cfg.set("data.crop", "random-resized:8")
     assert _training(cfg)["data"]["crop"] == "random-resized:8"
+
+
+def test_paired_differences_against_random_at_the_same_budget():
+    """Hand computation: rcs beats random by 3, 2 and 4 points on seeds 0-2 (mean 3, sd 1: twice its standard
+    error is 1.15, beyond the noise); facility by +1, -1, +2 (mixed signs: inside it); a budget without a random
+    arm is not paired."""
+    from pipeline.experiment.table import paired_against_random, results_markdown, summarize, tradeoff_points
+
+    def row(arm, selector, fraction, seed, pgd, wall):
+        return {"arm": arm, "seed": seed, "method": "acl", "selector": selector, "fraction": fraction,
+                "clean": 0.5, "pgd20": pgd, "train_s": wall, "wall_s": wall, "images": 10, "rounds": 1,
+                "selection_s": 1.0, "selection_process_s": 1.0, "stall_s": 0.0, "eval": {"samples": 1000}}
+
+    base = [0.10, 0.12, 0.11]
+    rows = ([row("random-0.2", "random", 0.2, s, p, 100.0) for s, p in enumerate(base)]
+            + [row("rcs-0.2", "rcs", 0.2, s, p + d, 130.0 + s) for s, (p, d) in enumerate(zip(base, [0.03, 0.02, 0.04]))]
+            + [row("facility-0.2", "facility", 0.2, s, p + d, 110.0) for s, (p, d) in enumerate(zip(base, [0.01, -0.01, 0.02]))]
+            + [row("rcs-0.1", "rcs", 0.1, s, 0.1, 50.0) for s in range(3)])
+    paired = {p["arm"]: p for p in paired_against_random(rows)}
+    assert set(paired) == {"rcs-0.2", "facility-0.2"}
+    rcs = paired["rcs-0.2"]["pgd20"]
+    assert np.allclose(rcs["diffs"], [0.03, 0.02, 0.04]) and np.isclose(rcs["mean"], 0.03) and np.isclose(rcs["std"], 0.01)
+    assert rcs["beyond_noise"] and not paired["facility-0.2"]["pgd20"]["beyond_noise"]
+    assert paired["rcs-0.2"]["wall_s"]["diffs"] == [30.0, 31.0, 32.0]
+    exp = SimpleNamespace(path=Path("x.toml"))
+    md = results_markdown(exp, rows)
+    assert "**+3.00 / +2.00 / +4.00 (+3.00 ± 1.00)**" in md and "+1.00 / -1.00 / +2.00 (+0.67 ± 1.53)" in md
+    points = tradeoff_points(summarize(rows))
+    assert {p["label"] for p in points} == {"random-0.2", "rcs-0.2", "facility-0.2", "rcs-0.1"}
+    assert all(p["measure"] == "pgd20" for p in points)

@@ -103,3 +103,22 @@ def test_a_run_with_a_held_out_u_logs_rd_u_and_the_report_plots_it(digits_set, t
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "This run never trained on a subset" in (tmp_path / "r2" / "report.md").read_text()
+
+
+def test_noise_line_is_two_standard_errors_of_a_difference():
+    """Hand computation: clean 50% and 30% on 1,000 images, mean p = 0.4: 2 sqrt(2 p (1 - p) / n) = 4.38 points;
+    PGD-20 10% and 14%, p = 0.12: 2 sqrt(2 * 0.12 * 0.88 / 1000) = 2.91 points. The natural branch's row and a run
+    without PGD-20 do not count."""
+    from types import SimpleNamespace
+
+    from pipeline.report import noise_line
+
+    def run(*results):
+        return SimpleNamespace(results=list(results))
+
+    runs = [run({"clean": 0.5, "pgd20": 0.10, "samples": 1000}, {"branch_role": "natural", "clean": 0.9, "samples": 1000}),
+            run({"clean": 0.3, "pgd20": 0.14, "samples": 1000, "branch_role": "eval"}),
+            run({"clean": 0.99, "samples": 1000})]
+    line = noise_line(runs)
+    assert "1,000 test images" in line and "4.4 points (clean)" in line and "2.9 points (PGD-20)" in line
+    assert noise_line(runs[:1]) is None  # one run: no difference to judge

@@ -12,7 +12,7 @@ from pipeline.atomic import atomic_path, write_json
 from pipeline.errors import PipelineError
 from pipeline.evaluation.measures import list_measures
 from pipeline.experiment.spec import CERTIFIED_COLUMNS, Experiment
-from pipeline.report import build_report
+from pipeline.report import build_report, figures
 
 
 def _mean_std(values) -> tuple[float | None, float | None]:
@@ -37,10 +37,77 @@ def summarize(rows: list[dict]) -> list[dict]:
         if selector != "-" and not any(r.get("rounds") for r in rs):  # every round finished after training ended
             selector = f"{selector} (no round used: all data)"
         line = {"arm": arm, "method": rs[0].get("method", "-"), "selector": selector, "fraction": rs[0]["fraction"], "seeds": [r["seed"] for r in rs]}
-        for key in (*measures, "train_s", "images", "selection_s", "stall_s"):
+        for key in (*measures, "train_s", "wall_s", "images", "selection_s", "stall_s"):
             line[key], line[f"{key}_std"] = _mean_std(r.get(key) for r in rs)
         out.append(line)
     return out
+
+
+def paired_against_random(rows: list[dict]) -> list[dict]:
+    """For every selector arm with a random arm of the same method and fraction: per measure, the per-seed
+    differences (arm - random, seeds both ran), their mean and sample standard deviation, and whether the
+    difference is beyond the noise: the same sign on every seed and a mean of more than twice its standard
+    error (sd / sqrt(seeds)); with fewer than 3 seeds it is never beyond."""
+    measures = [k for k in measure_columns() if any(r.get(k) is not None for r in rows)]
+    by = {}
+    for r in rows:
+        by.setdefault((r["arm"]), {})[r["seed"]] = r
+    baselines = {(r["method"], r["fraction"]): r["arm"] for r in rows if r["selector"] == "random"}
+    out = []
+    for arm, seeds in by.items():
+        first = next(iter(seeds.values()))
+        base = baselines.get((first["method"], first["fraction"]))
+        if first["selector"] in ("-", "random") or base is None:
+            continue
+        common = sorted(set(seeds) & set(by[base]))
+        line = {"arm": arm, "baseline": base, "seeds": common}
+        for m in (*measures, "wall_s"):
+            d = [seeds[s][m] - by[base][s][m] for s in common
+                 if seeds[s].get(m) is not None and by[base][s].get(m) is not None]
+            mean, std = _mean_std(d)
+            beyond = (len(d) >= 3 and std is not None and (all(x > 0 for x in d) or all(x < 0 for x in d))
+                      and abs(mean) > 2 * std / np.sqrt(len(d)))
+            line[m] = {"diffs": d, "mean": mean, "std": std, "beyond_noise": bool(beyond)}
+        out.append(line)
+    return out
+
+
+def _paired_markdown(rows: list[dict]) -> list[str]:
+    paired = paired_against_random(rows)
+    if not paired:
+        return []
+    measures = [k for k in measure_columns() if any(k in p for p in paired)]
+    lines = ["", "Paired against random at the same budget (arm - random, same seed; accuracies in points, wall time "
+             "in s): per seed, then mean ± sd; **bold** where the difference is beyond the noise (the same sign on "
+             "every seed and a mean over twice its standard error), else it is inside it.", "",
+             "| arm | vs | " + " | ".join(measures) + " | wall s |", "| --- | --- | " + " | ".join("---" for _ in measures)
+             + " | --- |"]
+    for p in paired:
+        cells = []
+        for m in (*measures, "wall_s"):
+            c = p.get(m) or {}
+            if not c.get("diffs"):
+                cells.append("-")
+                continue
+            scale = 1 if m == "wall_s" else 100
+            text = (" / ".join(f"{scale * x:+.2f}" for x in c["diffs"]) + f" ({scale * c['mean']:+.2f}"
+                    + (f" ± {scale * c['std']:.2f})" if c["std"] is not None else ")"))
+            cells.append(f"**{text}**" if c["beyond_noise"] else text)
+        lines.append(f"| {p['arm']} | {p['baseline']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def tradeoff_points(groups: list[dict]) -> list[dict]:
+    """What the trade-off figure plots: each arm's strongest robust measure (AutoAttack where measured)."""
+    from pipeline.evaluation.measures import robust_measures
+
+    robust = [m for m in robust_measures() if any(g.get(m) is not None for g in groups)]
+    if not robust:
+        return []
+    measure = "autoattack" if "autoattack" in robust else robust[0]
+    return [{"label": g["arm"], "selector": g["selector"], "fraction": g["fraction"], "x": g["wall_s"],
+             "x_std": g["wall_s_std"], "y": g[measure], "y_std": g[f"{measure}_std"], "measure": measure}
+            for g in groups if g.get(measure) is not None and g.get("wall_s") is not None]
 
 
 def _pm(mean, std, pct: bool = False, digits: int = 1) -> str:
@@ -69,22 +136,28 @@ def results_markdown(exp: Experiment, rows: list[dict]) -> str:
                          + (f"; certified on {c['samples']} samples" if c else ""))
     lines += ["",
              "| arm | method | selector | fraction | seeds | " + " | ".join(measures) +
-             " | train s | images trained on | selection s | stall s |",
-             "| --- | --- | --- | ---: | ---: | " + " | ".join("---:" for _ in measures) + " | ---: | ---: | ---: | ---: |"]
+             " | train s | wall s | images trained on | selection s | stall s |",
+             "| --- | --- | --- | ---: | ---: | " + " | ".join("---:" for _ in measures) + " | ---: | ---: | ---: | ---: | ---: |"]
     for g in groups:
         lines.append(f"| {g['arm']} | {g['method']} | {g['selector']} | {'-' if g['fraction'] is None else format(g['fraction'], 'g')} | "
                      f"{len(g['seeds'])} | "
                      + " | ".join(_pm(g[m], g[f"{m}_std"], True) for m in measures)
-                     + f" | {_pm(g['train_s'], g['train_s_std'])} | {_pm(g['images'], None, digits=0)} | "
+                     + f" | {_pm(g['train_s'], g['train_s_std'])} | {_pm(g['wall_s'], g['wall_s_std'])} | "
+                     f"{_pm(g['images'], None, digits=0)} | "
                      + (f"{_pm(g['selection_s'], g['selection_s_std'])} | {_pm(g['stall_s'], None, digits=2)} |"
                         if g["selector"] != "-" else "- | - |"))
-    lines += ["", "Every run:", "", "| run | " + " | ".join(measures) + " | train s | images | rounds | selection s | "
-              "selection process s | stall s |", "| --- | " + " | ".join("---:" for _ in measures) +
-              " | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += _paired_markdown(rows)
+    if tradeoff_points(groups):
+        lines += ["", "![robust accuracy against training wall time, every arm](tradeoff.png)"]
+    lines += ["", "Every run:", "", "| run | " + " | ".join(measures) + " | train s | wall s | images | rounds | "
+              "selection s | selection process s | stall s |", "| --- | " + " | ".join("---:" for _ in measures) +
+              " | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
+        wall = r.get("wall_s")
         lines.append(f"| {r['arm']}-s{r['seed']} | " + " | ".join(
             "-" if r.get(m) is None else f"{100 * r[m]:.2f}" for m in measures) +
-            f" | {r['train_s']:.1f} | {r['images']:,} | {r['rounds']} | {r['selection_s']:.1f} | "
+            f" | {r['train_s']:.1f} | {'-' if wall is None else f'{wall:.1f}'} | {r['images']:,} | {r['rounds']} | "
+            f"{r['selection_s']:.1f} | "
             f"{r['selection_process_s']:.1f} | {r['stall_s']:.2f} |")
     return "\n".join(lines) + "\n"
 
@@ -100,6 +173,10 @@ def check_outputs(exp: Experiment) -> None:
         if not ours:
             raise PipelineError(f"{md}: exists and is not an experiment table of this tool; refusing to replace it "
                                 "(choose another experiment out)")
+    fig = exp.out / "tradeoff.png"
+    if fig.exists() and not figures.is_our_figure(fig):
+        raise PipelineError(f"{fig}: exists and is not a figure of this tool; refusing to replace it (choose another "
+                            "experiment out)")
     if js.exists():
         try:
             record = json.loads(js.read_text())
@@ -118,10 +195,14 @@ def write_results(exp: Experiment, rows: list[dict]) -> list[Path]:
     md = exp.out / "results.md"
     with atomic_path(md) as tmp:
         tmp.write_text(results_markdown(exp, rows))
-    write_json(exp.out / "results.json", {"experiment": str(exp.path), "rows": rows, "arms": summarize(rows)})
+    groups = summarize(rows)
+    write_json(exp.out / "results.json", {"experiment": str(exp.path), "rows": rows, "arms": groups,
+                                          "paired_against_random": paired_against_random(rows)})
+    figures.arms_tradeoff(tradeoff_points(groups), exp.out / "tradeoff.png")
 
     report, _ = build_report([r["run"] for r in rows], exp.out / "report")
     return [md, exp.out / "results.json", report]
 
 
-__all__ = ["measure_columns", "results_markdown", "summarize", "write_results"]
+__all__ = ["measure_columns", "paired_against_random", "results_markdown", "summarize", "tradeoff_points",
+           "write_results"]

@@ -128,6 +128,13 @@ def resnet50(branches, **kw):
     return ResNet(Bottleneck, (3, 4, 6, 3), branches, **kw)
 
 
+def smallcnn_wide(branches, **kw):
+    """The small CNN at twice the width (64-128-256 channels, 256 features): about 3x its cost, for CPU
+    experiments where the encoder has to learn (issue 24)."""
+    return SmallCNN(branches, width=64, **kw)
+
+
 BACKBONES: Registry = Registry("arch", flag="model.arch")
-for _name, _make in {"smallcnn": SmallCNN, "resnet18": resnet18, "resnet50": resnet50}.items():
+for _name, _make in {"smallcnn": SmallCNN, "smallcnn-wide": smallcnn_wide, "resnet18": resnet18,
+                     "resnet50": resnet50}.items():
     BACKBONES.add(_name, _make)

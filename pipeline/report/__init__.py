@@ -108,6 +108,9 @@ def build_report(run_paths: list[str | Path], out: str | Path) -> tuple[Path, li
               f"{REPORT_MARK} metrics.jsonl, config.toml, manifests and results.json.", ""]
         md += ["## Evaluation", ""] + (results_table(runs) if any(r.results for r in runs) else
                                         ["No run has been evaluated yet (`pipeline eval`)."]) + [""]
+        noise = noise_line(runs)
+        if noise:
+            md += [noise, ""]
         trade = figures.tradeoff(runs, out / "tradeoff.png")
         if trade:
             pngs.append(trade)
@@ -182,18 +185,46 @@ def _divergence_line(run: RunRecord) -> str:
     return line + "."
 
 
+def _deployed(run: RunRecord) -> tuple[dict, dict]:
+    """(the evaluation of the deployed branch with PGD-20, the natural branch's), each {} when absent."""
+    adv = next((r for r in run.results if r.get("branch_role", "eval") == "eval" and r.get("pgd20") is not None), {})
+    nat = next((r for r in run.results if r.get("branch_role") == "natural"), {})
+    return adv, nat
+
+
+def noise_line(runs: list[RunRecord]) -> str | None:
+    """Which differences between these runs one seed cannot tell apart: two standard errors of the difference
+    of two accuracies measured on the same number n of test images, sqrt(2 p (1 - p) / n) each, at the runs'
+    mean accuracy p, per measure. The spread between seeds, which one seed cannot show, comes on top."""
+    parts, sizes = [], set()
+    for key, title in (("clean", "clean"), ("pgd20", "PGD-20")):
+        vals = [(r[key], r["samples"]) for r in (_deployed(run)[0] for run in runs) if r.get(key) is not None
+                and r.get("samples")]
+        if len(vals) < 2:
+            continue
+        p = sum(v for v, _ in vals) / len(vals)
+        n = min(k for _, k in vals)
+        sizes.add(n)
+        parts.append(f"{200 * (2 * p * (1 - p) / n) ** 0.5:.1f} points ({title})")
+    if not parts:
+        return None
+    return (f"One seed on {', '.join(f'{n:,}' for n in sorted(sizes))} test images: differences below "
+            f"{' and '.join(parts)} are within two standard errors of the test sample alone, and the spread between "
+            "seeds comes on top; telling selectors apart takes several seeds (configs/experiments/).")
+
+
 def summary_table(run_paths):
-    """One rich table, a row per run: what it cost and what it reached (the demo's table)."""
+    """One rich table, a row per run: what it cost and what it reached (the demo's table), with the line
+    saying which of its differences one seed cannot tell apart."""
     from rich.table import Table
 
     runs = [load_run(p) for p in run_paths]
-    t = Table(title="runs side by side", title_justify="left")
+    t = Table(title="runs side by side", title_justify="left", caption=noise_line(runs), caption_justify="left")
     for col in ("run", "train wall s", "images attacked", "selection s", "stall s", "clean", "PGD-20",
                 "natural-branch clean", "chance"):
         t.add_column(col, justify="right")
     for run in runs:
-        adv = next((r for r in run.results if r.get("branch_role", "eval") == "eval" and r.get("pgd20") is not None), {})
-        nat = next((r for r in run.results if r.get("branch_role") == "natural"), {})
+        adv, nat = _deployed(run)
         chance = adv.get("chance") or nat.get("chance")
         t.add_row(run.label, f"{run.wall_seconds:.1f}", f"{run.images:,}",
                   f"{sum(r.get('wall_s') or r.get('selection_s') or 0 for r in run.rounds):.1f}" if run.rounds else "-",

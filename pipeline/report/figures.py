@@ -170,3 +170,30 @@ def certified_curve(tables: list[tuple[str, Path]], path: Path) -> Path:
     _save(fig, path)
     plt.close(fig)
     return path
+
+
+def arms_tradeoff(points: list[dict], path: Path) -> Path | None:
+    """An experiment's trade-off: each arm's mean robust accuracy against its mean training wall time (selection
+    included), with the seeds' standard deviations as error bars; one colour per selector, one marker per
+    budget. `points`: {"label", "selector", "fraction", "x", "x_std", "y", "y_std", "measure"}."""
+    if not points:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    selectors = list(dict.fromkeys(p["selector"] for p in points))
+    fractions = sorted({p["fraction"] for p in points if p["fraction"] is not None}, reverse=True)
+    markers = dict(zip(fractions, "osD^v<>p*h"))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for p in points:
+        ax.errorbar(p["x"], 100 * p["y"], xerr=p["x_std"] or 0, yerr=100 * (p["y_std"] or 0),
+                    fmt=markers.get(p["fraction"], "*"), color=colours[selectors.index(p["selector"]) % len(colours)],
+                    ms=6, capsize=2, lw=0.8)
+        ax.annotate(p["label"], (p["x"], 100 * p["y"]), fontsize=6, xytext=(4, 3), textcoords="offset points")
+    measure = points[0]["measure"]
+    ax.set(xlabel="training wall time, s (selection included)", ylabel=f"robust accuracy ({measure}), %",
+           title="robust accuracy against training time (mean and sd over seeds)")
+    ax.margins(0.15)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return path
