@@ -323,6 +323,7 @@ def eval_(
     lr: Optional[float] = typer.Option(None, help="@eval.lr"),
     batch_size: Optional[int] = typer.Option(None, help="@eval.batch_size"),
     limit: Optional[int] = typer.Option(None, help="@eval.limit"),
+    test_batch_size: Optional[int] = typer.Option(None, help="@eval.test_batch_size"),
     eps: Optional[float] = typer.Option(None, help="@eval.eps"),
     step: Optional[float] = typer.Option(None, help="@eval.step"),
     steps: Optional[int] = typer.Option(None, help="@eval.steps"),
@@ -349,7 +350,8 @@ def eval_(
     pick = lambda flag, value: flag if flag is not None else (value or None)  # noqa: E731
     r = evaluate(data, checkpoint, pick(protocol, e.protocol) or "slf", pick(attack, e.attack) or "pgd20",
                  pick(recipe, e.recipe), pick(epochs, e.epochs), pick(lr, e.lr), pick(batch_size, e.batch_size),
-                 limit=pick(limit, e.limit), device=resolve_device(device), workers=workers, eps=pick(eps, e.eps),
+                 limit=pick(limit, e.limit), eval_batch_size=pick(test_batch_size, e.test_batch_size) or 256,
+                 device=resolve_device(device), workers=workers, eps=pick(eps, e.eps),
                  step=pick(step, e.step), steps=pick(steps, e.steps), seed=pick(seed, e.seed) or 0, branch=branch,
                  noise_sigma=pick(noise_sigma, e.noise_sigma) or 0.0, smoothing=pick(smoothing, e.smoothing))
     names = r["measures"]
@@ -476,6 +478,8 @@ def experiment(
                                   "[[arm]] tables (see configs/experiments/)."),
     out: Optional[Path] = typer.Option(None, help="Experiment folder [default: the file's experiment.out]."),
     only: Optional[str] = typer.Option(None, help="Run only these arms (comma-separated names)."),
+    seeds: Optional[str] = typer.Option(None, help="Run only these seeds (comma-separated), e.g. one seed of every "
+                                        "arm first."),
     dry_run: bool = typer.Option(False, help="List the runs and whether each is done; run nothing."),
 ):
     """Train and evaluate a grid of arms the same way; resumable; a results table and a report."""
@@ -490,7 +494,11 @@ def experiment(
         return
     _interrupt_hint(f"finished arms are kept in {exp.out / STATE}, and the arm in flight keeps its last epoch; run "
                     "the same command again to go on")
-    rows = run_experiment(exp, only=[a.strip() for a in only.split(",")] if only else None)
+    try:
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()] if seeds else None
+    except ValueError:
+        raise PipelineError(f"--seeds {seeds!r}: comma-separated whole numbers, e.g. --seeds 0 or 0,1") from None
+    rows = run_experiment(exp, only=[a.strip() for a in only.split(",")] if only else None, seeds=seed_list)
     console.print(escape(results_markdown(exp, rows)))
     console.print(f"wrote {escape(str(exp.out / 'results.md'))}, results.json and report/report.md")
 

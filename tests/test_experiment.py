@@ -69,6 +69,13 @@ def test_experiment_table_resume_and_changed_arm(digits_set, tmp_path):
     create_trainer(cfg, progress=False).fit(stop_after=1)
     epoch1 = json.loads((tmp_path / "out/runs/full-s1/metrics.jsonl").read_text().splitlines()[-1])
 
+    # One seed of every arm first (--seeds): the other seed's interrupted run is left as it is.
+    rows = run_experiment(exp, progress=False, seeds=[0])
+    assert [(r["arm"], r["seed"]) for r in rows] == [("full", 0), ("random-half", 0)]
+    assert json.loads((tmp_path / "out/runs/full-s1/metrics.jsonl").read_text().splitlines()[-1]) == epoch1
+    with pytest.raises(PipelineError, match="--seeds 7: no arm"):
+        run_experiment(exp, progress=False, seeds=[7])
+
     rows = run_experiment(exp, progress=False)
     assert [(r["arm"], r["seed"]) for r in rows] == [("full", 0), ("full", 1), ("random-half", 0)]
     recs = [json.loads(ln) for ln in (tmp_path / "out/runs/full-s1/metrics.jsonl").read_text().splitlines()]

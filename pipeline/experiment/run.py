@@ -126,7 +126,7 @@ def _evaluate(cfg, seed: int, progress: bool) -> dict:
     e = cfg.eval
     result = evaluate(cfg.data.path, RunLayout(cfg.run.out).last, e.protocol, e.attack,
                       e.recipe or None, e.epochs or None, e.lr or None, e.batch_size or None, limit=e.limit or None,
-                      device=_device(cfg), eps=e.eps or None, step=e.step or None, steps=e.steps, seed=e.seed + seed,
+                      eval_batch_size=e.test_batch_size, device=_device(cfg), eps=e.eps or None, step=e.step or None, steps=e.steps, seed=e.seed + seed,
                       progress=progress, noise_sigma=e.noise_sigma, smoothing=e.smoothing or None)
     if e.certify:
         c = certify_spec(e.certify)
@@ -163,13 +163,19 @@ def _row(arm: Arm, seed: int, cfg, result: dict) -> dict:
     }
 
 
-def run_experiment(exp: Experiment, progress: bool = True, only: list[str] | None = None) -> list[dict]:
-    """Run every (arm, seed) not yet done; returns one row per finished run (in the file's order)."""
+def run_experiment(exp: Experiment, progress: bool = True, only: list[str] | None = None,
+                   seeds: list[int] | None = None) -> list[dict]:
+    """Run every (arm, seed) not yet done (of the arms in `only` and the seeds in `seeds`, when given); returns
+    one row per finished run (in the file's order)."""
     if only:
         missing = sorted(set(only) - {a.name for a in exp.arms})
         if missing:
             raise PipelineError(f"--only {','.join(missing)}: no such arm in {exp.path} "
                                 f"({', '.join(a.name for a in exp.arms)})")
+    if seeds is not None:
+        unknown = sorted(set(seeds) - {s for a in exp.arms for s in a.seeds})
+        if unknown:
+            raise PipelineError(f"--seeds {','.join(map(str, unknown))}: no arm of {exp.path} runs that seed")
     exp.out.mkdir(parents=True, exist_ok=True)
     with folder_lock(exp.out, "pipeline experiment"):
         check_outputs(exp)
@@ -178,7 +184,7 @@ def run_experiment(exp: Experiment, progress: bool = True, only: list[str] | Non
         data_path = _prepare(exp, progress)
         todo = exp.runs()
         for n, (arm, seed, run_id) in enumerate(todo, 1):
-            if only and arm.name not in only:
+            if (only and arm.name not in only) or (seeds is not None and seed not in seeds):
                 continue
             cfg = arm_config(exp, arm, seed, data_path)
             digest, eval_digest = _digest(_training(cfg)), _digest(cfg.to_dict()["eval"])
