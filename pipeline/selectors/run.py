@@ -74,7 +74,7 @@ def run_selection(data, selector: str, fraction: float, out, checkpoint=None, sp
 def _run_selection(data, selector, fraction, out, checkpoint, split, pool, seed, device, params, arch, batch_size,
                    round_no, epoch, attack_steps, validation, validation_fraction, workers,
                    recorded) -> Manifest | None:
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     ss = data if isinstance(data, ShardSet) else ShardSet.open(data)
     if not 0 < fraction <= 1:
         raise PipelineError(f"--fraction {fraction}: must be in (0, 1]")
@@ -110,7 +110,9 @@ def _run_selection(data, selector, fraction, out, checkpoint, split, pool, seed,
     timing = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.timing.items()}
     timing["total"] = round(time.perf_counter() - started, 3)
     timing["device"] = str(device)
-    timing["process_s"] = round(time.process_time(), 3)
+    # the round's own CPU seconds (a round in the trainer's process must not count the trainer's); a round
+    # process's start and imports are in the round record's wall_s
+    timing["process_s"] = round(time.process_time() - cpu_started, 3)
     timing["processes"] = world
     if proxies is not None and proxies.fresh_count is not None and proxies.recorded is not None:
         timing["fresh_rows"] = int(proxies.fresh_count)  # candidates without recorded rows
