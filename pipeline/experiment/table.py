@@ -10,7 +10,7 @@ import numpy as np
 
 from pipeline.atomic import atomic_path, write_json
 from pipeline.errors import PipelineError
-from pipeline.evaluation.measures import list_measures
+from pipeline.evaluation.measures import list_measures, robust_measures
 from pipeline.experiment.spec import CERTIFIED_COLUMNS, Experiment
 from pipeline.report import build_report, figures
 
@@ -99,8 +99,6 @@ def _paired_markdown(rows: list[dict]) -> list[str]:
 
 def tradeoff_points(groups: list[dict]) -> list[dict]:
     """What the trade-off figure plots: each arm's strongest robust measure (AutoAttack where measured)."""
-    from pipeline.evaluation.measures import robust_measures
-
     robust = [m for m in robust_measures() if any(g.get(m) is not None for g in groups)]
     if not robust:
         return []
