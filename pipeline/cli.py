@@ -82,7 +82,7 @@ def prepare(
 
 
 @app.command()
-def verify(directory: Path = typer.Argument(..., help="Shard-set folder.")):
+def verify(directory: str = typer.Argument(..., help="Shard-set folder or URL (s3://, gs://, http(s)://).")):
     """Re-read every shard against its index and decode every image. Exit 0 when healthy, else 1."""
     from pipeline.shards.verify import verify as run_verify
 
@@ -97,19 +97,35 @@ def verify(directory: Path = typer.Argument(..., help="Shard-set folder.")):
 
 
 @app.command()
+def upload(
+    directory: Path = typer.Argument(..., help="A shard-set folder (verified before anything is sent)."),
+    url: str = typer.Argument(..., help="s3://BUCKET/PREFIX or gs://BUCKET/PREFIX (an empty prefix, or this "
+                              "set's unfinished upload)."),
+):
+    """Copy a verified shard set to object storage; index.json goes last. Run again to resume."""
+    from pipeline.shards.upload import upload as run_upload
+
+    r = run_upload(directory, url)
+    kept = f", {r.kept} already there kept" if r.kept else ""
+    console.print(f"[green]uploaded[/] {escape(str(directory))} to {escape(r.url)}: {r.uploaded} objects, "
+                  f"{r.bytes / 1e6:,.1f} MB{kept}")
+
+
+@app.command()
 def inspect(
-    path: Path = typer.Argument(..., help="A shard-set folder or a manifest (.json)."),
-    data: Optional[Path] = typer.Option(None, help="Shard set to check a manifest against."),
+    path: str = typer.Argument(..., help="A shard-set folder or URL, or a manifest (.json)."),
+    data: Optional[str] = typer.Option(None, help="Shard set (folder or URL) to check a manifest against."),
 ):
     """Summarise a shard set or a manifest."""
     from pipeline.shards.describe import manifest_table, shardset_table
     from pipeline.shards.manifest import Manifest
     from pipeline.shards.shardset import ShardSet
+    from pipeline.shards.storage import is_url
 
-    if path.is_dir():
+    if is_url(path) or Path(path).is_dir():
         console.print(shardset_table(ShardSet.open(path)))
         return
-    m = Manifest.load(path)
+    m = Manifest.load(Path(path))
     ss = None
     if data is not None:
         ss = ShardSet.open(data)
@@ -119,7 +135,7 @@ def inspect(
 
 @app.command()
 def stream(
-    data: Path = typer.Argument(..., help="Shard-set folder."),
+    data: str = typer.Argument(..., help="Shard-set folder or URL (s3://, gs://, http(s)://)."),
     split: str = typer.Option("train"),
     manifest: Optional[Path] = typer.Option(None, help="Stream only this manifest's samples."),
     backend: str = typer.Option("auto", help="auto | stream | indexed | ffcv"),
@@ -161,7 +177,7 @@ def stream(
 @app.command()
 def train(
     # Options named by a setting's `flag` set that setting; "@KEY" help is the setting's declared help.
-    data: Optional[Path] = typer.Option(None, help="@data.path"),
+    data: Optional[str] = typer.Option(None, help="@data.path"),
     out: Optional[Path] = typer.Option(None, help="@run.out"),
     method: Optional[str] = typer.Option(None, help="Training method by name: {methods}."),
     config: Optional[Path] = typer.Option(None, help="TOML file with sections {sections} (docs/SETTINGS.md)."),
@@ -244,7 +260,7 @@ def train(
 
 @app.command()
 def select(
-    data: Path = typer.Option(..., help="Shard-set folder."),
+    data: str = typer.Option(..., help="Shard-set folder or URL."),
     selector: str = typer.Option("facility", help="{selectors} [default: facility, the one never far from or "
                                  "below random subsets in the validity benchmark: benchmarks/RESULTS.md]"),
     fraction: float = typer.Option(0.1, help="Share of the pool to select."),
@@ -312,7 +328,7 @@ def select(
 
 @app.command("eval")
 def eval_(
-    data: Path = typer.Option(..., help="Shard-set folder with train and test splits."),
+    data: str = typer.Option(..., help="Shard-set folder or URL with train and test splits."),
     checkpoint: Path = typer.Option(..., help="A checkpoint written by `pipeline train`."),
     protocol: Optional[str] = typer.Option(None, help="{protocols} (direct: the model's own classifier, no "
                                            "finetuning, as for ascl) [default: slf]"),
@@ -381,7 +397,7 @@ def eval_(
 
 @app.command()
 def certify(
-    data: Path = typer.Option(..., help="Shard-set folder with train and test splits."),
+    data: str = typer.Option(..., help="Shard-set folder or URL with train and test splits."),
     checkpoint: Path = typer.Option(..., help="A classifier `pipeline eval` saved (RUN/classifiers/*.pt), or a "
                                     "pre-trained checkpoint: then a classifier is finetuned on it first, with noise "
                                     "at --sigma, by --protocol."),
@@ -448,7 +464,7 @@ def report(
 
 @app.command("pseudo-labels")
 def pseudo_labels(
-    data: Path = typer.Option(..., help="Shard-set folder."),
+    data: str = typer.Option(..., help="Shard-set folder or URL."),
     checkpoint: Path = typer.Option(..., help="Encoder checkpoint (e.g. a `--method simclr` run's last.pt)."),
     out: Path = typer.Option(..., help="File to write: OUT.json beside its content-named arrays OUT.DIGEST.ids.npy and "
                              "OUT.DIGEST.labels.npy."),

@@ -29,7 +29,9 @@ from pipeline.errors import PipelineError
 from pipeline.kv import format_kv, parse_kv
 from pipeline.models.backbones import BACKBONES
 from pipeline.registry import Registry
+from pipeline.shards.cache import parse_size
 from pipeline.shards.crops import parse_crop
+from pipeline.shards.storage import DataSource, ReadOptions
 
 # Rules: (test, what the value must be).
 POSITIVE = (lambda v: v > 0, "must be > 0")
@@ -69,9 +71,12 @@ def setting(default, help: str = "", *, check=None, flag: str | None = None, tab
     return field(default=default, metadata=meta)
 
 
+_READ = ReadOptions()
+
+
 @dataclass
 class DataConfig:
-    path: str = setting("", "Shard-set folder.", flag="--data")
+    path: str = setting("", "Shard-set folder, or its s3://, gs:// or http(s):// prefix.", flag="--data")
     split: str = setting("train", "Split to train on.")
     batch_size: int = setting(512, "Samples per step (per process).", check=AT_LEAST_ONE, flag="--batch-size")
     workers: int = setting(2, "Loader worker processes.", check=NONNEG, flag="--workers")
@@ -85,6 +90,22 @@ class DataConfig:
                         check=_parses(parse_crop, "empty, none or random-resized:SIZE[,scale=LO-HI][,ratio=LO-HI]"))
     decode: str = setting("auto", "auto | cpu | device: JPEGs decoded on the GPU (nvJPEG) where torchvision can.",
                           check=one_of("auto", "cpu", "device"))
+    read_gap: int = setting(_READ.max_gap, "Read neighbouring samples in one range across gaps up to this many bytes.",
+                            check=NONNEG)
+    cache_dir: str = setting(_READ.cache_dir, "Local cache of a remote shard set's samples (empty: "
+                             "$XDG_CACHE_HOME/pipeline/shards, else ~/.cache/pipeline/shards).")
+    cache_limit: str = setting(_READ.cache_limit, "Disk the cache may take (10GB, 512MiB; 0: no cache); the least "
+                               "recently read shards are evicted past it.",
+                               check=_parses(parse_size, "a size such as 10GB, 512MiB or 0"))
+    retries: int = setting(_READ.retries, "Retries of a failing remote read (timeouts, 5xx, dropped connections), "
+                           "with exponential backoff.", check=NONNEG)
+    timeout: float = setting(_READ.timeout, "Seconds a remote read may take before it counts as failed.",
+                             check=POSITIVE)
+
+    def source(self) -> DataSource:
+        """Where the shard set is and how to read it."""
+        return DataSource(self.path, ReadOptions(self.read_gap, self.cache_dir, self.cache_limit, self.retries,
+                                                 self.timeout))
 
 
 @dataclass

@@ -10,6 +10,7 @@ A shard set is a folder:
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 from pathlib import Path
@@ -21,10 +22,14 @@ from pipeline.validate import Fields
 
 INDEX_NAME = "index.json"
 FORMAT = "pipeline.shardset"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the member table records each image's digest (remote reads check it)
+READABLE_VERSIONS = (1, 2)
 KEY_DIGITS = 9
-# offset/size locate the image member's data inside the tar; source is the item's index in its source reader.
-MEMBER_DTYPE = np.dtype([("id", "<i8"), ("label", "<i8"), ("offset", "<i8"), ("size", "<i8"), ("source", "<i8")])
+# offset/size locate the image member's data inside the tar; source is the item's index in its source reader;
+# digest is `member_digest` of the image's bytes.
+MEMBER_DTYPE = np.dtype([("id", "<i8"), ("label", "<i8"), ("offset", "<i8"), ("size", "<i8"), ("source", "<i8"),
+                         ("digest", "<u8")])
+MEMBER_DTYPE_V1 = np.dtype([("id", "<i8"), ("label", "<i8"), ("offset", "<i8"), ("size", "<i8"), ("source", "<i8")])
 
 
 def member_key(sample_id: int) -> str:
@@ -35,15 +40,27 @@ def shard_stem(split: str, shard_no: int) -> str:
     return f"{split}-{shard_no:06d}"
 
 
-def read_member_table(path: Path) -> np.ndarray:
+def member_digest(data) -> int:
+    """64-bit BLAKE2b of a member's bytes: what a remote read and the cache check each image against."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+def read_member_table(path, data: bytes | None = None) -> np.ndarray:
+    """A shard's member table from `path`, or from `data` already read from it (a remote .idx). Tables of
+    format 1 (no digests) come back with digest 0."""
     try:
-        table = np.load(path, allow_pickle=False)
+        table = np.load(io.BytesIO(data) if data is not None else path, allow_pickle=False)
     except FileNotFoundError:
         raise DataError(f"{path}: missing; run `pipeline prepare` again to rebuild the shard") from None
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, EOFError) as exc:
         raise DataError(f"{path}: unreadable offset index ({exc}); run `pipeline prepare` again") from exc
-    if table.dtype != MEMBER_DTYPE or table.ndim != 1:
+    if table.dtype not in (MEMBER_DTYPE, MEMBER_DTYPE_V1) or table.ndim != 1:
         raise DataError(f"{path}: not an offset index of this tool (dtype {table.dtype})")
+    if table.dtype == MEMBER_DTYPE_V1:
+        full = np.zeros(len(table), MEMBER_DTYPE)
+        for name in MEMBER_DTYPE_V1.names:
+            full[name] = table[name]
+        table = full
     return table
 
 
@@ -72,16 +89,21 @@ def load_index(root: Path) -> dict:
         raise DataError(f"{root}: no such shard-set folder; create one with `pipeline prepare SOURCE --out {root}`")
     if not path.is_file():
         raise DataError(f"{path}: missing; {root} is not a finished shard set (run `pipeline prepare` on it again)")
+    return parse_index(path, path.read_bytes())
+
+
+def parse_index(path, data: bytes) -> dict:
+    """index.json's content, checked field by field (`path` names it in messages: a file or a URL)."""
     try:
-        index = json.loads(path.read_text())
+        index = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: malformed JSON ({exc}); run `pipeline prepare` again to rewrite it") from exc
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise DataError(f"{path}: not a shard-set index of this tool (format {index.get('format') if isinstance(index, dict) else '?'})")
-    if index.get("format_version") != FORMAT_VERSION:
+    if index.get("format_version") not in READABLE_VERSIONS:
         raise DataError(
-            f"{path}: format version {index.get('format_version')}, this tool reads {FORMAT_VERSION}; "
-            "prepare the shard set again with this version"
+            f"{path}: format version {index.get('format_version')}, this tool reads "
+            f"{', '.join(map(str, READABLE_VERSIONS))}; prepare the shard set again with this version"
         )
     for key in ("name", "classes", "image", "splits", "fingerprint"):
         if key not in index:

@@ -1,8 +1,8 @@
-"""`TaskReader`: fetches planned rows of a split from its tar shards by byte offset and decodes them."""
+"""`TaskReader`: fetches planned rows of a split from its shards by byte offset (through the shard set's
+store: a folder or a URL) and decodes them."""
 
 from __future__ import annotations
 
-import os
 from typing import Iterator
 
 import numpy as np
@@ -14,62 +14,44 @@ from pipeline.shards.crops import RandomResizedCrop, crop_rng, decode_crop
 from pipeline.shards.device_decode import encode_batch
 from pipeline.shards.images import CorruptImage, decode
 
-MERGE_GAP = 16 * 1024  # read across gaps up to this size: cheaper than another system call
+
+def read_rows(store, files, table, rows: np.ndarray) -> list:
+    """Image bytes of member-table rows, in the order of `rows`: one store read per shard touched, which
+    merges neighbouring members into one range."""
+    out: list = [b""] * len(rows)
+    shards = table.shard[rows]
+    for s in np.unique(shards).tolist():
+        mine = np.flatnonzero(shards == s)
+        r = rows[mine]
+        got = store.read_members(files[s], r - table.shard_starts[s], table.offsets[r], table.sizes[r],
+                                 table.digests[r])
+        for k, blob in zip(mine.tolist(), got):
+            out[k] = blob
+    return out
 
 
 class TaskReader:
-    """Reads and decodes planned tasks. Picklable: file descriptors are opened lazily in each process."""
+    """Reads and decodes planned tasks. Picklable: the store opens files or connections lazily in each process."""
 
     def __init__(self, shardset, split: str, image_size: int | None, batch_size: int,
                  row_weights: np.ndarray | None = None, crop: RandomResizedCrop | None = None, seed: int = 0,
                  encoded: bool = False):
         self.table = shardset.members(split)
         self.row_weights = row_weights  # float32 per member-table row, or None
-        self.paths = [str(shardset.shard_path(split, i)) for i in range(len(self.table.shard_starts) - 1)]
+        self.store, self.files = shardset.store, shardset.shard_files(split)
         self.mode, self.channels = shardset.mode, shardset.channels
         self.size = image_size
         self.stored_size = shardset.image_size
         self.batch_size = batch_size
         self.crop, self.seed = crop, seed  # a random-resized crop taken while decoding, seeded per sample
         self.encoded = encoded  # yield bytes and boxes (EncodedBatch) for decoding on the device
-        self._fds: dict[int, int] = {}
-        self._pid = None
 
-    def _fd(self, shard: int) -> int:
-        if self._pid != os.getpid():
-            self._fds, self._pid = {}, os.getpid()
-        if shard not in self._fds:
-            self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
-        return self._fds[shard]
-
-    def fetch(self, rows: np.ndarray) -> list[bytes]:
+    def fetch(self, rows: np.ndarray) -> list:
         """Bytes of each row's image, in the order of `rows`."""
-        t = self.table
-        order = np.lexsort((t.offsets[rows], t.shard[rows]))
-        out: list[bytes] = [b""] * len(rows)
-        i = 0
-        while i < len(order):
-            j = i + 1
-            shard = t.shard[rows[order[i]]]
-            end = t.offsets[rows[order[i]]] + t.sizes[rows[order[i]]]
-            while (j < len(order) and t.shard[rows[order[j]]] == shard
-                   and t.offsets[rows[order[j]]] - end <= MERGE_GAP):
-                end = max(end, t.offsets[rows[order[j]]] + t.sizes[rows[order[j]]])
-                j += 1
-            start = int(t.offsets[rows[order[i]]])
-            buf = os.pread(self._fd(int(shard)), int(end) - start, start)
-            if len(buf) != int(end) - start:
-                raise PipelineError(f"{self.paths[int(shard)]}: truncated shard (short read at byte {start}); "
-                                    "run `pipeline verify` and prepare the shard set again")
-            view = memoryview(buf)
-            for k in order[i:j]:
-                o = int(t.offsets[rows[k]]) - start
-                out[k] = view[o:o + int(t.sizes[rows[k]])]
-            i = j
-        return out
+        return read_rows(self.store, self.files, self.table, rows)
 
-    def _path_of(self, row: int) -> str:
-        return self.paths[int(self.table.shard[row])]
+    def _path_of(self, row: int):
+        return self.store.where(self.files[int(self.table.shard[row])].name)
 
     def _slices(self, rows: np.ndarray):
         """(slice, labels, ids, weights) of each batch of a task: the task cut into batches."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 
 import numpy as np
 
@@ -13,6 +12,8 @@ from pipeline.errors import DataError, PipelineError
 from pipeline.shards import layout
 from pipeline.shards.images import decode
 from pipeline.shards.loaders import create_loader
+from pipeline.shards.reader import read_rows
+from pipeline.shards.storage import DataSource, ReadOptions, ShardFile, open_store
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class MemberTable:
     offsets: np.ndarray
     sizes: np.ndarray
     sources: np.ndarray
+    digests: np.ndarray  # `layout.member_digest` of each image (0 in format-1 sets)
     shard: np.ndarray  # shard number of each row
     shard_starts: np.ndarray  # first row of each shard, plus len at the end
 
@@ -32,14 +34,28 @@ class MemberTable:
 
 
 class ShardSet:
-    def __init__(self, root: Path, index: dict):
-        self.root, self.index = root, index
+    """`root` is the folder (a Path) or the URL (a str) it was opened from; `store` reads its bytes."""
+
+    def __init__(self, store, index: dict):
+        if isinstance(store, (str, os.PathLike, DataSource)):
+            store = open_store(store)
+        self.store, self.index = store, index
+        self.root = store.label
         self._tables: dict[str, MemberTable] = {}
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "ShardSet":
-        root = Path(path)
-        return cls(root, layout.load_index(root))
+    def open(cls, location: str | os.PathLike | DataSource, options: ReadOptions = ReadOptions()) -> "ShardSet":
+        """A shard-set folder, or one under an s3://, gs:// or http(s):// prefix (`ReadOptions`: how; a
+        `DataSource` brings its own)."""
+        store = open_store(location, options)
+        if store.local:
+            return cls(store, layout.load_index(store.root))
+        index = layout.parse_index(store.where(layout.INDEX_NAME), store.read_file(layout.INDEX_NAME))
+        if index["format_version"] < 2:
+            raise DataError(f"{store.where(layout.INDEX_NAME)}: a format-{index['format_version']} shard set, "
+                            "whose members carry no digests to check remote reads against; prepare it again "
+                            "with this version and upload it (`pipeline upload DIR URL`)")
+        return cls(store, index)
 
     # -- metadata ---------------------------------------------------------------------------------------
     @property
@@ -80,8 +96,12 @@ class ShardSet:
             raise PipelineError(f"{self.root}: has no split {split!r} (it has {', '.join(self.splits)})")
         return self.index["splits"][split]
 
-    def shard_path(self, split: str, shard_no: int) -> Path:
-        return self.root / self._split_info(split)["shards"][shard_no]["tar"]
+    def shard_path(self, split: str, shard_no: int):
+        """Where a shard's tar is: a Path, or a URL for a remote set."""
+        return self.store.where(self._split_info(split)["shards"][shard_no]["tar"])
+
+    def shard_files(self, split: str) -> list[ShardFile]:
+        return [ShardFile(r["tar"], r["sha256"], r["bytes"], r["count"]) for r in self._split_info(split)["shards"]]
 
     # -- members ------------------------------------------------------------------------------------------
     def members(self, split: str) -> MemberTable:
@@ -89,8 +109,10 @@ class ShardSet:
             info = self._split_info(split)
             parts, starts = [], [0]
             for rec in info["shards"]:
-                table = layout.read_member_table(self.root / rec["idx"])
-                layout.validate_member_table(self.root / rec["idx"], table, rec, len(self.classes))
+                where = self.store.where(rec["idx"])
+                data = None if self.store.local else self.store.read_file(rec["idx"])
+                table = layout.read_member_table(where, data)
+                layout.validate_member_table(where, table, rec, len(self.classes))
                 parts.append(table)
                 starts.append(starts[-1] + len(table))
             t = np.concatenate(parts) if parts else np.zeros(0, layout.MEMBER_DTYPE)
@@ -99,7 +121,7 @@ class ShardSet:
                 raise DataError(f"{self.root}: ids of split {split!r} are not increasing; prepare the shard set again")
             self._tables[split] = MemberTable(
                 t["id"].copy(), t["label"].copy(), t["offset"].copy(), t["size"].copy(), t["source"].copy(),
-                shard, np.asarray(starts, dtype=np.int64),
+                t["digest"].copy(), shard, np.asarray(starts, dtype=np.int64),
             )
         return self._tables[split]
 
@@ -122,10 +144,11 @@ class ShardSet:
         return rows
 
     def read_bytes(self, split: str, sample_id: int) -> bytes:
-        t = self.members(split)
-        row = int(self.rows_of(split, np.array([sample_id]))[0])
-        with open(self.shard_path(split, int(t.shard[row])), "rb") as f:
-            return os.pread(f.fileno(), int(t.sizes[row]), int(t.offsets[row]))
+        return bytes(self.read_rows(split, self.rows_of(split, np.array([sample_id])))[0])
+
+    def read_rows(self, split: str, rows: np.ndarray) -> list:
+        """The image bytes of member-table rows, in the order given: one store read per shard touched."""
+        return read_rows(self.store, self.shard_files(split), self.members(split), np.asarray(rows))
 
     def read_image(self, split: str, sample_id: int) -> np.ndarray:
         """One decoded image, HxWxC uint8."""

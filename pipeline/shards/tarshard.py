@@ -10,7 +10,7 @@ from typing import Iterable, NamedTuple
 import numpy as np
 
 from pipeline.atomic import atomic_path, write_npy
-from pipeline.shards.layout import MEMBER_DTYPE, member_key
+from pipeline.shards.layout import MEMBER_DTYPE, member_digest, member_key
 
 
 class ShardSample(NamedTuple):
@@ -75,7 +75,7 @@ def write_shard(tar_path: Path, idx_path: Path, samples: Iterable[ShardSample]) 
         for s in samples:
             key = member_key(s.id)
             put(ustar_header(f"{key}.{s.ext}", len(s.data)))
-            rows.append((s.id, s.label, pos, len(s.data), s.source))
+            rows.append((s.id, s.label, pos, len(s.data), s.source, member_digest(s.data)))
             put(s.data)
             put(_padding(len(s.data)))
             label = str(int(s.label)).encode()

@@ -1,4 +1,4 @@
-"""`pipeline verify`: re-read every shard against its index and decode every image.
+"""`pipeline verify`: re-read every shard against its index and decode every image (a folder or a URL).
 
 Hostile shards are reported, never trusted: a member that is not a regular file is a finding (not read), a
 member's declared size is checked against the index before a byte of it is read (a tiny tar declaring a huge
@@ -8,12 +8,14 @@ sparse member costs nothing), and every finding of every shard is listed; no tra
 from __future__ import annotations
 
 import tarfile
+import tempfile
 from pathlib import Path
 
 from pipeline.errors import DataError
 from pipeline.progress import progress_bar
 from pipeline.shards import layout
 from pipeline.shards.images import CorruptImage, open_fully
+from pipeline.shards.storage import ReadOptions, is_url, open_store
 
 _LABEL_MAX = 32  # bytes of a label member (decimal text)
 
@@ -23,8 +25,7 @@ def _kind(m: tarfile.TarInfo) -> str:
             else "special file")
 
 
-def _check_shard(root: Path, split: str, rec: dict, id_range, on_image) -> list[str]:
-    tar_path, idx_path = root / rec["tar"], root / rec["idx"]
+def _check_shard(tar_path: Path, idx_path: Path, rec: dict, id_range, on_image) -> list[str]:
     if not tar_path.is_file():
         return [f"{tar_path}: missing"]
     problems = []
@@ -70,6 +71,8 @@ def _check_shard(root: Path, split: str, rec: dict, id_range, on_image) -> list[
                 if m.offset_data != row["offset"] or m.size != row["size"]:
                     problems.append(f"{tar_path}: {m.name} at byte {m.offset_data} size {m.size}, index says "
                                     f"{int(row['offset'])} size {int(row['size'])}")
+                elif row["digest"] and layout.member_digest(data) != int(row["digest"]):  # format 1: no digests
+                    problems.append(f"{tar_path}: {m.name}'s bytes do not match the digest in {idx_path.name}")
                 try:
                     open_fully(data)
                 except CorruptImage as exc:
@@ -83,13 +86,61 @@ def _check_shard(root: Path, split: str, rec: dict, id_range, on_image) -> list[
     return problems
 
 
-def verify(root: str | Path, progress: bool = True) -> list[str]:
-    """Every problem found, each naming its file; an empty list means healthy."""
-    root = Path(root)
+class _Local:
+    """Where the files of a local shard set are: in its folder."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def fetch(self, name: str) -> Path:
+        return self.root / name
+
+    def done(self) -> None:
+        pass
+
+
+class _Downloaded:
+    """A remote set's files, fetched one shard at a time into a temporary folder (every byte is read either
+    way; room for one shard is enough)."""
+
+    def __init__(self, store, folder: Path):
+        self.store, self.root, self._got = store, folder, []
+
+    def fetch(self, name: str) -> Path:
+        path = self.root / name
+        try:
+            self.store.download(name, path)
+            self._got.append(path)
+        except DataError:
+            pass  # the check reports it missing
+        return path
+
+    def done(self) -> None:
+        for p in self._got:
+            p.unlink(missing_ok=True)
+        self._got.clear()
+
+
+def verify(root: str | Path, progress: bool = True, options: ReadOptions = ReadOptions()) -> list[str]:
+    """Every problem found, each naming its file (or URL); an empty list means healthy."""
+    if not is_url(root):
+        root = Path(root)
+        try:
+            index = layout.load_index(root)
+        except DataError as exc:
+            return [str(exc)]
+        return _verify(index, _Local(root), root / layout.INDEX_NAME, progress)
+    store = open_store(str(root), options)
     try:
-        index = layout.load_index(root)
+        index = layout.parse_index(store.where(layout.INDEX_NAME), store.read_file(layout.INDEX_NAME))
     except DataError as exc:
         return [str(exc)]
+    with tempfile.TemporaryDirectory(prefix="pipeline-verify-") as tmp:
+        problems = _verify(index, _Downloaded(store, Path(tmp)), store.where(layout.INDEX_NAME), progress)
+    return [p.replace(tmp, store.url) for p in problems]
+
+
+def _verify(index: dict, files, index_path, progress: bool) -> list[str]:
     problems = []
     total = sum(info["count"] for info in index["splits"].values())
     with progress_bar(progress) as bar:
@@ -97,20 +148,24 @@ def verify(root: str | Path, progress: bool = True) -> list[str]:
         for split, info in index["splits"].items():
             for rec in info["shards"]:
                 try:
-                    problems += _check_shard(root, split, rec, info.get("id_range"), lambda: bar.advance(task))
+                    tar_path, idx_path = files.fetch(str(rec["tar"])), files.fetch(str(rec["idx"]))
+                    problems += _check_shard(tar_path, idx_path, rec, info.get("id_range"),
+                                             lambda: bar.advance(task))
                 except Exception as exc:  # report it with the others rather than stop at the first surprise
-                    problems.append(f"{root / str(rec.get('tar', '?'))}: could not be checked "
+                    problems.append(f"{files.root / str(rec.get('tar', '?'))}: could not be checked "
                                     f"({type(exc).__name__}: {exc})")
+                files.done()
             beton = info.get("beton")
             if beton:
-                path = root / beton["file"]
+                path = files.fetch(beton["file"])
                 if not path.is_file():
                     problems.append(f"{path}: missing (listed in index.json)")
                 elif path.stat().st_size != beton["bytes"]:
                     problems.append(f"{path}: {path.stat().st_size} bytes, index.json says {beton['bytes']}")
                 elif beton.get("sha256") and layout.file_sha256(path) != beton["sha256"]:  # older sets have none
                     problems.append(f"{path}: its SHA-256 is not the one index.json records (corrupted or replaced)")
+                files.done()
     got = layout.fingerprint(index["classes"], index["image"], index["splits"])
     if got != index["fingerprint"]:
-        problems.append(f"{root / layout.INDEX_NAME}: fingerprint does not match its own shard list (edited by hand?)")
+        problems.append(f"{index_path}: fingerprint does not match its own shard list (edited by hand?)")
     return problems

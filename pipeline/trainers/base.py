@@ -112,7 +112,7 @@ class Trainer:
         torch.set_flush_denormal(True)  # denormal floats in trained weights slow CPU math down ~10x
         if cfg.run.deterministic:
             torch.use_deterministic_algorithms(True)
-        self.shardset = ShardSet.open(cfg.data.path)
+        self.shardset = ShardSet.open(cfg.data.source())
         self.crop = parse_crop(cfg.data.crop)  # taken while decoding: the model sees crop.size images
         if self.shardset.image_size is None and self.crop is None:
             raise PipelineError(f"{cfg.data.path}: images vary in size; prepare it with --image-size N for training "

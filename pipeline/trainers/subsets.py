@@ -128,7 +128,7 @@ class SelectionRounds(ManifestFolder):
         self.lag = 0 if cfg.select.sync else cfg.select.lag
         self.last_selection_epoch = -1
         self.scheduler = SelectionScheduler(
-            trainer.layout, cfg.data.path, cfg.data.split, cfg.select, str(trainer.device), cfg.run.seed,
+            trainer.layout, cfg.data.source(), cfg.data.split, cfg.select, str(trainer.device), cfg.run.seed,
             pool=None if pool is None else str(pool.path), validation=None if validation is None else str(validation.path))
         self.scheduler.in_process_ok = not trainer.dist.distributed
         if self.scheduler.processes == 0 and trainer.dist.distributed:

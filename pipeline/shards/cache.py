@@ -1,0 +1,139 @@
+"""A bounded local cache of remote shard members, shared by the loader workers and processes of one machine.
+
+One sparse file per shard, named by the shard's SHA-256 (a changed remote shard is a different file, never a
+stale hit): `<sha>.data` holds the members fetched so far at their offsets in the tar, `<sha>.have` one byte
+per member saying which are there. Members enter only after their digest was checked, are written before
+`.have` names them, and `.have` is replaced atomically under the cache's lock; a reader checks every member's
+digest again, so a torn or evicted entry is a miss, never wrong bytes. When the cache's disk use (allocated
+blocks, not logical sizes) passes its limit, the least recently read shards are evicted whole.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+from pipeline.shards.layout import member_digest
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text, what: str = "size") -> int:
+    """Bytes of '10GB', '512MiB', '0' (and plain numbers)."""
+    m = _SIZE.match(str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise PipelineError(f"{what} = {text!r}: write a size such as 10GB, 512MiB or 0")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "pipeline" / "shards"
+
+
+class ShardCache:
+    def __init__(self, folder: Path, limit: int):
+        self.folder, self.limit = Path(folder), int(limit)
+        self.hits = self.misses = 0
+
+    def _paths(self, sha: str) -> tuple[Path, Path]:
+        return self.folder / f"{sha}.data", self.folder / f"{sha}.have"
+
+    @contextmanager
+    def _locked(self):
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise PipelineError(f"{self.folder}: the shard cache is not writable ({exc.strerror}); set "
+                                "data.cache_dir to a folder of yours, or data.cache_limit = 0") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _have(self, path: Path, count: int) -> np.ndarray:
+        try:
+            have = np.fromfile(path, dtype=np.uint8)
+        except (FileNotFoundError, ValueError):
+            return np.zeros(count, np.uint8)
+        return have if len(have) == count else np.zeros(count, np.uint8)
+
+    def lookup(self, shard, rows, offsets, sizes, digests) -> dict[int, memoryview]:
+        """{position in `rows`: bytes} of the members held and intact."""
+        data_path, have_path = self._paths(shard.sha256)
+        have = self._have(have_path, shard.count)
+        present = np.flatnonzero(have[rows])
+        found: dict[int, memoryview] = {}
+        if len(present):
+            try:
+                fd = os.open(data_path, os.O_RDONLY)
+            except FileNotFoundError:
+                fd = None
+            if fd is not None:
+                try:
+                    for k in present.tolist():
+                        blob = os.pread(fd, int(sizes[k]), int(offsets[k]))
+                        if member_digest(blob) == int(digests[k]):
+                            found[k] = memoryview(blob)
+                finally:
+                    os.close(fd)
+                try:
+                    os.utime(have_path)  # recency, for eviction
+                except FileNotFoundError:
+                    pass
+        self.hits += len(found)
+        self.misses += len(rows) - len(found)
+        return found
+
+    def store(self, shard, rows, offsets, blobs) -> None:
+        """Add verified members; then evict least-recently-read shards while the cache is over its limit."""
+        if not len(rows):
+            return
+        data_path, have_path = self._paths(shard.sha256)
+        with self._locked():
+            fd = os.open(data_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                if os.fstat(fd).st_size < shard.bytes:
+                    os.ftruncate(fd, shard.bytes)  # sparse: only written blocks take disk
+                for off, blob in zip(offsets.tolist(), blobs):
+                    os.pwrite(fd, blob, off)
+            finally:
+                os.close(fd)
+            have = self._have(have_path, shard.count)
+            have[rows] = 1
+            tmp = have_path.with_name(f".{have_path.name}.{os.getpid()}.tmp")
+            have.tofile(tmp)
+            os.replace(tmp, have_path)
+            self._evict(keep=shard.sha256)
+
+    def usage(self) -> int:
+        """Bytes of disk the cache's shard files take."""
+        return sum(p.stat().st_blocks * 512 for p in self.folder.glob("*.data") if p.is_file())
+
+    def _evict(self, keep: str) -> None:
+        entries = []
+        for p in self.folder.glob("*.data"):
+            try:
+                used = p.stat().st_blocks * 512
+                recency = (p.with_suffix(".have")).stat().st_mtime
+            except FileNotFoundError:
+                recency = 0.0
+                used = p.stat().st_blocks * 512 if p.exists() else 0
+            entries.append((p.stem == keep, recency, used, p))
+        total = sum(e[2] for e in entries)
+        for _, _, used, p in sorted(entries, key=lambda e: (e[0], e[1])):  # the shard just written goes last
+            if total <= self.limit:
+                break
+            p.with_suffix(".have").unlink(missing_ok=True)  # first: a reader never trusts a .data alone
+            p.unlink(missing_ok=True)
+            total -= used

@@ -1,0 +1,322 @@
+"""Where a shard set's bytes live: a local folder, or a URL (s3://, gs://, http(s)://) read through fsspec.
+
+A store reads whole small files (index.json, the .idx member tables) and the members of one shard by byte
+range. Members that lie close together are read in one range (`ReadOptions.max_gap`); a remote store sends a
+shard's ranges in parallel (fsspec's `cat_ranges`), retries timeouts, 5xx answers and dropped connections with
+bounded backoff, checks every member against the digest its .idx records, and keeps verified members in a
+bounded local cache (`pipeline.shards.cache`), so nothing unchecked is ever decoded or cached.
+Credentials come from each service's own environment and configuration (AWS_* variables and ~/.aws for S3,
+GOOGLE_APPLICATION_CREDENTIALS for GCS), never from the project's files.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import DataError, PipelineError
+from pipeline.shards.cache import ShardCache, default_cache_dir, parse_size
+from pipeline.shards.layout import member_digest
+
+# scheme -> the extra that reads it
+REMOTE_SCHEMES = {"s3": "remote", "http": "remote", "https": "remote", "gs": "gcs", "gcs": "gcs"}
+
+
+def is_url(location) -> bool:
+    scheme, sep, _ = str(location).partition("://")
+    return bool(sep) and scheme.lower() in REMOTE_SCHEMES
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    """One shard's tar as its index.json record names it: what a read needs to locate and check it."""
+
+    name: str
+    sha256: str
+    bytes: int
+    count: int
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How a shard set is read. Local folders use only `max_gap`."""
+
+    max_gap: int = 16 * 1024  # read across gaps up to this size: cheaper than another read
+    cache_dir: str = ""  # remote members are cached here ("" the user's cache folder)
+    cache_limit: str = "10GB"  # at most this much on disk; 0 turns the cache off
+    retries: int = 5  # per failing read, with exponential backoff
+    timeout: float = 60.0  # seconds a remote read may take before it counts as failed
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A shard set's location with the options to read it by: what travels to selection processes."""
+
+    location: str
+    options: ReadOptions = ReadOptions()
+
+    def __str__(self) -> str:
+        return self.location
+
+
+def coalesce(offsets: np.ndarray, sizes: np.ndarray, max_gap: int):
+    """Spans covering members (offsets sorted): (starts, ends, span of each member). Members whose gap to the
+    previous member's end is at most `max_gap` share a span."""
+    ends = offsets + sizes
+    if not len(offsets):
+        return offsets, ends, np.zeros(0, np.int64)
+    reach = np.maximum.accumulate(ends)
+    new = np.ones(len(offsets), bool)
+    new[1:] = offsets[1:] - reach[:-1] > max_gap
+    span = np.cumsum(new) - 1
+    first = np.flatnonzero(new)
+    last = np.append(first[1:], len(offsets)) - 1
+    return offsets[first], reach[last], span
+
+
+def _slice_members(order, offsets, sizes, span, starts, blobs, out) -> None:
+    for k in range(len(order)):
+        s = span[k]
+        o = int(offsets[k] - starts[s])
+        out[order[k]] = memoryview(blobs[s])[o:o + int(sizes[k])]
+
+
+class LocalStore:
+    """A shard-set folder on this machine. Picklable: descriptors are opened lazily in each process."""
+
+    local = True
+
+    def __init__(self, root: Path, options: ReadOptions = ReadOptions()):
+        self.root, self.options = Path(root), options
+        self._fds: dict[str, int] = {}
+        self._pid = None
+
+    @property
+    def label(self) -> Path:
+        return self.root
+
+    def where(self, name: str) -> Path:
+        return self.root / name
+
+    def read_file(self, name: str) -> bytes:
+        return (self.root / name).read_bytes()
+
+    def _fd(self, name: str) -> int:
+        if self._pid != os.getpid():
+            self._fds, self._pid = {}, os.getpid()
+        if name not in self._fds:
+            self._fds[name] = os.open(self.root / name, os.O_RDONLY)
+        return self._fds[name]
+
+    def read_members(self, shard: ShardFile, rows, offsets, sizes, digests) -> list:
+        """Bytes of each member, in the order given (rows are positions in the shard; digests unused here:
+        `pipeline verify` checks local shards)."""
+        order = np.argsort(offsets, kind="stable")
+        offs, szs = offsets[order], sizes[order]
+        starts, ends, span = coalesce(offs, szs, self.options.max_gap)
+        fd = self._fd(shard.name)
+        blobs = []
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            buf = os.pread(fd, b - a, a)
+            if len(buf) != b - a:
+                raise PipelineError(f"{self.root / shard.name}: truncated shard (short read at byte {a}); "
+                                    "run `pipeline verify` and prepare the shard set again")
+            blobs.append(buf)
+        out: list = [b""] * len(order)
+        _slice_members(order, offs, szs, span, starts, blobs, out)
+        return out
+
+
+class _Transient(Exception):
+    """A read worth retrying: the answer was cut short."""
+
+
+def _is_permanent(exc: BaseException) -> bool:
+    """Missing objects and refused credentials do not heal by retrying; everything else might."""
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
+        return True
+    status = getattr(exc, "status", None) or getattr(exc, "code", None)
+    return isinstance(status, int) and 400 <= status < 500 and status not in (408, 429)
+
+
+class RemoteStore:
+    """A shard set under a URL prefix. Picklable: the fsspec filesystem is made lazily in each process (an
+    async filesystem's event loop does not survive a fork)."""
+
+    local = False
+
+    def __init__(self, url: str, options: ReadOptions = ReadOptions()):
+        self.url, self.options = url.rstrip("/"), options
+        limit = parse_size(options.cache_limit, "data.cache_limit")
+        self.cache = ShardCache(Path(options.cache_dir or default_cache_dir()), limit) if limit else None
+        self.bytes_read = 0  # over the wire, by this process
+        self.requests = 0
+        self._fs = self._base = self._pid = None
+
+    @property
+    def label(self) -> str:
+        return self.url
+
+    def where(self, name: str) -> str:
+        return f"{self.url}/{name}"
+
+    def filesystem(self):
+        """(fsspec filesystem, path of the prefix in it), made once per process."""
+        if self._pid != os.getpid():
+            self._fs, self._base = _open_filesystem(self.url, self.options.timeout)
+            self._pid = os.getpid()
+        return self._fs, self._base
+
+    def _path(self, name: str) -> str:
+        return f"{self.filesystem()[1]}/{name}"
+
+    def read_file(self, name: str) -> bytes:
+        fs, _ = self.filesystem()
+        data = self._with_retries(name, lambda: [fs.cat_file(self._path(name))], [None])[0]
+        self.bytes_read += len(data)
+        return data
+
+    def download(self, name: str, path: Path) -> None:
+        """A whole object into a local file."""
+        fs, _ = self.filesystem()
+        self._with_retries(name, lambda: fs.get_file(self._path(name), str(path)), [None])
+        self.bytes_read += path.stat().st_size
+
+    def size(self, name: str) -> int | None:
+        """The object's size, or None when there is none."""
+        fs, _ = self.filesystem()
+        try:
+            return self._with_retries(name, lambda: fs.size(self._path(name)), [None])
+        except DataError:
+            if not fs.exists(self._path(name)):
+                return None
+            raise
+
+    def upload(self, path: Path, name: str) -> None:
+        """A local file to the object `name` (replacing it: callers decide what may be replaced)."""
+        if self.url.partition("://")[0].lower() in ("http", "https"):
+            raise PipelineError(f"{self.url}: HTTP is read-only here; upload to s3:// or gs:// and serve that")
+        fs, _ = self.filesystem()
+        self._with_retries(name, lambda: fs.put_file(str(path), self._path(name)), [None])
+
+    def remove(self, name: str) -> None:
+        fs, _ = self.filesystem()
+        try:
+            fs.rm_file(self._path(name))
+        except FileNotFoundError:
+            pass
+
+    def _ranges(self, name: str, starts: list[int], ends: list[int]) -> list[bytes]:
+        fs, _ = self.filesystem()
+        path = self._path(name)
+        out: list = [None] * len(starts)
+        todo = list(range(len(starts)))
+
+        def attempt():
+            got = fs.cat_ranges([path] * len(todo), [starts[i] for i in todo], [ends[i] for i in todo],
+                                on_error="return")
+            self.requests += len(todo)
+            failed = []
+            for i, data in zip(todo, got):
+                if isinstance(data, BaseException):
+                    if _is_permanent(data):
+                        raise data
+                    failed.append((i, data))
+                elif len(data) != ends[i] - starts[i]:
+                    # a server that ignores Range sends the whole object: the digests would catch it, this names it
+                    failed.append((i, _Transient(f"{len(data)} bytes for a {ends[i] - starts[i]}-byte range")))
+                else:
+                    out[i] = data
+                    self.bytes_read += len(data)
+            todo[:] = [i for i, _ in failed]
+            if failed:
+                raise failed[0][1]
+            return out
+
+        return self._with_retries(name, attempt, todo)
+
+    def _with_retries(self, name: str, attempt, pending: list):
+        """`attempt()` until it succeeds, at most `retries` more times, sleeping 0.1 s, 0.2 s, ... (at most 5 s,
+        jittered) between tries; a permanent failure or the last one is one DataError naming the URL."""
+        url = self.where(name)
+        for k in range(self.options.retries + 1):
+            try:
+                return attempt()
+            except Exception as exc:  # fsspec backends raise their own types
+                if _is_permanent(exc):
+                    what = "missing" if isinstance(exc, FileNotFoundError) else f"refused ({exc})"
+                    raise DataError(f"{url}: {what}; check the URL, and that the shard set was uploaded there "
+                                    "completely (`pipeline upload DIR URL`)") from None
+                if k == self.options.retries:
+                    raise DataError(f"{url}: {len(pending) or 1} read(s) still failing after {k} retries "
+                                    f"({type(exc).__name__}: {exc}); check the connection and try again") from None
+                time.sleep(min(5.0, 0.1 * 2 ** k) * (0.5 + random.random()))
+
+    def read_members(self, shard: ShardFile, rows, offsets, sizes, digests) -> list:
+        """Bytes of each member, in the order given, every one checked against its digest: from the cache
+        where it holds them, else fetched (and then cached)."""
+        out: list = [None] * len(rows)
+        cached = self.cache.lookup(shard, rows, offsets, sizes, digests) if self.cache else {}
+        for k, blob in cached.items():
+            out[k] = blob
+        need = np.array([k for k in range(len(rows)) if out[k] is None], dtype=np.int64)
+        if not len(need):
+            return out
+        order = need[np.argsort(offsets[need], kind="stable")]
+        offs, szs = offsets[order], sizes[order]
+        starts, ends, span = coalesce(offs, szs, self.options.max_gap)
+        blobs = self._ranges(shard.name, starts.tolist(), ends.tolist())
+        _slice_members(order, offs, szs, span, starts, blobs, out)
+        bad = [k for k in order.tolist() if member_digest(out[k]) != int(digests[k])]
+        if bad:
+            # once more: a proxy or a disk may have flipped bits in flight; a second mismatch is the object itself
+            again = self._ranges(shard.name, [int(offsets[k]) for k in bad],
+                                 [int(offsets[k] + sizes[k]) for k in bad])
+            for k, data in zip(bad, again):
+                if member_digest(data) != int(digests[k]):
+                    raise DataError(f"{self.where(shard.name)}: the member at byte {int(offsets[k])} does not match "
+                                    "the digest its .idx records; the remote copy is damaged: upload the shard "
+                                    "set again (`pipeline upload DIR URL`)")
+                out[k] = data
+        if self.cache:
+            self.cache.store(shard, rows[order], offsets[order], [out[k] for k in order.tolist()])
+        return out
+
+
+def _open_filesystem(url: str, timeout: float):
+    scheme = url.partition("://")[0].lower()
+    extra = REMOTE_SCHEMES[scheme]
+    try:
+        import fsspec
+
+        if scheme in ("http", "https"):
+            import aiohttp
+
+            fs = fsspec.filesystem("http", client_kwargs={"timeout": aiohttp.ClientTimeout(total=timeout)},
+                                   skip_instance_cache=True)
+            return fs, url
+        kwargs = {}
+        if scheme == "s3":
+            kwargs = {"config_kwargs": {"connect_timeout": timeout, "read_timeout": timeout}}
+        fs, path = fsspec.core.url_to_fs(url, skip_instance_cache=True, **kwargs)
+        return fs, path.rstrip("/")
+    except ImportError as exc:
+        raise PipelineError(f"{url}: reading {scheme}:// URLs needs the `{extra}` extra "
+                            f"(pip install 'pipeline[{extra}]'; missing: {exc.name})") from None
+
+
+def open_store(location, options: ReadOptions = ReadOptions()):
+    """The store of a local folder or a URL (or of a `DataSource`, with its own options)."""
+    if isinstance(location, DataSource):
+        location, options = location.location, location.options
+    if is_url(location):
+        return RemoteStore(str(location), options)
+    if "://" in str(location):
+        raise PipelineError(f"{location}: unknown URL scheme; shard sets are read from a folder or from "
+                            f"{', '.join(s + '://' for s in REMOTE_SCHEMES)}")
+    return LocalStore(Path(location), options)
