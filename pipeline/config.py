@@ -90,8 +90,9 @@ class DataConfig:
                         check=_parses(parse_crop, "empty, none or random-resized:SIZE[,scale=LO-HI][,ratio=LO-HI]"))
     decode: str = setting("auto", "auto | cpu | device: JPEGs decoded on the GPU (nvJPEG) where torchvision can.",
                           check=one_of("auto", "cpu", "device"))
-    read_gap: int = setting(_READ.max_gap, "Read neighbouring samples in one range across gaps up to this many bytes.",
-                            check=NONNEG)
+    read_gap: str = setting(_READ.max_gap, "Read neighbouring samples in one range across gaps up to this size "
+                            "(auto: 16KiB from a folder, 4KiB from a URL).",
+                            check=_parses(lambda v: v == "auto" or parse_size(v), "auto or a size such as 4KiB"))
     cache_dir: str = setting(_READ.cache_dir, "Local cache of a remote shard set's samples (empty: "
                              "$XDG_CACHE_HOME/pipeline/shards, else ~/.cache/pipeline/shards).")
     cache_limit: str = setting(_READ.cache_limit, "Disk the cache may take (10GB, 512MiB; 0: no cache); the least "

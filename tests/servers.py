@@ -28,7 +28,7 @@ class RangeServer:
     def __init__(self, folder: Path, fail_every: int = 0, drop_every: int = 0, delay: float = 0.0):
         self.folder = Path(folder)
         self.fail_every, self.drop_every, self.delay = fail_every, drop_every, delay
-        self.bytes_sent = self.requests = 0
+        self.bytes_sent = self.requests = self.failed = self.dropped = 0
         self._lock = threading.Lock()
         server = self
 
@@ -54,6 +54,7 @@ class RangeServer:
                 if server.delay:
                     time.sleep(server.delay)
                 if server.fail_every and n % server.fail_every == 0:
+                    server.failed += 1
                     self.send_response(503)
                     self.send_header("Content-Length", "0")
                     self.end_headers()
@@ -81,6 +82,7 @@ class RangeServer:
                 if head:
                     return
                 if server.drop_every and n % server.drop_every == 0 and len(body) > 1:
+                    server.dropped += 1
                     self.wfile.write(body[: len(body) // 2])
                     self.wfile.flush()
                     self.connection.shutdown(socket.SHUT_RDWR)

@@ -46,7 +46,7 @@ class ShardFile:
 class ReadOptions:
     """How a shard set is read. Local folders use only `max_gap`."""
 
-    max_gap: int = 16 * 1024  # read across gaps up to this size: cheaper than another read
+    max_gap: str = "auto"  # read across gaps up to this size; auto: LocalStore.GAP, RemoteStore.GAP
     cache_dir: str = ""  # remote members are cached here ("" the user's cache folder)
     cache_limit: str = "10GB"  # at most this much on disk; 0 turns the cache off
     retries: int = 5  # per failing read, with exponential backoff
@@ -86,13 +86,19 @@ def _slice_members(order, offsets, sizes, span, starts, blobs, out) -> None:
         out[order[k]] = memoryview(blobs[s])[o:o + int(sizes[k])]
 
 
+def _gap(options: ReadOptions, default: int) -> int:
+    return default if options.max_gap == "auto" else parse_size(options.max_gap, "data.read_gap")
+
+
 class LocalStore:
     """A shard-set folder on this machine. Picklable: descriptors are opened lazily in each process."""
 
     local = True
+    GAP = 16 * 1024  # a read across 16 KiB of page cache is cheaper than another system call
 
     def __init__(self, root: Path, options: ReadOptions = ReadOptions()):
         self.root, self.options = Path(root), options
+        self.max_gap = _gap(options, self.GAP)
         self._fds: dict[str, int] = {}
         self._pid = None
 
@@ -118,7 +124,7 @@ class LocalStore:
         `pipeline verify` checks local shards)."""
         order = np.argsort(offsets, kind="stable")
         offs, szs = offsets[order], sizes[order]
-        starts, ends, span = coalesce(offs, szs, self.options.max_gap)
+        starts, ends, span = coalesce(offs, szs, self.max_gap)
         fd = self._fd(shard.name)
         blobs = []
         for a, b in zip(starts.tolist(), ends.tolist()):
@@ -149,9 +155,13 @@ class RemoteStore:
     async filesystem's event loop does not survive a fork)."""
 
     local = False
+    # Bytes, not calls, are what a remote read costs once requests run in parallel: merge only close neighbours.
+    # (A 10% random subset of 2 KB samples: 16 KiB reads 23% of the set, 4 KiB about 10%.)
+    GAP = 4 * 1024
 
     def __init__(self, url: str, options: ReadOptions = ReadOptions()):
         self.url, self.options = url.rstrip("/"), options
+        self.max_gap = _gap(options, self.GAP)
         limit = parse_size(options.cache_limit, "data.cache_limit")
         self.cache = ShardCache(Path(options.cache_dir or default_cache_dir()), limit) if limit else None
         self.bytes_read = 0  # over the wire, by this process
@@ -269,7 +279,7 @@ class RemoteStore:
             return out
         order = need[np.argsort(offsets[need], kind="stable")]
         offs, szs = offsets[order], sizes[order]
-        starts, ends, span = coalesce(offs, szs, self.options.max_gap)
+        starts, ends, span = coalesce(offs, szs, self.max_gap)
         blobs = self._ranges(shard.name, starts.tolist(), ends.tolist())
         _slice_members(order, offs, szs, span, starts, blobs, out)
         bad = [k for k in order.tolist() if member_digest(out[k]) != int(digests[k])]

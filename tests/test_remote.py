@@ -1,0 +1,260 @@
+"""Shard sets read from URLs: real servers on 127.0.0.1 (an HTTP server with Range support, moto's S3 API),
+with faults injected; the local folder is the reference every remote read is compared with."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pipeline.errors import DataError, PipelineError
+from pipeline.shards import layout
+from pipeline.shards.cache import parse_size
+from pipeline.shards.shardset import ShardSet
+from pipeline.shards.storage import ReadOptions, coalesce
+from pipeline.shards.upload import upload
+from pipeline.shards.verify import verify
+
+from servers import FaultyProxy, RangeServer, moto_s3
+
+pytest.importorskip("fsspec")
+pytest.importorskip("aiohttp")
+
+
+def _images(ss, ids, **kw):
+    return np.concatenate([b.images.numpy() for b in ss.loader("train", ids, batch_size=64, shuffle=False, **kw)])
+
+
+def _set_bytes(ss, split="train"):
+    return sum(r["bytes"] for r in ss.index["splits"][split]["shards"])
+
+
+def _opts(tmp_path, **kw):
+    return ReadOptions(cache_dir=str(tmp_path / "cache"), **kw)
+
+
+def test_coalesced_spans_match_a_reading_of_the_definition():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        sizes = rng.integers(1, 50, 40)
+        offsets = np.sort(rng.choice(4000, 40, replace=False))
+        gap = int(rng.integers(0, 60))
+        starts, ends, span = coalesce(offsets, sizes, gap)
+        spans, cur = [], None  # by hand: extend while the next member starts within `gap` of what is covered
+        for o, s in zip(offsets.tolist(), sizes.tolist()):
+            if cur is not None and o - cur[1] <= gap:
+                cur[1] = max(cur[1], o + s)
+            else:
+                cur = [o, o + s]
+                spans.append(cur)
+        assert [list(x) for x in zip(starts.tolist(), ends.tolist())] == spans
+        assert np.all(starts[span] <= offsets) and np.all(offsets + sizes <= ends[span])
+
+
+def test_a_subset_over_http_is_the_local_subset_and_costs_what_the_subset_costs(digits_set, tmp_path):
+    ids = np.random.default_rng(1).choice(digits_set.ids("train"), len(digits_set.ids("train")) // 10, replace=False)
+    with RangeServer(digits_set.root) as srv:
+        remote = ShardSet.open(srv.url, _opts(tmp_path))
+        assert remote.fingerprint == digits_set.fingerprint
+        index_bytes = srv.bytes_sent
+        np.testing.assert_array_equal(_images(remote, ids), _images(digits_set, ids))
+        first = srv.bytes_sent - index_bytes
+        assert first <= 0.15 * _set_bytes(digits_set), (first, _set_bytes(digits_set))
+        np.testing.assert_array_equal(_images(remote, ids), _images(digits_set, ids))
+        assert srv.bytes_sent - index_bytes == first  # the second epoch came from the cache
+        assert remote.store.cache.hits == len(ids)
+
+
+def test_without_a_cache_every_epoch_downloads_again_and_a_full_epoch_reads_whole_shards(digits_set, tmp_path):
+    with RangeServer(digits_set.root) as srv:
+        remote = ShardSet.open(srv.url, _opts(tmp_path, cache_limit="0"))
+        assert remote.store.cache is None
+        full = np.concatenate([b.images.numpy() for b in remote.loader("train", batch_size=128, shuffle=False)])
+        local = np.concatenate([b.images.numpy() for b in digits_set.loader("train", batch_size=128, shuffle=False)])
+        np.testing.assert_array_equal(full, local)
+        before, requests = srv.bytes_sent, srv.requests
+        ids = digits_set.ids("train")[:50]
+        _images(remote, ids)
+        _images(remote, ids)
+        assert srv.bytes_sent > before and srv.requests - requests <= 2
+
+
+def test_the_cache_stays_within_its_limit_and_evicts_the_least_recently_read(digits_set, tmp_path):
+    limit = "600KiB"  # about one shard's worth of 16 px digits in 4 KiB disk blocks
+    with RangeServer(digits_set.root) as srv:
+        remote = ShardSet.open(srv.url, _opts(tmp_path, cache_limit=limit))
+        ids = digits_set.ids("train")
+        for chunk in np.array_split(ids, 6):
+            np.testing.assert_array_equal(_images(remote, chunk), _images(digits_set, chunk))
+            assert remote.store.cache.usage() <= parse_size(limit)
+        kept = sorted(p.stem for p in (tmp_path / "cache").glob("*.data"))
+        shas = [r["sha256"] for r in digits_set.index["splits"]["train"]["shards"]]
+        assert kept and set(kept) <= set(shas[-2:])  # the last shards read are the ones left
+
+
+def test_retries_carry_reads_through_503s_and_cut_connections(digits_set, tmp_path):
+    ids = digits_set.ids("train")[::7]
+    # in this process the faults fall on a fixed pattern of requests: a third answered 503, or a fifth cut off
+    for faults in ({"fail_every": 3}, {"drop_every": 5}):
+        with RangeServer(digits_set.root, **faults) as srv:
+            remote = ShardSet.open(srv.url, _opts(tmp_path, cache_limit="0"))
+            np.testing.assert_array_equal(_images(remote, ids), _images(digits_set, ids))
+            assert srv.failed + srv.dropped > 10
+    # two loader workers, both faults: rarer, so that no read is unlucky six times in a row
+    with RangeServer(digits_set.root, fail_every=16, drop_every=25) as srv:
+        remote = ShardSet.open(srv.url, _opts(tmp_path, cache_limit="0"))
+        np.testing.assert_array_equal(_images(remote, ids, num_workers=2), _images(digits_set, ids))
+        assert srv.failed and srv.dropped
+    with RangeServer(digits_set.root, fail_every=1) as srv:
+        with pytest.raises(DataError, match=r"index.json: 1 read\(s\) still failing after 2 retries"):
+            ShardSet.open(srv.url, _opts(tmp_path, retries=2))
+
+
+def test_a_slow_server_times_out_into_one_message(digits_set, tmp_path):
+    with RangeServer(digits_set.root, delay=1.0) as srv:
+        with pytest.raises(DataError, match=f"{srv.url}/index.json: .*still failing after 0 retries"):
+            ShardSet.open(srv.url, _opts(tmp_path, retries=0, timeout=0.2))
+
+
+def test_a_missing_object_is_one_line_naming_its_url(digits_set, tmp_path):
+    copy = tmp_path / "set"
+    shutil.copytree(digits_set.root, copy)
+    (copy / digits_set.index["splits"]["train"]["shards"][1]["tar"]).unlink()
+    with RangeServer(copy) as srv:
+        remote = ShardSet.open(srv.url, _opts(tmp_path))
+        with pytest.raises(DataError, match=r"/train-000001\.tar: missing; check the URL"):
+            _images(remote, digits_set.ids("train"))
+        with pytest.raises(DataError, match=r"/nothing-here/index.json: missing"):
+            ShardSet.open(srv.url + "/nothing-here", _opts(tmp_path))
+
+
+def test_a_damaged_remote_member_is_refused_and_never_cached(digits_set, tmp_path):
+    copy = tmp_path / "set"
+    shutil.copytree(digits_set.root, copy)
+    rec = digits_set.index["splits"]["train"]["shards"][0]
+    table = layout.read_member_table(copy / rec["idx"])
+    tar = copy / rec["tar"]
+    data = bytearray(tar.read_bytes())
+    data[int(table["offset"][3]) + 5] ^= 0xFF  # same size, one bit pattern changed inside sample 3's image
+    tar.write_bytes(bytes(data))
+    with RangeServer(copy) as srv:
+        remote = ShardSet.open(srv.url, _opts(tmp_path))
+        ids = digits_set.ids("train")[:10]
+        with pytest.raises(DataError, match=r"train-000000\.tar: the member at byte \d+ does not match the digest"):
+            _images(remote, ids)
+        have = tmp_path / "cache" / f"{rec['sha256']}.have"
+        assert not have.exists() or not np.fromfile(have, np.uint8)[3]
+        problems = verify(srv.url, progress=False, options=_opts(tmp_path))
+        assert any(srv.url in p and "digest" in p for p in problems), problems
+
+
+def test_format_1_sets_read_locally_but_not_remotely(digits_set, tmp_path):
+    copy = tmp_path / "old"
+    shutil.copytree(digits_set.root, copy)
+    index = json.loads((copy / layout.INDEX_NAME).read_text())
+    index["format_version"] = 1
+    (copy / layout.INDEX_NAME).write_text(json.dumps(index))
+    for info in index["splits"].values():
+        for rec in info["shards"]:
+            t = layout.read_member_table(copy / rec["idx"])
+            old = np.zeros(len(t), layout.MEMBER_DTYPE_V1)
+            for name in layout.MEMBER_DTYPE_V1.names:
+                old[name] = t[name]
+            np.save(copy / rec["idx"], old)
+            os.replace(copy / (rec["idx"] + ".npy"), copy / rec["idx"])
+    old_set = ShardSet.open(copy)
+    ids = digits_set.ids("train")[:20]
+    np.testing.assert_array_equal(_images(old_set, ids), _images(digits_set, ids))
+    assert verify(copy, progress=False) == []
+    with RangeServer(copy) as srv:
+        with pytest.raises(DataError, match="format-1 shard set, whose members carry no digests"):
+            ShardSet.open(srv.url, _opts(tmp_path))
+
+
+def test_upload_verify_and_read_through_s3_with_dropped_connections(digits_set, tmp_path):
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto")
+    ids = np.sort(np.random.default_rng(2).choice(digits_set.ids("train"), 150, replace=False))
+    with moto_s3() as (host, port):
+        result = upload(digits_set.root, "s3://shards/digits", progress=False)
+        assert result.kept == 0 and result.uploaded == 1 + 2 * sum(
+            len(i["shards"]) for i in digits_set.index["splits"].values())
+        assert verify("s3://shards/digits", progress=False) == []
+        again = upload(digits_set.root, "s3://shards/digits", progress=False)  # a complete upload, resumed: nothing sent
+        assert again.bytes == 0
+        with FaultyProxy((host, port), drop_every=3) as proxy:
+            os.environ["AWS_ENDPOINT_URL"] = proxy.url
+            remote = ShardSet.open("s3://shards/digits", _opts(tmp_path, cache_limit="0"))
+            np.testing.assert_array_equal(_images(remote, ids, num_workers=2), _images(digits_set, ids))
+            assert proxy.connections >= 3
+        os.environ["AWS_ENDPOINT_URL"] = f"http://{host}:{port}"
+        other = tmp_path / "other"  # a healthy set of another fingerprint: the same shards, classes renamed
+        shutil.copytree(digits_set.root, other)
+        index = json.loads((other / layout.INDEX_NAME).read_text())
+        index["classes"] = [c + "x" for c in index["classes"]]
+        index["fingerprint"] = layout.fingerprint(index["classes"], index["image"], index["splits"])
+        (other / layout.INDEX_NAME).write_text(json.dumps(index))
+        with pytest.raises(PipelineError, match="already holds another shard set"):
+            upload(other, "s3://shards/digits", progress=False)
+
+
+def test_an_interrupted_upload_resumes_and_a_foreign_prefix_is_refused(digits_set, tmp_path):
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto")
+    import boto3
+
+    with moto_s3() as _:
+        s3 = boto3.client("s3")
+        s3.put_object(Bucket="shards", Key="theirs/train-000000.tar", Body=b"someone else's")
+        with pytest.raises(PipelineError, match="theirs/train-000000.tar: already exists and this tool did not put"):
+            upload(digits_set.root, "s3://shards/theirs", progress=False)
+        assert s3.get_object(Bucket="shards", Key="theirs/train-000000.tar")["Body"].read() == b"someone else's"
+        upload(digits_set.root, "s3://shards/mine", progress=False)
+        s3.delete_object(Bucket="shards", Key="mine/index.json")  # as if it stopped before the last step,
+        s3.delete_object(Bucket="shards", Key="mine/test-000000.tar")  # and before one shard
+        s3.put_object(Bucket="shards", Key="mine/.pipeline-upload.json",
+                      Body=json.dumps({"fingerprint": digits_set.fingerprint}).encode())
+        resumed = upload(digits_set.root, "s3://shards/mine", progress=False)
+        assert resumed.uploaded == 2 and resumed.kept > 0
+        assert verify("s3://shards/mine", progress=False) == []
+        keys = {o["Key"] for o in s3.list_objects_v2(Bucket="shards", Prefix="mine/")["Contents"]}
+        assert "mine/.pipeline-upload.json" not in keys and "mine/index.json" in keys
+
+
+def test_the_cli_verifies_inspects_and_streams_a_url(digits_set, tmp_path):
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    with RangeServer(digits_set.root) as srv:
+        for args in (["verify", srv.url], ["inspect", srv.url], ["stream", srv.url, "--batch-size", "256"]):
+            r = subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, env=env)
+            assert r.returncode == 0, (args, r.stdout, r.stderr)
+        assert "1,438 images" in r.stdout + r.stderr
+        r = subprocess.run([sys.executable, "-m", "pipeline", "inspect", srv.url + "/absent"], capture_output=True,
+                           text=True, env=env)
+        assert r.returncode != 0 and "absent/index.json: missing" in r.stdout + r.stderr
+        assert "Traceback" not in r.stdout + r.stderr
+
+
+def test_training_on_a_manifest_of_a_set_in_s3_matches_training_on_the_folder(digits_set, tmp_path):
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto")
+    import torch
+
+    from pipeline.checkpoint import load_checkpoint
+    from pipeline.shards.manifest import Manifest
+    from pipeline.trainers import create_trainer
+    from test_train import tiny_cfg
+
+    ids = np.random.default_rng(3).choice(digits_set.ids("train"), 256, replace=False)
+    manifest = Manifest.for_shardset(digits_set, "train", ids, producer={"name": "test"}, round=1)
+    manifest.save(tmp_path / "subset.json")
+    over = {"data.manifest": str(tmp_path / "subset.json"), "optim.epochs": 1, "data.cache_dir": str(tmp_path / "c")}
+    create_trainer(tiny_cfg(digits_set.root, tmp_path / "local", **over), progress=False).fit()
+    with moto_s3():
+        upload(digits_set.root, "s3://shards/digits", progress=False)
+        create_trainer(tiny_cfg("s3://shards/digits", tmp_path / "s3", **over), progress=False).fit()
+    a = load_checkpoint(tmp_path / "local" / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "s3" / "checkpoints" / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
