@@ -153,6 +153,8 @@ class RunConfig:
     channels_last: bool = setting(True, "channels_last memory format on CUDA.")
     compile: bool = setting(False, "torch.compile the training forward.")
     checkpoint_every: int = setting(50, "Keep an epoch-NNNN.pt every N epochs (0: only last.pt).", check=NONNEG)
+    checkpoint_every_steps: int = setting(0, "Also write last.pt every N steps inside an epoch (0: at epoch ends "
+                                          "only); --resume then goes on at the next batch.", check=NONNEG)
     log_every: int = setting(10, "A step record every N steps (0: none).", check=NONNEG)
     deterministic: bool = setting(False, "torch.use_deterministic_algorithms.")
 

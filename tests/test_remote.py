@@ -258,3 +258,48 @@ def test_training_on_a_manifest_of_a_set_in_s3_matches_training_on_the_folder(di
     a = load_checkpoint(tmp_path / "local" / "checkpoints" / "last.pt")["model"]
     b = load_checkpoint(tmp_path / "s3" / "checkpoints" / "last.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_training_run_on_s3_killed_inside_an_epoch_resumes_bit_identically(digits_set, tmp_path):
+    """The issue's end-to-end case: a 10% manifest of a set in (loopback) S3, `kill -9` in the middle of an epoch,
+    `--resume`, and the same weights as an uninterrupted run."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto")
+    import signal
+    import time
+
+    import torch
+
+    from pipeline.checkpoint import load_checkpoint
+    from pipeline.shards.manifest import Manifest
+    from pipeline.trainers import create_trainer
+    from test_train import tiny_cfg
+
+    ids = np.random.default_rng(4).choice(digits_set.ids("train"), 640, replace=False)
+    Manifest.for_shardset(digits_set, "train", ids, producer={"name": "test"}, round=1).save(tmp_path / "m.json")
+    over = {"data.manifest": str(tmp_path / "m.json"), "optim.epochs": 3, "run.checkpoint_every_steps": 3,
+            "data.workers": 2, "data.cache_dir": str(tmp_path / "cache")}
+    create_trainer(tiny_cfg(digits_set.root, tmp_path / "straight", **over), progress=False).fit()
+    with moto_s3():
+        upload(digits_set.root, "s3://shards/digits", progress=False)
+        tiny_cfg("s3://shards/digits", tmp_path / "killed", **over).save(tmp_path / "run.toml")
+        run = tmp_path / "killed"
+        cmd = [sys.executable, "-m", "pipeline", "train", "--config", str(tmp_path / "run.toml")]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        last, deadline = run / "checkpoints" / "last.pt", time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if last.exists() and load_checkpoint(last).get("step_in_epoch", 0) and load_checkpoint(last)["epoch"] >= 1:
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.05)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+        stopped = load_checkpoint(last)
+        assert stopped["step_in_epoch"] > 0
+        r = subprocess.run([sys.executable, "-m", "pipeline", "train", "--resume", str(run)], capture_output=True,
+                           text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert f"step {stopped['step_in_epoch']}" in r.stdout + r.stderr
+    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(last)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

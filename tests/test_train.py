@@ -158,3 +158,46 @@ def test_existing_run_needs_resume_or_overwrite(digits_set, tmp_path):
     assert r.returncode == 0, r.stderr
     lines = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(l)["epoch"] for l in lines if json.loads(l)["kind"] == "epoch"] == [1]
+
+
+def _stop_at(trainer, call: int):
+    """Make the trainer's `call`-th training step raise, as a kill would stop it."""
+    real, calls = trainer.training_step, [0]
+
+    def step(batch, epoch):
+        calls[0] += 1
+        if calls[0] == call:
+            raise KeyboardInterrupt
+        return real(batch, epoch)
+
+    trainer.training_step = step
+
+
+@pytest.mark.parametrize("workers,backend,subset", [(0, "auto", False), (2, "stream", False), (2, "indexed", True)])
+def test_a_run_stopped_inside_an_epoch_resumes_at_the_next_batch_bit_identically(digits_set, tmp_path, workers,
+                                                                                backend, subset):
+    over = {"run.checkpoint_every_steps": 4, "data.workers": workers, "data.backend": backend}
+    if subset:
+        ids = digits_set.ids("train")[::2]
+        Manifest.for_shardset(digits_set, "train", ids, producer={"name": "test"}, round=1).save(tmp_path / "m.json")
+        over["data.manifest"] = str(tmp_path / "m.json")
+    steps = (len(digits_set.ids("train")[::2]) if subset else len(digits_set.ids("train"))) // 64
+    create_trainer(tiny_cfg(digits_set.root, tmp_path / "a", **over), progress=False).fit()
+    t = create_trainer(tiny_cfg(digits_set.root, tmp_path / "b", **over), progress=False)
+    _stop_at(t, steps + 7)  # the second epoch's 7th step: the checkpoint after its 4th is the last one
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    t.close()
+    ckpt = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")
+    assert (ckpt["epoch"], ckpt["step_in_epoch"]) == (1, 4)
+    resumed = create_trainer(load_config(tmp_path / "b" / "config.toml"), resume=True, progress=False)
+    assert (resumed.start_epoch, resumed.resume_step) == (1, 4)
+    resumed.fit()
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    def epochs(run):
+        return [(r["epoch"], r["loss"], r["images"], r["steps"]) for r in map(json.loads,
+                (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "epoch"]
+
+    assert epochs(tmp_path / "a") == epochs(tmp_path / "b")

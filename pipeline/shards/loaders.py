@@ -117,17 +117,48 @@ class Planner:
         return plan_indexed(self.rows, self.batch_size, **args)
 
 
-class _TaskStream(IterableDataset):
-    """Worker side. Workers persist across epochs; each plans the epoch it reads from shared memory."""
+def consumed_per_worker(tasks: list[np.ndarray], workers: int, batch_size: int,
+                        consumed: int) -> tuple[list[int], int]:
+    """(batches each worker had delivered when the loader had yielded `consumed`, the worker whose turn was
+    next). torch's DataLoader takes one batch from each worker in turn, from worker 0 at every epoch (worker w
+    reads tasks w, w + workers, ...), passing over workers that have run out."""
+    counts = [sum(-(-len(t) // batch_size) for t in tasks[w::workers]) for w in range(workers)]
+    if consumed > sum(counts):
+        raise PipelineError(f"the loader's position ({consumed} batches) is past its epoch of {sum(counts)}; "
+                            "resume with the settings the run was started with")
+    taken, turn = [0] * workers, 0
+    while consumed:
+        if taken[turn] < counts[turn]:
+            taken[turn] += 1
+            consumed -= 1
+        turn = (turn + 1) % workers
+    return taken, turn
 
-    def __init__(self, reader: TaskReader, planner: Planner, epoch):
-        self.reader, self.planner, self.epoch = reader, planner, epoch
+
+class _TaskStream(IterableDataset):
+    """Worker side. Workers persist across epochs; each plans the epoch it reads from shared memory, and skips
+    what the epoch had delivered before an interruption (`skip`, in batches of the whole loader)."""
+
+    def __init__(self, reader: TaskReader, planner: Planner, epoch, skip):
+        self.reader, self.planner, self.epoch, self.skip = reader, planner, epoch, skip
 
     def __iter__(self):
         tasks = self.planner.plan(self.epoch.value)
         info = get_worker_info()
-        mine = tasks if info is None else tasks[info.id::info.num_workers]
-        for rows in mine:
+        w, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        bs, skip = self.reader.batch_size, 0
+        if self.skip.value:
+            # the DataLoader starts at worker 0 again: worker w takes over the stream of the worker whose turn
+            # was w places after the interruption, so the rest of the epoch comes in its uninterrupted order
+            taken, turn = consumed_per_worker(tasks, workers, bs, self.skip.value)
+            w = (w + turn) % workers
+            skip = taken[w]
+        for rows in tasks[w::workers]:
+            n = -(-len(rows) // bs)
+            if skip >= n:  # delivered before the interruption: not even read
+                skip -= n
+                continue
+            rows, skip = rows[skip * bs:], 0
             yield from self.reader.batches(rows, self.epoch.value)
 
 
@@ -154,8 +185,9 @@ class ShardLoader:
             self.decoder = DeviceDecoder(device_decode, device, size, shardset.channels)
         self.device = torch.device(device)
         self.num_workers = num_workers
-        self.epoch = 0
+        self.epoch, self.skip = 0, 0
         self._shared_epoch = mp.Value("q", 0, lock=False)  # read by persistent workers
+        self._shared_skip = mp.Value("q", 0, lock=False)
         self._dataloader = None
 
     @property
@@ -167,15 +199,18 @@ class ShardLoader:
     def __len__(self) -> int:
         return -(-self.samples_per_epoch // self.planner.batch_size)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """The next iteration is epoch `epoch`, from its batch `skip` on (0: all of it): a run resumed in the
+        middle of an epoch gets exactly the batches an uninterrupted one would have had next."""
+        self.epoch, self.skip = epoch, skip
 
     def plan(self, epoch: int) -> list[np.ndarray]:
         return self.planner.plan(epoch)
 
     def _batches(self) -> Iterator[Batch]:
-        self._shared_epoch.value = self.epoch
-        dataset = _TaskStream(self.reader, self.planner, self._shared_epoch)
+        self._shared_epoch.value, self._shared_skip.value = self.epoch, self.skip
+        self.skip = 0  # one epoch only
+        dataset = _TaskStream(self.reader, self.planner, self._shared_epoch, self._shared_skip)
         if self.num_workers == 0:
             return iter(dataset)
         if self._dataloader is None:

@@ -138,6 +138,7 @@ class Trainer:
             forward = nn.parallel.DistributedDataParallel(forward, device_ids=[self.device] if self.cuda else None)
         self.forward = torch.compile(forward) if cfg.run.compile else forward
         self.start_epoch, self.global_step = 0, 0
+        self.resume_step, self._resumed_epoch = 0, None  # a checkpoint from inside an epoch: where it was
         self._metrics_lines = 0  # records this run has logged: a checkpoint keeps the count, a resume cuts back to it
         self.subset, self.loader, self._loader_key = None, None, None
         self.subsets = create_subset_source(self)
@@ -189,8 +190,15 @@ class Trainer:
                 "method": self.name, "selection_settings": self.selection_settings()}
 
     # -- subsets and loaders ----------------------------------------------------------------------------
-    def _loader_for(self, epoch: int):
-        subset = self.subsets.current(epoch) if self.is_main else None
+    def _loader_for(self, epoch: int, skip: int = 0):
+        """The loader of `epoch`, from its batch `skip` on (a resumed epoch: on the subset it had begun with)."""
+        if self.is_main and skip:
+            path = self._resumed_epoch["subset"]
+            subset = Manifest.load(path) if path else None
+            if subset is not None:
+                subset.check_against(self.shardset)
+        else:
+            subset = self.subsets.current(epoch) if self.is_main else None
         path = self.dist.agree(None if subset is None else str(subset.path))
         if not self.is_main:  # the other ranks follow rank 0's choice
             same = self.subset is not None and str(self.subset.path) == path
@@ -207,7 +215,11 @@ class Trainer:
                 device=self.device, num_workers=self.cfg.data.workers, use_weights=self.cfg.data.use_weights,
                 crop=self.crop, decode=self.cfg.data.decode)
             self.subset, self._loader_key = subset, key
-        self.loader.set_epoch(epoch)
+        if skip and not hasattr(self.loader, "skip"):
+            raise PipelineError(f"{self.run_dir}: its last checkpoint is from inside an epoch, and the "
+                                f"{self.cfg.data.backend} loader cannot start an epoch part-way; resume with "
+                                "data.backend = stream or indexed")
+        self.loader.set_epoch(epoch, skip) if skip else self.loader.set_epoch(epoch)
         return self.loader
 
     # -- the loop ---------------------------------------------------------------------------------------
@@ -223,7 +235,7 @@ class Trainer:
         try:
             for epoch in range(self.start_epoch, end):
                 self.on_epoch_start(epoch)  # first: a snapshot taken now sees this epoch's schedule (strength)
-                if self.is_main:
+                if self.is_main and not (epoch == self.start_epoch and self.resume_step):  # done before the stop
                     self.subsets.epoch_start(epoch)
                 self.dist.barrier()
                 summary = self._train_epoch(epoch)
@@ -248,17 +260,23 @@ class Trainer:
 
     def _train_epoch(self, epoch: int) -> dict:
         cfg = self.cfg
-        loader = self._loader_for(epoch)
+        skip, self.resume_step = self.resume_step, 0
+        loader = self._loader_for(epoch, skip)
         steps = len(loader)
         self.model.train()
         totals = {"loss": 0.0, "images": 0, "attack_s": 0.0}
         parts: dict[str, float] = {}  # per-sample means of what a method logs (loss terms, fractions kept, ...)
-        started, lr = time.perf_counter(), None
+        started, lr, before = time.perf_counter(), None, 0.0
+        if skip:  # the epoch's sums up to the checkpoint
+            totals, parts = self._resumed_epoch["totals"], self._resumed_epoch["parts"]
+            before, lr = self._resumed_epoch["seconds"], self._resumed_epoch["lr"]
         o = cfg.optim
+        every = cfg.run.checkpoint_every_steps
         with progress_bar(self.progress and self.is_main) as bar:
             task = bar.add_task(f"{self.name} epoch {epoch + 1}/{o.epochs}",
-                                total=loader.samples_per_epoch if hasattr(loader, "samples_per_epoch") else None)
-            for i, batch in enumerate(loader):
+                                total=loader.samples_per_epoch if hasattr(loader, "samples_per_epoch") else None,
+                                completed=totals["images"])
+            for i, batch in enumerate(loader, start=skip):
                 lr = lr_at(epoch + i / max(steps, 1), o.lr, o.epochs, o.warmup_epochs, o.schedule, o.milestones,
                            o.gamma)
                 for group in self.optimizer.param_groups:
@@ -287,7 +305,13 @@ class Trainer:
                     secs = time.perf_counter() - step_start
                     self._log({"kind": "step", "epoch": epoch, "step": self.global_step, "loss": value, "lr": lr,
                                "images_per_s": n * self.dist.world_size / secs, **logs})
-        secs = time.perf_counter() - started
+                if self.is_main and every and (i + 1) % every == 0 and i + 1 < steps:
+                    partial = {"totals": totals, "parts": parts, "lr": lr,
+                               "seconds": before + time.perf_counter() - started,
+                               "subset": str(self.subset.path) if self.subset is not None else ""}
+                    save_checkpoint(self.layout.last, {**self._state(epoch, {}), "step_in_epoch": i + 1,
+                                                       "partial_epoch": json.dumps(partial)})
+        secs = before + time.perf_counter() - started
         images = totals["images"] * self.dist.world_size
         means = {k: v / max(totals["images"], 1) for k, v in parts.items()}
         sub = self.subset
@@ -346,6 +370,8 @@ class Trainer:
         load_weights(self.model, ckpt["model"], path)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.start_epoch, self.global_step = int(ckpt["epoch"]), int(ckpt["global_step"])
+        self.resume_step = int(ckpt.get("step_in_epoch") or 0)
+        self._resumed_epoch = json.loads(ckpt["partial_epoch"]) if self.resume_step else None
         torch.set_rng_state(ckpt["rng"]["torch"].cpu())
         self.gen.set_state(ckpt["rng"]["generator"].cpu())
         self.load_extra_state(ckpt.get("method_state") or {})
@@ -356,7 +382,8 @@ class Trainer:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), self.device)
         if self.is_main:  # drop metrics of work after the checkpoint: it is about to be redone
             self._metrics_lines = cut_metrics(self.layout.metrics, ckpt.get("metrics_lines"), self.start_epoch)
-            console.print(f"resuming {self.run_dir} after epoch {self.start_epoch}")
+            where = f", step {self.resume_step}" if self.resume_step else ""
+            console.print(f"resuming {self.run_dir} after epoch {self.start_epoch}{where}")
 
     def __enter__(self):
         return self
