@@ -303,3 +303,39 @@ def test_a_training_run_on_s3_killed_inside_an_epoch_resumes_bit_identically(dig
     a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")["model"]
     b = load_checkpoint(last)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+_READER = """
+import sys, numpy as np
+from pipeline.shards.shardset import ShardSet
+from pipeline.shards.storage import ReadOptions
+ss = ShardSet.open(sys.argv[1], ReadOptions(cache_dir=sys.argv[2]))
+ids = np.load(sys.argv[3])
+images = np.concatenate([b.images.numpy() for b in ss.loader("train", ids, batch_size=32, shuffle=True,
+                                                              num_workers=2, seed=int(sys.argv[5]))])
+order = np.concatenate([b.ids.numpy() for b in ss.loader("train", ids, batch_size=32, shuffle=True,
+                                                         num_workers=2, seed=int(sys.argv[5]))])
+np.save(sys.argv[4], images[np.argsort(order)])
+"""
+
+
+def test_processes_and_workers_sharing_one_cache_read_correctly_and_fill_it_once(digits_set, tmp_path):
+    ids = np.sort(np.random.default_rng(5).choice(digits_set.ids("train"), 400, replace=False))
+    np.save(tmp_path / "ids.npy", ids)
+    (tmp_path / "reader.py").write_text(_READER)
+    expected = _images(digits_set, ids)
+    cache = tmp_path / "shared-cache"
+    with RangeServer(digits_set.root, delay=0.002) as srv:
+        procs = [subprocess.Popen([sys.executable, str(tmp_path / "reader.py"), srv.url, str(cache),
+                                   str(tmp_path / "ids.npy"), str(tmp_path / f"out{k}.npy"), str(k)])
+                 for k in range(3)]  # three processes of two workers each, different orders, at once
+        assert [p.wait() for p in procs] == [0, 0, 0]
+        for k in range(3):
+            np.testing.assert_array_equal(np.load(tmp_path / f"out{k}.npy"), expected)
+        before = srv.bytes_sent
+        remote = ShardSet.open(srv.url, ReadOptions(cache_dir=str(cache)))
+        after_index = srv.bytes_sent
+        np.testing.assert_array_equal(_images(remote, ids), expected)
+        assert srv.bytes_sent - after_index <= sum(  # only the member tables: every image came from the cache
+            (digits_set.root / r["idx"]).stat().st_size for r in digits_set.index["splits"]["train"]["shards"])
+        assert after_index > before
