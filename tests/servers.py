@@ -34,6 +34,7 @@ class RangeServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            wbufsize = 1 << 16  # headers and body in one send: unbuffered, Nagle and delayed ACKs cost 40 ms each
 
             def log_message(self, *args):
                 pass
@@ -92,7 +93,10 @@ class RangeServer:
                 with server._lock:
                     server.bytes_sent += len(body)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 1024  # clients open many connections at once; the default 5 drops SYNs (1 s+)
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
