@@ -339,3 +339,13 @@ def test_processes_and_workers_sharing_one_cache_read_correctly_and_fill_it_once
         assert srv.bytes_sent - after_index <= sum(  # only the member tables: every image came from the cache
             (digits_set.root / r["idx"]).stat().st_size for r in digits_set.index["splits"]["train"]["shards"])
         assert after_index > before
+
+
+def test_a_cache_that_cannot_be_written_warns_and_reading_goes_on(digits_set, tmp_path, capsys):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder would go")
+    ids = digits_set.ids("train")[:100]
+    with RangeServer(digits_set.root) as srv:
+        remote = ShardSet.open(srv.url, ReadOptions(cache_dir=str(blocked / "cache")))
+        np.testing.assert_array_equal(_images(remote, ids), _images(digits_set, ids))
+    assert "the shard cache stops here" in capsys.readouterr().err and remote.store.cache is None

@@ -64,7 +64,7 @@ class ShardCache:
     def _have(self, path: Path, count: int) -> np.ndarray:
         try:
             have = np.fromfile(path, dtype=np.uint8)
-        except (FileNotFoundError, ValueError):
+        except (OSError, ValueError):  # none yet, or unreadable: nothing held
             return np.zeros(count, np.uint8)
         return have if len(have) == count else np.zeros(count, np.uint8)
 
@@ -77,7 +77,7 @@ class ShardCache:
         if len(present):
             try:
                 fd = os.open(data_path, os.O_RDONLY)
-            except FileNotFoundError:
+            except OSError:
                 fd = None
             if fd is not None:
                 try:
@@ -89,7 +89,7 @@ class ShardCache:
                     os.close(fd)
                 try:
                     os.utime(have_path)  # recency, for eviction
-                except FileNotFoundError:
+                except OSError:
                     pass
         self.hits += len(found)
         self.misses += len(rows) - len(found)

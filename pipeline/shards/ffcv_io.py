@@ -65,6 +65,9 @@ class FfcvLoader:
     def __init__(self, shardset, split: str, rows, *, batch_size: int, shuffle: bool, seed: int,
                  drop_last: bool, device, num_workers: int, image_size: int | None, rank: int, world_size: int,
                  row_weights: np.ndarray | None = None, crop=None):
+        if not shardset.store.local:
+            raise PipelineError(f"{shardset.root}: the ffcv loader reads a local .beton (memory-mapped); read a "
+                                "remote set with data.backend = stream or indexed, or download it first")
         ff = _ffcv()
         self.table_ids, self.row_weights = shardset.members(split).ids, row_weights
         rec = shardset.index["splits"][split].get("beton")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,6 +169,9 @@ class RemoteStore:
         self.requests = 0
         self._fs = self._base = self._pid = None
 
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fs": None, "_base": None, "_pid": None}  # made again where it lands
+
     @property
     def label(self) -> str:
         return self.url
@@ -294,7 +298,12 @@ class RemoteStore:
                                     "set again (`pipeline upload DIR URL`)")
                 out[k] = data
         if self.cache:
-            self.cache.store(shard, rows[order], offsets[order], [out[k] for k in order.tolist()])
+            try:
+                self.cache.store(shard, rows[order], offsets[order], [out[k] for k in order.tolist()])
+            except (OSError, PipelineError) as exc:  # a full or read-only disk: go on reading, uncached
+                print(f"warning: {self.cache.folder}: the shard cache stops here ({exc}); reading "
+                      f"{self.url} uncached in this process", file=sys.stderr)
+                self.cache = None
         return out
 
 
