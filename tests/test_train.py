@@ -201,3 +201,29 @@ def test_a_run_stopped_inside_an_epoch_resumes_at_the_next_batch_bit_identically
                 (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "epoch"]
 
     assert epochs(tmp_path / "a") == epochs(tmp_path / "b")
+
+
+def test_a_selecting_run_stopped_inside_an_epoch_resumes_bit_identically(digits_set, tmp_path):
+    """Selection rounds (in the trainer's process, to keep the test short; a round process is restarted the
+    same way at an epoch-end resume): the epoch that was running trains on to the end on the subset it began
+    with, and the rounds the schedule asks for come out as in an uninterrupted run."""
+    over = {"run.checkpoint_every_steps": 2, "optim.epochs": 4, "select.selector": "random", "select.fraction": 0.5,
+            "select.warmup": 1, "select.every": 1, "select.lag": 1, "select.processes": 0}
+    create_trainer(tiny_cfg(digits_set.root, tmp_path / "a", **over), progress=False).fit()
+    t = create_trainer(tiny_cfg(digits_set.root, tmp_path / "b", **over), progress=False)
+    full, half = 1438 // 64, 719 // 64
+    _stop_at(t, 2 * full + half + 3)  # the fourth epoch (the second on a subset), step 3
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    t.close()
+    assert load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")["step_in_epoch"] == 2
+    create_trainer(load_config(tmp_path / "b" / "config.toml"), resume=True, progress=False).fit()
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    def subsets(run):
+        return [(r["epoch"], r["subset_round"], r["subset_size"], r["loss"]) for r in map(json.loads,
+                (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "epoch"]
+
+    assert subsets(tmp_path / "a") == subsets(tmp_path / "b")
+    assert [s[1] for s in subsets(tmp_path / "a")][-2:] != [None, None]
