@@ -288,10 +288,13 @@ def test_a_training_run_on_s3_killed_inside_an_epoch_resumes_bit_identically(dig
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         last, deadline = run / "checkpoints" / "last.pt", time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
-            if last.exists() and load_checkpoint(last).get("step_in_epoch", 0) and load_checkpoint(last)["epoch"] >= 1:
+            ckpt = load_checkpoint(last) if last.exists() else {}
+            # a later epoch's first mid-epoch checkpoint (step 3 of 10): 7 steps before the epoch's end
+            # replaces last.pt, however slowly the kill arrives
+            if ckpt.get("epoch", 0) >= 1 and ckpt.get("step_in_epoch") == 3:
                 os.killpg(proc.pid, signal.SIGKILL)
                 break
-            time.sleep(0.05)
+            time.sleep(0.02)
         proc.wait()
         assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
         stopped = load_checkpoint(last)
