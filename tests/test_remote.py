@@ -275,9 +275,9 @@ def test_a_training_run_on_s3_killed_inside_an_epoch_resumes_bit_identically(dig
     from pipeline.trainers import create_trainer
     from test_train import tiny_cfg
 
-    ids = np.random.default_rng(4).choice(digits_set.ids("train"), 640, replace=False)
+    ids = np.random.default_rng(4).choice(digits_set.ids("train"), 320, replace=False)
     Manifest.for_shardset(digits_set, "train", ids, producer={"name": "test"}, round=1).save(tmp_path / "m.json")
-    over = {"data.manifest": str(tmp_path / "m.json"), "optim.epochs": 3, "run.checkpoint_every_steps": 3,
+    over = {"data.manifest": str(tmp_path / "m.json"), "optim.epochs": 3, "run.checkpoint_every_steps": 2,
             "data.workers": 2, "data.cache_dir": str(tmp_path / "cache")}
     create_trainer(tiny_cfg(digits_set.root, tmp_path / "straight", **over), progress=False).fit()
     with moto_s3():
@@ -289,9 +289,9 @@ def test_a_training_run_on_s3_killed_inside_an_epoch_resumes_bit_identically(dig
         last, deadline = run / "checkpoints" / "last.pt", time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
             ckpt = load_checkpoint(last) if last.exists() else {}
-            # a later epoch's first mid-epoch checkpoint (step 3 of 10): 7 steps before the epoch's end
+            # a later epoch's first mid-epoch checkpoint (step 2 of 5): 3 steps before the epoch's end
             # replaces last.pt, however slowly the kill arrives
-            if ckpt.get("epoch", 0) >= 1 and ckpt.get("step_in_epoch") == 3:
+            if ckpt.get("epoch", 0) >= 1 and ckpt.get("step_in_epoch") == 2:
                 os.killpg(proc.pid, signal.SIGKILL)
                 break
             time.sleep(0.02)

@@ -173,7 +173,7 @@ def _stop_at(trainer, call: int):
     trainer.training_step = step
 
 
-@pytest.mark.parametrize("workers,backend,subset", [(0, "auto", False), (2, "stream", False), (2, "indexed", True)])
+@pytest.mark.parametrize("workers,backend,subset", [(0, "stream", False), (2, "stream", True), (2, "indexed", True)])
 def test_a_run_stopped_inside_an_epoch_resumes_at_the_next_batch_bit_identically(digits_set, tmp_path, workers,
                                                                                 backend, subset):
     over = {"run.checkpoint_every_steps": 4, "data.workers": workers, "data.backend": backend}
@@ -207,12 +207,11 @@ def test_a_selecting_run_stopped_inside_an_epoch_resumes_bit_identically(digits_
     """Selection rounds (in the trainer's process, to keep the test short; a round process is restarted the
     same way at an epoch-end resume): the epoch that was running trains on to the end on the subset it began
     with, and the rounds the schedule asks for come out as in an uninterrupted run."""
-    over = {"run.checkpoint_every_steps": 2, "optim.epochs": 4, "select.selector": "random", "select.fraction": 0.5,
+    over = {"run.checkpoint_every_steps": 2, "optim.epochs": 3, "select.selector": "random", "select.fraction": 0.5,
             "select.warmup": 1, "select.every": 1, "select.lag": 1, "select.processes": 0}
     create_trainer(tiny_cfg(digits_set.root, tmp_path / "a", **over), progress=False).fit()
     t = create_trainer(tiny_cfg(digits_set.root, tmp_path / "b", **over), progress=False)
-    full, half = 1438 // 64, 719 // 64
-    _stop_at(t, 2 * full + half + 3)  # the fourth epoch (the second on a subset), step 3
+    _stop_at(t, 2 * (1438 // 64) + 3)  # the third epoch (the first on a subset), step 3
     with pytest.raises(KeyboardInterrupt):
         t.fit()
     t.close()
@@ -226,4 +225,4 @@ def test_a_selecting_run_stopped_inside_an_epoch_resumes_bit_identically(digits_
                 (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "epoch"]
 
     assert subsets(tmp_path / "a") == subsets(tmp_path / "b")
-    assert [s[1] for s in subsets(tmp_path / "a")][-2:] != [None, None]
+    assert [s[1] for s in subsets(tmp_path / "a")] == [None, None, 1]
