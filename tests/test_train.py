@@ -4,12 +4,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 from pipeline.checkpoint import load_checkpoint
 from pipeline.errors import PipelineError
+from pipeline.report.runs import load_run
 from pipeline.shards.manifest import Manifest, round_path
 from pipeline.trainers import StepRecord, TrainConfig, create_trainer, load_config
 
@@ -38,6 +40,7 @@ def test_resume_gives_identical_weights(digits_set, tmp_path):
     first = create_trainer(tiny_cfg(digits_set.root, tmp_path / "b"), progress=False)
     first.fit(stop_after=1)
     assert load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")["epoch"] == 1
+    time.sleep(3)  # stopped: not training time, and not wall time either
     resumed = create_trainer(load_config(tmp_path / "b" / "config.toml"), resume=True, progress=False)
     assert resumed.start_epoch == 1
     resumed.fit()
@@ -47,6 +50,9 @@ def test_resume_gives_identical_weights(digits_set, tmp_path):
     epochs = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in epochs if r["kind"] == "epoch"] == [1, 2]
     assert (tmp_path / "b" / "checkpoints" / "epoch-0002.pt").is_file()
+    run = load_run(tmp_path / "b")
+    first_start_to_last_end = run.epochs[-1]["time"] - run.start
+    assert run.wall_seconds < first_start_to_last_end - 2.5 and run.wall_seconds >= run.train_seconds
 
 
 def test_training_lowers_the_natural_contrastive_loss(digits_set, tmp_path):

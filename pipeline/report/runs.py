@@ -54,6 +54,11 @@ class RunRecord:
 
     @property
     def wall_seconds(self) -> float:
+        """Training wall time, selection and stalls included: the epochs' own wall times where they record
+        them (a stopped run's downtime is not in them), else first start to last end (runs of older versions:
+        a resumed one counts its downtime too)."""
+        if self.epochs and all("wall_s" in e for e in self.epochs):
+            return float(sum(e["wall_s"] for e in self.epochs))
         return self.epochs[-1]["time"] - self.start if self.epochs else 0.0
 
     @property

@@ -139,6 +139,7 @@ class Trainer:
         self.forward = torch.compile(forward) if cfg.run.compile else forward
         self.start_epoch, self.global_step = 0, 0
         self.resume_step, self._resumed_epoch = 0, None  # a checkpoint from inside an epoch: where it was
+        self._wall_mark = time.time()
         self._metrics_lines = 0  # records this run has logged: a checkpoint keeps the count, a resume cuts back to it
         self.subset, self.loader, self._loader_key = None, None, None
         self.subsets = create_subset_source(self)
@@ -232,6 +233,7 @@ class Trainer:
             cfg.save(self.layout.config)
         summary = {}
         end = cfg.optim.epochs if stop_after is None else min(cfg.optim.epochs, self.start_epoch + stop_after)
+        self._wall_mark = time.time()  # an epoch's wall time runs from here or the previous epoch's end
         try:
             for epoch in range(self.start_epoch, end):
                 self.on_epoch_start(epoch)  # first: a snapshot taken now sees this epoch's schedule (strength)
@@ -239,6 +241,10 @@ class Trainer:
                     self.subsets.epoch_start(epoch)
                 self.dist.barrier()
                 summary = self._train_epoch(epoch)
+                now = time.time()
+                # selection, stalls and checkpoints included; time a stopped run spent stopped is not
+                summary["wall_s"] = now - self._wall_mark + summary.pop("wall_before_s", 0.0)
+                self._wall_mark = now
                 self.subsets.epoch_end(epoch, summary)
                 self.start_epoch = epoch + 1
                 if self.is_main:  # the epoch's records first: the checkpoint counts them (`metrics_lines`)
@@ -267,9 +273,11 @@ class Trainer:
         totals = {"loss": 0.0, "images": 0, "attack_s": 0.0}
         parts: dict[str, float] = {}  # per-sample means of what a method logs (loss terms, fractions kept, ...)
         started, lr, before = time.perf_counter(), None, 0.0
+        wall_before = 0.0
         if skip:  # the epoch's sums up to the checkpoint
             totals, parts = self._resumed_epoch["totals"], self._resumed_epoch["parts"]
             before, lr = self._resumed_epoch["seconds"], self._resumed_epoch["lr"]
+            wall_before = self._resumed_epoch.get("wall_s", 0.0)
         o = cfg.optim
         every = cfg.run.checkpoint_every_steps
         with progress_bar(self.progress and self.is_main) as bar:
@@ -308,6 +316,7 @@ class Trainer:
                 if self.is_main and every and (i + 1) % every == 0 and i + 1 < steps:
                     partial = {"totals": totals, "parts": parts, "lr": lr,
                                "seconds": before + time.perf_counter() - started,
+                               "wall_s": wall_before + time.time() - self._wall_mark,
                                "subset": str(self.subset.path) if self.subset is not None else ""}
                     save_checkpoint(self.layout.last, {**self._state(epoch, {}), "step_in_epoch": i + 1,
                                                        "partial_epoch": json.dumps(partial)})
@@ -317,7 +326,7 @@ class Trainer:
         sub = self.subset
         return {"epoch": epoch + 1, "loss": totals["loss"] / max(totals["images"], 1), **means, "lr": lr,
                 "images": images, "seconds": secs, "images_per_s": images / secs if secs > 0 else 0.0,
-                "attack_s": totals["attack_s"], "steps": steps,
+                "attack_s": totals["attack_s"], "steps": steps, "wall_before_s": wall_before,
                 "subset_round": getattr(sub, "round", None),
                 "subset_size": len(sub) if sub is not None else self.shardset.count(cfg.data.split),
                 "subset": str(sub.path) if sub is not None else None}
