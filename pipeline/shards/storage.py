@@ -147,7 +147,7 @@ def _is_permanent(exc: BaseException) -> bool:
     """Missing objects and refused credentials do not heal by retrying; everything else might."""
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
         return True
-    status = getattr(exc, "status", None) or getattr(exc, "code", None)
+    status = getattr(exc, "status", None)  # aiohttp's answers; s3fs raises the OSError kinds above
     return isinstance(status, int) and 400 <= status < 500 and status not in (408, 429)
 
 
