@@ -166,9 +166,12 @@ def test_existing_run_needs_resume_or_overwrite(digits_set, tmp_path):
     assert [json.loads(l)["epoch"] for l in lines if json.loads(l)["kind"] == "epoch"] == [1]
 
 
-def _stop_at(trainer, call: int):
-    """Make the trainer's `call`-th training step raise, as a kill would stop it."""
-    real, calls = trainer.training_step, [0]
+def _run_straight_and_stopped(data, tmp_path, over: dict, call: int) -> dict:
+    """Train run `a` straight through, and run `b` with the same settings until its `call`-th training step
+    raises, as a kill would stop it; return b's last checkpoint."""
+    create_trainer(tiny_cfg(data, tmp_path / "a", **over), progress=False).fit()
+    t = create_trainer(tiny_cfg(data, tmp_path / "b", **over), progress=False)
+    real, calls = t.training_step, [0]
 
     def step(batch, epoch):
         calls[0] += 1
@@ -176,7 +179,28 @@ def _stop_at(trainer, call: int):
             raise KeyboardInterrupt
         return real(batch, epoch)
 
-    trainer.training_step = step
+    t.training_step = step
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    t.close()
+    return load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")
+
+
+def _resume(tmp_path):
+    return create_trainer(load_config(tmp_path / "b" / "config.toml"), resume=True, progress=False)
+
+
+def _resumed_matches_straight(tmp_path, keys: tuple, resumed=None) -> tuple[list, list]:
+    """Resume run `b` to the end; its weights equal a's. Returns both runs' epoch records as tuples of `keys`."""
+    (resumed or _resume(tmp_path)).fit()
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    def epochs(run):
+        return [tuple(r[k] for k in keys) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                if r["kind"] == "epoch"]
+
+    return epochs(tmp_path / "a"), epochs(tmp_path / "b")
 
 
 @pytest.mark.parametrize("workers,backend,subset", [(0, "stream", False), (2, "stream", True), (2, "indexed", True)])
@@ -188,25 +212,13 @@ def test_a_run_stopped_inside_an_epoch_resumes_at_the_next_batch_bit_identically
         Manifest.for_shardset(digits_set, "train", ids, producer={"name": "test"}, round=1).save(tmp_path / "m.json")
         over["data.manifest"] = str(tmp_path / "m.json")
     steps = (len(digits_set.ids("train")[::2]) if subset else len(digits_set.ids("train"))) // 64
-    create_trainer(tiny_cfg(digits_set.root, tmp_path / "a", **over), progress=False).fit()
-    t = create_trainer(tiny_cfg(digits_set.root, tmp_path / "b", **over), progress=False)
-    _stop_at(t, steps + 7)  # the second epoch's 7th step: the checkpoint after its 4th is the last one
-    with pytest.raises(KeyboardInterrupt):
-        t.fit()
-    t.close()
-    ckpt = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")
+    # the second epoch's 7th step: the checkpoint after its 4th is the last one
+    ckpt = _run_straight_and_stopped(digits_set.root, tmp_path, over, steps + 7)
     assert (ckpt["epoch"], ckpt["step_in_epoch"]) == (1, 4)
-    resumed = create_trainer(load_config(tmp_path / "b" / "config.toml"), resume=True, progress=False)
+    resumed = _resume(tmp_path)
     assert (resumed.start_epoch, resumed.resume_step) == (1, 4)
-    resumed.fit()
-    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-    def epochs(run):
-        return [(r["epoch"], r["loss"], r["images"], r["steps"]) for r in map(json.loads,
-                (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "epoch"]
-
-    assert epochs(tmp_path / "a") == epochs(tmp_path / "b")
+    straight, stopped = _resumed_matches_straight(tmp_path, ("epoch", "loss", "images", "steps"), resumed)
+    assert straight == stopped
 
 
 def test_a_selecting_run_stopped_inside_an_epoch_resumes_bit_identically(digits_set, tmp_path):
@@ -215,20 +227,9 @@ def test_a_selecting_run_stopped_inside_an_epoch_resumes_bit_identically(digits_
     with, and the rounds the schedule asks for come out as in an uninterrupted run."""
     over = {"run.checkpoint_every_steps": 2, "optim.epochs": 3, "select.selector": "random", "select.fraction": 0.5,
             "select.warmup": 1, "select.every": 1, "select.lag": 1, "select.processes": 0}
-    create_trainer(tiny_cfg(digits_set.root, tmp_path / "a", **over), progress=False).fit()
-    t = create_trainer(tiny_cfg(digits_set.root, tmp_path / "b", **over), progress=False)
-    _stop_at(t, 2 * (1438 // 64) + 3)  # the third epoch (the first on a subset), step 3
-    with pytest.raises(KeyboardInterrupt):
-        t.fit()
-    t.close()
-    assert load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")["step_in_epoch"] == 2
-    create_trainer(load_config(tmp_path / "b" / "config.toml"), resume=True, progress=False).fit()
-    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-    def subsets(run):
-        return [(r["epoch"], r["subset_round"], r["subset_size"], r["loss"]) for r in map(json.loads,
-                (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "epoch"]
-
-    assert subsets(tmp_path / "a") == subsets(tmp_path / "b")
-    assert [s[1] for s in subsets(tmp_path / "a")] == [None, None, 1]
+    # the third epoch (the first on a subset), step 3
+    ckpt = _run_straight_and_stopped(digits_set.root, tmp_path, over, 2 * (1438 // 64) + 3)
+    assert ckpt["step_in_epoch"] == 2
+    straight, stopped = _resumed_matches_straight(tmp_path, ("epoch", "subset_round", "subset_size", "loss"))
+    assert straight == stopped
+    assert [s[1] for s in straight] == [None, None, 1]

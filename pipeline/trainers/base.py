@@ -220,7 +220,10 @@ class Trainer:
             raise PipelineError(f"{self.run_dir}: its last checkpoint is from inside an epoch, and the "
                                 f"{self.cfg.data.backend} loader cannot start an epoch part-way; resume with "
                                 "data.backend = stream or indexed")
-        self.loader.set_epoch(epoch, skip) if skip else self.loader.set_epoch(epoch)
+        if skip:
+            self.loader.set_epoch(epoch, skip)
+        else:
+            self.loader.set_epoch(epoch)
         return self.loader
 
     # -- the loop ---------------------------------------------------------------------------------------
@@ -233,7 +236,8 @@ class Trainer:
             cfg.save(self.layout.config)
         summary = {}
         end = cfg.optim.epochs if stop_after is None else min(cfg.optim.epochs, self.start_epoch + stop_after)
-        self._wall_mark = time.time()  # an epoch's wall time runs from here or the previous epoch's end
+        # an epoch's wall time runs from here or the previous epoch's end (a resumed epoch: less what it had run)
+        self._wall_mark = time.time() - (self._resumed_epoch.get("wall_s", 0.0) if self.resume_step else 0.0)
         try:
             for epoch in range(self.start_epoch, end):
                 self.on_epoch_start(epoch)  # first: a snapshot taken now sees this epoch's schedule (strength)
@@ -243,7 +247,7 @@ class Trainer:
                 summary = self._train_epoch(epoch)
                 now = time.time()
                 # selection, stalls and checkpoints included; time a stopped run spent stopped is not
-                summary["wall_s"] = now - self._wall_mark + summary.pop("wall_before_s", 0.0)
+                summary["wall_s"] = now - self._wall_mark
                 self._wall_mark = now
                 self.subsets.epoch_end(epoch, summary)
                 self.start_epoch = epoch + 1
@@ -273,11 +277,9 @@ class Trainer:
         totals = {"loss": 0.0, "images": 0, "attack_s": 0.0}
         parts: dict[str, float] = {}  # per-sample means of what a method logs (loss terms, fractions kept, ...)
         started, lr, before = time.perf_counter(), None, 0.0
-        wall_before = 0.0
         if skip:  # the epoch's sums up to the checkpoint
             totals, parts = self._resumed_epoch["totals"], self._resumed_epoch["parts"]
             before, lr = self._resumed_epoch["seconds"], self._resumed_epoch["lr"]
-            wall_before = self._resumed_epoch.get("wall_s", 0.0)
         o = cfg.optim
         every = cfg.run.checkpoint_every_steps
         with progress_bar(self.progress and self.is_main) as bar:
@@ -316,7 +318,7 @@ class Trainer:
                 if self.is_main and every and (i + 1) % every == 0 and i + 1 < steps:
                     partial = {"totals": totals, "parts": parts, "lr": lr,
                                "seconds": before + time.perf_counter() - started,
-                               "wall_s": wall_before + time.time() - self._wall_mark,
+                               "wall_s": time.time() - self._wall_mark,
                                "subset": str(self.subset.path) if self.subset is not None else ""}
                     save_checkpoint(self.layout.last, {**self._state(epoch, {}), "step_in_epoch": i + 1,
                                                        "partial_epoch": json.dumps(partial)})
@@ -326,7 +328,7 @@ class Trainer:
         sub = self.subset
         return {"epoch": epoch + 1, "loss": totals["loss"] / max(totals["images"], 1), **means, "lr": lr,
                 "images": images, "seconds": secs, "images_per_s": images / secs if secs > 0 else 0.0,
-                "attack_s": totals["attack_s"], "steps": steps, "wall_before_s": wall_before,
+                "attack_s": totals["attack_s"], "steps": steps,
                 "subset_round": getattr(sub, "round", None),
                 "subset_size": len(sub) if sub is not None else self.shardset.count(cfg.data.split),
                 "subset": str(sub.path) if sub is not None else None}
