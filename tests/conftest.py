@@ -12,6 +12,19 @@ from pipeline.shards.shardset import ShardSet
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+@pytest.fixture(autouse=True)
+def _threads_are_given_back():
+    """A test that leaves torch's thread count changed makes later in-process runs use other kernels, and the
+    bitwise comparisons between an in-process run and a subprocess fail far from the cause."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    after = torch.get_num_threads()
+    torch.set_num_threads(before)
+    assert after == before, f"the test left torch with {after} threads instead of {before}"
+
+
 def make_prepared(spec, out, **kw):
     kw.setdefault("progress", False)
     result = prepare(spec, PrepareOptions(out=out, **kw))
