@@ -111,6 +111,8 @@ def main(argv=None):
     ap.add_argument("--crop", type=int, default=0, help="Every loader delivers random-resized crops of this size")
     ap.add_argument("--subsets", default="0.10,0.01", help="Subset fractions read by index")
     ap.add_argument("--device", default="cpu", help="cpu | cuda: batches are moved there inside the timing")
+    ap.add_argument("--worker-kinds", default="process,thread",
+                    help="Read the shard rows with workers of these kinds (process: DataLoader workers; thread)")
     args = ap.parse_args(argv)
 
     data = args.data or (DEFAULT_DATA if DEFAULT_DATA.is_dir() else None)
@@ -153,12 +155,19 @@ def main(argv=None):
         rows["per-file simplejpeg"] = _time_epochs(
             lambda: DataLoader(fast, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                                persistent_workers=args.workers > 0), args.epochs, dev)
-    rows["stream (shards)"] = _time_epochs(lambda: ss.loader("train", backend="stream", **common), args.epochs, dev)
-    rows["indexed, whole split"] = _time_epochs(lambda: ss.loader("train", backend="indexed", **common), args.epochs,
-                                                dev)
-    for f, ids in subsets.items():
-        rows[f"indexed, {f:.0%} subset"] = _time_epochs(lambda ids=ids: ss.loader("train", ids, **common), args.epochs,
-                                                        dev)
+    kinds = args.worker_kinds.split(",")
+    if "process" not in kinds:
+        ap.error("--worker-kinds: include process, the rows the others are compared with")
+    for kind in kinds:
+        tag = "" if kind == "process" else f" ({kind}s)"
+        kw = dict(common, worker_kind=kind)
+        rows[f"stream (shards){tag}"] = _time_epochs(lambda: ss.loader("train", backend="stream", **kw), args.epochs,
+                                                     dev)
+        rows[f"indexed, whole split{tag}"] = _time_epochs(lambda: ss.loader("train", backend="indexed", **kw),
+                                                          args.epochs, dev)
+        for f, ids in subsets.items():
+            rows[f"indexed, {f:.0%} subset{tag}"] = _time_epochs(lambda ids=ids: ss.loader("train", ids, **kw),
+                                                                 args.epochs, dev)
     if dev == "cuda":
         from pipeline.shards.device_decode import torchvision_decoder
 
@@ -191,9 +200,9 @@ def main(argv=None):
     print(json.dumps(result))
     print(f"\n{n_total:,} images from {split_dir}, batch {args.batch_size}, {args.workers} workers; "
           f"prepare {result['prepare_images_per_s']:,} images/s")
-    print(f"{'loader':28s} {'images/s':>10s} {'x baseline':>11s} {'time vs full':>13s}")
+    print(f"{'loader':36s} {'images/s':>10s} {'x baseline':>11s} {'time vs full':>13s}")
     for r in table:
-        print(f"{r['loader']:28s} {r['images_per_s']:>10,d} {r['vs_baseline']:>11.2f} {r['cost_vs_full_stream']:>13.3f}")
+        print(f"{r['loader']:36s} {r['images_per_s']:>10,d} {r['vs_baseline']:>11.2f} {r['cost_vs_full_stream']:>13.3f}")
 
 
 if __name__ == "__main__":

@@ -145,3 +145,45 @@ def test_small_splits_still_give_every_worker_tasks(synthetic_set):
     np.testing.assert_array_equal(np.concatenate(tasks), np.concatenate(whole_windows))
     big = synthetic_set.loader("train", backend="stream", batch_size=1, seed=0, window=8)
     assert max(len(t) for t in big.plan(0)) == 8
+
+
+@pytest.mark.parametrize("backend,workers,skip", [("stream", 2, 0), ("indexed", 3, 0), ("stream", 3, 3)])
+def test_thread_workers_deliver_the_process_workers_batches_in_their_order(synthetic_set, backend, workers, skip):
+    """Threads read what the DataLoader's worker processes read and hand it over in the DataLoader's order,
+    one batch from each worker in turn: the same epoch batch for batch, also resumed inside an epoch."""
+    subset = synthetic_set.ids("train")[::3][:250]  # 4 batches of 64: workers run out at different times
+    def epoch(kind, ids):
+        loader = synthetic_set.loader("train", ids, backend=backend, batch_size=64, seed=4, num_workers=workers,
+                                      worker_kind=kind)
+        loader.set_epoch(2, skip)
+        return [(b.ids.numpy(), b.images.numpy()) for b in loader]
+
+    for ids in (None, subset):
+        procs, threads = epoch("process", ids), epoch("thread", ids)
+        assert len(procs) == len(threads) > 0
+        for (pid, pim), (tid, tim) in zip(procs, threads):
+            np.testing.assert_array_equal(pid, tid)
+            np.testing.assert_array_equal(pim, tim)
+
+
+def test_a_thread_workers_error_reaches_the_caller_and_ends_the_epoch(synthetic_set, monkeypatch):
+    import threading
+
+    from pipeline.shards.reader import TaskReader
+
+    real, calls = TaskReader.batches, [0]
+
+    def failing(self, rows, epoch=0):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise PipelineError("shard 2 is broken")
+        yield from real(self, rows, epoch)
+
+    monkeypatch.setattr(TaskReader, "batches", failing)
+    loader = synthetic_set.loader("train", backend="indexed", batch_size=64, num_workers=2, worker_kind="thread")
+    with pytest.raises(PipelineError, match="shard 2 is broken"):
+        for _ in loader:
+            pass
+    assert not [t for t in threading.enumerate() if t.name.startswith("loader-")]  # none left running
+    with pytest.raises(PipelineError, match="worker kind 'fiber'"):
+        synthetic_set.loader("train", num_workers=2, worker_kind="fiber")

@@ -13,5 +13,9 @@ class Batch(NamedTuple):
     ids: torch.Tensor  # (B,) int64: global sample ids
     weights: torch.Tensor | None = None  # (B,) float32: the manifest's per-sample weights, when it has them
 
+    def pin(self) -> "Batch":
+        """In page-locked memory: the copy to a CUDA device can then overlap with compute."""
+        return Batch(*(None if x is None else x.pin_memory() for x in self))
+
     def to(self, device, non_blocking: bool = True) -> "Batch":
         return Batch(*(None if x is None else x.to(device, non_blocking=non_blocking) for x in self))
