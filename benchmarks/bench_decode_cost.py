@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from pipeline.shards import ffcv_io
-from pipeline.shards.crops import RandomResizedCrop, _resample, crop_rng
+from pipeline.shards.crops import RandomResizedCrop, _resample
 from pipeline.shards.images import jpeg_pixels
 from pipeline.shards.prepare import PrepareOptions, prepare
 from pipeline.shards.reader import TaskReader
@@ -87,17 +87,18 @@ def main(argv=None):
     reader = TaskReader(ss, "train", None, args.batch_size, crop=crop, seed=0)
     table = reader.table
     blobs = [bytes(b) for b in reader.fetch(rows)]
-    ids = table.ids[rows].tolist()
+    ids = table.ids[rows]
 
     headers = [simplejpeg.decode_jpeg_header(b) for b in blobs]
-    boxes = [crop.box(h, w, crop_rng(0, 0, i)) for (h, w, _, _), i in zip(headers, ids)]
+    dims = np.array([h[:2] for h in headers])
+    boxes = [tuple(b) for b in crop.boxes(dims[:, 0], dims[:, 1], 0, 0, ids).tolist()]
     decoded = [jpeg_pixels(b, "RGB", False) for b in blobs]
     stages = {
         "read bytes (pread, page cache)": _cpu(lambda: reader.fetch(rows), args.repeat),
         "header": _cpu(lambda: [simplejpeg.decode_jpeg_header(b) for b in blobs], args.repeat),
-        "crop generator (np.random.default_rng)": _cpu(lambda: [crop_rng(0, 0, i) for i in ids], args.repeat),
-        "crop box (10 tries at most)": _cpu(lambda: [crop.box(h, w, crop_rng(0, 0, i))
-                                                     for (h, w, _, _), i in zip(headers, ids)], args.repeat),
+        "crop boxes (one draw per task of a batch)": _cpu(
+            lambda: [crop.boxes(dims[i:i + args.batch_size, 0], dims[i:i + args.batch_size, 1], 0, 0,
+                                ids[i:i + args.batch_size]) for i in range(0, n, args.batch_size)], args.repeat),
         "decode (simplejpeg, whole image)": _cpu(lambda: [jpeg_pixels(b, "RGB", False) for b in blobs],
                                                  args.repeat),
         "decode (simplejpeg, fastdct)": _cpu(lambda: [simplejpeg.decode_jpeg(b, fastdct=True) for b in blobs],

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.shards.crops import RandomResizedCrop, crop_rng
+from pipeline.shards.crops import RandomResizedCrop
 from pipeline.shards.images import decode
 from pipeline.shards.prepare import PrepareOptions, prepare
 from pipeline.shards.shardset import ShardSet
@@ -60,7 +60,7 @@ class PerFileDataset(Dataset):
             with Image.open(path) as img:
                 img = img.convert("RGB")
                 if self.crop is not None:
-                    top, left, h, w = self.crop.box(img.height, img.width, crop_rng(0, self.epoch, k))
+                    top, left, h, w = self.crop.boxes([img.height], [img.width], 0, self.epoch, [k])[0].tolist()
                     img = img.resize((self.crop.size,) * 2, Image.BILINEAR, box=(left, top, left + w, top + h))
                 arr = np.array(img)
         return torch.from_numpy(arr).permute(2, 0, 1), label

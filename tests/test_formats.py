@@ -5,6 +5,7 @@ import tarfile
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pipeline.shards.layout import member_key
@@ -36,7 +37,15 @@ def test_offset_index_matches_tarfile(digits_set):
         assert (m.offset_data, m.size) == (off, size)
 
 
-def test_stock_ffcv_loader_reads_the_beton(tmp_path):
+@pytest.fixture
+def torch_threads():
+    """ffcv's own Loader sets torch's thread count (the project's wrapper puts it back): restore it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_stock_ffcv_loader_reads_the_beton(tmp_path, torch_threads):
     pytest.importorskip("ffcv", reason="ffcv extra not installed (needs libturbojpeg/opencv)")
     from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
@@ -63,13 +72,19 @@ def test_pipeline_ffcv_backend_matches_subset(tmp_path):
 
     ss = make_prepared("digits", tmp_path / "d", formats=("wds", "ffcv"))
     subset = ss.ids("train")[::7]
-    loader = ss.loader("train", subset, backend="ffcv", batch_size=32, seed=3)
-    got = []
-    for b in loader:
-        assert b.images.shape[1:] == (1, 8, 8) and b.images.dtype.is_floating_point is False
-        for img, sid in zip(b.images, b.ids):
-            np.testing.assert_array_equal(img.permute(1, 2, 0).numpy(), ss.read_image("train", int(sid)))
-        got.extend(b.ids.tolist())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)  # not ffcv's worker count: its own Compiler would set 1 (import) and 2 (Loader)
+    try:
+        loader = ss.loader("train", subset, backend="ffcv", batch_size=32, seed=3, num_workers=2)
+        got = []
+        for b in loader:
+            assert torch.get_num_threads() == 3  # the trainer's kernels are its own, whatever ffcv sets
+            for img, sid in zip(b.images, b.ids):
+                np.testing.assert_array_equal(img.permute(1, 2, 0).numpy(), ss.read_image("train", int(sid)))
+            got.extend(b.ids.tolist())
+            assert b.images.shape[1:] == (1, 8, 8) and b.images.dtype.is_floating_point is False
+    finally:
+        torch.set_num_threads(threads)
     assert sorted(got) == sorted(subset.tolist())
 
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import make_prepared
 from pipeline.errors import PipelineError
-from pipeline.shards.crops import RandomResizedCrop, crop_rng, decode_crop, parse_crop
+from pipeline.shards.crops import RandomResizedCrop, decode_crop, parse_crop
 from pipeline.shards.images import Encoding, resize_square, transcode_file
 from pipeline.shards.prepare import PrepareOptions, prepare
 
@@ -57,25 +57,46 @@ def test_jpeg_quality_is_part_of_the_recipe(tmp_path):
         PrepareOptions(out=out, jpeg_quality=0).check()
 
 
+def _draw(crop, sid, seed=0, epoch=0):
+    return lambda h, w: tuple(crop.boxes([h], [w], seed, epoch, [sid])[0].tolist())
+
+
 def test_crop_boxes_follow_the_scale_and_ratio_ranges():
     crop = RandomResizedCrop(32, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
-    rng = np.random.default_rng(0)
-    areas, ratios = [], []
-    for _ in range(2000):
-        top, left, h, w = crop.box(300, 400, rng)
-        assert 0 <= top and top + h <= 300 and 0 <= left and left + w <= 400
-        areas.append(h * w / (300 * 400))
-        ratios.append(w / h)
-    areas, ratios = np.array(areas), np.array(ratios)
+    ids = np.arange(2000)
+    top, left, h, w = crop.boxes(np.full(2000, 300), np.full(2000, 400), 0, 0, ids).T
+    assert (top >= 0).all() and (top + h <= 300).all() and (left >= 0).all() and (left + w <= 400).all()
+    areas, ratios = h * w / (300 * 400), w / h
     assert areas.min() >= 0.07 and areas.max() <= 1.0
     assert ratios.min() >= 0.74 and ratios.max() <= 1.34
+    # placement is uniform over the positions a box leaves: the mean offset is half the room
+    assert abs(np.mean(top / (300 - h + 1)) - 0.5) < 0.03 and abs(np.mean(left / (400 - w + 1)) - 0.5) < 0.03
     # torchvision's draw: area uniform in scale; with square boxes of a square image every draw fits
     square = RandomResizedCrop(32, scale=(0.08, 1.0), ratio=(1.0, 1.0))
-    sq = np.array([np.prod(square.box(400, 400, rng)[2:]) / 400**2 for _ in range(4000)])
+    sq = np.prod(square.boxes(np.full(4000, 400), np.full(4000, 400), 1, 0, np.arange(4000))[:, 2:], axis=1) / 400**2
     assert abs(sq.mean() - 0.54) < 0.02 and abs(np.mean(sq < 0.31) - 0.25) < 0.03
     # a box that can never fit: the centre crop with the ratio clamped
     tall = RandomResizedCrop(8, scale=(1.0, 1.0), ratio=(1.0, 1.0))
-    assert tall.box(100, 50, rng) == (25, 0, 50, 50)
+    assert tall.boxes([100], [50], 0, 0, [3]).tolist() == [[25, 0, 50, 50]]
+    # a pure function of (seed, epoch, id): not of the other samples drawn with it, nor of their order
+    both = crop.boxes([300, 300], [400, 400], 5, 2, [7, 8])
+    assert crop.boxes([300], [400], 5, 2, [8]).tolist() == both[1:].tolist()
+    assert crop.boxes([300, 300], [400, 400], 5, 2, [8, 7]).tolist() == both[::-1].tolist()
+    others = [crop.boxes([300], [400], *key, [7]).tolist() for key in ((5, 3), (6, 2))]
+    assert all(o != both[:1].tolist() for o in others)
+
+
+def test_crop_uniforms_are_uniform_and_independent():
+    from scipy import stats
+
+    from pipeline.shards.crops import uniforms
+
+    u = uniforms(3, 1, np.arange(20000), 22)
+    assert u.shape == (20000, 22) and u.min() >= 0 and u.max() < 1
+    for j in (0, 10, 21):
+        assert stats.kstest(u[:, j], "uniform").pvalue > 1e-3
+    assert abs(np.corrcoef(u[:, 0], u[:, 1])[0, 1]) < 0.03  # columns of one sample
+    assert abs(np.corrcoef(u[:-1, 0], u[1:, 0])[0, 1]) < 0.03  # neighbouring ids
 
 
 def test_decode_crop_uses_dct_scaling_and_matches_a_full_resolution_crop():
@@ -83,7 +104,7 @@ def test_decode_crop_uses_dct_scaling_and_matches_a_full_resolution_crop():
     crop = RandomResizedCrop(96)
     scales = []
     for sid in range(12):
-        out, info = decode_crop(data, "RGB", crop, crop_rng(0, 0, sid))
+        out, info = decode_crop(data, "RGB", crop, _draw(crop, sid))
         assert out.shape == (96, 96, 3)
         top, left, h, w = info["box"]
         assert min(h, w) * info["scale"] >= 96 - 1  # the reduced decode still covers the output
@@ -91,8 +112,8 @@ def test_decode_crop_uses_dct_scaling_and_matches_a_full_resolution_crop():
         assert np.abs(out.astype(np.float32) - ref).mean() < 3.0
         scales.append(info["scale"])
     assert min(scales) <= 0.25  # most boxes of a 1600 px photo need no more than a quarter of its pixels
-    again, _ = decode_crop(data, "RGB", crop, crop_rng(0, 0, 5))
-    assert np.array_equal(again, decode_crop(data, "RGB", crop, crop_rng(0, 0, 5))[0])
+    again, _ = decode_crop(data, "RGB", crop, _draw(crop, 5))
+    assert np.array_equal(again, decode_crop(data, "RGB", crop, _draw(crop, 5))[0])
 
 
 def test_loader_crops_are_a_function_of_seed_epoch_and_id(tmp_path):

@@ -4,8 +4,8 @@ headers); the main process decodes the whole batch on the GPU and crops and resi
 The decoder is torchvision's `decode_jpeg(..., device="cuda")` (nvJPEG), chosen automatically by
 `create_loader(decode="auto")` when the device is CUDA and torchvision imports with CUDA support; everything
 else keeps the CPU path. The decode function is a parameter, so the same batching, cropping and resizing run in
-the tests on a CPU with libjpeg-turbo standing in for nvJPEG. Boxes come from `crops.crop_rng`, as on the CPU
-path: a run sees the same boxes whichever path decodes.
+the tests on a CPU with libjpeg-turbo standing in for nvJPEG. Boxes come from `RandomResizedCrop.boxes`, as on
+the CPU path: a run sees the same boxes whichever path decodes.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from pipeline.errors import PipelineError
 from pipeline.shards.batch import Batch
-from pipeline.shards.crops import RandomResizedCrop, crop_rng
+from pipeline.shards.crops import RandomResizedCrop
 
 
 class EncodedBatch(NamedTuple):
@@ -39,14 +39,17 @@ def encode_batch(blobs: list, labels, ids, weights, crop: RandomResizedCrop | No
     sizes = np.array([len(b) for b in blobs], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     data = np.frombuffer(b"".join(bytes(b) for b in blobs), dtype=np.uint8).copy()
-    boxes = np.empty((len(blobs), 4), dtype=np.int64)
+    dims = np.empty((len(blobs), 2), dtype=np.int64)
     for k, blob in enumerate(blobs):
         try:
-            height, width, _, _ = simplejpeg.decode_jpeg_header(bytes(blob[:65536]))
+            dims[k] = simplejpeg.decode_jpeg_header(bytes(blob[:65536]))[:2]
         except ValueError as exc:
             raise PipelineError(f"{paths(k)}: sample {int(ids[k])} is not a JPEG the GPU decoder reads ({exc}); "
                                 "use data decode=cpu") from exc
-        boxes[k] = crop.box(height, width, crop_rng(seed, epoch, int(ids[k]))) if crop else (0, 0, height, width)
+    if crop is not None:
+        boxes = crop.boxes(dims[:, 0], dims[:, 1], seed, epoch, np.asarray(ids))
+    else:
+        boxes = np.concatenate([np.zeros_like(dims), dims], axis=1)
     return EncodedBatch(torch.from_numpy(data), torch.from_numpy(offsets), torch.from_numpy(boxes), labels, ids,
                         weights)
 

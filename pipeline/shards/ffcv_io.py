@@ -8,6 +8,8 @@ stored too (field `id`) because ffcv batches do not say which samples they hold.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 
@@ -18,17 +20,31 @@ INSTALL_HINT = ("ffcv is not installed: `apt-get install -y --no-install-recomme
                 "pkg-config`, then `pip install 'pipeline[ffcv]'` (or leave out the ffcv format)")
 
 
-def _ffcv():
+@contextmanager
+def _torch_threads_kept():
+    """ffcv sets torch's thread count to its worker count (to 1 on import, again for each Loader and epoch):
+    in a trainer that would change the kernels and the speed of training (and make runs that import ffcv
+    differ from runs that do not). The count is put back after every call into ffcv."""
+    threads = torch.get_num_threads()
     try:
-        import ffcv  # noqa: F401
-    except ImportError as exc:
-        raise PipelineError(INSTALL_HINT) from exc
-    import ffcv.fields
-    import ffcv.fields.decoders
-    import ffcv.loader
-    import ffcv.reader
-    import ffcv.transforms
-    import ffcv.writer
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
+def _ffcv():
+    with _torch_threads_kept():
+        try:
+            import ffcv  # noqa: F401
+        except ImportError as exc:
+            raise PipelineError(INSTALL_HINT) from exc
+        import ffcv.fields
+        import ffcv.fields.decoders
+        import ffcv.loader
+        import ffcv.reader
+        import ffcv.transforms
+        import ffcv.writer
 
     return ffcv
 
@@ -95,10 +111,11 @@ class FfcvLoader:
         }
         order = ff.loader.OrderOption.RANDOM if shuffle else ff.loader.OrderOption.SEQUENTIAL
         indices = None if rows is None else np.sort(np.asarray(rows))
-        self.loader = ff.loader.Loader(
-            str(path), batch_size=batch_size, num_workers=max(1, num_workers), order=order, indices=indices,
-            drop_last=drop_last, pipelines=pipelines, seed=seed, distributed=world_size > 1, os_cache=True,
-        )
+        with _torch_threads_kept():
+            self.loader = ff.loader.Loader(
+                str(path), batch_size=batch_size, num_workers=max(1, num_workers), order=order, indices=indices,
+                drop_last=drop_last, pipelines=pipelines, seed=seed, distributed=world_size > 1, os_cache=True,
+            )
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -107,7 +124,9 @@ class FfcvLoader:
         self.loader.next_epoch = epoch
 
     def __iter__(self):
-        for images, labels, ids in self.loader:
+        with _torch_threads_kept():
+            batches = iter(self.loader)
+        for images, labels, ids in batches:
             if self.channels == 1:
                 images = images[:, :1]
             ids = ids.long().reshape(-1)

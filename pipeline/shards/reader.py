@@ -10,7 +10,7 @@ import torch
 
 from pipeline.errors import PipelineError
 from pipeline.shards.batch import Batch
-from pipeline.shards.crops import RandomResizedCrop, crop_rng, decode_crop
+from pipeline.shards.crops import RandomResizedCrop, decode_crop, task_boxes
 from pipeline.shards.device_decode import encode_batch
 from pipeline.shards.images import CorruptImage, decode
 
@@ -70,11 +70,11 @@ class TaskReader:
         size = self.crop.size if self.crop else (self.size or self.stored_size)
         resize = self.size is not None and self.size != self.stored_size
         images = np.empty((len(rows), size, size, self.channels), dtype=np.uint8)
+        draws = task_boxes(self.crop, blobs, self.seed, epoch, self.table.ids[rows]) if self.crop else None
         for k, blob in enumerate(blobs):
             try:
-                if self.crop is not None:
-                    rng = crop_rng(self.seed, epoch, int(self.table.ids[rows[k]]))
-                    images[k] = decode_crop(bytes(blob), self.mode, self.crop, rng)[0]
+                if draws is not None:
+                    images[k] = decode_crop(blob, self.mode, self.crop, draws[k])[0]
                 else:
                     images[k] = decode(bytes(blob), self.mode, size if resize else None)
             except (CorruptImage, ValueError) as exc:
