@@ -79,7 +79,11 @@ class DataConfig:
     path: str = setting("", "Shard-set folder, or its s3://, gs:// or http(s):// prefix.", flag="--data")
     split: str = setting("train", "Split to train on.")
     batch_size: int = setting(512, "Samples per step (per process).", check=AT_LEAST_ONE, flag="--batch-size")
-    workers: int = setting(2, "Loader worker processes.", check=NONNEG, flag="--workers")
+    workers: int = setting(2, "Loader workers (0: read in the training process).", check=NONNEG, flag="--workers")
+    worker_kind: str = setting("auto", "Loader workers as processes or as threads of the training process (the same "
+                               "batches in the same order); auto: threads for images of 64 px and more, where "
+                               "handing a batch from a process over costs more than the GIL.",
+                               check=one_of("auto", "process", "thread"))
     backend: str = setting("auto", "Loader: auto | stream | indexed | ffcv.",
                            check=one_of("auto", "stream", "indexed", "ffcv"))
     manifest: str = setting("", "Train on this subset manifest.", flag="--manifest")

@@ -214,7 +214,7 @@ class Trainer:
                 self.cfg.data.split, subset, backend=self.cfg.data.backend, batch_size=self.cfg.data.batch_size,
                 shuffle=True, seed=self.cfg.run.seed, drop_last=per_rank >= self.cfg.data.batch_size,
                 device=self.device, num_workers=self.cfg.data.workers, use_weights=self.cfg.data.use_weights,
-                crop=self.crop, decode=self.cfg.data.decode)
+                crop=self.crop, decode=self.cfg.data.decode, worker_kind=self.cfg.data.worker_kind)
             self.subset, self._loader_key = subset, key
         if skip and not hasattr(self.loader, "skip"):
             raise PipelineError(f"{self.run_dir}: its last checkpoint is from inside an epoch, and the "
