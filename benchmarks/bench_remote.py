@@ -75,7 +75,7 @@ def main(argv=None):
     no_cache = ReadOptions(cache_limit="0")
     rows = []
 
-    def measure(transport, opener, counter):
+    def measure(transport, opener, counter, requests=lambda: None):
         for label, subset, opts in (("whole split", None, no_cache), (f"{args.fraction:.0%} subset", ids, no_cache),
                                     (f"{args.fraction:.0%} subset, cache filled", ids, None)):
             if opts is None:  # fill the cache with one epoch, then time the next
@@ -84,16 +84,17 @@ def main(argv=None):
                 _epoch(opener(opts), subset, args)
             ss = opener(opts)
             ss.members("train")  # the member tables are read once per opening, not per epoch
-            before = counter()
+            before, asked = counter(), requests()
             secs, n = _epoch(ss, subset, args)
             moved = counter() - before
+            asked = None if asked is None else requests() - asked
             rows.append({"transport": transport, "read": label, "images": n, "seconds": round(secs, 3),
-                         "images_per_s": round(n / secs), "bytes": moved,
+                         "images_per_s": round(n / secs), "bytes": moved, "requests": asked,
                          "bytes_vs_set": round(moved / set_bytes, 4) if moved is not None else None})
 
     measure("local folder (baseline)", lambda o: ShardSet.open(out, o), lambda: 0)
     with RangeServer(out) as srv:
-        measure("HTTP (loopback)", lambda o: ShardSet.open(srv.url, o), lambda: srv.bytes_sent)
+        measure("HTTP (loopback)", lambda o: ShardSet.open(srv.url, o), lambda: srv.bytes_sent, lambda: srv.requests)
     with moto_s3() as (host, port):
         upload(out, "s3://shards/bench", progress=False)
         with FaultyProxy((host, port)) as proxy:
@@ -113,10 +114,11 @@ def main(argv=None):
     print(json.dumps(result))
     print(f"\n{local.count('train'):,} images, {set_bytes / 1e6:,.1f} MB in shards; batch {args.batch_size}, "
           f"{args.workers} workers")
-    print(f"{'transport':24s} {'read':28s} {'images/s':>9s} {'x local':>8s} {'MB moved':>9s} {'of set':>7s}")
+    print(f"{'transport':24s} {'read':28s} {'images/s':>9s} {'x local':>8s} {'MB moved':>9s} {'of set':>7s} "
+          f"{'requests':>9s}")
     for r in rows:
         print(f"{r['transport']:24s} {r['read']:28s} {r['images_per_s']:>9,d} {r['vs_local']:>8.2f} "
-              f"{r['bytes'] / 1e6:>9.2f} {r['bytes_vs_set']:>7.1%}")
+              f"{r['bytes'] / 1e6:>9.2f} {r['bytes_vs_set']:>7.1%} {'' if r['requests'] is None else r['requests']:>9}")
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ class RandomResizedCrop:
         if miss.any():  # the largest centre box within the ratio range
             hm, wm = height[miss], width[miss]
             in_ratio = wm / hm
-            cw = np.where(in_ratio < self.ratio[0], wm, np.where(in_ratio > self.ratio[1], np.rint(hm * self.ratio[1]), wm))
+            cw = np.where(in_ratio > self.ratio[1], np.rint(hm * self.ratio[1]), wm)
             ch = np.where(in_ratio < self.ratio[0], np.rint(wm / self.ratio[0]), hm)
             out[miss] = np.stack([(hm - ch) // 2, (wm - cw) // 2, ch, cw], axis=1).astype(np.int64)
         return out

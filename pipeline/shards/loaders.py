@@ -349,6 +349,8 @@ def create_loader(shardset, split: str = "train", subset=None, *, backend: str =
     if image_size is None and shardset.image_size is None and crop is None:
         raise PipelineError(f"{shardset.root}: images vary in size; pass an image size to decode them to")
     rows, row_weights = _subset_rows(shardset, split, subset, use_weights)
+    if worker_kind == "auto":
+        worker_kind = auto_worker_kind(shardset, crop, image_size)
     rank, world_size = rank_and_world(rank, world_size)
     if backend == "auto":
         backend = "stream" if rows is None else "indexed"
@@ -360,7 +362,7 @@ def create_loader(shardset, split: str = "train", subset=None, *, backend: str =
                        drop_last=drop_last, device=device, num_workers=num_workers, image_size=image_size,
                        window=window, rank=rank, world_size=world_size, row_weights=row_weights, crop=crop,
                        device_decode=_device_decoder(decode, device, shardset),
-                       worker_kind=auto_worker_kind(shardset, crop, image_size) if worker_kind == "auto" else worker_kind)
+                       worker_kind=worker_kind)
 
 
 THREADS_FROM_SIDE = 64
