@@ -31,7 +31,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.shards.crops import RandomResizedCrop
-from pipeline.shards.images import decode
+from pipeline.shards.images import decode, resize_square
 from pipeline.shards.prepare import PrepareOptions, prepare
 from pipeline.shards.shardset import ShardSet
 
@@ -42,11 +42,12 @@ class PerFileDataset(Dataset):
     """The baseline: list the class folders, open one image file per sample with PIL (and with `crop`, take a
     random-resized crop of the decoded photo, as ImageFolder + RandomResizedCrop)."""
 
-    def __init__(self, root: Path, decoder: str = "pil", crop: int = 0):
+    def __init__(self, root: Path, decoder: str = "pil", crop: int = 0, size: int | None = None):
         classes = sorted(p.name for p in root.iterdir() if p.is_dir())
         self.items = [(f, i) for i, c in enumerate(classes) for f in sorted((root / c).iterdir())]
         self.decoder = decoder
         self.crop = RandomResizedCrop(crop) if crop else None
+        self.size = size  # photos of varied sizes: shorter side to `size`, centre crop (Resize + CenterCrop)
         self.epoch = 0
 
     def __len__(self):
@@ -55,13 +56,15 @@ class PerFileDataset(Dataset):
     def __getitem__(self, k):
         path, label = self.items[k]
         if self.decoder == "simplejpeg":  # the decoder the shard loaders use: separates layout from decoder
-            arr = decode(path.read_bytes(), "RGB").copy()
+            arr = decode(path.read_bytes(), "RGB", self.size).copy()
         else:
             with Image.open(path) as img:
                 img = img.convert("RGB")
                 if self.crop is not None:
                     top, left, h, w = self.crop.boxes([img.height], [img.width], 0, self.epoch, [k])[0].tolist()
                     img = img.resize((self.crop.size,) * 2, Image.BILINEAR, box=(left, top, left + w, top + h))
+                elif self.size is not None:
+                    img = resize_square(img, self.size)
                 arr = np.array(img)
         return torch.from_numpy(arr).permute(2, 0, 1), label
 
@@ -146,12 +149,12 @@ def main(argv=None):
     dev = args.device
 
     rows = {}
-    base = PerFileDataset(split_dir, crop=args.crop)
+    base = PerFileDataset(split_dir, crop=args.crop, size=args.image_size)
     rows["per-file PIL (baseline)"] = _time_epochs(
         lambda: DataLoader(base, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                            persistent_workers=args.workers > 0), args.epochs, dev)
     if not args.crop:
-        fast = PerFileDataset(split_dir, decoder="simplejpeg")
+        fast = PerFileDataset(split_dir, decoder="simplejpeg", size=args.image_size)
         rows["per-file simplejpeg"] = _time_epochs(
             lambda: DataLoader(fast, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                                persistent_workers=args.workers > 0), args.epochs, dev)
