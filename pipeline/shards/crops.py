@@ -27,7 +27,7 @@ from PIL import Image
 
 from pipeline.errors import PipelineError
 from pipeline.kv import parse_kv
-from pipeline.shards.images import CorruptImage, DecodeBuffer, _is_jpeg, _plain, check_size, convert, jpeg_pixels
+from pipeline.shards.images import CorruptImage, _is_jpeg, _plain, check_size, convert, jpeg_pixels
 
 
 @dataclass(frozen=True)
@@ -131,9 +131,6 @@ def image_dims(data) -> tuple[int, int] | None:
 Box = tuple[int, int, int, int]
 
 
-_SCRATCH = DecodeBuffer()
-
-
 def decode_crop(data, mode: str, crop: RandomResizedCrop, draw: Callable[[int, int], Box]) -> tuple[np.ndarray, dict]:
     """(crop.size x crop.size x C uint8 array, {"box": (top, left, h, w) at full resolution, "scale": DCT scale});
     `draw(height, width)` gives the box of the image at its full size."""
@@ -144,8 +141,7 @@ def decode_crop(data, mode: str, crop: RandomResizedCrop, draw: Callable[[int, i
         top, left, h, w = draw(height, width)
         need = crop.size / min(h, w)  # the decode scale at which the box still covers the output
         pixels = jpeg_pixels(data, mode, False, min(height, math.ceil(height * need)),
-                             min(width, math.ceil(width * need)),
-                             buffer=_SCRATCH.get(height * width * (1 if mode == "L" else 3)))
+                             min(width, math.ceil(width * need)))
         if pixels is not None:
             sy, sx = pixels.shape[0] / height, pixels.shape[1] / width
             scaled = (round(top * sy), round(left * sx), max(1, round(h * sy)), max(1, round(w * sx)))

@@ -9,7 +9,6 @@ JPEG goes through simplejpeg (libjpeg-turbo without PIL's Python-level header pa
 from __future__ import annotations
 
 import io
-import threading
 import warnings
 from dataclasses import dataclass
 
@@ -137,31 +136,15 @@ def _is_jpeg(data: bytes) -> bool:
     return data[:3] == b"\xff\xd8\xff"
 
 
-def jpeg_pixels(data: bytes, mode: str, strict: bool, min_height: int = 0, min_width: int = 0,
-                buffer: np.ndarray | None = None) -> np.ndarray | None:
+def jpeg_pixels(data: bytes, mode: str, strict: bool, min_height: int = 0, min_width: int = 0) -> np.ndarray | None:
     """HxWxC pixels decoded by libjpeg-turbo at the smallest DCT scale (1, 1/2, 1/4, 1/8) that leaves at least
-    min_height x min_width; None when it refuses the file (`strict`: also when it only warns). With `buffer`
-    (at least height x width x C bytes) the pixels are a view of it, valid until its next use."""
+    min_height x min_width; None when it refuses the file (`strict`: also when it only warns)."""
     try:
         arr = simplejpeg.decode_jpeg(data, colorspace="GRAY" if mode == "L" else "RGB", strict=strict,
-                                     min_height=min_height, min_width=min_width, buffer=buffer)
+                                     min_height=min_height, min_width=min_width)
     except ValueError:
         return None
     return arr.reshape(arr.shape[0], arr.shape[1], -1)
-
-
-class DecodeBuffer(threading.local):
-    """One growing output buffer per thread for decodes whose pixels are used at once (a crop's box is
-    resampled out of it): a fresh 256 px image is 196 KB of new pages each time, and decoding into memory
-    already mapped took 263 us an image instead of 326 (`benchmarks/bench_decode_cost.py`)."""
-
-    def __init__(self):
-        self.buf = np.empty(0, np.uint8)
-
-    def get(self, nbytes: int) -> np.ndarray:
-        if len(self.buf) < nbytes:
-            self.buf = np.empty(nbytes, np.uint8)
-        return self.buf
 
 
 def _square(pixels: np.ndarray, size: int) -> np.ndarray:
