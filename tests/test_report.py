@@ -53,6 +53,35 @@ def test_report_of_a_run_with_one_selection_round(selected_run, tmp_path):
     assert cells["train wall s"] == f"{train_s:.1f}"
 
 
+def test_a_report_again_draws_only_the_figures_whose_data_changed(selected_run, tmp_path):
+    """An experiment writes its report after every arm: figures of unchanged runs are kept, not drawn again."""
+    pytest.importorskip("matplotlib", reason="report extra not installed")
+    import shutil
+
+    from pipeline.report import build_report
+
+    other = tmp_path / "other-run"
+    shutil.copytree(selected_run, other)
+    out = tmp_path / "report"
+    build_report([selected_run, other], out)
+
+    def stamps():
+        return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("*.png")}
+
+    first = stamps()
+    assert {"rcs-run-training.png", "other-run-training.png", "tradeoff.png"} <= set(first)
+    build_report([selected_run, other], out)
+    assert stamps() == first  # nothing drawn again
+    lines = (other / "metrics.jsonl").read_text().splitlines()
+    last = json.loads(next(ln for ln in reversed(lines) if json.loads(ln)["kind"] == "epoch"))
+    last["loss"] += 1.0  # the other run's numbers change
+    (other / "metrics.jsonl").write_text("\n".join(lines + [json.dumps(last)]) + "\n")
+    build_report([selected_run, other], out)
+    again = stamps()
+    changed = {name for name in first if again[name] != first[name]}
+    assert "other-run-training.png" in changed and not any(n.startswith("rcs-run") for n in changed)
+
+
 def test_report_refuses_a_folder_that_is_not_a_run(tmp_path):
     (tmp_path / "x").mkdir()
     r = subprocess.run([sys.executable, "-m", "pipeline", "report", tmp_path / "x", "--out", tmp_path / "o"],

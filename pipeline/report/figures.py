@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 from pipeline.atomic import atomic_path
@@ -13,20 +15,45 @@ from pipeline.report.runs import RunRecord, robust_of
 SOFTWARE = "pipeline report"  # in every figure's PNG text: the mark that this tool wrote it
 
 
-def _save(fig, path: Path) -> None:
-    """Through a temporary file, as every artefact: a failed write leaves no half figure."""
+DRAWING = 1  # raise when a figure's drawing changes: figures drawn before are drawn again
+
+
+def _digest(kind: str, *inputs) -> str:
+    """What a figure shows, as a digest: its kind, the drawing's version and the data it plots."""
+    text = json.dumps([kind, DRAWING, *inputs], sort_keys=True, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def _file_digest(path: Path) -> str | None:
+    return hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest() if path.is_file() else None
+
+
+def _save(fig, path: Path, digest: str) -> None:
+    """Through a temporary file, as every artefact: a failed write leaves no half figure. The PNG's text says
+    this tool drew it, and from what."""
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png", metadata={"Software": SOFTWARE})
+        fig.savefig(tmp, dpi=90, format="png", metadata={"Software": SOFTWARE, "Source": digest})
 
 
-def is_our_figure(path: Path) -> bool:
+def _png_text(path: Path) -> dict:
     try:
         from PIL import Image
 
         with Image.open(path) as img:
-            return img.format == "PNG" and img.info.get("Software") == SOFTWARE
+            return dict(img.info) if img.format == "PNG" else {}
     except Exception:  # noqa: BLE001  (anything unreadable is not provably ours)
-        return False
+        return {}
+
+
+def is_our_figure(path: Path) -> bool:
+    return _png_text(path).get("Software") == SOFTWARE
+
+
+def _current(path: Path, digest: str) -> bool:
+    """`path` is a figure this tool drew from exactly these inputs: drawing it again gives the same picture (an
+    experiment writes its report after every arm, and each run's figures took half a second to draw)."""
+    text = _png_text(path)
+    return text.get("Software") == SOFTWARE and text.get("Source") == digest
 
 
 def _plt():
@@ -42,6 +69,9 @@ def _plt():
 
 def training(run: RunRecord, path: Path) -> Path:
     """Loss terms, learning rate, images/s and the attack's share of step time, per epoch."""
+    digest = _digest("training", run.label, run.epochs)
+    if _current(path, digest):
+        return path
     plt = _plt()
     ep = [e["epoch"] for e in run.epochs]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
@@ -61,13 +91,16 @@ def training(run: RunRecord, path: Path) -> Path:
     share.set_ylabel("attack share")
     fig.suptitle(run.label)
     fig.tight_layout()
-    _save(fig, path)
+    _save(fig, path, digest)
     plt.close(fig)
     return path
 
 
 def selection_timeline(run: RunRecord, path: Path) -> Path:
     """Training epochs and selection rounds against wall-clock time since the run started."""
+    digest = _digest("selection", run.label, run.start, run.epochs, run.rounds)
+    if _current(path, digest):
+        return path
     plt = _plt()
     t0 = run.start
     fig, ax = plt.subplots(figsize=(11, 3.2))
@@ -86,7 +119,7 @@ def selection_timeline(run: RunRecord, path: Path) -> Path:
     ax.set_xlabel("wall-clock seconds since training started")
     ax.set_title(f"{run.label}: epochs (cyan on a selected subset) and selection rounds")
     fig.tight_layout()
-    _save(fig, path)
+    _save(fig, path, digest)
     plt.close(fig)
     return path
 
@@ -105,6 +138,9 @@ def warmup_trend(run: RunRecord) -> tuple[float, float] | None:
 
 def divergence(run: RunRecord, path: Path) -> Path:
     """RD(U) per epoch, the warm-up trend extended over the run, subset epochs shaded."""
+    digest = _digest("divergence", run.label, run.divergence, run.warmup_epochs, run.epochs)
+    if _current(path, digest):
+        return path
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 3.6))
     xs, ys = [p[0] for p in run.divergence], [p[1] for p in run.divergence]
@@ -119,7 +155,7 @@ def divergence(run: RunRecord, path: Path) -> Path:
     ax.set(xlabel="epochs done", ylabel="RD(U)", title=f"{run.label}: RD on the held-out U (shaded: subset epochs)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
+    _save(fig, path, digest)
     plt.close(fig)
     return path
 
@@ -134,6 +170,9 @@ def tradeoff(runs: list[RunRecord], path: Path) -> Path | None:
                 points.append((run.train_seconds, value, f"{run.label} {res['protocol']}", name))
     if not points:
         return None
+    digest = _digest("tradeoff", points)
+    if _current(path, digest):
+        return path
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for x, y, label, name in points:
@@ -143,13 +182,16 @@ def tradeoff(runs: list[RunRecord], path: Path) -> Path | None:
            title="robust accuracy against training time")
     ax.margins(0.2)
     fig.tight_layout()
-    _save(fig, path)
+    _save(fig, path, digest)
     plt.close(fig)
     return path
 
 
 def certified_curve(tables: list[tuple[str, Path]], path: Path) -> Path:
     """Certified accuracy against l2 radius, one curve per certification TSV (`pipeline certify`)."""
+    digest = _digest("certified", [(label, _file_digest(Path(tsv))) for label, tsv in tables])
+    if _current(path, digest):
+        return path
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for label, tsv in tables:
@@ -167,7 +209,7 @@ def certified_curve(tables: list[tuple[str, Path]], path: Path) -> Path:
            ylim=(0, 100))
     ax.legend(fontsize=7)
     fig.tight_layout()
-    _save(fig, path)
+    _save(fig, path, digest)
     plt.close(fig)
     return path
 
@@ -176,6 +218,9 @@ def arms_tradeoff(points: list[dict], path: Path) -> Path | None:
     """An experiment's trade-off: each arm's mean robust accuracy against its mean training wall time (selection
     included), with the seeds' standard deviations as error bars; one colour per selector, one marker per
     budget. `points`: {"label", "selector", "fraction", "x", "x_std", "y", "y_std", "measure"}."""
+    digest = _digest("arms_tradeoff", points)
+    if _current(path, digest):
+        return path
     if not points:
         return None
     plt = _plt()
@@ -194,6 +239,6 @@ def arms_tradeoff(points: list[dict], path: Path) -> Path | None:
            title="robust accuracy against training time (mean and sd over seeds)")
     ax.margins(0.15)
     fig.tight_layout()
-    _save(fig, path)
+    _save(fig, path, digest)
     plt.close(fig)
     return path
