@@ -19,6 +19,7 @@ seeds = [0, 1]
 [data]
 path = "{data}"
 batch_size = 64
+workers = 0
 [model]
 arch = "smallcnn"
 head_width = 32
