@@ -32,8 +32,8 @@ def test_ranks_split_each_epoch_under_torch_distributed(synthetic_set, tmp_path)
 
 
 SELECTIONS = {  # name: (selector, params): RCS in chunks spread over ranks, RCS in one chunk, facility, GreeDi
-    "rcs-chunks": ("rcs", {"chunk_size": 400, "refreshes": 4}),
-    "rcs-one-chunk": ("rcs", {"chunk_size": 0, "refreshes": 4}),
+    "rcs-chunks": ("rcs", {"chunk_size": 400, "refreshes": 2}),
+    "rcs-one-chunk": ("rcs", {"chunk_size": 0, "refreshes": 2}),
     "facility": ("facility", {"proxy": "gradients", "k": 10}),
     "facility-greedi": ("facility", {"proxy": "gradients", "k": 10, "partitions": 2}),  # a part per rank
 }

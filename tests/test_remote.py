@@ -276,7 +276,7 @@ def test_a_training_run_on_s3_killed_inside_an_epoch_resumes_bit_identically(dig
 
     ids = np.random.default_rng(4).choice(digits_set.ids("train"), 320, replace=False)
     Manifest.for_shardset(digits_set, "train", ids, producer={"name": "test"}, round=1).save(tmp_path / "m.json")
-    over = {"data.manifest": str(tmp_path / "m.json"), "optim.epochs": 3, "run.checkpoint_every_steps": 2,
+    over = {"data.manifest": str(tmp_path / "m.json"), "optim.epochs": 2, "run.checkpoint_every_steps": 2,
             "data.workers": 2, "data.cache_dir": str(tmp_path / "cache")}
     # the straight run in a process of its own too: all three start from the same interpreter state (an earlier
     # test in this process may have left a global that changes kernels)
