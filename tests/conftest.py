@@ -1,4 +1,5 @@
 import gzip
+import os
 import pickle
 from pathlib import Path
 
@@ -10,6 +11,17 @@ from pipeline.shards.prepare import PrepareOptions, prepare
 from pipeline.shards.shardset import ShardSet
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` runs two workers on the two cores) each worker and the processes its tests
+    start compute on one thread: two workers of two threads each on two cores spin against each other (OpenMP),
+    and one thread in every process keeps the bitwise comparisons between processes on the same kernels."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -72,7 +72,7 @@ def test_a_selection_round_does_not_import_the_training_stack(synthetic_set, tmp
 import sys
 from pipeline.selectors.run import run_selection
 run_selection({str(synthetic_set.root)!r}, "rcs", 0.1, {str(tmp_path / 'm.json')!r}, arch="smallcnn", batch_size=128,
-              params={{"refreshes": 2}})
+              params={{"refreshes": 2, "draws": 1}})
 print(sorted(m for m in sys.modules if m.startswith("pipeline.trainers") or m == "pipeline.experiment"))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
