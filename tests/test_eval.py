@@ -104,9 +104,11 @@ def test_eval_cli_prints_a_table(digits_set, trained):
 
 def test_standard_autoattack_is_at_least_as_strong_as_pgd(digits_set, trained):
     pytest.importorskip("pyautoattack", reason="attacks extra not installed")
-    settings = dict(eps=0.1, step=0.025, limit=48, epochs=3, lr=0.1, batch_size=128, progress=False)
+    # 24 images: the standard version's cost is in its robust points (5,000 Square queries each), and on 48 this
+    # was the suite's slowest test
+    settings = dict(eps=0.1, step=0.025, limit=24, epochs=3, lr=0.1, batch_size=128, progress=False)
     r = evaluate(digits_set.root, trained, "slf", "pgd20,autoattack", **settings)
-    assert r["autoattack"] <= r["pgd20"] + 1 / 48
+    assert r["autoattack"] <= r["pgd20"] + 1 / 24
     aa = r["attack_settings"]["autoattack"]
     # the standard evaluation of the authors' code, not a re-implementation: 100 iterations, 9 targets
     assert aa["package"] == "pyautoattack" and aa["version"] == "standard"
