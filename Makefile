@@ -29,7 +29,7 @@ demo: setup
 	@$(PY) -m pipeline report runs/demo runs/demo-random runs/demo-rcs --out runs/demo-report
 
 test: setup
-	@$(PY) -m pytest -q -p no:cacheprovider -n auto --dist loadfile
+	@$(PY) -m pytest -q -p no:cacheprovider -n auto --dist worksteal
 
 bench: setup
 	@$(PY) benchmarks/bench_loader.py
