@@ -10,8 +10,7 @@ import torch
 from pipeline import __version__
 from pipeline.atomic import atomic_path
 from pipeline.errors import DataError
-from pipeline.models import create_model, upgrade_spec, upgrade_state
-from pipeline.models.backbones import BACKBONES
+from pipeline.models import arch_choices, create_model, is_known_arch, upgrade_spec, upgrade_state
 from pipeline.models.heads import HEADS
 from pipeline.validate import Fields
 
@@ -65,8 +64,9 @@ def validate_spec(path, spec) -> dict:
     f = Fields(path, upgrade_spec(spec) if isinstance(spec, dict) else spec, "use a checkpoint `pipeline train` wrote",
                "model_spec.")
     arch = f.text("arch")
-    if arch not in BACKBONES:
-        f.fail("arch", arch, f"must be one of {BACKBONES.choices(', ')}")
+    if not is_known_arch(arch):
+        f.fail("arch", arch, f"must be one of {arch_choices()}")
+    f.int("image_size", 1, 4096, optional=True)
     f.int("in_channels", 1, 3)
     f.text("stem")
     branches = f.list("branches")

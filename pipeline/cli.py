@@ -524,14 +524,14 @@ def _registry_names() -> dict:
     from pipeline.evaluation.measures import MEASURES
     from pipeline.evaluation.protocols import PROTOCOLS
     from pipeline.evaluation.recipes import RECIPES
-    from pipeline.models.backbones import BACKBONES
+    from pipeline.models import arch_choices
     from pipeline.selectors import SELECTORS
     from pipeline.shards.sources import source_forms
     from pipeline.trainers import TRAINERS
     from pipeline.trainers.subsets import PRUNERS
 
     return {"methods": TRAINERS.choices(), "selectors": SELECTORS.choices(), "pruners": PRUNERS.choices(),
-            "measures": MEASURES.choices(", "), "protocols": PROTOCOLS.choices(), "archs": BACKBONES.choices(),
+            "measures": MEASURES.choices(", "), "protocols": PROTOCOLS.choices(), "archs": arch_choices().replace(", ", " | "),
             "recipes": " | ".join(RECIPES), "sources": source_forms(),
             "sections": " ".join(f"[{s}]" for s in all_sections())}
 

@@ -27,7 +27,7 @@ import tomli_w
 from pipeline.atomic import atomic_path
 from pipeline.errors import PipelineError
 from pipeline.kv import format_kv, parse_kv
-from pipeline.models.backbones import BACKBONES
+from pipeline.models import arch_choices, is_known_arch
 from pipeline.registry import Registry
 from pipeline.shards.cache import parse_size
 from pipeline.shards.crops import parse_crop
@@ -115,7 +115,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = setting("resnet18", "Backbone (pipeline.models registry).", flag="--arch")
+    arch: str = setting("resnet18", "Encoder: a registered arch, wrn-DEPTH-WIDTH, module:PACKAGE.MODULE:FUNCTION (a model "
+                        "of your own), an installed package's entry point, timm:NAME or torchvision:NAME.", flag="--arch")
     head_width: int = setting(512, "Hidden width of the projection head.", check=WIDTH)
     proj_dim: int = setting(512, "Output width of the projection head.", check=WIDTH)
 
@@ -251,11 +252,13 @@ def register_section(name: str):
 _CHOICES: dict[str, tuple] = {}
 
 
-def declare_choices(key: str, names, many: bool = False, empty_ok: bool = False) -> None:
-    _CHOICES[key] = (names, many, empty_ok)
+def declare_choices(key: str, names, many: bool = False, empty_ok: bool = False, also=None) -> None:
+    """`key` takes one of `names()` (or, `many`, several, comma-separated); `also(value)` accepts values of a
+    pattern the names only describe (wrn-DEPTH-WIDTH)."""
+    _CHOICES[key] = (names, many, empty_ok, also)
 
 
-declare_choices("model.arch", BACKBONES.names)
+declare_choices("model.arch", lambda: arch_choices().split(", "), also=is_known_arch)
 
 
 def all_sections() -> list[str]:
@@ -287,10 +290,11 @@ def check_value(key: str, value) -> None:
     if rule is not None and not rule[0](value):
         raise PipelineError(f"{key} = {value!r}{flag}: {rule[1]}")
     if key in _CHOICES and isinstance(value, str):
-        names, many, empty_ok = _CHOICES[key]
+        names, many, empty_ok, also = _CHOICES[key]
         known = list(names())
         given = [v.strip() for v in value.split(",")] if many else [value]
-        bad = next((v for v in given if v not in known and not (empty_ok and v == "")), None)
+        bad = next((v for v in given if v not in known and not (empty_ok and v == "") and not (also and also(v))),
+                   None)
         if bad is not None:
             raise PipelineError(f"{key} = {bad!r}{flag}: choose one of {', '.join(known)}")
 

@@ -1,7 +1,6 @@
-"""Encoders with multi-branch batch norm: the CIFAR ResNet-18, ResNet-50, and a small CNN for CPU work.
-
-Inputs are images in [0, 1]; each encoder normalises them itself, so that attacks see the whole deployed
-model (eps is measured in pixel space).
+"""Encoders with multi-branch batch norm: the CIFAR ResNet-18, ResNet-50, a small CNN for CPU work, and the
+pre-activation WideResNets and PreAct-ResNet-18 of pipeline.models.preact. Each normalises its [0, 1] inputs
+itself (pipeline.models.normalize).
 """
 
 from __future__ import annotations
@@ -10,23 +9,9 @@ import torch
 from torch import nn
 
 from pipeline.models.multibn import MultiBatchNorm
+from pipeline.models.normalize import Normalize, default_stats
+from pipeline.models.preact import parse_wrn, preact_resnet18, wide_resnet
 from pipeline.registry import Registry
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-class Normalize(nn.Module):
-    def __init__(self, mean, std):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-
-    def forward(self, x):
-        return (x - self.mean) / self.std
-
-
-def default_stats(channels: int):
-    return (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,) * channels, (0.5,) * channels)
 
 
 def shortcut(cin: int, cout: int, stride: int, branches) -> nn.Module:
@@ -136,5 +121,17 @@ def smallcnn_wide(branches, **kw):
 
 BACKBONES: Registry = Registry("arch", flag="model.arch")
 for _name, _make in {"smallcnn": SmallCNN, "smallcnn-wide": smallcnn_wide, "resnet18": resnet18,
-                     "resnet50": resnet50}.items():
+                     "resnet50": resnet50, "preact-resnet18": preact_resnet18}.items():
     BACKBONES.add(_name, _make)
+for _depth, _width in ((34, 10), (28, 10)):  # the field's two; any other wrn-DEPTH-WIDTH is built on request
+    BACKBONES.add(f"wrn-{_depth}-{_width}", lambda branches, _d=_depth, _w=_width, **kw: wide_resnet(_d, _w, branches, **kw))
+
+
+def builtin_encoder(arch: str):
+    """The factory of a registered arch or of any `wrn-DEPTH-WIDTH`; None for other names."""
+    if arch in BACKBONES:
+        return BACKBONES[arch]
+    wrn = parse_wrn(arch)
+    if wrn is None:
+        return None
+    return lambda branches, **kw: wide_resnet(*wrn, branches, **kw)

@@ -7,6 +7,7 @@ no plumbing: `model(x, branch)` or `with use_branch(model, branch):` selects it 
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 
 from torch import nn
@@ -15,10 +16,13 @@ SHARED = "shared"  # the one branch of a layer every branch shares (AdvCL's proj
 
 
 class MultiBatchNorm(nn.Module):
-    def __init__(self, num_features: int, branches, dims: int = 2):
+    def __init__(self, num_features: int, branches, dims: int = 2, template: nn.Module | None = None):
+        """`template`: a batch-norm layer of a model built elsewhere; each branch starts as a copy of it (its
+        eps, momentum, affine parameters and running statistics)."""
         super().__init__()
         bn = nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d
-        self.bns = nn.ModuleDict({b: bn(num_features) for b in branches})
+        self.bns = nn.ModuleDict({b: copy.deepcopy(template) if template is not None else bn(num_features)
+                                  for b in branches})
         self.branch = branches[0]
         self.shared = list(branches) == [SHARED]  # follows no branch switch
 
@@ -27,6 +31,20 @@ class MultiBatchNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"branches={list(self.bns)}, active={self.branch!r}"
+
+
+def convert_batchnorm(module: nn.Module, branches) -> nn.Module:
+    """`module` with every batch-norm layer (1d, 2d, 3d, SyncBatchNorm), however deeply nested, replaced by a
+    MultiBatchNorm of `branches` that starts from it: module replacement, as SyncBatchNorm.convert_sync_batchnorm
+    does it. Returns the module (a new one when `module` is itself a batch-norm layer)."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return MultiBatchNorm(module.num_features, list(branches), template=module)
+    for name, child in module.named_children():
+        if not isinstance(child, MultiBatchNorm):
+            new = convert_batchnorm(child, branches)
+            if new is not child:
+                module.add_module(name, new)
+    return module
 
 
 def multibn_layers(model: nn.Module) -> list[MultiBatchNorm]:

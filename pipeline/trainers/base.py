@@ -34,7 +34,7 @@ from pipeline.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from pipeline.dist import init_distributed
 from pipeline.errors import PipelineError
 from pipeline.losses import weighted_mean
-from pipeline.models import create_model
+from pipeline.models import create_model, trust
 from pipeline.progress import console, progress_bar
 from pipeline.registry import Registry
 from pipeline.runlayout import RunLayout
@@ -120,6 +120,7 @@ class Trainer:
         self.image_size = self.crop.size if self.crop else self.shardset.image_size
         self.channels = self.shardset.channels
         self.budget = budget(self.channels, cfg.attack.eps, cfg.attack.step, cfg.attack.steps)
+        trust(cfg.model.arch)  # a model module the user named: importable here and in the rounds this run starts
         self.spec = self.model_spec()
         self.model = create_model(self.spec).to(self.device)
         if self.cuda and self.dist.distributed:
