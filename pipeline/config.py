@@ -27,6 +27,7 @@ import tomli_w
 from pipeline.atomic import atomic_path
 from pipeline.errors import PipelineError
 from pipeline.kv import format_kv, parse_kv
+from pipeline.loggers import ALWAYS, LOGGERS
 from pipeline.models import arch_choices, is_known_arch
 from pipeline.registry import Registry
 from pipeline.shards.cache import parse_size
@@ -161,6 +162,14 @@ class RunConfig:
     checkpoint_every_steps: int = setting(0, "Also write last.pt every N steps inside an epoch (0: at epoch ends "
                                           "only); --resume then goes on at the next batch.", check=NONNEG)
     log_every: int = setting(10, "A step record every N steps (0: none).", check=NONNEG)
+    loggers: list[str] = setting(["jsonl"], "Where curves go: jsonl (RUN/metrics.jsonl, always), tensorboard, wandb, csv "
+                                       "(pipeline.loggers; the others need pipeline[loggers]).",
+                            check=(lambda v: isinstance(v, list) and all(n == ALWAYS or n in LOGGERS for n in v),
+                                   "a list of jsonl, tensorboard, wandb, csv"))
+    wandb_project: str = setting("pipeline", "W&B project (run.loggers = [..., \"wandb\"]).")
+    wandb_mode: str = setting("offline", "W&B mode: offline (files under RUN/wandb, `wandb sync` later), online, "
+                                         "disabled; the WANDB_MODE variable overrides it.",
+                              check=one_of("offline", "online", "disabled"))
     deterministic: bool = setting(False, "torch.use_deterministic_algorithms.")
 
 
@@ -424,9 +433,9 @@ def _coerce(value, type_name, key: str, origin: str):
             if isinstance(value, bool) or not math.isfinite(out := float(value)):
                 raise ValueError
             return out
-        if kind == "list":  # of ints: "40,60" or a TOML list
+        if kind in ("list", "list[str]"):  # of ints (list) or names: "40,60", "tensorboard,csv" or a TOML list
             items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v.strip()]
-            return [int(v) for v in items]
+            return [int(v) for v in items] if kind == "list" else [str(v).strip() for v in items]
         return str(value)
     except (TypeError, ValueError):
         raise PipelineError(f"{origin}: {key} = {value!r} is not a valid {kind}") from None

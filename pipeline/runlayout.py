@@ -12,6 +12,7 @@ reads a run (trainer, selection rounds, eval, certify, report, experiment, --ove
     RUN/results.json              every evaluation of the run's checkpoints
     RUN/classifiers/*.pt          finetuned classifiers (`pipeline eval`)
     RUN/certify/NAME/             certify.tsv, certify.json, certified.png (`pipeline certify`)
+    RUN/tensorboard/, RUN/wandb/, RUN/logs/*.csv   the curves of run.loggers (pipeline.loggers)
 """
 
 from __future__ import annotations
@@ -121,6 +122,11 @@ class RunLayout:
         "checkpoints": re.compile(r"^(last|epoch-\d{4})\.pt$"),
         # .group: a multi-process round's rendezvous; .rows and book.rows: recorded selection rows
         "snapshots": re.compile(r"^(round-\d{4}\.(pt|group|rows)|book\.rows)$"),
+        # run.loggers: TensorBoard's event files, the CSV files, the W&B run id (W&B's own run folders stay:
+        # an offline run not yet synced is the user's)
+        "tensorboard": re.compile(r"^events\.out\.tfevents\.[\w.\-]+$"),
+        "logs": re.compile(r"^[a-z_]+\.csv$"),
+        "wandb": re.compile(r"^pipeline-run-id$"),
     }
     MANIFEST_FOLDERS = ("manifests", "selection")
 

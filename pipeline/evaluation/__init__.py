@@ -35,6 +35,7 @@ from pipeline.evaluation.protocols import PROTOCOLS, finetune
 from pipeline.evaluation.recipes import DEFAULT_RECIPE, RECIPES, FinetuneSettings, recipe_settings
 from pipeline.evaluation.smoothing import Smoothing
 from pipeline.locks import record_lock
+from pipeline.loggers import LOGGERS, RunLoggers
 from pipeline.progress import console
 from pipeline.runlayout import RunLayout
 from pipeline.shards.layout import file_sha256
@@ -171,7 +172,24 @@ def evaluate(data: str | Path, checkpoint: str | Path, protocol: str = "slf", at
     }
     result["checkpoint_sha256"] = digest = info["checkpoint_sha256"]
     result["results_path"] = str(save_result(results_path(checkpoint), digest, str(checkpoint), names, result))
+    log_to_run(checkpoint, ckpt, result)
     return result
+
+
+def log_to_run(checkpoint, ckpt: dict, result: dict) -> None:
+    """The evaluation into the loggers of the run the checkpoint belongs to (its config's run.loggers)."""
+    layout = RunLayout.of_checkpoint(checkpoint)
+    config = ckpt.get("config")
+    if not isinstance(config, dict) or not layout.is_run():
+        return
+    names = [n for n in (config.get("run", {}).get("loggers") or []) if isinstance(n, str) and n in LOGGERS]
+    if not names:
+        return
+    loggers = RunLoggers(layout.root, config, names)
+    try:
+        loggers.evaluation(result, int(ckpt.get("global_step") or 0))
+    finally:
+        loggers.close()
 
 
 def result_key(result: dict, name: str) -> str:

@@ -61,11 +61,13 @@ def _training(cfg) -> dict:
     defaults = TrainConfig()
     defaults.method.name = cfg.method.name  # the same method sections
     base = defaults.to_dict()
-    return {section: {k: v for k, v in values.items() if base.get(section, {}).get(k, _MISSING) != v}
+    return {section: {k: v for k, v in values.items()
+                      if base.get(section, {}).get(k, _MISSING) != v and f"{section}.{k}" not in _NOT_TRAINING}
             for section, values in cfg.to_dict().items() if section != "eval"}
 
 
 _MISSING = object()
+_NOT_TRAINING = {"run.loggers", "run.wandb_project", "run.wandb_mode"}  # where curves go: adding one never retrains
 
 
 def _digest(settings: dict) -> str:

@@ -33,6 +33,7 @@ from pipeline.attacks import budget
 from pipeline.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from pipeline.dist import init_distributed
 from pipeline.errors import PipelineError
+from pipeline.loggers import RunLoggers, check_loggers
 from pipeline.losses import weighted_mean
 from pipeline.models import create_model, trust
 from pipeline.progress import console, progress_bar
@@ -105,6 +106,7 @@ class Trainer:
         self.run_dir = self.layout.root
         self.dist = init_distributed(cfg.run.device)
         self.device, self.is_main = self.dist.device, self.dist.is_main
+        check_loggers(cfg.run.loggers)  # a missing library is said before the run folder is touched
         if self.is_main:  # one writer per run folder
             locks.acquire(self.run_dir, "pipeline train")
         self.cuda = self.device.type == "cuda"
@@ -146,6 +148,9 @@ class Trainer:
         self.subsets = create_subset_source(self)
         if resume:
             self._load_state(self.layout.last)
+        # after the resume: a resumed run's loggers hide what the stopped run logged past its checkpoint
+        self.loggers = RunLoggers(self.run_dir, cfg.to_dict(), cfg.run.loggers if self.is_main else [],
+                                  resume_step=self.global_step if resume else None)
 
     # -- hooks ------------------------------------------------------------------------------------------
     def model_spec(self) -> dict:
@@ -315,7 +320,8 @@ class Trainer:
                 if self.is_main and cfg.run.log_every and self.global_step % cfg.run.log_every == 0:
                     secs = time.perf_counter() - step_start
                     self._log({"kind": "step", "epoch": epoch, "step": self.global_step, "loss": value, "lr": lr,
-                               "images_per_s": n * self.dist.world_size / secs, **logs})
+                               "images_per_s": n * self.dist.world_size / secs,
+                               "attack_share": logs.get("attack_s", 0.0) / secs if secs > 0 else 0.0, **logs})
                 if self.is_main and every and (i + 1) % every == 0 and i + 1 < steps:
                     partial = {"totals": totals, "parts": parts, "lr": lr,
                                "seconds": before + time.perf_counter() - started,
@@ -329,7 +335,8 @@ class Trainer:
         sub = self.subset
         return {"epoch": epoch + 1, "loss": totals["loss"] / max(totals["images"], 1), **means, "lr": lr,
                 "images": images, "seconds": secs, "images_per_s": images / secs if secs > 0 else 0.0,
-                "attack_s": totals["attack_s"], "steps": steps,
+                "attack_s": totals["attack_s"], "attack_share": totals["attack_s"] / secs if secs > 0 else 0.0,
+                "steps": steps,
                 "subset_round": getattr(sub, "round", None),
                 "subset_size": len(sub) if sub is not None else self.shardset.count(cfg.data.split),
                 "subset": str(sub.path) if sub is not None else None}
@@ -345,9 +352,11 @@ class Trainer:
             raise PipelineError(f"non-finite loss at epoch {epoch + 1}, step {step + 1}: training stopped; {kept}")
 
     def _log(self, record: dict) -> None:
+        record = {**record, "time": time.time()}
         with open(self.layout.metrics, "a") as f:
-            f.write(json.dumps({**record, "time": time.time()}, default=float) + "\n")
+            f.write(json.dumps(record, default=float) + "\n")
         self._metrics_lines += 1
+        self.loggers.log(record, self.global_step)
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def _state(self, epochs_done: int, summary: dict) -> dict:
@@ -407,6 +416,7 @@ class Trainer:
         """End running selection rounds (a resume starts them again from their snapshots), release the run
         folder (its lock) and the process group."""
         self.subsets.close()
+        self.loggers.close()
         if self.is_main:
             locks.release(self.run_dir)
         self.dist.close()

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from pipeline.errors import PipelineError
 from pipeline.kv import parse_kv
 from pipeline.shards.manifest import Manifest, newest_valid, next_round, round_path
-from pipeline.trainers.subsets import PRUNERS, SubsetSource, register_pruner
+from pipeline.trainers.subsets import PRUNERS, SubsetSource, overlap, register_pruner
 
 SCORES = {"loss": "loss", "el2n": "el2n", "margin": "margin", "forgetting": "correct_adv", "grad-norm": "grad_norm"}
 ORDERS = ("highest", "lowest", "stratified")
@@ -154,10 +154,10 @@ class _InProcess(SubsetSource):
                                   epoch=epoch, fraction=len(keep) / len(self.book.ids),
                                   extra={"pool_size": int(len(self.book.ids)), "in_process": True})
         m.save(round_path(self.folder, number))
-        self._manifest, self._full = m, False
+        previous, self._manifest, self._full = self._manifest, m, False
         self._records.append({"kind": "selection", "round": number, "epoch": epoch + 1, "used_from_epoch": epoch + 1,
                               "stale_epochs": 0, "selection_s": 0.0, "stall_s": 0.0, "size": len(keep),
-                              "selector": cfg.select.selector})
+                              "overlap": overlap(previous, m), "selector": cfg.select.selector})
 
     def current(self, epoch: int) -> Manifest | None:
         if self._full:

@@ -218,6 +218,7 @@ class SelectionRounds(ManifestFolder):
             m = Manifest.load(rnd.manifest)
             m.check_against(self.trainer.shardset)
             rec = self.scheduler.record(rnd, epoch)
+            rec["overlap"] = overlap(self._cached, m)
             self._pending_records.append(rec)
             self.selection_s += rec.get("wall_s") or 0.0
             self._subset_round, self._cached = rnd.number, m
@@ -342,6 +343,13 @@ def register_pruner(cls: type[SubsetSource]) -> type[SubsetSource]:
 
 
 declare_choices("select.selector", lambda: [*SELECTORS, *PRUNERS], empty_ok=True)
+
+
+def overlap(previous: Manifest | None, current: Manifest) -> float | None:
+    """The share of `current`'s samples that the previous round's subset held too (None for the first)."""
+    if previous is None or len(current) == 0:
+        return None
+    return float(np.isin(current.ids, previous.ids).mean())
 
 
 def create_subset_source(trainer) -> SubsetSource:
