@@ -6,7 +6,8 @@ test images), and for a seed still running, its experiment's results.json (its r
 rows). The rows are combined and passed through the experiment's own table functions, so the mean, spread,
 paired differences and the "beyond the noise" rule are the ones `pipeline experiment` applies.
 
-    python scripts/combine_budget_seeds.py benchmarks/RESULTS.md [EXP/results.json or EXP/experiment.json ...] [--figure OUT.png]
+    python scripts/combine_budget_seeds.py benchmarks/RESULTS.md [EXP/results.json or EXP/experiment.json ...]
+        [--figure OUT.png] [--time-seeds 0,1]
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ def main() -> None:
     ap.add_argument("results_md", type=Path)
     ap.add_argument("results_json", type=Path, nargs="*")
     ap.add_argument("--figure", type=Path)
+    ap.add_argument("--time-seeds", help="take wall, selection and stall times from these seeds only (comma-"
+                                         "separated): seeds that ran on a machine of another speed keep their "
+                                         "accuracies and drop their times")
     args = ap.parse_args()
     text = args.results_md.read_text()
     fresh = [{k: r.get(k) for k in ("arm", "seed", "method", "selector", "fraction", "train_s", *COLUMNS)}
@@ -67,6 +71,11 @@ def main() -> None:
     tabled = [int(s) for s in re.findall(r"^\| arm \(seed (\d+)\) \|", text, flags=re.M)]
     rows = [r for s in tabled for r in table_rows(text, s)
             if (r["arm"], r["seed"]) not in {(f["arm"], f["seed"]) for f in fresh}] + fresh
+    if args.time_seeds:
+        timed = {int(x) for x in args.time_seeds.split(",")}
+        for r in rows:
+            if r["seed"] not in timed:
+                r.update(wall_s=None, selection_s=None, stall_s=None)
     order = list(dict.fromkeys(r["arm"] for r in rows))
     rows.sort(key=lambda r: (order.index(r["arm"]), r["seed"]))
     groups = summarize(rows)
