@@ -21,9 +21,10 @@ def test_own_loop_example_selects_trains_on_the_subset_and_evaluates(tmp_path):
     first, second = (re.match(r"epoch (\d): (\d+) images", ln) for ln in lines[:2])
     subset = Manifest.load(out / "round-0001.json")
     assert subset.producer["name"] == "rcs" and subset.extra["selection_settings"]["method"] == "acl"
-    assert int(first.group(2)) == ShardSet.open(out / "shards").count("train")  # epoch 1: all data
+    full = ShardSet.open(out / "shards").count("train")
+    assert int(first.group(2)) == full  # epoch 1: all data
     assert int(second.group(2)) == len(subset)  # epoch 2 read only the chosen samples
-    assert abs(len(subset) - 0.3 * subset.extra["pool_size"]) <= 1
+    assert len(subset) == subset.extra["budget"] and abs(len(subset) - 0.3 * full) <= 1
     results = json.loads((out / "results.json").read_text())  # pipeline eval's record, beside the snapshot
     entry = next(iter(results.values()))
     assert entry["checkpoint"].endswith("epoch-2.pt") and "slf-pgd20" in entry

@@ -154,8 +154,9 @@ def test_a_resumed_run_shows_each_step_once(digits_set, tmp_path):
 
 def test_logger_settings_and_missing_libraries_are_one_line_errors(digits_set, tmp_path, monkeypatch):
     cfg = tiny_cfg(digits_set.root, tmp_path / "a")
+    cfg.set("run.loggers", ["jsonl", "mlflow"])
     with pytest.raises(PipelineError, match="run.loggers"):
-        cfg.set("run.loggers", ["jsonl", "mlflow"])
+        cfg.validate()
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
     cfg = tiny_cfg(digits_set.root, tmp_path / "b", **{"run.loggers": ["wandb"]})
     with pytest.raises(PipelineError, match=r"pipeline\[loggers\]"):
