@@ -55,7 +55,7 @@ def main(argv=None) -> dict:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            seen, total = seen + len(batch.ids), total + float(loss) * len(batch.ids)
+            seen, total = seen + len(batch.ids), total + loss.detach().item() * len(batch.ids)
         snapshot = pl.save_snapshot(args.out / f"epoch-{epoch + 1}.pt", model, shards, method="acl", epoch=epoch + 1,
                                     steps=b.steps)
         line = f"epoch {epoch + 1}: {seen} images, loss {total / seen:.3f}"

@@ -62,7 +62,7 @@ def _check_options(limit, workers, **values) -> None:
 
 
 def open_shardset(data) -> ShardSet:
-    ss = ShardSet.open(data)
+    ss = data if isinstance(data, ShardSet) else ShardSet.open(data)
     for split in ("train", "test"):
         if split not in ss.splits:
             raise PipelineError(f"{data}: evaluation needs a train and a test split (it has {', '.join(ss.splits)})")
@@ -166,7 +166,7 @@ def evaluate(data: str | Path, checkpoint: str | Path, protocol: str = "slf", at
         "arch": spec.get("arch", type(model).__name__), "eval_branch": model.branches["eval"],
         "branch_role": branch, "classifier_path": info["classifier_path"],
         "reused_classifier": info["reused_classifier"],
-        "data": str(data), "dataset_fingerprint": ss.fingerprint, "test_samples_limit": limit,
+        "data": str(ss.root), "dataset_fingerprint": ss.fingerprint, "test_samples_limit": limit,
         "chance": 1 / len(ss.classes),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
