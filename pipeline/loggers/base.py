@@ -15,6 +15,7 @@ command; a logger that fails while training is reported once and switched off, n
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 from pipeline.errors import PipelineError
@@ -65,10 +66,17 @@ class Logger:
     step a resumed run goes on from (None for a new run)."""
 
     name = "base"
+    library: str | None = None  # the module the logger needs (an extra), imported by `require`
 
     @classmethod
-    def require(cls) -> None:
-        """Raise the one-line error (`missing`) when the logger's library does not import."""
+    def require(cls):
+        """The logger's library, imported; the one-line error (`missing`) when it does not import."""
+        if cls.library is None:
+            return None
+        try:
+            return importlib.import_module(cls.library)
+        except ImportError as exc:
+            raise missing(cls.name, "loggers", exc) from None
 
     def __init__(self, run_dir: Path, config: dict, resume_step: int | None = None):
         self.run_dir, self.config, self.resume_step = Path(run_dir), config, resume_step

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.loggers.base import LOGGERS, Logger, evaluation_scalars, flat_settings, missing, series
+from pipeline.loggers.base import LOGGERS, Logger, evaluation_scalars, flat_settings, series
 
 FOLDER = "tensorboard"
 
@@ -20,21 +20,11 @@ FOLDER = "tensorboard"
 @LOGGERS.register
 class TensorBoardLogger(Logger):
     name = "tensorboard"
-
-    @classmethod
-    def require(cls) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
-        except ImportError as exc:
-            raise missing(cls.name, "loggers", exc) from None
+    library = "torch.utils.tensorboard"
 
     def __init__(self, run_dir: Path, config: dict, resume_step: int | None = None):
         super().__init__(run_dir, config, resume_step)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as exc:
-            raise missing(self.name, "loggers", exc) from None
-        self._writer_class = SummaryWriter
+        self._writer_class = self.require().SummaryWriter
         self.folder = self.run_dir / FOLDER
         self.writer = None  # opened at the first record: `pipeline eval` writes only its own folder
 

@@ -15,7 +15,7 @@ import os
 import uuid
 from pathlib import Path
 
-from pipeline.loggers.base import LOGGERS, Logger, evaluation_scalars, missing, series
+from pipeline.loggers.base import LOGGERS, Logger, evaluation_scalars, series
 
 FOLDER = "wandb"
 ID_FILE = "pipeline-run-id"
@@ -25,21 +25,11 @@ STEP = "trainer/global_step"
 @LOGGERS.register
 class WandbLogger(Logger):
     name = "wandb"
-
-    @classmethod
-    def require(cls) -> None:
-        try:
-            import wandb  # noqa: F401
-        except ImportError as exc:
-            raise missing(cls.name, "loggers", exc) from None
+    library = "wandb"
 
     def __init__(self, run_dir: Path, config: dict, resume_step: int | None = None):
         super().__init__(run_dir, config, resume_step)
-        try:
-            import wandb
-        except ImportError as exc:
-            raise missing(self.name, "loggers", exc) from None
-        self.wandb = wandb
+        self.wandb = self.require()
         self.folder = self.run_dir / FOLDER
         self.run = None
 
