@@ -200,6 +200,8 @@ def train(
     preset: Optional[str] = typer.Option(None, help="Selector preset, e.g. reference (RCS as the paper ran it)."),
     sync: Optional[bool] = typer.Option(None, "--sync/--overlap", help="@select.sync"),
     select_lag: Optional[int] = typer.Option(None, help="@select.lag"),
+    attack_fraction: Optional[float] = typer.Option(None, help="@attack.fraction"),
+    attack_select: Optional[str] = typer.Option(None, help="@attack.select ({attack_choices})."),
     set_: list[str] = typer.Option([], "--set", help="Any setting, SECTION.KEY=VALUE (repeatable)."),
     resume: Optional[Path] = typer.Option(None, help="Continue the run in this folder exactly where it stopped."),
     overwrite: bool = typer.Option(False, help="Start afresh in a run folder that already holds a run."),
@@ -339,6 +341,7 @@ def eval_(
     lr: Optional[float] = typer.Option(None, help="@eval.lr"),
     batch_size: Optional[int] = typer.Option(None, help="@eval.batch_size"),
     limit: Optional[int] = typer.Option(None, help="@eval.limit"),
+    limits: Optional[str] = typer.Option(None, help="@eval.limits"),
     test_batch_size: Optional[int] = typer.Option(None, help="@eval.test_batch_size"),
     eps: Optional[float] = typer.Option(None, help="@eval.eps"),
     step: Optional[float] = typer.Option(None, help="@eval.step"),
@@ -369,7 +372,8 @@ def eval_(
                  limit=pick(limit, e.limit), eval_batch_size=pick(test_batch_size, e.test_batch_size) or 256,
                  device=resolve_device(device), workers=workers, eps=pick(eps, e.eps),
                  step=pick(step, e.step), steps=pick(steps, e.steps), seed=pick(seed, e.seed) or 0, branch=branch,
-                 noise_sigma=pick(noise_sigma, e.noise_sigma) or 0.0, smoothing=pick(smoothing, e.smoothing))
+                 noise_sigma=pick(noise_sigma, e.noise_sigma) or 0.0, smoothing=pick(smoothing, e.smoothing),
+                 limits=pick(limits, e.limits))
     names = r["measures"]
     where = "" if branch == "eval" else f" ({branch} branch)"
     if r["smoothing"]:
@@ -528,9 +532,11 @@ def _registry_names() -> dict:
     from pipeline.selectors import SELECTORS
     from pipeline.shards.sources import source_forms
     from pipeline.trainers import TRAINERS
+    from pipeline.trainers.selective import ATTACK_CHOICES
     from pipeline.trainers.subsets import PRUNERS
 
     return {"methods": TRAINERS.choices(), "selectors": SELECTORS.choices(), "pruners": PRUNERS.choices(),
+            "attack_choices": ATTACK_CHOICES.choices(),
             "measures": MEASURES.choices(", "), "protocols": PROTOCOLS.choices(), "archs": arch_choices().replace(", ", " | "),
             "recipes": " | ".join(RECIPES), "sources": source_forms(),
             "sections": " ".join(f"[{s}]" for s in all_sections())}

@@ -75,6 +75,13 @@ def setting(default, help: str = "", *, check=None, flag: str | None = None, tab
 _READ = ReadOptions()
 
 
+def _measure_limits(text) -> dict[str, int]:
+    limits = parse_kv(text, "eval.limits")
+    if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in limits.values()):
+        raise PipelineError(f"eval.limits = {text!r}: each value is a count of test samples, at least 1")
+    return limits
+
+
 @dataclass
 class DataConfig:
     path: str = setting("", "Shard-set folder, or its s3://, gs:// or http(s):// prefix.", flag="--data")
@@ -132,6 +139,12 @@ class AttackConfig:
     eps: float = setting(0.0, "l_inf budget (0: 8/255 colour, 0.3 grey).", check=NONNEG)
     step: float = setting(0.0, "PGD step (0: eps / 4).", check=NONNEG)
     steps: int = setting(5, "PGD steps of the training attack.", check=AT_LEAST_ONE)
+    fraction: float = setting(1.0, "Selective attack: adversarial views for this share of each batch only; the "
+                                   "others enter the adversarial branch unperturbed (the loss keeps its form).",
+                              check=within(0, 1, False, True), flag="--attack-fraction")
+    select: str = setting("random", "Which samples of a batch are attacked when attack.fraction < 1: random, or "
+                                    "the highest divergence or loss at their last attacked visit.",
+                          flag="--attack-select")
 
 
 @dataclass
@@ -190,10 +203,13 @@ class SelectConfig:
                        flag="--select-lag")
     params: str = setting("", "Selector parameters, k=20,unit=batch or preset=reference (or a table).", table=True,
                           check=_parses(lambda v: parse_kv(v, "select.params"), "KEY=VALUE,KEY=VALUE"))
-    proxies: str = setting("fresh", "fresh: each round passes the candidates through its snapshot; recorded: rounds "
-                                    "use the rows training recorded (selectors/recorded.py), fresh ones only for the "
-                                    "rest and U.", check=one_of("fresh", "recorded"))
-    row_age: int = setting(-1, "select.proxies = recorded: use rows at most this many epochs old (-1: any age).",
+    proxies: str = setting("auto", "recorded: rounds use the rows training recorded (selectors/recorded.py), fresh "
+                                   "ones only for the rest and U; fresh: each round passes the candidates through its "
+                                   "snapshot; auto: recorded where the selector, method and run can, else fresh.",
+                           check=one_of("auto", "fresh", "recorded"))
+    row_epochs: int = setting(4, "Recorded rows: each sample's last K records are kept and averaged, as K draws.",
+                              check=AT_LEAST_ONE)
+    row_age: int = setting(-1, "Recorded rows: use rows at most this many epochs old (-1: any age).",
                            check=(lambda v: v >= -1, "must be >= 0 (or -1: any age)"))
     threads: int = setting(1, "Torch threads of the background selection process.", check=AT_LEAST_ONE)
     processes: int = setting(-1, "Processes per selection round (one process group, the proxy pass shared); 0: in "
@@ -227,6 +243,9 @@ class EvalConfig:
     lr: float = setting(0.0, "Finetuning learning rate [default 0: the recipe's].", check=NONNEG, flag="--lr")
     batch_size: int = setting(0, "Finetuning batch size [default 0: the recipe's].", check=NONNEG, flag="--batch-size")
     limit: int = setting(0, "Evaluate on the first N test samples only [default 0: all].", check=NONNEG, flag="--limit")
+    limits: str = setting("", "Per measure, the first N test samples (autoattack=1000): a costly attack on a subset, "
+                              "the others on eval.limit.", table=True,
+                          check=_parses(lambda v: _measure_limits(v), "MEASURE=N,MEASURE=N with N >= 1"))
     test_batch_size: int = setting(256, "Test images per batch of the measures. AutoAttack works batch by batch: one "
                                    "batch of a 1,000-image test subset ran about 5x faster on 2 CPU cores than "
                                    "batches of 256 (memory grows with it).", check=AT_LEAST_ONE,

@@ -73,6 +73,13 @@ def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.T
     return (values * w).sum() / w.sum().clamp_min(1e-12)
 
 
+def rescaled_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum w v / n: per-sample values scaled by their weights and averaged over the batch (InfoBatch's
+    `loss.mul(weights).mean()`), so a kept sample of weight 1/(1 - r) stands in for the dropped ones in
+    expectation. Not `weighted_mean`, whose division by sum w would undo the rescaling."""
+    return (values * weights.to(values.device, values.dtype)).mean()
+
+
 def trades_kl(logits_adv: torch.Tensor, logits_nat: torch.Tensor) -> torch.Tensor:
     """KL(p_nat || p_adv), batch mean: the robustness term of TRADES."""
     return kl_per_sample(logits_nat, logits_adv).mean()

@@ -19,7 +19,7 @@ def _records(run):
 def _overlapped_run(root, run):
     cfg = tiny_cfg(root, run, **{"optim.epochs": 6, "select.selector": "facility", "select.fraction": 0.3,
                                  "select.warmup": 1, "select.every": 2, "select.params": "attack_steps=1,draws=1",
-                                 "run.log_every": 1})
+                                 "run.log_every": 1, "select.proxies": "fresh"})  # background rounds
     create_trainer(cfg, progress=False).fit()
     return _records(run)
 
@@ -132,7 +132,7 @@ def test_selection_accounting_and_the_random_fallback(digits_set, tmp_path):
     run = tmp_path / "acc"
     cfg = tiny_cfg(digits_set.root, run, **{"optim.epochs": 4, "select.selector": "facility", "select.fraction": 0.3,
                                            "select.warmup": 1, "select.every": 1, "select.sync": True,
-                                           "select.fallback": "random"})
+                                           "select.fallback": "random", "select.proxies": "fresh"})
     with create_trainer(cfg, progress=False) as t:
         t.fit()
     recs = _records(run)
@@ -158,14 +158,16 @@ def test_background_rounds_read_with_loader_workers_and_end_with_the_run(digits_
     run = tmp_path / "w"
     cfg = tiny_cfg(digits_set.root, run, **{"optim.epochs": 2, "select.selector": "facility", "select.fraction": 0.3,
                                           "select.warmup": 1, "select.every": 1, "select.sync": True,
-                                          "select.workers": 1, "select.params": "attack_steps=1"})
+                                          "select.workers": 1, "select.params": "attack_steps=1",
+                                          "select.proxies": "fresh"})
     create_trainer(cfg, progress=False).fit()
     rounds = [r for r in _records(run) if r["kind"] == "selection"]
     assert [r["round"] for r in rounds] == [1] and rounds[0]["size"] == 431
 
     run = tmp_path / "stop"
     cfg = tiny_cfg(digits_set.root, run, **{"optim.epochs": 3, "select.selector": "facility", "select.fraction": 0.3,
-                                          "select.warmup": 1, "select.every": 1, "select.workers": 1})
+                                          "select.warmup": 1, "select.every": 1, "select.workers": 1,
+                                          "select.proxies": "fresh"})
     trainer = create_trainer(cfg, progress=False)
     scheduler = trainer.subsets.scheduler
     train_epoch = trainer._train_epoch

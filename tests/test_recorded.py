@@ -52,7 +52,7 @@ def test_rows_files_are_validated(tmp_path):
 
     rows = HeadRows([torch.randn(3, 5), torch.randn(3, 5)], [torch.randn(3, 2), torch.randn(3, 2)], ["n", "a"])
     book.add(np.array([11, 15, 99]), rows, epoch=4)  # 99 is not in the pool: left out
-    assert list(book.epochs) == [-1, 4, -1, -1, -1, 4, -1, -1, -1, -1]
+    assert book.latest.tolist() == [-1, 4, -1, -1, -1, 4, -1, -1, -1, -1]
     back = RecordedRows.load(book.recorded(4).save(tmp_path / "r.rows"))
     np.testing.assert_array_equal(back.ids, [11, 15])
     np.testing.assert_array_equal(back.feats[1], torch.stack([f[1] for f in rows.feats]).half().numpy())
@@ -77,6 +77,67 @@ def test_rows_files_are_validated(tmp_path):
     write("pickled.rows", np.array([1, 2], dtype=object), allow_pickle=True)
     with pytest.raises(PipelineError, match="pickled.rows: not a file of recorded selection rows"):
         RecordedRows.load(tmp_path / "pickled.rows")
+
+
+def test_a_book_of_k_records_averages_a_samples_last_k_visits(tmp_path):
+    """select.row_epochs = 2: a round rebuilds the mean of a sample's last two records' gradients (a third
+    visit replaces the oldest); its features are the mean of its natural rows; a sample visited once has its
+    one record at full weight; the book saves and loads exactly, and loads as a round's rows."""
+    from pipeline.objectives import HeadRows
+
+    torch.manual_seed(0)
+    head = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3)).eval()
+    visits = [HeadRows([torch.randn(2, 5).half().float() for _ in "na"], [torch.randn(2, 3), torch.randn(2, 3)],
+                       ["n", "a"]) for _ in range(3)]  # head inputs float16-exact: the book keeps them so
+    book = RowBook(np.array([7, 8, 9]), slots=2)
+    for epoch, rows in enumerate(visits):
+        ids = np.array([7, 8]) if epoch < 2 else np.array([7, 9])  # 7 three times, 8 twice, 9 once
+        book.add(ids, rows if epoch < 2 else HeadRows([f[[0, 1]] for f in rows.feats],
+                                                      [g[[0, 1]] for g in rows.grads], rows.branches), epoch)
+
+    def one(rows, i):
+        return HeadRows([f[i:i + 1] for f in rows.feats], [g[i:i + 1] for g in rows.grads], rows.branches)
+
+    rec = book.recorded()
+    assert rec.ids.tolist() == [7, 8, 9] and rec.counts.tolist() == [2, 2, 1] and rec.slots == 2
+    assert rec.epochs.tolist() == [2, 1, 2] and rec.branches == ("n", "a", "n", "a")
+    got = compressed_rows(head, rec.rows(np.arange(3))).numpy()
+    want = [(compressed_rows(head, one(visits[1], 0)) + compressed_rows(head, one(visits[2], 0))) / 2,  # 1 and 2
+            (compressed_rows(head, one(visits[0], 1)) + compressed_rows(head, one(visits[1], 1))) / 2,
+            compressed_rows(head, one(visits[2], 1))]
+    np.testing.assert_allclose(got, torch.cat(want).numpy(), rtol=1e-5, atol=1e-7)
+    feats = rec.natural_features(np.arange(3), "n").astype(np.float32)
+    np.testing.assert_allclose(feats[1], ((visits[0].feats[0][1] + visits[1].feats[0][1]) / 2).numpy(), atol=2e-3)
+    np.testing.assert_allclose(feats[2], visits[2].feats[0][1].numpy(), atol=2e-3)
+    assert book.recorded(since_epoch=2).ids.tolist() == [7, 9]
+    again = RowBook(np.array([7, 8, 9]), slots=2)
+    again.load(book.save(tmp_path / "book.rows"))
+    np.testing.assert_array_equal(again.feats, book.feats)
+    np.testing.assert_array_equal(again.epochs, book.epochs)
+    np.testing.assert_array_equal(again.visits, book.visits)
+    as_round = RecordedRows.load(tmp_path / "book.rows")  # `pipeline select --recorded RUN/snapshots/book.rows`
+    np.testing.assert_array_equal(as_round.grads, rec.grads)
+    back = RecordedRows.load(rec.save(tmp_path / "round.rows"))
+    assert back.slots == 2 and back.counts.tolist() == [2, 2, 1]
+
+
+def test_rounds_from_recorded_rows_are_the_default_where_they_can_be(digits_set, tmp_path):
+    """select.proxies = auto: model-based selectors that take rows use them, in the trainer's process, and
+    k-center greedy's features come from them too (no pass over the images); alignment, which passes the
+    images itself, and methods that record nothing select from fresh proxies."""
+    run = tmp_path / "kcg"
+    cfg = tiny_cfg(digits_set.root, run, **{"optim.epochs": 3, "select.selector": "kcg", "select.fraction": 0.3,
+                                          "select.warmup": 1, "select.every": 1, "attack.eps": 0.1})
+    with create_trainer(cfg, progress=False) as t:
+        assert t.subsets.scheduler.recorded and t.subsets.scheduler.processes == 0
+        t.fit()
+    m = Manifest.load(run / "manifests" / "round-0001.json")
+    first = next(r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "epoch")
+    assert m.extra["timing"]["fresh_rows"] == digits_set.count("train") - first["images"]  # the dropped batch
+    for over in ({"select.selector": "alignment"}, {"method.name": "pgd-at", "select.selector": "facility"}):
+        cfg = tiny_cfg(digits_set.root, tmp_path / "f", **{"select.selector": "rcs", "select.warmup": 1, **over})
+        with create_trainer(cfg, progress=False) as t:
+            assert not t.subsets.scheduler.recorded and t.subsets.book is None
 
 
 def _recorded_run(root, run, selector="rcs", proxies="recorded", **over):

@@ -20,6 +20,7 @@ from pipeline.atomic import move_aside, write_json
 from pipeline.attacks import budget
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import check_value, declare_choices
+from pipeline.kv import format_kv, parse_kv
 from pipeline.errors import PipelineError, WriteError
 from pipeline.evaluation.classifiers import (
     classifier_path,
@@ -136,10 +137,19 @@ def evaluate(data: str | Path, checkpoint: str | Path, protocol: str = "slf", at
              batch_size: int | None = None, milestones=None, limit: int | None = None, eval_batch_size: int = 256,
              device="cpu", workers: int = 0, eps: float | None = None, step: float | None = None,
              steps: int | None = None, seed: int = 0, progress: bool = True, settings: FinetuneSettings | None = None,
-             branch: str = "eval", noise_sigma: float = 0.0, smoothing: Smoothing | str | None = None) -> dict:
+             branch: str = "eval", noise_sigma: float = 0.0, smoothing: Smoothing | str | None = None,
+             limits: str | dict | None = None) -> dict:
+    """`limits`: per measure, the first N test samples it runs on (`autoattack=1000`); the others run on
+    `limit` (all when None). Each measure's count is in the result (`measure_samples`)."""
     _check_options(limit, workers, eps=eps, step=step, steps=steps, epochs=epochs, lr=lr,
                    batch_size=batch_size)
     names = parse_measures(attack)
+    own = parse_kv(limits, "eval.limits") if isinstance(limits, str) else dict(limits or {})
+    check_value("eval.limits", format_kv(own))
+    unknown = sorted(set(own) - set(names))
+    if unknown:
+        raise PipelineError(f"eval.limits names {', '.join(unknown)}, which is not measured (--attack "
+                            f"{','.join(names[1:]) or 'clean'})")
     if isinstance(smoothing, str):
         smoothing = Smoothing.parse(smoothing) if smoothing.strip() else None
     device = torch.device(device)
@@ -150,15 +160,24 @@ def evaluate(data: str | Path, checkpoint: str | Path, protocol: str = "slf", at
     b = attack_budget(ss, ckpt, eps, step, steps)
     if smoothing is not None:  # EOT passes hold m noisy copies of each image: fewer images per batch
         eval_batch_size = max(1, min(eval_batch_size, smoothing.batch // smoothing.eot_draws))
-    test_ids = ss.ids("test")[:limit] if limit else None
-    test_loader = ss.loader("test", test_ids, batch_size=eval_batch_size, shuffle=False, device=device,
-                            num_workers=workers)
     started = time.perf_counter()
-    acc, measure_settings = accuracies(model, test_loader, names, b, len(ss.classes), device, s.seed, smoothing)
+    acc, measure_settings, measure_samples = {}, {}, {}
+    groups: dict = {}
+    for name in names:  # measures on the same samples share one pass over them
+        groups.setdefault(own.get(name, limit), []).append(name)
+    for count, group in groups.items():
+        test_ids = ss.ids("test")[:count] if count else None
+        test_loader = ss.loader("test", test_ids, batch_size=eval_batch_size, shuffle=False, device=device,
+                                num_workers=workers)
+        part, part_settings = accuracies(model, test_loader, group, b, len(ss.classes), device, s.seed, smoothing)
+        acc.setdefault("samples", part["samples"])  # the first group's: the eval.limit measures, clean among them
+        acc.update({k: v for k, v in part.items() if k != "samples"})
+        measure_settings.update(part_settings)
+        measure_samples.update(dict.fromkeys(group, part["samples"]))
     spec = ckpt["model_spec"]
     result = {
         "protocol": info["protocol"], "recipe": info["recipe"], **acc, "measures": names,
-        "attack_settings": measure_settings, "eps": b.eps, "attack_step": b.step, "attack_steps": b.steps,
+        "attack_settings": measure_settings, "measure_samples": measure_samples, "eps": b.eps, "attack_step": b.step, "attack_steps": b.steps,
         "noise_sigma": s.noise_sigma, "smoothing": smoothing.as_dict() if smoothing else None,
         "finetune": asdict(s), "finetune_losses": info["finetune_losses"], "finetune_seconds": info["finetune_seconds"],
         "attack_seconds": time.perf_counter() - started, "checkpoint": str(checkpoint),

@@ -129,7 +129,8 @@ def _evaluate(cfg, seed: int, progress: bool) -> dict:
     result = evaluate(cfg.data.path, RunLayout(cfg.run.out).last, e.protocol, e.attack,
                       e.recipe or None, e.epochs or None, e.lr or None, e.batch_size or None, limit=e.limit or None,
                       eval_batch_size=e.test_batch_size, device=_device(cfg), eps=e.eps or None, step=e.step or None, steps=e.steps, seed=e.seed + seed,
-                      progress=progress, noise_sigma=e.noise_sigma, smoothing=e.smoothing or None)
+                      progress=progress, noise_sigma=e.noise_sigma, smoothing=e.smoothing or None,
+                      limits=e.limits or None)
     if e.certify:
         c = certify_spec(e.certify)
         sigma = result["smoothing"]["sigma"] if result["smoothing"] else e.noise_sigma
@@ -156,12 +157,13 @@ def _row(arm: Arm, seed: int, cfg, result: dict) -> dict:
         "selector": cfg.select.selector or "-", "fraction": _fraction(cfg),
         **{m: result.get(m) for m in measures},
         "train_s": round(run.train_seconds, 2), "wall_s": round(run.wall_seconds, 2), "images": run.images,
+        "images_attacked": run.images_attacked,
         "epochs": len(run.epochs),
         "rounds": len(rounds), "selection_s": round(sum(r.get("wall_s") or r.get("selection_s") or 0 for r in rounds), 2),
         "selection_process_s": round(sum(r.get("process_s") or 0 for r in rounds), 2),
         "stall_s": round(sum(r.get("stall_s") or 0 for r in rounds), 2),
-        "eval": {k: result.get(k) for k in ("protocol", "recipe", "eps", "samples", "checkpoint_sha256", "noise_sigma",
-                                            "smoothing", "certify")},
+        "eval": {k: result.get(k) for k in ("protocol", "recipe", "eps", "samples", "measure_samples",
+                                            "checkpoint_sha256", "noise_sigma", "smoothing", "certify")},
     }
 
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from pipeline.atomic import atomic_path, write_json
 from pipeline.errors import PipelineError
-from pipeline.evaluation.measures import list_measures, robust_measures
+from pipeline.evaluation.measures import list_measures, measure_title, robust_measures
 from pipeline.experiment.spec import CERTIFIED_COLUMNS, Experiment
 from pipeline.report import build_report, figures
 
@@ -37,7 +37,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         if selector != "-" and not any(r.get("rounds") for r in rs):  # every round finished after training ended
             selector = f"{selector} (no round used: all data)"
         line = {"arm": arm, "method": rs[0].get("method", "-"), "selector": selector, "fraction": rs[0]["fraction"], "seeds": [r["seed"] for r in rs]}
-        for key in (*measures, "train_s", "wall_s", "images", "selection_s", "stall_s"):
+        for key in (*measures, "train_s", "wall_s", "images", "images_attacked", "selection_s", "stall_s"):
             line[key], line[f"{key}_std"] = _mean_std(r.get(key) for r in rs)
         out.append(line)
     return out
@@ -116,13 +116,26 @@ def _pm(mean, std, pct: bool = False, digits: int = 1) -> str:
     return f"{mean:,.{digits}f}" + (f" ± {std:,.{digits}f}" if std is not None else "")
 
 
+def _samples_text(ev: dict) -> str:
+    """"1000 test samples", or per measure where they differ ("clean, PGD-20 on 10000 test samples, AutoAttack
+    on 1000")."""
+    per = ev.get("measure_samples") or {}
+    if len(set(per.values())) <= 1:
+        return f"{ev.get('samples')} test samples"
+    by: dict = {}
+    for name, n in per.items():
+        by.setdefault(n, []).append(measure_title(name))
+    parts = [f"{', '.join(names)} on {n}" for n, names in sorted(by.items(), reverse=True)]
+    return parts[0] + " test samples, " + ", ".join(parts[1:])
+
+
 def results_markdown(exp: Experiment, rows: list[dict]) -> str:
     groups = summarize(rows)
     measures = [k for k in measure_columns() if any(g.get(k) is not None for g in groups)]
     ev = rows[0]["eval"] if rows else {}
     lines = [f"# Experiment {exp.path.name}", "",
              f"{len(rows)} runs; evaluation {str(ev.get('protocol', '-')).upper()} ({ev.get('recipe')} recipe), "
-             f"eps {ev.get('eps', 0):.4g}, {ev.get('samples')} test samples. Accuracies in %, mean ± sample standard "
+             f"eps {ev.get('eps', 0):.4g}, {_samples_text(ev)}. Accuracies in %, mean ± sample standard "
              "deviation over seeds; times in seconds of training epochs (selection overlapped).", ""]
     for arm in dict.fromkeys(r["arm"] for r in rows):  # arms measured otherwise say how
         ev_arm = next(r["eval"] for r in rows if r["arm"] == arm)
@@ -134,27 +147,29 @@ def results_markdown(exp: Experiment, rows: list[dict]) -> str:
                          + (f"; certified on {c['samples']} samples" if c else ""))
     lines += ["",
              "| arm | method | selector | fraction | seeds | " + " | ".join(measures) +
-             " | train s | wall s | images trained on | selection s | stall s |",
-             "| --- | --- | --- | ---: | ---: | " + " | ".join("---:" for _ in measures) + " | ---: | ---: | ---: | ---: | ---: |"]
+             " | train s | wall s | images trained on | images attacked | selection s | stall s |",
+             "| --- | --- | --- | ---: | ---: | " + " | ".join("---:" for _ in measures)
+             + " | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for g in groups:
         lines.append(f"| {g['arm']} | {g['method']} | {g['selector']} | {'-' if g['fraction'] is None else format(g['fraction'], 'g')} | "
                      f"{len(g['seeds'])} | "
                      + " | ".join(_pm(g[m], g[f"{m}_std"], True) for m in measures)
                      + f" | {_pm(g['train_s'], g['train_s_std'])} | {_pm(g['wall_s'], g['wall_s_std'])} | "
-                     f"{_pm(g['images'], None, digits=0)} | "
+                     f"{_pm(g['images'], None, digits=0)} | {_pm(g['images_attacked'], None, digits=0)} | "
                      + (f"{_pm(g['selection_s'], g['selection_s_std'])} | {_pm(g['stall_s'], None, digits=2)} |"
                         if g["selector"] != "-" else "- | - |"))
     lines += _paired_markdown(rows)
     if tradeoff_points(groups):
         lines += ["", "![robust accuracy against training wall time, every arm](tradeoff.png)"]
-    lines += ["", "Every run:", "", "| run | " + " | ".join(measures) + " | train s | wall s | images | rounds | "
-              "selection s | selection process s | stall s |", "| --- | " + " | ".join("---:" for _ in measures) +
-              " | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += ["", "Every run:", "", "| run | " + " | ".join(measures) + " | train s | wall s | images | attacked | "
+              "rounds | selection s | selection process s | stall s |", "| --- | " + " | ".join("---:" for _ in measures) +
+              " | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         wall = r.get("wall_s")
         lines.append(f"| {r['arm']}-s{r['seed']} | " + " | ".join(
             "-" if r.get(m) is None else f"{100 * r[m]:.2f}" for m in measures) +
-            f" | {r['train_s']:.1f} | {'-' if wall is None else f'{wall:.1f}'} | {r['images']:,} | {r['rounds']} | "
+            f" | {r['train_s']:.1f} | {'-' if wall is None else f'{wall:.1f}'} | {r['images']:,} | "
+            f"{r.get('images_attacked', r['images']):,} | {r['rounds']} | "
             f"{r['selection_s']:.1f} | "
             f"{r['selection_process_s']:.1f} | {r['stall_s']:.2f} |")
     return "\n".join(lines) + "\n"

@@ -32,9 +32,9 @@ def results_table(runs: list[RunRecord]) -> list[str]:
     measures = list_measures()
     lines = ["| run | checkpoint epoch | protocol | recipe | noise sigma | smoothed | "
              + " | ".join(measure_title(m) for m in measures)
-             + " | eps | test samples | train wall s | images trained on |",
+             + " | eps | test samples | train wall s | images trained on | images attacked |",
              "| --- | ---: | --- | --- | ---: | --- | " + " | ".join("---:" for _ in measures)
-             + " | ---: | ---: | ---: | ---: |"]
+             + " | ---: | ---: | ---: | ---: | ---: |"]
     seen = set()
     for run in runs:
         for r in run.results:
@@ -46,7 +46,7 @@ def results_table(runs: list[RunRecord]) -> list[str]:
                          f"{r.get('noise_sigma') or 0:g} | {_smoothing(r)} | "
                          + "".join(f"{_pct(r.get(m))} | " for m in measures)
                          + f"{r.get('eps', 0):.4g} | {r.get('samples')} | "
-                         f"{run.train_seconds:.1f} | {run.images:,} |")
+                         f"{run.train_seconds:.1f} | {run.images:,} | {run.images_attacked:,} |")
     return lines
 
 
@@ -120,7 +120,7 @@ def build_report(run_paths: list[str | Path], out: str | Path) -> tuple[Path, li
             cfg = run.config
             md += [f"## {run.label}", "", f"Method {cfg.get('method', {}).get('name')}, "
                    f"{cfg.get('model', {}).get('arch')}, {len(run.epochs)} epochs, {run.images:,} images trained on "
-                   f"in {run.train_seconds:.1f} s of epochs ({run.wall_seconds:.1f} s wall).", ""]
+                   f"({run.images_attacked:,} attacked) in {run.train_seconds:.1f} s of epochs ({run.wall_seconds:.1f} s wall).", ""]
             pngs.append(figures.training(run, out / f"{slug}-training.png"))
             md += [f"![training]({slug}-training.png)", "",
                    "| epoch | loss | lr | images/s | attack share | subset round | subset size |",
@@ -226,7 +226,7 @@ def summary_table(run_paths):
     for run in runs:
         adv, nat = _deployed(run)
         chance = adv.get("chance") or nat.get("chance")
-        t.add_row(run.label, f"{run.wall_seconds:.1f}", f"{run.images:,}",
+        t.add_row(run.label, f"{run.wall_seconds:.1f}", f"{run.images_attacked:,}",
                   f"{sum(r.get('wall_s') or r.get('selection_s') or 0 for r in run.rounds):.1f}" if run.rounds else "-",
                   f"{sum(r.get('stall_s') or 0 for r in run.rounds):.2f}" if run.rounds else "-",
                   _pct(adv.get("clean")), _pct(adv.get("pgd20")), _pct(nat.get("clean")),

@@ -65,6 +65,12 @@ class RunRecord:
     def images(self) -> int:
         return int(sum(e["images"] for e in self.epochs))
 
+    @property
+    def images_attacked(self) -> int:
+        """Images whose adversarial views training crafted (a selective attack crafts a share; runs of versions
+        before it attacked every image they trained on)."""
+        return int(sum(e.get("images_attacked", e["images"]) for e in self.epochs))
+
 
 def _jsonl(path: Path) -> list[dict]:
     """The records of a metrics file; a torn last line (the run was killed while writing it: the next resume

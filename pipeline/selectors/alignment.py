@@ -80,6 +80,7 @@ def network_alignment(model, head: str, rows, tangent: dict) -> torch.Tensor:
 class AlignmentSelector(Selector):
     name = "alignment"
     needs_model = True
+    takes_recorded_rows = False  # its score goes through every layer: it passes the candidates' images itself
     needs_validation = True  # type: ignore[assignment]
     defaults = {"order": "lowest", "draws": 1, "attack_steps": 1}
 

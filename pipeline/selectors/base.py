@@ -45,6 +45,9 @@ class Selector:
 
     name = "base"
     needs_model = False
+    # whether its proxies may come from rows training recorded (select.proxies); a selector that makes its
+    # own pass over the images (alignment) says False
+    takes_recorded_rows = True
     defaults: dict = {}
     presets: dict[str, dict] = {}
 

@@ -106,7 +106,8 @@ class FacilitySelector(Selector):
         t = time.perf_counter()
         check_draws(p["draws"])
         proxies = ctx.proxies.compute(ctx.pool_ids, need_gradients=p["proxy"] == "gradients" or p["alignment_weight"] > 0,
-                                      draws=p["draws"], validation=p["alignment_weight"] > 0)
+                                      need_features=p["proxy"] == "features", draws=p["draws"],
+                                      validation=p["alignment_weight"] > 0)
         timing["proxies"] = time.perf_counter() - t
         vectors = proxies.features if p["proxy"] == "features" else proxies.compressed_grads
         modular = None

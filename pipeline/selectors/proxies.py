@@ -210,14 +210,10 @@ class ProxyComputer:
         `validation=False`: no U is held out (a selector that scores nothing against U: every candidate stays)."""
         pool_ids = np.asarray(pool_ids, dtype=np.int64)
         b_nat, b_adv = self.branches
-        d = self.model.encoder.feature_dim
-        if not need_gradients:
-            mine, _ = self._share(pool_ids, spread)
-            feats = [self._features(to_float(b.images), b_nat).half().cpu() for b in self._batches(mine)] if len(mine) else []
-            local = torch.cat(feats) if feats else torch.zeros(0, d, dtype=torch.float16)
-            return Proxies(np.sort(pool_ids), np.zeros(0, np.int64), (gather_rows(local) if spread else local).numpy(),
-                           branches=self.branches)
         recorded = self.recorded if recorded is None else recorded
+        if not need_gradients:
+            return Proxies(np.sort(pool_ids), np.zeros(0, np.int64), self._natural_features(pool_ids, spread, recorded),
+                           branches=self.branches)
         if recorded is not None and len(recorded.ids):
             draws = 1  # a recorded row is one draw: fresh rows and U's attack match it (as measured)
         if validation:
@@ -265,11 +261,42 @@ class ProxyComputer:
                        self.branches, row_branches, self.method.divergence)
 
 
+    def _natural_features(self, ids: np.ndarray, spread: bool, recorded=None) -> np.ndarray:
+        """(len(ids), d) float16 encoder features of the natural images, in sorted-id order: from the recorded
+        rows where a sample has them (its natural views' features in the steps that recorded it), else by a
+        pass through the snapshot."""
+        ids = np.sort(ids)
+        d = self.model.encoder.feature_dim
+        taken = None
+        if recorded is not None and len(recorded.ids):
+            pos = np.minimum(np.searchsorted(recorded.ids, ids), len(recorded.ids) - 1)
+            have = recorded.ids[pos] == ids
+            taken = (have, pos[have])
+        fresh = ids if taken is None else ids[~taken[0]]
+        self.fresh_count = len(fresh)
+        mine, _ = self._share(fresh, spread)
+        feats = [self._features(to_float(b.images), self.branches[0]).half().cpu() for b in self._batches(mine)] \
+            if len(mine) else []
+        local = torch.cat(feats) if feats else torch.zeros(0, d, dtype=torch.float16)
+        out = (gather_rows(local) if spread else local).numpy()
+        if taken is None:
+            return out
+        merged = np.zeros((len(ids), d), np.float16)
+        merged[~taken[0]] = out
+        merged[taken[0]] = recorded.natural_features(taken[1], self.branches[0])
+        return merged
+
     def _merge_recorded(self, cand, fresh, taken, recorded, fresh_parts, row_branches, need_features, spread):
-        """The fresh candidates' parts and the recorded ones', in the order of `cand` (sorted ids)."""
-        if row_branches is not None and tuple(row_branches) != tuple(recorded.branches):
+        """The fresh candidates' parts and the recorded ones', in the order of `cand` (sorted ids). Recorded rows
+        hold K records of R rows; a fresh sample's R rows are one record, its other K - 1 slots zero rows (which
+        add nothing to a rebuilt gradient)."""
+        slots = recorded.slots
+        if row_branches is not None and tuple(row_branches) * slots != tuple(recorded.branches):
             raise PipelineError(f"recorded rows have branches {recorded.branches}, fresh ones {row_branches}: "
                                 "they come from another method or attack; use select.proxies = fresh")
+        if slots > 1:
+            fresh_parts = [*fresh_parts[:2], *(None if t is None else torch.cat([t, t.new_zeros(
+                (len(t), t.shape[1] * (slots - 1), t.shape[2]))], 1) for t in fresh_parts[2:])]
         comp = []
         step = 16 * self.batch_size  # no model pass here: large batches, few calls
         for lo in range(0, len(taken), step):
@@ -279,9 +306,8 @@ class ProxyComputer:
             comp.append(compressed_rows(self.head, rows).cpu())
         rec = [torch.cat(comp), torch.from_numpy(recorded.feats[taken]), torch.from_numpy(recorded.grads[taken]).float()]
         feats = None
-        if need_features:  # encoder features of the natural images: recorded rows have those of views only
-            feats = torch.from_numpy(self.compute(cand[np.isin(cand, fresh, invert=True)], need_gradients=False,
-                                                  spread=spread).features)
+        if need_features:  # encoder features of the natural views, from the same records
+            feats = torch.from_numpy(recorded.natural_features(taken, self.branches[0]))
         order = np.argsort(np.concatenate([fresh, cand[np.isin(cand, fresh, invert=True)]]), kind="stable")
         merged = []
         for f_part, r_part in zip(fresh_parts, [feats, *rec]):

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -34,7 +35,7 @@ from pipeline.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from pipeline.dist import init_distributed
 from pipeline.errors import PipelineError
 from pipeline.loggers import RunLoggers, check_loggers
-from pipeline.losses import weighted_mean
+from pipeline.losses import rescaled_mean, representational_divergence, weighted_mean
 from pipeline.models import create_model, trust
 from pipeline.progress import console, progress_bar
 from pipeline.registry import Registry
@@ -43,7 +44,9 @@ from pipeline.shards.crops import parse_crop
 from pipeline.shards.manifest import Manifest
 from pipeline.shards.shardset import ShardSet
 from pipeline.config import METHOD_SECTIONS, TrainConfig, declare_choices
+from pipeline.objectives import OBJECTIVES
 from pipeline.trainers.optim import build_optimizer, lr_at
+from pipeline.trainers.selective import create_selective_attack
 from pipeline.trainers.subsets import create_subset_source
 
 
@@ -89,6 +92,7 @@ class Trainer:
     name = "base"
     sections: tuple[str, ...] = ()  # config sections the method reads, besides the fixed ones
     config_defaults: dict = {}  # the method's reference settings, for what the user left unset
+    selective_attack = False  # whether its step attacks only the samples `attack_positions` names (attack.fraction)
 
     @classmethod
     def complete_config(cls, cfg) -> None:
@@ -146,6 +150,8 @@ class Trainer:
         self._metrics_lines = 0  # records this run has logged: a checkpoint keeps the count, a resume cuts back to it
         self.subset, self.loader, self._loader_key = None, None, None
         self.subsets = create_subset_source(self)
+        self.selective = create_selective_attack(self, [n for n in TRAINERS.names() if TRAINERS[n].selective_attack])
+        self._attacked, self._attacked_pos = 0, None  # this step's attacked samples (count, positions or None: all)
         if resume:
             self._load_state(self.layout.last)
         # after the resume: a resumed run's loggers hide what the stopped run logged past its checkpoint
@@ -179,6 +185,30 @@ class Trainer:
                                 f"restore ({', '.join(state)})")
 
     # -- helpers for methods ----------------------------------------------------------------------------
+    def attack_positions(self, batch) -> torch.Tensor | None:
+        """The positions in `batch` whose adversarial views this step crafts (None: every sample): every
+        attacking method asks, so that the run counts the images it attacked (`images_attacked`)."""
+        n = len(batch.ids)
+        if self.selective is None:
+            self._attacked, self._attacked_pos = n, None
+            return None
+        ids = batch.ids.cpu().numpy() if hasattr(batch.ids, "cpu") else np.asarray(batch.ids)
+        pos = self.selective.choose(ids, self.global_step)
+        self._attacked, self._attacked_pos = (n if pos is None else len(pos)), pos
+        return None if pos is None else torch.as_tensor(pos, device=self.device)
+
+    def wants(self, value: str) -> bool:
+        """Whether a per-sample value the step may skip computing is read (by the selective attack's rule)."""
+        return self.selective is not None and self.selective.score == value
+
+    def sample_divergence(self, z_adv: torch.Tensor, z_nat: torch.Tensor, views: int = 1) -> torch.Tensor:
+        """Per sample, RCS's representational divergence between its adversarial and natural outputs at the
+        method's selection head (the objective's kind), the mean over its `views` stacked rows."""
+        kind = OBJECTIVES[self.name].divergence if self.name in OBJECTIVES else "kl"
+        with torch.no_grad():
+            rd = representational_divergence(z_adv.detach(), z_nat.detach(), kind, reduction="none")
+        return rd.view(views, -1).mean(0)
+
     def autocast_ctx(self):
         return torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None)
 
@@ -298,8 +328,9 @@ class Trainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 step_start = time.perf_counter()
+                self._attacked, self._attacked_pos = 0, None
                 record = self.training_step(batch, epoch)
-                loss = weighted_mean(record.losses, batch.weights if cfg.data.use_weights else None)
+                loss = self._reduce(record.losses, batch.weights if cfg.data.use_weights else None)
                 self._check_finite(loss, epoch, i)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -308,7 +339,10 @@ class Trainer:
                 if record.losses.ndim == 1:
                     record.values.setdefault("loss", record.losses.detach())
                 self.subsets.observe(batch, record)
+                if self.selective is not None:
+                    self.selective.observe(batch.ids.cpu().numpy(), self._attacked_pos, record.values)
                 n = len(batch.ids)
+                totals["attacked"] = totals.get("attacked", 0) + self._attacked
                 value, logs = float(loss.detach()), record.logs
                 totals["loss"] += value * n
                 totals["images"] += n
@@ -331,15 +365,25 @@ class Trainer:
                                                        "partial_epoch": json.dumps(partial)})
         secs = before + time.perf_counter() - started
         images = totals["images"] * self.dist.world_size
+        attacked = totals.get("attacked", 0) * self.dist.world_size
         means = {k: v / max(totals["images"], 1) for k, v in parts.items()}
         sub = self.subset
         return {"epoch": epoch + 1, "loss": totals["loss"] / max(totals["images"], 1), **means, "lr": lr,
-                "images": images, "seconds": secs, "images_per_s": images / secs if secs > 0 else 0.0,
+                "images": images, "images_attacked": attacked, "seconds": secs, "images_per_s": images / secs if secs > 0 else 0.0,
                 "attack_s": totals["attack_s"], "attack_share": totals["attack_s"] / secs if secs > 0 else 0.0,
                 "steps": steps,
                 "subset_round": getattr(sub, "round", None),
                 "subset_size": len(sub) if sub is not None else self.shardset.count(cfg.data.split),
                 "subset": str(sub.path) if sub is not None else None}
+
+    def _reduce(self, losses: torch.Tensor, weights) -> torch.Tensor:
+        """The step's loss from per-sample losses: a manifest's weights count as duplicates (sum w l / sum w),
+        except a subset that rescales (InfoBatch: sum w l / n, its code's `loss.mul(weights).mean()`, which keeps
+        an epoch's expected gradient)."""
+        sub = self.subset
+        if weights is not None and sub is not None and sub.extra.get("weighting") == "rescale":
+            return rescaled_mean(losses, weights)
+        return weighted_mean(losses, weights)
 
     def _check_finite(self, loss: torch.Tensor, epoch: int, step: int) -> None:
         if self.dist.any(not bool(torch.isfinite(loss.detach()).item())):
@@ -373,6 +417,7 @@ class Trainer:
                        "round": sub.round if sub is not None and sub.round is not None else -1},
             "summary": {k: v for k, v in summary.items() if isinstance(v, (int, float)) and v is not None},
             "selection": self._selection_state(),
+            "attack_selection": self.selective.state() if self.selective is not None else {},
             "method_state": self.extra_state(),
             "metrics_lines": self._metrics_lines,
         }
@@ -399,6 +444,8 @@ class Trainer:
         sel = ckpt.get("selection") or {}
         if self.is_main and sel.get("kind") == self.subsets.kind:
             self.subsets.restore({**json.loads(sel.get("state") or "{}"), "tensors": sel.get("tensors") or {}})
+        if self.selective is not None:
+            self.selective.restore(ckpt.get("attack_selection") or {})
         if self.cuda and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), self.device)
         if self.is_main:  # drop metrics of work after the checkpoint: it is about to be redone

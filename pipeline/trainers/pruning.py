@@ -7,8 +7,10 @@ report (`StepRecord.values`), at no extra forward pass. The core's `SubsetSource
   never scored are kept first. `anneal=N`: the last N epochs train on all data again.
 - `InfoBatchSubsets` (`--selector infobatch`, Qin et al. ICLR 2024): every epoch, each sample whose last loss
   is below the mean is dropped with probability `r` (default 0.5) and the kept ones among them weigh 1/(1 - r)
-  in the loss (manifest weights), so the expected gradient of an epoch is unchanged; the last `anneal` share
-  of the epochs (default 0.125) uses all data.
+  in the loss (manifest weights, averaged over the batch as its code's `loss.mul(weights).mean()`: the
+  manifest says `weighting = rescale`), so the expected gradient of an epoch is unchanged; the last `anneal`
+  share of the epochs (default 0.125) uses all data. Any method whose step gives per-sample losses: the
+  supervised ones, and the ACL family (each sample's contrastive loss, the mean of its rows' terms).
 
 Scores, by name: `loss` (the method's per-sample training loss), `el2n` (||softmax - onehot|| on natural
 images), `margin` (true logit minus the largest other: low = hard), `forgetting` (times a sample went from
@@ -54,6 +56,17 @@ class ScoreBook:
             now = np.asarray(values["correct_adv"], dtype=np.float64)[ok]
             self.forgetting[pos] += (self.last_correct[pos] == 1) & (now == 0)  # a forgetting event
             self.last_correct[pos] = now
+
+    def lookup(self, key: str, ids: np.ndarray) -> np.ndarray:
+        """The last value of `key` for each of `ids` (NaN: never scored, or not in the pool)."""
+        out = np.full(len(ids), np.nan)
+        arr = self.values.get(key)
+        if arr is None or not len(self.ids):
+            return out
+        pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
+        ok = self.ids[pos] == ids
+        out[ok] = arr[pos[ok]]
+        return out
 
     def score(self, name: str) -> np.ndarray:
         """Per pool sample; higher = more worth keeping under `order=highest` (margin negated: low margin = hard)."""
@@ -146,13 +159,13 @@ class _InProcess(SubsetSource):
             vals = {k: np.concatenate([b[1][k] for b in both]) for k in vals}
         self.book.update(ids, vals)
 
-    def _write(self, epoch: int, keep: np.ndarray, weights=None, params=None) -> None:
+    def _write(self, epoch: int, keep: np.ndarray, weights=None, params=None, extra=None) -> None:
         cfg = self.trainer.cfg
         number = next_round(self.folder)
         m = Manifest.for_shardset(self.trainer.shardset, cfg.data.split, keep, weights=weights,
                                   producer={"name": cfg.select.selector, "params": params or {}}, round=number,
                                   epoch=epoch, fraction=len(keep) / len(self.book.ids),
-                                  extra={"pool_size": int(len(self.book.ids)), "in_process": True})
+                                  extra={"pool_size": int(len(self.book.ids)), "in_process": True, **(extra or {})})
         m.save(round_path(self.folder, number))
         previous, self._manifest, self._full = self._manifest, m, False
         self._records.append({"kind": "selection", "round": number, "epoch": epoch + 1, "used_from_epoch": epoch + 1,
@@ -228,7 +241,8 @@ class InfoBatchSubsets(_InProcess):
             return
         rng = np.random.default_rng([self.trainer.cfg.run.seed, epoch, 11])
         keep, weights = infobatch_draw(self.book.ids, losses, self.r, rng)
-        self._write(epoch, keep, weights, params={"r": self.r, "anneal": self.anneal})
+        # "rescale": the loop averages w x loss over the batch (InfoBatch's code), not over the weights
+        self._write(epoch, keep, weights, params={"r": self.r, "anneal": self.anneal}, extra={"weighting": "rescale"})
 
 
 for _score in SCORES:  # one pruner per score, registered before InfoBatch (the order help texts list them in)

@@ -26,7 +26,7 @@ from pipeline.progress import console
 from pipeline.registry import Registry
 from pipeline.selectors import SELECTORS, create_selector, draw_validation, selector_needs_validation
 from pipeline.selectors.background import Round, SelectionScheduler
-from pipeline.objectives import objective_of
+from pipeline.objectives import OBJECTIVES, objective_of
 from pipeline.selectors.proxies import divergence_on
 from pipeline.selectors.recorded import RowBook
 from pipeline.shards.manifest import Manifest, newest_valid, round_path, round_paths
@@ -129,14 +129,15 @@ class SelectionRounds(ManifestFolder):
         self.last_selection_epoch = -1
         self.scheduler = SelectionScheduler(
             trainer.layout, cfg.data.source(), cfg.data.split, cfg.select, str(trainer.device), cfg.run.seed,
-            pool=None if pool is None else str(pool.path), validation=None if validation is None else str(validation.path))
+            pool=None if pool is None else str(pool.path), validation=None if validation is None else str(validation.path),
+            recorded=self._records(trainer))
         self.scheduler.in_process_ok = not trainer.dist.distributed
         if self.scheduler.processes == 0 and trainer.dist.distributed:
             raise PipelineError("select.processes = 0 (rounds in the trainer's process) works in one process; under "
                                 "torchrun give rounds processes of their own: select.processes = 1")
         self.rounds, self._pending_records, self._subset_round = {}, [], None
         self.validation = validation
-        self.book = self._row_book(pool) if cfg.select.proxies == "recorded" else None
+        self.book = self._row_book(pool) if self.scheduler.recorded else None
         self._rd_last: tuple[int, float] | None = None  # (epochs done, RD(U) then)
         # accounting: what selection cost and what training on subsets saved, estimated from measured epochs
         self.full_images, self.full_per_image = None, None
@@ -148,16 +149,30 @@ class SelectionRounds(ManifestFolder):
     def _unused(self) -> list:
         return [r for n, r in sorted(self.rounds.items()) if self._subset_round is None or n > self._subset_round]
 
+    @staticmethod
+    def _records(trainer) -> bool:
+        """Whether rounds take the rows training records (select.proxies; auto: wherever the selector, the
+        method and the run can, said in one line where a model-based selector cannot)."""
+        cfg = trainer.cfg.select
+        if cfg.proxies == "fresh":
+            return False
+        sel = create_selector(cfg.selector, **parse_kv(cfg.params, "select.params"))
+        method = objective_of(trainer.name) if trainer.name in OBJECTIVES else None
+        why = ("it passes the candidates' images itself" if not sel.takes_recorded_rows else
+               f"method {trainer.name!r} does not say how its steps give selection rows (ACL, DynACL and SimCLR do)"
+               if method is None or method.rows_from_step is None else
+               "it works in one process without run.compile for now"
+               if trainer.dist.distributed or trainer.cfg.run.compile else None)
+        if cfg.proxies == "recorded" and why:
+            raise PipelineError(f"select.proxies = recorded: {why}; use select.proxies = fresh")
+        if why and sel.needs_model and trainer.is_main:
+            console.print(f"selection rounds pass the candidates through each snapshot (fresh proxies): {why}")
+        return sel.needs_model and not why
+
     def _row_book(self, pool: Manifest | None) -> RowBook:
         t = self.trainer
         self.objective = objective_of(t.name)
-        if self.objective.rows_from_step is None:
-            raise PipelineError(f"select.proxies = recorded: method {t.name!r} does not say how its steps give "
-                                "selection rows (ACL, DynACL and SimCLR do); use select.proxies = fresh")
-        if t.dist.distributed or t.cfg.run.compile:
-            raise PipelineError("select.proxies = recorded works in one process without run.compile for now; "
-                                "use select.proxies = fresh")
-        book = RowBook(pool.ids if pool is not None else t.shardset.ids(t.cfg.data.split))
+        book = RowBook(pool.ids if pool is not None else t.shardset.ids(t.cfg.data.split), t.cfg.select.row_epochs)
         if t.layout.row_book.is_file():  # a resume: the rows recorded before the stop
             book.load(t.layout.row_book)
         return book
@@ -253,7 +268,7 @@ class SelectionRounds(ManifestFolder):
     def epoch_end(self, epoch: int, summary: dict) -> None:
         if self.book is not None:  # saved with the checkpoint that follows: a resume records on from here
             self.book.save(self.trainer.layout.row_book)
-            summary["recorded_rows"] = int((self.book.epochs >= 0).sum())
+            summary["recorded_rows"] = int((self.book.latest >= 0).sum())
         if self.trainer.is_main and self.validation is not None:
             summary["rd_u"] = self.divergence(epoch + 1)
         if summary.get("subset_round") is None:  # a full-data epoch measures what an image costs

@@ -67,6 +67,7 @@ class SupervisedATTrainer(Trainer):
                        "data.batch_size": 128}
     objective: type[ClassifierObjective]  # the per-sample loss, shared with selection
     start = "uniform"
+    selective_attack = True
 
     def model_spec(self) -> dict:
         return model_spec(self.cfg.model.arch, self.channels, self.image_size,
@@ -102,12 +103,20 @@ class SupervisedATTrainer(Trainer):
         y = batch.labels.to(self.device).long()
         x = random_crop_flip(to_float(images), self.gen, max(1, images.shape[-1] // 8))
         x = x.contiguous(memory_format=self.memory_format)
-        adv, attack_s = self.timed(self.attack, x, self.attack_target(x, y))
+        positions = self.attack_positions(batch)
+        target = self.attack_target(x, y)
+        if positions is None:
+            adv, attack_s = self.timed(self.attack, x, target)
+        else:  # the others enter unperturbed: the loss keeps its form, the attack costs its share
+            adv = x.clone()
+            adv[positions], attack_s = self.timed(self.attack, x[positions], target[positions])
         with self.autocast_ctx():
             nat_out, adv_out = self.forward([x, adv], [NAT, NAT], [("logits",), ("logits",)])
         logits_nat, logits_adv = nat_out["logits"].float(), adv_out["logits"].float()
         losses = self.loss(logits_nat, logits_adv, y)
         values = per_sample_scores(logits_nat, logits_adv, adv_out["features"], y)
+        if self.wants("divergence"):
+            values["divergence"] = self.sample_divergence(logits_adv, logits_nat)
         return StepRecord(losses, {"attack_s": attack_s, "accuracy_adv": float(values["correct_adv"].mean()),
                                    "accuracy_nat": float((logits_nat.argmax(1) == y).float().mean())}, values)
 
