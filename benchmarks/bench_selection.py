@@ -13,7 +13,9 @@ A selector is valid at a setting when its subsets lower RD(U) more than random's
 (mean - 1 sd of the random draws) on every seed.
 
 Variants (`--selectors`, separated by ';'): SELECTOR[:k=v,...] with the selector's parameters; `recorded=true`
-selects from the rows the warm-up's last epoch recorded (select.proxies = recorded); `fullnet[:draws=N,order=lowest]` is a
+selects from the rows the warm-up's last `--row-epochs` epochs recorded (select.proxies = recorded, each sample's
+records averaged); `--stability-recorded K` adds the stability figures of recorded rows, each pass the mean of
+K epochs' records; `fullnet[:draws=N,order=lowest]` is a
 probe, not a selector: the top candidates by RCS's alignment taken through every parameter of the network
 (an exact forward-mode product, `_fullnet_scores`) instead of the projection head only.
 
@@ -43,6 +45,7 @@ from pipeline.config import load_config
 from pipeline.selectors import draw_validation
 from pipeline.kv import parse_kv
 from pipeline.selectors.proxies import ProxyComputer, divergence_on, head_gradient_norms
+from pipeline.selectors.recorded import RowBook
 from pipeline.selectors.run import run_selection
 from pipeline.shards.manifest import Manifest
 from pipeline.shards.prepare import PrepareOptions, prepare
@@ -88,18 +91,22 @@ def _train_from_snapshot(snapshot_run: Path, out: Path, manifest: Path, epochs: 
     return out / "checkpoints" / "last.pt"
 
 
-def _stability(model, ss, candidates: np.ndarray, val: np.ndarray, fraction: float, draws: int) -> dict:
-    """Two proxy passes of `draws` draws each, differing only in their seed: how alike are their scores?"""
+def _stability(model, ss, candidates: np.ndarray, val: np.ndarray, fraction: float, draws: int,
+               halves: tuple | None = None) -> dict:
+    """Two proxy passes of `draws` draws each, differing only in their seed: how alike are their scores?
+    With `halves` (two RecordedRows): the two passes take their candidates' rows from them instead (two
+    disjoint sets of epochs of recorded rows), U's attack still by seed."""
     scores = {"alignment": [], "cosine": [], "grad_norm": []}
-    for seed in (11, 12):
+    for i, seed in enumerate((11, 12)):
         b = budget(ss.channels, None, None)
         pc = ProxyComputer(model, ss, "train", "cpu", 256, b.eps, b.step, 1, seed=seed, validation_ids=val,
-                           method="acl", settings={"min_crop_scale": 0.2})
+                           method="acl", settings={"min_crop_scale": 0.2},
+                           recorded=None if halves is None else halves[i])
         px = pc.compute(candidates, need_features=False, spread=False, draws=draws)
         scores["alignment"].append(px.alignment)
         scores["cosine"].append(px.alignment / np.linalg.norm(px.compressed_grads, axis=1))
         scores["grad_norm"].append(-head_gradient_norms(pc.head, px.row_feats, px.row_grads, px.row_branches))
-    out = {"draws": draws, "chance": fraction}
+    out = {"draws": draws, "chance": fraction, "source": "fresh" if halves is None else "recorded"}
     for name, (a, b2) in scores.items():
         k = max(1, int(round(fraction * len(a))))
         top_a, top_b = set(np.argsort(-a)[:k].tolist()), set(np.argsort(-b2)[:k].tolist())
@@ -191,6 +198,11 @@ def main() -> None:
                     help="variants separated by ';', each SELECTOR[:k=v,k=v] (facility gets per_class=false; "
                          "recorded=true: from the rows the warm-up's last epoch recorded)")
     ap.add_argument("--stability-draws", default="1", help="proxy draws per pass for the stability figures")
+    ap.add_argument("--stability-recorded", default="", help="K,K,...: the same figures from recorded rows, each "
+                    "pass the mean of K epochs' records, the two passes disjoint (alternate epochs of the warm-up's "
+                    "last 2K); needs --row-epochs >= 2K and --warm-epochs >= 2K")
+    ap.add_argument("--row-epochs", type=int, default=None, help="select.row_epochs of the warm-up run's book "
+                    "(default: the setting's default), for the recorded=true variants")
     ap.add_argument("--epochs", type=int, default=1, help="training epochs on each subset")
     ap.add_argument("--warm-epochs", type=int, default=4)
     ap.add_argument("--lr", type=float, default=0.5)
@@ -220,6 +232,9 @@ def main() -> None:
     for k, v in {"select.selector": "rcs", "select.proxies": "recorded", "select.warmup": args.warm_epochs,
                  "select.validation_fraction": args.validation / len(pool)}.items():
         warm_cfg.set(k, v)
+    needed = max([0, *(2 * int(k) for k in args.stability_recorded.split(",") if k)])
+    variant_k = args.row_epochs or warm_cfg.select.row_epochs  # the recorded=true variants' K
+    warm_cfg.set("select.row_epochs", max(needed, variant_k))
     warm = create_trainer(warm_cfg, progress=False)
     warm.fit()
     save_checkpoint(work / "snap.pt", warm.snapshot(args.warm_epochs))
@@ -229,6 +244,18 @@ def main() -> None:
     model, _ = load_model(work / "snap.pt")
     before = {"rd_u": _rd(model, ss, "train", val), "rd_test": _rd(model, ss, "test", test_ids)}
     stability = [_stability(model, ss, candidates, val, args.fraction, int(d)) for d in args.stability_draws.split(",")]
+    if needed:
+        book = RowBook(candidates, warm_cfg.select.row_epochs)
+        book.load(rows_file)
+        last = args.warm_epochs - 1
+        for k in (int(k) for k in args.stability_recorded.split(",") if k):
+            halves = tuple(book.recorded(only_epochs={last - 2 * i - j for i in range(k)}) for j in (0, 1))
+            stability.append({**_stability(model, ss, candidates, val, args.fraction, 1, halves), "draws": k})
+    if variant_k != warm_cfg.select.row_epochs:  # the variants' rows: the last K epochs' records
+        keep = RowBook(candidates, warm_cfg.select.row_epochs)
+        keep.load(rows_file)
+        rows_file = work / "rows-k.rows"
+        keep.recorded(since_epoch=args.warm_epochs - variant_k).save(rows_file)
     print(json.dumps({"stability": stability}), flush=True)
     rows, picked = [], {}
     for seed in [int(s) for s in args.seeds.split(",")]:
@@ -286,7 +313,8 @@ def main() -> None:
                       "seconds": round(time.perf_counter() - started, 1)}))
     print(f"\nbefore: RD(U) {before['rd_u']:.5f}, RD(test) {before['rd_test']:.5f}")
     for st in stability:
-        print(f"proxy stability, {st['draws']} draw(s) per pass: " + "; ".join(
+        print(f"proxy stability, {st['draws']} {'draw(s)' if st['source'] == 'fresh' else 'recorded epoch(s)'} "
+              "per pass: " + "; ".join(
             f"{k} r = {st[k]['correlation']:.2f}, top-{args.fraction:.0%} overlap {st[k]['top_overlap']:.0%}"
             for k in ("alignment", "cosine", "grad_norm")) + f" (chance {args.fraction:.0%})")
     for o in overlaps:
