@@ -207,7 +207,7 @@ class SelectConfig:
                                    "ones only for the rest and U; fresh: each round passes the candidates through its "
                                    "snapshot; auto: recorded where the selector, method and run can, else fresh.",
                            check=one_of("auto", "fresh", "recorded"))
-    row_epochs: int = setting(4, "Recorded rows: each sample's last K records are kept and averaged, as K draws.",
+    row_epochs: int = setting(2, "Recorded rows: each sample's last K records are kept and averaged, as K draws.",
                               check=AT_LEAST_ONE)
     row_age: int = setting(-1, "Recorded rows: use rows at most this many epochs old (-1: any age).",
                            check=(lambda v: v >= -1, "must be >= 0 (or -1: any age)"))
