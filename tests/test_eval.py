@@ -158,3 +158,16 @@ def test_the_linear_layer_learns_on_the_branch_it_is_deployed_through(digits_set
         for h in hooks:
             h.remove()
     assert seen and set(seen) == {clf.branches["eval"]} == {"adv"}
+
+
+def test_a_measure_on_its_own_first_n_test_images(digits_set, trained):
+    """eval.limits: PGD-20 on the first 64 test images, clean on all: the PGD-20 number is the one a --limit 64
+    evaluation of the same classifier gives, the clean one that of the whole test split; each count recorded."""
+    kw = dict(epochs=1, lr=0.1, batch_size=128, eps=0.1, step=0.025, progress=False)
+    r = evaluate(digits_set.root, trained, "slf", "pgd20", limits="pgd20=64", **kw)
+    alone = evaluate(digits_set.root, r["classifier_path"], "slf", "pgd20", limit=64, **kw)
+    whole = evaluate(digits_set.root, r["classifier_path"], "slf", "clean", **kw)
+    assert r["measure_samples"] == {"clean": digits_set.count("test"), "pgd20": 64}
+    assert r["pgd20"] == alone["pgd20"] and r["clean"] == whole["clean"] != alone["clean"]
+    with pytest.raises(PipelineError, match="eval.limits names autoattack, which is not measured"):
+        evaluate(digits_set.root, r["classifier_path"], "slf", "pgd20", limits="autoattack=10", **kw)

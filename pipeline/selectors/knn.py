@@ -81,8 +81,9 @@ def search(base: np.ndarray, queries: np.ndarray, k: int, backend: str = "auto",
 
 
 def choose_backend(n: int, backend: str = "auto", device: str = "cpu") -> str:
-    """GPU FAISS when installed with a GPU; else torch brute force when selecting on a CUDA device; else CPU
-    FAISS, exact up to FLAT_LIMIT points and IVF above."""
+    """GPU FAISS when installed with a GPU; else torch brute force when selecting on a CUDA device; on a CPU,
+    exact search by torch's matrix product up to FLAT_LIMIT points (1.7-4.5x faster than faiss-flat on 2 cores,
+    the same neighbours: benchmarks/RESULTS.md) and FAISS IVF above."""
     if backend not in BACKENDS:
         raise PipelineError(f"--knn-backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if backend != "auto":
@@ -95,7 +96,7 @@ def choose_backend(n: int, backend: str = "auto", device: str = "cpu") -> str:
         return "faiss-gpu"
     if str(device).startswith("cuda"):
         return "torch"
-    return "faiss-flat" if n <= FLAT_LIMIT else "faiss-ivf"
+    return "torch" if n <= FLAT_LIMIT else "faiss-ivf"
 
 
 def knn_graph(vectors: np.ndarray, k: int = 20, backend: str = "auto", seed: int = 0, device: str = "cpu",
