@@ -81,6 +81,29 @@ print(sorted(m for m in sys.modules if m.startswith("pipeline.trainers") or m ==
     assert (tmp_path / "m.json").is_file()
 
 
+def test_round_processes_fork_from_a_server_that_imported_torch_and_not_the_training_stack(tmp_path):
+    """A round that needs a process of its own starts as a fork of a server that imported torch and the selection
+    code once (no `import torch` per round), and never the trainers."""
+    (tmp_path / "probe_mod.py").write_text(
+        "import sys\n\ndef report(q):\n    q.put(('torch' in sys.modules, 'pipeline.selectors.run' in sys.modules,\n"
+        "           sorted(m for m in sys.modules if m.startswith('pipeline.trainers'))))\n")
+    code = f"""
+import sys
+sys.path.insert(0, {str(tmp_path)!r})
+import probe_mod
+from pipeline.selectors.background import round_context
+ctx = round_context()
+q = ctx.Queue()
+p = ctx.Process(target=probe_mod.report, args=(q,))
+p.start()
+print(q.get())
+p.join()
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "(True, True, [])"
+
+
 @pytest.fixture
 def toy_parts(monkeypatch):
     """The parts of tests/plugins/toy_parts.py registered here and, through PIPELINE_PLUGINS, in every process."""

@@ -49,13 +49,18 @@ def test_forgetting_counts_on_a_scripted_sequence():
 
 
 def test_infobatch_rescaling_keeps_the_expected_gradient():
+    """As InfoBatch's code: int(keep x n_low) of the n_low below-mean samples kept at random, weight 1/keep. The
+    expected weighted gradient is the full one up to that floor: low-loss part x (k / n_low) / keep."""
     rng = np.random.default_rng(0)
     n = 40
     ids = np.arange(n)
     losses = rng.exponential(size=n)
     losses[3] = np.nan  # never scored: always kept
     grads = rng.normal(size=(n, 3))  # each sample's gradient
-    full = grads.sum(0)
+    low = losses < np.nanmean(losses)
+    n_low = int(low.sum())
+    full = grads[~low].sum(0) + grads[low].sum(0) * (int(0.5 * n_low) / n_low) / 0.5  # the floor, by hand
+    assert n_low % 2 == 1  # an odd count: the floor is not nothing here (one sample of the expectation)
     draws = []
     for _ in range(20000):
         keep, w = infobatch_draw(ids, losses, 0.5, rng)
@@ -63,10 +68,9 @@ def test_infobatch_rescaling_keeps_the_expected_gradient():
     draws = np.array(draws)
     se = draws.std(0) / np.sqrt(len(draws))
     assert np.all(np.abs(draws.mean(0) - full) < 4 * se + 1e-9)
-    low = losses < np.nanmean(losses)
     keep, w = infobatch_draw(ids, losses, 0.5, np.random.default_rng(1))
     assert set(ids[~low & ~np.isnan(losses)]) <= set(keep) and 3 in keep  # high-loss and unscored all kept
-    assert set(np.unique(w)) <= {1.0, 2.0} and len(keep) < n
+    assert set(np.unique(w)) <= {1.0, 2.0} and len(keep) == n - n_low + n_low // 2  # exactly half the low, floored
     # without the 1/(1-r) weights the estimate is biased low: the test above would catch a missing rescale
     unweighted = np.mean([grads[infobatch_draw(ids, losses, 0.5, rng)[0]].sum(0) for _ in range(2000)], 0)
     assert np.abs(unweighted - full).max() > 10 * se.max()

@@ -5,8 +5,8 @@ report (`StepRecord.values`), at no extra forward pass. The core's `SubsetSource
   warm-up, keep `select.fraction` of the pool by the score: its highest values (`order=highest`, default), its
   lowest (`order=lowest`), or evenly over `bins` equal-count score bins (`order=stratified`, seeded); samples
   never scored are kept first. `anneal=N`: the last N epochs train on all data again.
-- `InfoBatchSubsets` (`--selector infobatch`, Qin et al. ICLR 2024): every epoch, each sample whose last loss
-  is below the mean is dropped with probability `r` (default 0.5) and the kept ones among them weigh 1/(1 - r)
+- `InfoBatchSubsets` (`--selector infobatch`, Qin et al. ICLR 2024): every epoch, a random share `r` (default
+  0.5) of the samples whose last loss is below the mean is dropped and the kept ones among them weigh 1/(1 - r)
   in the loss (manifest weights, averaged over the batch as its code's `loss.mul(weights).mean()`: the
   manifest says `weighting = rescale`), so the expected gradient of an epoch is unchanged; the last `anneal`
   share of the epochs (default 0.125) uses all data. Any method whose step gives per-sample losses: the
@@ -117,15 +117,18 @@ def prune(ids: np.ndarray, score: np.ndarray, budget: int, order: str = "highest
 
 
 def infobatch_draw(ids: np.ndarray, losses: np.ndarray, r: float, rng: np.random.Generator):
-    """(kept ids, their weights): each sample whose loss is below the mean of the scored losses is dropped with
-    probability r; kept ones among them weigh 1/(1 - r). Unscored samples are kept with weight 1."""
+    """(kept ids, their weights), as InfoBatch's code prunes: of the samples whose loss is below the mean of the
+    scored losses, int(keep x count) are kept, drawn without replacement (keep = 1 - r, clipped to [0.1, 1] as
+    there), and weigh 1/keep; the others are all kept with weight 1. Unscored samples are kept with weight 1."""
+    keep_ratio = min(1.0, max(0.1, 1.0 - r))
     scored = ~np.isnan(losses)
     low = np.zeros(len(ids), dtype=bool)
     if scored.any():
         low[scored] = losses[scored] < losses[scored].mean()
-    drop = low & (rng.random(len(ids)) < r)
-    keep = ~drop
-    weights = np.where(low, 1.0 / (1.0 - r), 1.0)[keep]
+    low_at = np.flatnonzero(low)
+    keep = ~low
+    keep[rng.choice(low_at, int(keep_ratio * len(low_at)), replace=False)] = True
+    weights = np.where(low, 1.0 / keep_ratio, 1.0)[keep]
     return ids[keep], weights.astype(np.float32)
 
 
