@@ -92,7 +92,7 @@ def paired_at_equal_compute(rows: list[dict], compute: str, time_seeds=None) -> 
 def _pm(mean, sd, digits=2) -> str:
     if mean is None:
         return "-"
-    return f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
+    return f"{mean:,.{digits}f}" + (f" ± {sd:,.{digits}f}" if sd is not None else "")
 
 
 def markdown(rows: list[dict], time_seeds=None) -> str:
