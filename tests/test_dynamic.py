@@ -122,7 +122,7 @@ def test_infobatch_weights_rescale_the_batch_mean():
 
 
 def test_infobatch_for_acl_prunes_rescales_anneals_and_resumes(digits_set, tmp_path):
-    over = {"select.selector": "infobatch", "select.params": "r=0.5,anneal=0.3", "optim.epochs": 3,
+    over = {"select.selector": "infobatch", "select.params": "r=0.5,anneal=0.4", "optim.epochs": 3,
             "attack.eps": 0.1, "attack.steps": 1}
     with create_trainer(tiny_cfg(digits_set.root, tmp_path / "a", **over), progress=False) as t:
         t.fit()

@@ -10,7 +10,7 @@ import torch
 from pipeline.checkpoint import load_checkpoint
 from pipeline.shards.manifest import Manifest
 from pipeline.trainers import create_trainer, load_config
-from pipeline.trainers.pruning import PRUNERS, ScoreBook, infobatch_draw, prune
+from pipeline.trainers.pruning import PRUNERS, ScoreBook, infobatch_draw, infobatch_full_from, prune
 
 from test_train import tiny_cfg
 
@@ -48,6 +48,15 @@ def test_forgetting_counts_on_a_scripted_sequence():
     assert s[0] == 1.0 and np.isnan(s[1]) and s[2] == -0.5  # low margin ranks high
 
 
+@pytest.mark.parametrize("epochs,anneal,pruned", [(10, 0.125, 9), (200, 0.125, 176), (8, 0.125, 8), (3, 0.4, 2),
+                                                   (10, 0.0, 10)])
+def test_infobatch_anneals_as_its_sampler(epochs, anneal, pruned):
+    """InfoBatch's IBSampler prunes epoch i (0-based) while i <= delta x epochs, delta = 1 - anneal: the epochs
+    pruned, counted by hand from that rule (0.875 x 10 = 8.75: 0..8; 0.875 x 200 = 175: 0..175; 0.875 x 8 = 7:
+    all; 0.6 x 3 = 1.8: 0..1)."""
+    assert min(infobatch_full_from(epochs, anneal), epochs) == pruned
+
+
 def test_infobatch_rescaling_keeps_the_expected_gradient():
     """As InfoBatch's code: int(keep x n_low) of the n_low below-mean samples kept at random, weight 1/keep. The
     expected weighted gradient is the full one up to that floor: low-loss part x (k / n_low) / keep."""
@@ -79,7 +88,7 @@ def test_infobatch_rescaling_keeps_the_expected_gradient():
 @pytest.mark.parametrize("method", ["pgd-at", "trades", "mart"])
 @pytest.mark.parametrize("pruner", sorted(PRUNERS))
 def test_every_trainer_with_every_pruner(digits_set, tmp_path, method, pruner):
-    params = "anneal=0.3" if pruner == "infobatch" else "order=stratified,bins=4" if pruner == "el2n" else ""
+    params = "anneal=0.4" if pruner == "infobatch" else "order=stratified,bins=4" if pruner == "el2n" else ""
     cfg = tiny_cfg(digits_set.root, tmp_path / "r", **{
         "method.name": method, "attack.eps": 0.1, "attack.steps": 1, "optim.epochs": 3, "select.selector": pruner,
         "select.fraction": 0.3, "select.warmup": 1, "select.every": 1, "select.params": params})

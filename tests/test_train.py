@@ -233,3 +233,18 @@ def test_a_selecting_run_stopped_inside_an_epoch_resumes_bit_identically(digits_
     straight, stopped = _resumed_matches_straight(tmp_path, ("epoch", "subset_round", "subset_size", "loss"))
     assert straight == stopped
     assert [s[1] for s in straight] == [None, None, 1]
+
+
+def test_selection_rounds_of_different_run_seeds_are_independent_draws(digits_set, tmp_path):
+    """Round seeds come from (run seed, round); with `run seed + round`, run seed 1's first round drew exactly the
+    subset of run seed 0's second, so an experiment's seeds shared their random subsets a round apart."""
+    over = {"optim.epochs": 3, "select.selector": "random", "select.fraction": 0.5, "select.warmup": 1,
+            "select.every": 1, "select.lag": 1, "select.processes": 0}
+    manifests = {}
+    for seed in (0, 1):
+        out = tmp_path / f"s{seed}"
+        create_trainer(tiny_cfg(digits_set.root, out, **over, **{"run.seed": seed})).fit()
+        manifests[seed] = {n: Manifest.load(round_path(out / "manifests", n)) for n in (1, 2)}
+    assert [manifests[0][n].extra["seed"] for n in (1, 2)] == [1, 2]  # run seed 0 keeps its round seeds
+    assert [manifests[1][n].extra["seed"] for n in (1, 2)] == [1_000_004, 1_000_005]
+    assert set(manifests[1][1].ids.tolist()) != set(manifests[0][2].ids.tolist())

@@ -34,7 +34,7 @@ from pipeline.kv import parse_kv
 from pipeline.registry import load_plugins
 from pipeline.runlayout import RunLayout
 from pipeline.runtime import die_with_parent, tune_allocator
-from pipeline.selectors.base import create_selector
+from pipeline.selectors.base import create_selector, round_seed
 from pipeline.selectors.run import run_selection
 from pipeline.shards.manifest import read_header, round_path
 
@@ -166,7 +166,7 @@ class SelectionScheduler:
 
     def _launch(self, rnd: Round, rows=None) -> None:
         kwargs = dict(data=self.data, selector=self.selector_name, fraction=self.cfg.fraction, out=rnd.manifest,
-                      checkpoint=rnd.snapshot, split=self.split, seed=self.seed + rnd.number, device=self.device,
+                      checkpoint=rnd.snapshot, split=self.split, seed=round_seed(self.seed, rnd.number), device=self.device,
                       params=self.params, round_no=rnd.number, epoch=rnd.epoch,
                       pool=self.pool, validation=self.validation, recorded=rnd.rows)
         n = self.processes

@@ -99,6 +99,13 @@ def check_draws(draws) -> int:
     return draws
 
 
+def round_seed(run_seed: int, number: int) -> int:
+    """The seed of a run's selection round `number`. Distinct for every (run seed, round) pair: `run_seed + number`
+    made run seed 1's rounds run seed 0's shifted by one (the same random subsets a round apart), so the seeds of an
+    experiment were not independent draws. Run seed 0 keeps the seeds it always had."""
+    return int(run_seed) * 1_000_003 + int(number)
+
+
 def draw_validation(pool_ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """RCS's held-out validation part U of a pool: the one formula every caller draws it by (sorted ids, at
     least 2, a seeded stream of its own)."""

@@ -14,6 +14,7 @@ from pipeline.checkpoint import load_checkpoint
 from pipeline.errors import PipelineError
 from pipeline.progress import console
 from pipeline.runlayout import RunLayout
+from pipeline.selectors.base import round_seed
 from pipeline.selectors.run import run_selection
 from pipeline.shards.manifest import next_round, round_path
 
@@ -34,7 +35,7 @@ def watch_run(run: Path, data, selector: str, fraction: float, params: dict, see
             epoch, total = int(ckpt["epoch"]), int((ckpt.get("config") or {}).get("optim", {}).get("epochs", 0))
             if last_epoch is None or epoch >= last_epoch + every:
                 number = next_round(manifests)
-                m = run_selection(data, selector, fraction, round_path(manifests, number), last_pt, seed=seed + number,
+                m = run_selection(data, selector, fraction, round_path(manifests, number), last_pt, seed=round_seed(seed, number),
                                   device=device, params=params, round_no=number, epoch=epoch)
                 console.print(f"round {number}: {len(m):,} samples from the epoch-{epoch} snapshot "
                               f"in {m.extra['timing']['total']:.1f} s")

@@ -8,9 +8,10 @@ report (`StepRecord.values`), at no extra forward pass. The core's `SubsetSource
 - `InfoBatchSubsets` (`--selector infobatch`, Qin et al. ICLR 2024): every epoch, a random share `r` (default
   0.5) of the samples whose last loss is below the mean is dropped and the kept ones among them weigh 1/(1 - r)
   in the loss (manifest weights, averaged over the batch as its code's `loss.mul(weights).mean()`: the
-  manifest says `weighting = rescale`), so the expected gradient of an epoch is unchanged; the last `anneal`
-  share of the epochs (default 0.125) uses all data. Any method whose step gives per-sample losses: the
-  supervised ones, and the ACL family (each sample's contrastive loss, the mean of its rows' terms).
+  manifest says `weighting = rescale`), so the expected gradient of an epoch is unchanged; pruning stops
+  after the first 1 - `anneal` share of the epochs (default 0.125, the code's delta 0.875: 1 full epoch of 10,
+  24 of 200). Any method whose step gives per-sample losses: the supervised ones, and the ACL family (each
+  sample's contrastive loss, the mean of its rows' terms).
 
 Scores, by name: `loss` (the method's per-sample training loss), `el2n` (||softmax - onehot|| on natural
 images), `margin` (true logit minus the largest other: low = hard), `forgetting` (times a sample went from
@@ -225,6 +226,13 @@ class ScoredSubsets(_InProcess):
                                          "anneal": self.anneal})
 
 
+def infobatch_full_from(epochs: int, anneal: float) -> int:
+    """The first 0-based epoch on all data. InfoBatch's sampler prunes while the epoch is at most delta x epochs
+    (delta = 1 - anneal): at delta 0.875, 1 full epoch of 10, 24 of 200, none of 8 (rounded to 1e-9 against
+    float error at whole products)."""
+    return math.floor(round((1 - anneal) * epochs, 9)) + 1
+
+
 class InfoBatchSubsets(_InProcess):
     name = "infobatch"
     fixed_fraction = False  # the subset size follows the losses, not select.fraction
@@ -235,7 +243,7 @@ class InfoBatchSubsets(_InProcess):
         self.r, self.anneal = float(p.get("r", 0.5)), float(p.get("anneal", 0.125))
         if not 0 <= self.r < 1:
             raise PipelineError(f"select.params r={self.r}: the drop probability must be in [0, 1)")
-        self.full_from = self.epochs - math.ceil(self.anneal * self.epochs)
+        self.full_from = infobatch_full_from(self.epochs, self.anneal)
 
     def epoch_start(self, epoch: int) -> None:
         losses = self.book.values.get("loss")
@@ -252,4 +260,4 @@ for _score in SCORES:  # one pruner per score, registered before InfoBatch (the 
     PRUNERS.add(_score, type(f"ScoredSubsets[{_score}]", (ScoredSubsets,), {"name": _score}))
 register_pruner(InfoBatchSubsets)
 
-__all__ = ["InfoBatchSubsets", "ScoreBook", "ScoredSubsets", "infobatch_draw", "prune"]
+__all__ = ["InfoBatchSubsets", "ScoreBook", "ScoredSubsets", "infobatch_draw", "infobatch_full_from", "prune"]
