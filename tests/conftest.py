@@ -1,6 +1,7 @@
 import gzip
 import os
 import pickle
+import time
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,16 @@ def _threads_are_given_back():
     after = torch.get_num_threads()
     torch.set_num_threads(before)
     assert after == before, f"the test left torch with {after} threads instead of {before}"
+
+
+def wait_for(condition, proc=None, what="the event the test needs"):
+    """Wait on an event, never on the clock: return when `condition()` holds, fail at once when `proc` has ended
+    before it. A machine that is slow or busy only makes the wait longer; a hang is ended by pytest-timeout
+    (`timeout` in pyproject.toml), far beyond any machine's slowness."""
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the process ended (exit {proc.returncode}) before {what}")
+        time.sleep(0.05)
 
 
 def make_prepared(spec, out, **kw):

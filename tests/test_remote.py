@@ -18,6 +18,7 @@ from pipeline.shards.storage import ReadOptions, coalesce
 from pipeline.shards.upload import upload
 from pipeline.shards.verify import verify
 
+from conftest import wait_for
 from servers import FaultyProxy, RangeServer, moto_s3
 
 pytest.importorskip("fsspec")
@@ -266,7 +267,6 @@ def test_a_training_run_on_s3_killed_inside_an_epoch_resumes_bit_identically(dig
     pytest.importorskip("s3fs")
     pytest.importorskip("moto")
     import signal
-    import time
 
     import torch
 
@@ -290,15 +290,16 @@ def test_a_training_run_on_s3_killed_inside_an_epoch_resumes_bit_identically(dig
         run = tmp_path / "killed"
         cmd = [sys.executable, "-m", "pipeline", "train", "--config", str(tmp_path / "run.toml")]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-        last, deadline = run / "checkpoints" / "last.pt", time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
+        last = run / "checkpoints" / "last.pt"
+
+        def mid_epoch():
             ckpt = load_checkpoint(last) if last.exists() else {}
             # a later epoch's first mid-epoch checkpoint (step 2 of 5): 3 steps before the epoch's end
             # replaces last.pt, however slowly the kill arrives
-            if ckpt.get("epoch", 0) >= 1 and ckpt.get("step_in_epoch") == 2:
-                os.killpg(proc.pid, signal.SIGKILL)
-                break
-            time.sleep(0.02)
+            return ckpt.get("epoch", 0) >= 1 and ckpt.get("step_in_epoch") == 2
+
+        wait_for(mid_epoch, proc, "the mid-epoch checkpoint")
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
         stopped = load_checkpoint(last)
