@@ -38,6 +38,13 @@ class Registry(Generic[T]):
         return self.add(name or item.name, item)
 
     def add(self, name: str, item: T) -> T:
+        """Register `item` as `name`. A name is taken once: a part of one's own that picks a built-in's name (or
+        another plugin's) is refused in one line naming both, never silently put in its place. The same
+        definition registered again (a module imported twice or reloaded) is not a conflict."""
+        old = self._items.get(name)
+        if old is not None and old is not item and _origin(old) != _origin(item):
+            raise PipelineError(f"{self.kind} {name!r} is taken by {_origin(old)}; {_origin(item)} cannot "
+                                f"register under it: give it a name of its own")
         self._items[name] = item
         return item
 
@@ -90,6 +97,13 @@ class Registry(Generic[T]):
         return f"Registry({self.kind!r}: {', '.join(self._items)})"
 
 
+def _origin(item) -> str:
+    """Where a registered part was defined: `module.QualName`, the words a conflict names."""
+    module = getattr(item, "__module__", None) or type(item).__module__
+    qualname = getattr(item, "__qualname__", None) or type(item).__qualname__
+    return f"{module}.{qualname}"
+
+
 PLUGINS_VARIABLE = "PIPELINE_PLUGINS"
 
 
@@ -97,11 +111,19 @@ def load_plugins() -> list[str]:
     """Import the modules PIPELINE_PLUGINS names (their decorators register their parts); returns their names."""
     names = [n.strip() for n in os.environ.get(PLUGINS_VARIABLE, "").split(",") if n.strip()]
     for name in names:
+        # Importing a plugin is a step of its own that fails loudly: whatever the import raises, SystemExit
+        # included (a plugin's `sys.exit(0)` would otherwise end the command with success, having done nothing).
         try:
             importlib.import_module(name)
         except ImportError as exc:
             raise PipelineError(f"{PLUGINS_VARIABLE}: cannot import {name!r} ({exc}); put its folder on PYTHONPATH "
                                 f"or remove it from {PLUGINS_VARIABLE}") from None
+        except PipelineError as exc:
+            raise PipelineError(f"{PLUGINS_VARIABLE}: plugin {name!r}: {exc}") from None
+        except (Exception, SystemExit) as exc:
+            what = f"exited with code {exc.code!r}" if isinstance(exc, SystemExit) else f"{type(exc).__name__}: {str(exc)[:300]}"
+            raise PipelineError(f"{PLUGINS_VARIABLE}: importing plugin {name!r} failed ({what}); fix it or remove it "
+                                f"from {PLUGINS_VARIABLE}") from None
     return names
 
 
