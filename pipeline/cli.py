@@ -19,7 +19,7 @@ import typer
 from rich.markup import escape
 
 from pipeline import __version__
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, WriteError
 from pipeline.registry import load_plugins
 from pipeline.progress import console, progress_bar
 from pipeline.runlayout import RunLayout
@@ -362,7 +362,8 @@ def eval_(
     from rich.table import Table
 
     from pipeline.dist import resolve_device
-    from pipeline.evaluation import evaluate
+    from pipeline.evaluation import evaluate, results_path
+    from pipeline.evaluation.records import samples_text
     from pipeline.trainers import TrainConfig, load_config
 
     e = (load_config(config) if config else TrainConfig()).eval
@@ -383,7 +384,7 @@ def eval_(
     for col in ("protocol", "recipe", *names, "test samples", "eps", "finetune"):
         t.add_column(col, justify="right")
     f = r["finetune"]
-    t.add_row(r["protocol"], r["recipe"], *(f"{r[n]:.2%}" for n in names), f"{r['samples']:,}", f"{r['eps']:.4g}",
+    t.add_row(r["protocol"], r["recipe"], *(f"{r[n]:.2%}" for n in names), samples_text(r), f"{r['eps']:.4g}",
               f"{f['epochs']} ep, bs {f['batch_size']}, lr {f['lr']:g}, {r['finetune_seconds']:.0f} s")
     console.print(t)
     for n in names[1:]:
@@ -396,6 +397,8 @@ def eval_(
         console.print(f"a saved classifier ({r['protocol']}, noise {r['noise_sigma']:g}): measured as it is, no finetuning")
     elif r["classifier_path"]:
         console.print(f"finetuned classifier saved to {escape(r['classifier_path'])}")
+    if r["results_path"] is None:  # the numbers are on the screen above; the record could not be kept
+        raise WriteError(results_path(checkpoint), r["save_error"])
     console.print(f"written to {escape(r['results_path'])}")
 
 

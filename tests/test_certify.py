@@ -6,11 +6,12 @@ import sys
 
 import pytest
 
-import pipeline.evaluation.certify as certify_mod
 from pipeline.checkpoint import save_checkpoint
 from pipeline.errors import DataError, PipelineError
 from pipeline.evaluation import evaluate
+import pipeline.evaluation.certify as certify_mod
 from pipeline.evaluation.certify import certify, read_rows
+from pipeline.evaluation.records import find
 from pipeline.models import create_model, model_spec
 
 FINETUNE = dict(protocol="slf", epochs=1, lr=0.1, batch_size=128)
@@ -86,7 +87,7 @@ def test_smoothed_eval_saves_a_classifier_that_measures_the_same_when_reused(dig
     assert 0 <= r["eot-pgd20"] <= 1 and 0 <= r["pgd20"] <= r["clean"] + 0.2 and 0 <= r["autoattack-rand"] <= 1
     assert r["attack_settings"]["autoattack-rand"]["apgd_eot"] == 20
     saved = json.loads((encoder.parent.parent / "results.json").read_text())[r["checkpoint_sha256"]]
-    assert "slf-noise0.25-smoothed0.25-n20-eot-pgd20" in saved
+    assert find(saved, "slf-noise0.25-smoothed0.25-n20-eot-pgd20")
     again = evaluate(digits_set.root, r["classifier_path"], attack="clean", limit=16,
                      smoothing="sigma=0.25,n=20,alpha=0.01,eot=4", progress=False)
     assert again["reused_classifier"] and again["finetune_seconds"] == 0.0

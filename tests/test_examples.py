@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pipeline.evaluation.records import find
 from pipeline.shards.manifest import Manifest
 from pipeline.shards.shardset import ShardSet
 
@@ -27,5 +28,5 @@ def test_own_loop_example_selects_trains_on_the_subset_and_evaluates(tmp_path):
     assert len(subset) == subset.extra["budget"] and abs(len(subset) - 0.3 * full) <= 1
     results = json.loads((out / "results.json").read_text())  # pipeline eval's record, beside the snapshot
     entry = next(iter(results.values()))
-    assert entry["checkpoint"].endswith("epoch-2.pt") and "slf-pgd20" in entry
+    assert entry["checkpoint"].endswith("epoch-2.pt") and find(entry, "slf-pgd20")
     assert re.search(r"clean [\d.]+%, PGD-20 [\d.]+%", lines[-1])

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import PipelineError
+from pipeline.evaluation.records import find
 from pipeline.experiment import arm_config, load_experiment, run_experiment
 from pipeline.trainers import create_trainer
 
@@ -85,7 +86,7 @@ def test_experiment_table_resume_and_changed_arm(digits_set, tmp_path):
 
     for r in rows:  # the table's numbers are the runs' own
         run = tmp_path / "out" / "runs" / f"{r['arm']}-s{r['seed']}"
-        saved = json.loads((run / "results.json").read_text())[r["eval"]["checkpoint_sha256"]]["slf-pgd20"]
+        [saved] = find(json.loads((run / "results.json").read_text())[r["eval"]["checkpoint_sha256"]], "slf-pgd20")
         assert (r["clean"], r["pgd20"], saved["samples"]) == (saved["clean"], saved["pgd20"], 64)
         eps = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
         assert r["images"] == sum(e["images"] for e in eps if e["kind"] == "epoch")

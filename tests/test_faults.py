@@ -241,7 +241,7 @@ def test_results_of_two_checkpoints_are_both_kept(digits_set, tmp_path, monkeypa
     b = evaluate(digits_set.root, folder / "s1.pt", **kw)
     saved = json.loads((folder / "results.json").read_text())
     assert {a["checkpoint_sha256"], b["checkpoint_sha256"]} == set(saved) and len(saved) == 2
-    import pipeline.evaluation as ev
+    import pipeline.evaluation.records as ev
 
     real = ev.write_json
 

@@ -67,3 +67,107 @@ def test_the_same_definition_registered_twice_is_no_conflict():
     r.register(again)  # a module reloaded: the same module and name
     with pytest.raises(PipelineError, match="widget 'small' is taken by"):
         r.register(type("Other", (), {"name": "small"}))
+
+
+# -- results: every definition kept; numbers printed before anything is saved ---------------------------------
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    import torch
+
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.models import create_model, model_spec
+
+    folder = tmp_path_factory.mktemp("enc")
+    torch.manual_seed(0)
+    m = create_model(model_spec("smallcnn", 1, 8, heads={"proj": {"kind": "mlp3", "width": 16, "out": 8}}))
+    save_checkpoint(folder / "enc.pt", {"model_spec": m.spec, "model": m.state_dict(), "method": "acl"})
+    return folder / "enc.pt"
+
+
+def _saved(encoder, digest):
+    import json
+
+    return json.loads((encoder.parent / "results.json").read_text())[digest]
+
+
+def test_results_of_other_sample_sets_and_other_data_are_kept_beside_each_other(digits_set, encoder, tmp_path,
+                                                                                capsys):
+    from conftest import make_prepared
+    from pipeline.evaluation import evaluate
+    from pipeline.evaluation.records import find
+
+    kw = dict(epochs=1, batch_size=256, attack="clean", progress=False)
+    full = evaluate(digits_set.root, encoder, **kw)
+    quick = evaluate(digits_set.root, encoder, limit=20, **kw)
+    other = make_prepared("digits", tmp_path / "other", test_fraction=0.3)  # another data set: a transfer
+    assert other.fingerprint != digits_set.fingerprint
+    transfer = evaluate(other.root, encoder, limit=20, **kw)
+    kept = find(_saved(encoder, full["checkpoint_sha256"]), "slf-clean")
+    assert sorted((r["samples"], r["dataset_fingerprint"]) for r in kept) == sorted(
+        [(full["samples"], digits_set.fingerprint), (20, digits_set.fingerprint), (20, other.fingerprint)])
+    assert {r["clean"] for r in kept} == {full["clean"], quick["clean"], transfer["clean"]}
+    assert all(r["definition"]["samples"] == r["samples"] for r in kept)
+    capsys.readouterr()
+    again = evaluate(digits_set.root, encoder, limit=20, **kw)  # the same definition: replaced, said so
+    assert "on the same definition (data, samples, settings) was measured before" in capsys.readouterr().err
+    kept = find(_saved(encoder, full["checkpoint_sha256"]), "slf-clean")
+    assert len(kept) == 3 and again["clean"] in {r["clean"] for r in kept}
+
+
+def test_the_report_shows_each_definition_in_a_row_of_its_own(digits_set, tmp_path):
+    import json
+
+    from conftest import write_tiny_run
+    from pipeline.evaluation.records import samples_text
+    from pipeline.report import results_table
+    from pipeline.report.runs import load_run
+
+    run = write_tiny_run(tmp_path / "run")
+    base = {"protocol": "slf", "recipe": "acl", "clean": 0.5, "pgd20": 0.2, "autoattack": 0.1, "eps": 0.03,
+            "checkpoint": "x", "data": "/d/cifar10", "dataset_fingerprint": "aaaaaaaa11", "samples": 10000,
+            "measure_samples": {"clean": 10000, "pgd20": 10000, "autoattack": 1000}, "date": "1"}
+    quick = {**base, "clean": 0.6, "samples": 200, "measure_samples": {"clean": 200, "pgd20": 200}, "date": "2"}
+    transfer = {**base, "data": "/d/stl10", "dataset_fingerprint": "bbbbbbbb22", "date": "3"}
+    (run / "results.json").write_text(json.dumps({"d1": {"checkpoint": "x", "slf-pgd20@1": base,
+                                                         "slf-pgd20@2": quick, "slf-pgd20@3": transfer}}))
+    rows = [ln for ln in results_table([load_run(run)]) if ln.startswith("| ") and "---" not in ln][1:]
+    assert len(rows) == 3
+    assert "10,000 (autoattack 1,000)" in rows[0] and "cifar10 (aaaaaaaa)" in rows[0] and "50.00%" in rows[0]
+    assert "| 200 |" in rows[1] and "60.00%" in rows[1]
+    assert "stl10 (bbbbbbbb)" in rows[2]
+    assert samples_text({"samples": 5, "measure_samples": {"clean": 5}}) == "5"
+
+
+def test_eval_prints_its_numbers_before_saving_and_falls_back_when_the_folder_is_unwritable(digits_set, encoder,
+                                                                                          tmp_path):
+    """The plugin makes every write of results.json and of its lock fail as on a read-only folder, then (second
+    case) every write anywhere as on a full disk; the numbers are on the screen in both, the fallback file in
+    the first, one error line and exit 1 in the second."""
+    (tmp_path / "readonly_disk.py").write_text(
+        "import errno, os\n"
+        "import pipeline.evaluation.records as rec\n"
+        "import pipeline.locks as locks\n"
+        "real_write, real_lock = rec.write_json, locks._lock_file\n"
+        "FULL = os.environ.get('TEST_FULL') == '1'\n"
+        "def write_json(path, obj):\n"
+        "    if FULL or str(path).endswith(os.sep + 'results.json'):\n"
+        "        raise OSError(errno.ENOSPC if FULL else errno.EROFS, 'No space left on device' if FULL else 'Read-only file system')\n"
+        "    return real_write(path, obj)\n"
+        "def _lock_file(path, *a, **k):\n"
+        "    if FULL or str(path).endswith('.results.json.lock'):\n"
+        "        raise OSError(errno.EROFS, 'Read-only file system', str(path))\n"
+        "    return real_lock(path, *a, **k)\n"
+        "rec.write_json, locks._lock_file = write_json, _lock_file\n")
+    args = ["eval", "--data", digits_set.root, "--checkpoint", encoder, "--attack", "clean", "--epochs", "1",
+            "--limit", "20", "--batch-size", "256"]
+    env = {**_plugin_env(tmp_path, "readonly_disk"), "COLUMNS": "200"}
+    r = run(*args, env=env)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout + r.stderr
+    assert "SLF evaluation" in out and "%" in out and "not writable (Read-only file system)" in out
+    assert "results written to" in out and "pipeline-results-" in out
+    r = run(*args, env={**env, "TEST_FULL": "1"})
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    out = r.stdout + r.stderr
+    assert "SLF evaluation" in out and "%" in out  # printed before the failure
+    assert "results.json: could not be written" in out and "failed too" in out

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from pipeline.evaluation import evaluate
+from pipeline.evaluation.records import find
 from pipeline.trainers import create_trainer
 
 from test_train import tiny_cfg
@@ -40,7 +41,7 @@ def test_report_of_a_run_with_one_selection_round(selected_run, tmp_path):
         pixels = np.asarray(Image.open(p).convert("L"), dtype=float)
         assert pixels.shape[0] > 100 and pixels.std() > 5, p  # decodes, and is not a blank canvas
     # the table's numbers are those in the run's files
-    saved = next(iter(json.loads((selected_run / "results.json").read_text()).values()))["slf-pgd20"]
+    [saved] = find(next(iter(json.loads((selected_run / "results.json").read_text()).values())), "slf-pgd20")
     row = next(line for line in md.splitlines() if line.startswith("| rcs-run (random 0.3)"))
     header = next(line for line in md.splitlines() if line.startswith("| run | checkpoint epoch"))
     cells = dict(zip([c.strip() for c in header.strip("|").split("|")], [c.strip() for c in row.strip("|").split("|")]))

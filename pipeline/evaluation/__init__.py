@@ -8,15 +8,12 @@ classifier to RUN/classifiers/ (for `pipeline certify` and for measuring it agai
 
 from __future__ import annotations
 
-import json
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from pipeline.atomic import move_aside, write_json
 from pipeline.attacks import budget
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import check_value, declare_choices
@@ -34,8 +31,8 @@ from pipeline.evaluation.classifiers import (
 from pipeline.evaluation.measures import MEASURES, accuracies, parse_measures
 from pipeline.evaluation.protocols import PROTOCOLS, finetune
 from pipeline.evaluation.recipes import DEFAULT_RECIPE, RECIPES, FinetuneSettings, recipe_settings
+from pipeline.evaluation.records import save_result
 from pipeline.evaluation.smoothing import Smoothing
-from pipeline.locks import record_lock
 from pipeline.loggers import LOGGERS, RunLoggers
 from pipeline.progress import console
 from pipeline.runlayout import RunLayout
@@ -190,7 +187,12 @@ def evaluate(data: str | Path, checkpoint: str | Path, protocol: str = "slf", at
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     result["checkpoint_sha256"] = digest = info["checkpoint_sha256"]
-    result["results_path"] = str(save_result(results_path(checkpoint), digest, str(checkpoint), names, result))
+    # The numbers are measured: a record that cannot be written anywhere is the caller's to report after
+    # printing them (results_path None, save_error the one line), never a reason to lose them.
+    try:
+        result["results_path"] = str(save_result(results_path(checkpoint), digest, str(checkpoint), names, result))
+    except WriteError as exc:
+        result["results_path"], result["save_error"] = None, exc.reason
     log_to_run(checkpoint, ckpt, result)
     return result
 
@@ -211,62 +213,8 @@ def log_to_run(checkpoint, ckpt: dict, result: dict) -> None:
         loggers.close()
 
 
-def result_key(result: dict, name: str) -> str:
-    """Where one measure of one evaluation lives in results.json: protocol, noise, smoothing, measure, branch."""
-    noise = f"-noise{result['noise_sigma']:g}" if result.get("noise_sigma") else ""
-    sm = result.get("smoothing")
-    smoothed = f"-smoothed{sm['sigma']:g}-n{sm['n']}" if sm else ""
-    branch = "" if result.get("branch_role", "eval") == "eval" else f"-{result['branch_role']}"
-    return f"{result['protocol']}{noise}{smoothed}-{name}{branch}"
-
-
 def _digest(path) -> str:
     return file_sha256(path)[:16]
-
-
-def _ours(record) -> bool:
-    """A results.json of ours: one entry per checkpoint digest, each naming its checkpoint."""
-    return (isinstance(record, dict) and bool(record)
-            and all(isinstance(v, dict) and "checkpoint" in v for v in record.values()))
-
-
-def _read_results(path: Path) -> dict:
-    """The results recorded so far; a damaged file of ours is moved aside (said so), a foreign one refused."""
-    if not path.exists():
-        return {}
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        aside = move_aside(path)
-        console.print(f"[yellow]{path}: unreadable (a torn or edited file); kept as {aside.name}, starting a new "
-                      "one[/]")
-        return {}
-    if not _ours(record):
-        raise PipelineError(f"{path}: exists and is not a results file of this tool; refusing to replace it (move "
-                            "it away, or evaluate a checkpoint outside that folder)")
-    return record
-
-
-def save_result(path: Path, digest: str, checkpoint: str, names: list[str], result: dict) -> Path:
-    """results.json holds one entry per checkpoint (by content digest), each keyed by protocol and measure, so
-    evaluating another checkpoint of the same run never replaces these numbers. Read, merged and written under
-    a lock of the record: two evaluations at once keep both. An unwritable folder gets the results written to a
-    fallback file in the temporary folder, named in the message."""
-    with record_lock(path, "pipeline eval"):
-        previous = _read_results(path)
-        entry = previous.setdefault(digest, {})
-        entry.update(checkpoint=checkpoint, checkpoint_epoch=result.get("checkpoint_epoch"))
-        for name in names[1:] or ["clean"]:
-            entry[result_key(result, name)] = {k: v for k, v in result.items() if k != "results_path"}
-        try:
-            write_json(path, previous)
-            return path
-        except (WriteError, OSError) as exc:
-            fallback = Path(tempfile.gettempdir()) / f"pipeline-results-{digest}.json"
-            write_json(fallback, previous)
-            reason = exc.reason if isinstance(exc, WriteError) else exc.strerror
-            console.print(f"{path}: not writable ({reason}); results written to {fallback} instead")
-            return fallback
 
 
 __all__ = ["FinetuneSettings", "MEASURES", "PROTOCOLS", "RECIPES", "Smoothing", "evaluate", "load_classifier",

@@ -9,6 +9,7 @@ from pathlib import Path
 from pipeline.atomic import atomic_path
 from pipeline.errors import PipelineError
 from pipeline.evaluation.measures import list_measures, measure_title
+from pipeline.evaluation.records import samples_text
 from pipeline.locks import folder_lock
 from pipeline.report import figures
 from pipeline.report.runs import RunRecord, load_run, robust_of
@@ -27,25 +28,33 @@ def _smoothing(r: dict) -> str:
     return "-" if not sm else f"sigma {sm['sigma']:g}, n {sm['n']}, EOT {sm['eot']}"
 
 
+def _test_data(r: dict) -> str:
+    """The data set an evaluation measured on, by folder name and fingerprint: a transfer evaluation is a row
+    of its own, never mistaken for the in-domain one."""
+    name = Path(str(r.get("data") or "-")).name
+    fp = r.get("dataset_fingerprint")
+    return f"{name} ({fp[:8]})" if isinstance(fp, str) else name
+
+
 def results_table(runs: list[RunRecord]) -> list[str]:
     """One row per evaluation; a column per registered measure (its title), in registration order."""
     measures = list_measures()
     lines = ["| run | checkpoint epoch | protocol | recipe | noise sigma | smoothed | "
              + " | ".join(measure_title(m) for m in measures)
-             + " | eps | test samples | train wall s | images trained on | images attacked |",
+             + " | eps | test data | test samples | train wall s | images trained on | images attacked |",
              "| --- | ---: | --- | --- | ---: | --- | " + " | ".join("---:" for _ in measures)
-             + " | ---: | ---: | ---: | ---: | ---: |"]
+             + " | ---: | --- | ---: | ---: | ---: | ---: |"]
     seen = set()
     for run in runs:
         for r in run.results:
-            key = (run.name, r["digest"], r["protocol"], r.get("date"))
+            key = (run.name, r["digest"], r["protocol"], r.get("branch_role"), r.get("date"))
             if key in seen:  # one evaluation is stored under each of its measures
                 continue
             seen.add(key)
             lines.append(f"| {run.label} | {r.get('checkpoint_epoch')} | {r['protocol']} | {r.get('recipe', '-')} | "
                          f"{r.get('noise_sigma') or 0:g} | {_smoothing(r)} | "
                          + "".join(f"{_pct(r.get(m))} | " for m in measures)
-                         + f"{r.get('eps', 0):.4g} | {r.get('samples')} | "
+                         + f"{r.get('eps', 0):.4g} | {_test_data(r)} | {samples_text(r)} | "
                          f"{run.train_seconds:.1f} | {run.images:,} | {run.images_attacked:,} |")
     return lines
 
