@@ -171,3 +171,69 @@ def test_eval_prints_its_numbers_before_saving_and_falls_back_when_the_folder_is
     out = r.stdout + r.stderr
     assert "SLF evaluation" in out and "%" in out  # printed before the failure
     assert "results.json: could not be written" in out and "failed too" in out
+
+
+# -- records read back: sealed, linked to their data, finite; what select writes is checked -------------------
+def _book(origin="fp-a"):
+    import numpy as np
+    import torch
+
+    from pipeline.objectives import HeadRows
+    from pipeline.selectors.recorded import RowBook
+
+    book = RowBook(np.arange(10, 20), 2, origin)
+    rows = HeadRows([torch.randn(3, 5), torch.randn(3, 5)], [torch.randn(3, 2), torch.randn(3, 2)], ["n", "a"])
+    book.add(np.array([11, 15, 17]), rows, epoch=1)
+    return book
+
+
+def test_recorded_rows_are_sealed_and_linked_to_their_data_set(tmp_path):
+    import io
+
+    import numpy as np
+
+    from pipeline.errors import DataError
+    from pipeline.selectors.recorded import RecordedRows, RowBook
+
+    for path in (_book().save(tmp_path / "book.rows"), _book().recorded().save(tmp_path / "round.rows")):
+        assert RecordedRows.load(path, "fp-a").origin == "fp-a"
+        with pytest.raises(DataError, match="recorded on the data set with fingerprint fp-a, not this one"):
+            RecordedRows.load(path, "fp-b")
+        data = bytearray(path.read_bytes())
+        seal = io.BytesIO()
+        np.save(seal, np.array(["0" * 64, "fp-a"], dtype=np.str_))
+        data[-len(seal.getvalue()) - 1] ^= 0x01  # the last data byte before the seal, the length unchanged
+        bad = path.with_suffix(".bad")
+        bad.write_bytes(bytes(data))
+        with pytest.raises(DataError, match="do not match their seal"):
+            RecordedRows.load(bad)
+    with pytest.raises(DataError, match="another run's file"):
+        RowBook(range(10, 20), 2, "fp-b").load(tmp_path / "book.rows")
+
+
+def test_non_finite_recorded_rows_are_refused_not_selected_from(tmp_path):
+    import numpy as np
+
+    from pipeline.errors import DataError
+    from pipeline.selectors.recorded import RecordedRows
+
+    book = _book()
+    book.grads[book.visits > 0] = np.nan  # what a step with a non-finite loss would have recorded
+    with pytest.raises(DataError, match="recorded grads hold non-finite values"):
+        RecordedRows.load(book.save(tmp_path / "nan.rows"))
+
+
+def test_select_checks_the_manifest_it_writes(digits_set, tmp_path, monkeypatch):
+    import numpy as np
+
+    from pipeline.selectors import Selection
+    from pipeline.selectors.random import RandomSelector
+    from pipeline.selectors.run import run_selection
+
+    monkeypatch.setattr(RandomSelector, "select", lambda self, ctx: Selection(np.repeat(ctx.pool_ids[:5], 2)))
+    with pytest.raises(PipelineError, match="selector 'random' chose 5 ids more than once"):
+        run_selection(digits_set.root, "random", 0.1, tmp_path / "m.json", None, seed=0)
+    assert not (tmp_path / "m.json").exists()
+    monkeypatch.setattr(RandomSelector, "select", lambda self, ctx: Selection(np.array([10**9])))
+    with pytest.raises(PipelineError, match="selector 'random' chose 1 ids outside its pool"):
+        run_selection(digits_set.root, "random", 0.1, tmp_path / "m.json", None, seed=0)

@@ -23,6 +23,7 @@ saved with each checkpoint).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from pipeline.atomic import atomic_path
-from pipeline.errors import PipelineError
+from pipeline.errors import DataError, PipelineError
 from pipeline.objectives import HeadRows
 
 
@@ -42,6 +43,68 @@ def _load_arrays(f, count: int) -> list:
         except EOFError:
             out.append(None)  # an optional trailing array an older file does not have
     return out
+
+
+class _Hashing:
+    """A file object's writes, hashed on the way (np.save writes through `write`)."""
+
+    def __init__(self, f):
+        self.f, self.sha = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        return self.f.write(data)
+
+
+def _write_sealed(path, arrays, origin: str | None) -> Path:
+    """The arrays one after another, then the seal: (the sha256 of every byte before it, the data set's
+    fingerprint). A damaged file, or one from another data set, is refused where it is read."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        w = _Hashing(f)
+        for a in arrays:
+            np.save(w, a, allow_pickle=False)
+        np.save(f, np.array([w.sha.hexdigest(), origin or ""], dtype=np.str_), allow_pickle=False)
+    return Path(path)
+
+
+def _check_seal(path, f, fingerprint: str | None) -> str | None:
+    """After the arrays were read from `f`: the seal that follows, checked against the bytes before it and
+    against `fingerprint` (the data set a round reads). A file written before seals existed has none (None)."""
+    end = f.tell()
+    try:
+        seal = np.load(f, allow_pickle=False)
+    except EOFError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: recorded rows with a damaged seal ({exc}); select with select.proxies = fresh "
+                        "or start the run afresh") from None
+    if seal.shape != (2,) or seal.dtype.kind != "U":
+        raise DataError(f"{path}: recorded rows with a damaged seal; select with select.proxies = fresh")
+    sha = hashlib.sha256()
+    with open(path, "rb") as again:
+        left = end
+        while left:
+            chunk = again.read(min(left, 1 << 24))
+            if not chunk:
+                break
+            sha.update(chunk)
+            left -= len(chunk)
+    if sha.hexdigest() != str(seal[0]):
+        raise DataError(f"{path}: recorded rows that do not match their seal (damaged or edited); select with "
+                        "select.proxies = fresh or start the run afresh")
+    origin = str(seal[1]) or None
+    if fingerprint is not None and origin is not None and origin != fingerprint:
+        raise DataError(f"{path}: rows recorded on the data set with fingerprint {origin}, not this one "
+                        f"({fingerprint}): another run's file; select with select.proxies = fresh")
+    return origin
+
+
+def _check_finite(path, feats: np.ndarray, grads: np.ndarray) -> None:
+    """Rows a non-finite step wrote would make every similarity NaN and a selector pick duplicates."""
+    for name, a in (("feats", feats), ("grads", grads)):
+        if a.size and not np.isfinite(a).all():
+            raise DataError(f"{path}: recorded {name} hold non-finite values (NaN or inf); select with "
+                            "select.proxies = fresh")
 
 
 @dataclass
@@ -57,33 +120,41 @@ class RecordedRows:
     epochs: np.ndarray  # (n,) the epoch (0-based) of each sample's newest record
     counts: np.ndarray | None = None  # (n,) records per sample (None: one each)
     slots: int = 1  # K: how many records the rows of a sample hold (S = K x R)
+    origin: str | None = None  # the fingerprint of the data set the rows were recorded on
 
     def __post_init__(self):
         if self.counts is None:
             self.counts = np.ones(len(self.ids), np.int64)
 
     def save(self, path: str | Path) -> Path:
-        """Seven .npy arrays one after another in one file (ids, feats, grads, epochs, branches, counts, slots):
-        no zip container, whose checksums made np.savez 6x slower for a book saved every epoch."""
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            for a in (self.ids, self.feats, self.grads, self.epochs, np.array(self.branches, dtype=np.str_),
-                      self.counts, np.array([self.slots], np.int64)):
-                np.save(f, a, allow_pickle=False)
-        return Path(path)
+        """Seven .npy arrays one after another in one file (ids, feats, grads, epochs, branches, counts, slots),
+        then the seal: no zip container, whose checksums made np.savez 6x slower for a book saved every epoch."""
+        return _write_sealed(path, (self.ids, self.feats, self.grads, self.epochs,
+                                    np.array(self.branches, dtype=np.str_), self.counts,
+                                    np.array([self.slots], np.int64)), self.origin)
 
     @classmethod
-    def load(cls, path: str | Path) -> "RecordedRows":
-        """Validated: plain arrays only (no pickles), shapes that agree, sorted unique ids. A run's whole book
+    def load(cls, path: str | Path, fingerprint: str | None = None) -> "RecordedRows":
+        """Validated: plain arrays only (no pickles), shapes that agree, sorted unique ids, finite values, the
+        seal (the bytes as written; recorded on the data set of `fingerprint`, when given). A run's whole book
         (RUN/snapshots/book.rows) loads as the rows a round of that run would read."""
         try:
             with open(path, "rb") as f:
                 ids, feats, grads, epochs, branches = (np.load(f, allow_pickle=False) for _ in range(5))
-                tail, slots = _load_arrays(f, 2)
+                if feats.ndim == 4:  # a book: (n, K, R, d) records, then visits
+                    (tail,), slots = _load_arrays(f, 1), None
+                    origin = _check_seal(path, f, fingerprint)
+                else:
+                    tail, slots = _load_arrays(f, 2)
+                    origin = _check_seal(path, f, fingerprint) if slots is not None else None
         except (OSError, ValueError, EOFError) as exc:
             raise PipelineError(f"{path}: not a file of recorded selection rows ({exc}); select with "
                                 "select.proxies = fresh, or record it again") from None
-        if feats.ndim == 4:  # a book: (n, K, R, d) records
-            return RowBook.from_arrays(path, ids, feats, grads, epochs, branches, tail).recorded()
+        _check_finite(path, feats, grads)
+        if feats.ndim == 4:
+            book = RowBook.from_arrays(path, ids, feats, grads, epochs, branches, tail)
+            book.origin = origin
+            return book.recorded()
         n = len(ids)
         counts = np.ones(n, np.int64) if tail is None else tail
         k = 1 if slots is None or slots.shape != (1,) else int(slots[0])
@@ -95,7 +166,7 @@ class RecordedRows:
             raise PipelineError(f"{path}: recorded rows whose arrays do not agree (ids, feats, grads, epochs, "
                                 "branches, counts); it was damaged or edited: select with select.proxies = fresh")
         return cls(ids, feats, grads, tuple(str(b) for b in branches), epochs.astype(np.int64),
-                   counts.astype(np.int64), k)
+                   counts.astype(np.int64), k, origin)
 
     def rows(self, positions: np.ndarray) -> HeadRows:
         """The rows of the samples at `positions`, as a proxy pass would give them (float32)."""
@@ -121,7 +192,8 @@ class RecordedRows:
 class RowBook:
     """The last `slots` records of rows of every pool sample, filled step by step (trainer side)."""
 
-    def __init__(self, pool_ids: np.ndarray, slots: int = 1):
+    def __init__(self, pool_ids: np.ndarray, slots: int = 1, origin: str | None = None):
+        self.origin = origin  # the data set's fingerprint, sealed into the files it writes
         self.ids = np.sort(np.asarray(pool_ids, dtype=np.int64))
         self.slots = max(1, int(slots))
         self.feats = self.grads = None  # (n, K, R, d) and (n, K, R, p)
@@ -158,7 +230,7 @@ class RowBook:
         keep = valid.any(1)
         if self.feats is None or not keep.any():
             return RecordedRows(np.zeros(0, np.int64), np.zeros((0, 0, 0), np.float16),
-                                np.zeros((0, 0, 0), np.float32), (), np.zeros(0, np.int64))
+                                np.zeros((0, 0, 0), np.float32), (), np.zeros(0, np.int64), origin=self.origin)
         valid = valid[keep]
         counts = valid.sum(1)
         n, k = len(counts), self.slots
@@ -172,17 +244,15 @@ class RowBook:
             feats = (self.feats[take] * (scale > 0)[..., None, None]).astype(np.float16).reshape(n, k * r, -1)
             grads = (self.grads[take] * scale[..., None, None]).reshape(n, k * r, -1)
         latest = np.where(valid, self.epochs[keep], -1).max(1)
-        return RecordedRows(self.ids[keep], feats, grads, self.branches * k, latest, counts.astype(np.int64), k)
+        return RecordedRows(self.ids[keep], feats, grads, self.branches * k, latest, counts.astype(np.int64), k,
+                            self.origin)
 
     def save(self, path: str | Path) -> Path:
         """The whole book (ids, feats, grads, epochs, branches, visits), for an exact resume."""
         if self.feats is None:
             return self.recorded().save(path)
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            for a in (self.ids, self.feats, self.grads, self.epochs, np.array(self.branches, dtype=np.str_),
-                      self.visits):
-                np.save(f, a, allow_pickle=False)
-        return Path(path)
+        return _write_sealed(path, (self.ids, self.feats, self.grads, self.epochs,
+                                    np.array(self.branches, dtype=np.str_), self.visits), self.origin)
 
     @classmethod
     def from_arrays(cls, path, ids, feats, grads, epochs, branches, visits) -> "RowBook":
@@ -211,7 +281,11 @@ class RowBook:
             except (OSError, ValueError) as exc:
                 raise PipelineError(f"{path}: not a file of recorded selection rows ({exc}); start the run "
                                     "afresh or select with select.proxies = fresh") from None
-        if arrays[1] is not None and arrays[1].ndim == 4:
+            book = arrays[1] is not None and arrays[1].ndim == 4
+            if book:
+                _check_seal(path, f, self.origin)
+        if book:
+            _check_finite(path, arrays[1], arrays[2])
             saved = RowBook.from_arrays(path, *arrays)
             if saved.slots == self.slots and np.array_equal(saved.ids, self.ids):
                 self.feats, self.grads, self.epochs, self.visits = saved.feats, saved.grads, saved.epochs, saved.visits
@@ -219,7 +293,7 @@ class RowBook:
                 return
             rows = saved.recorded()
         else:
-            rows = RecordedRows.load(path)
+            rows = RecordedRows.load(path, self.origin)
         if not len(rows.ids):
             return
         per = len(rows.branches) // rows.slots

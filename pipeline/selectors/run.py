@@ -50,6 +50,26 @@ def _ids_of(manifest_or_ids, ss: ShardSet) -> tuple[np.ndarray, str | None]:
     return np.asarray(manifest_or_ids, dtype=np.int64), None
 
 
+def _check_selection(selector: str, result, pool_ids: np.ndarray, budget_n: int) -> None:
+    """What a selector returns is checked before a manifest is written from it: unique ids, all from its pool,
+    at most the budget (non-finite proxies, a plugin's bug). Training would refuse such a manifest later, far
+    from the cause."""
+    ids = np.asarray(result.ids)
+    where = f"selector {selector!r}"
+    if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
+        raise PipelineError(f"{where} returned ids of shape {ids.shape} and type {ids.dtype}, not a list of sample "
+                            "ids; nothing was written")
+    repeated = len(ids) - len(np.unique(ids))
+    if repeated:
+        raise PipelineError(f"{where} chose {repeated} ids more than once (non-finite proxies? try "
+                            "select.proxies = fresh); nothing was written")
+    outside = int((~np.isin(ids, pool_ids)).sum())
+    if outside:
+        raise PipelineError(f"{where} chose {outside} ids outside its pool; nothing was written")
+    if len(ids) > budget_n:
+        raise PipelineError(f"{where} chose {len(ids)} samples for a budget of {budget_n}; nothing was written")
+
+
 def run_selection(data, selector: str, fraction: float, out, checkpoint=None, split: str = "train", pool=None,
                   seed: int = 0, device="cpu", params: dict | None = None, arch: str = "resnet18",
                   batch_size: int = 256, round_no: int | None = None, epoch: int | None = None,
@@ -101,9 +121,10 @@ def _run_selection(data, selector, fraction, out, checkpoint, split, pool, seed,
                                 validation_fraction=validation_fraction, seed=seed, validation_ids=val_ids,
                                 method=settings["method"], settings=settings, workers=workers,
                                 recorded=recorded if recorded is None or isinstance(recorded, RecordedRows)
-                                else RecordedRows.load(recorded))
+                                else RecordedRows.load(recorded, ss.fingerprint))
     ctx = SelectionContext(ss, split, np.asarray(pool_ids), budget_n, seed, sel.params, proxies, val_ids)
     result = sel.select(ctx)
+    _check_selection(selector, result, np.asarray(pool_ids), budget_n)
     rank, world = rank_and_world()
     if rank != 0:
         return None

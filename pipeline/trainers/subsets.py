@@ -172,7 +172,8 @@ class SelectionRounds(ManifestFolder):
     def _row_book(self, pool: Manifest | None) -> RowBook:
         t = self.trainer
         self.objective = objective_of(t.name)
-        book = RowBook(pool.ids if pool is not None else t.shardset.ids(t.cfg.data.split), t.cfg.select.row_epochs)
+        book = RowBook(pool.ids if pool is not None else t.shardset.ids(t.cfg.data.split), t.cfg.select.row_epochs,
+                       t.shardset.fingerprint)
         if t.layout.row_book.is_file():  # a resume: the rows recorded before the stop
             book.load(t.layout.row_book)
         return book
