@@ -33,7 +33,7 @@ from pipeline.progress import progress_bar
 from pipeline.shards.layout import file_sha256
 from pipeline.shards.manifest import array_digest, owned_array
 from pipeline.shards.shardset import ShardSet
-from pipeline.validate import Fields
+from pipeline.validate import Fields, read_array
 
 FORMAT = "pipeline.pseudo-labels"
 DEFAULT_COUNTS = (2, 10, 50, 100, 500)  # AdvCL's five heads
@@ -119,7 +119,7 @@ class PseudoLabels:
             if not p.is_file() or _digest(p) != h.get(f"{key}_sha256"):
                 raise DataError(f"{header_path}: its {key} array {p.name} is missing or not the one it was written "
                                 "with; make the file again")
-            arrays.append(np.load(p, allow_pickle=False))
+            arrays.append(read_array(p, "make the file again with `pipeline pseudo-labels`"))
         ids, labels = arrays
         f = Fields(header_path, h, "make the file again with `pipeline pseudo-labels`")
         counts = f.list("counts")

@@ -92,4 +92,22 @@ class Fields:
         return Fields(self.path, self.record[key] if record is None else record, self.fix, f"{self.where}{key}.")
 
 
-__all__ = ["Fields", "LIMIT", "SAFE_NAME"]
+def read_array(path, fix: str, dtype=None, ndim: int | None = None):
+    """A .npy array of ours read back: plain values only (an object array is a pickle: refused), of the kind
+    and rank its reader expects; anything else is one DataError line naming the file and `fix`."""
+    import numpy as np
+
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataError(f"{path}: not a plain array ({str(exc)[:120]}); {fix}") from None
+    if dtype is not None and arr.dtype != np.dtype(dtype):
+        raise DataError(f"{path}: an array of {arr.dtype}, expected {np.dtype(dtype).name}; {fix}")
+    if arr.dtype.kind not in "biufU":
+        raise DataError(f"{path}: an array of {arr.dtype}, not numbers; {fix}")
+    if ndim is not None and arr.ndim != ndim:
+        raise DataError(f"{path}: a {arr.ndim}-d array, expected {ndim}-d; {fix}")
+    return arr
+
+
+__all__ = ["Fields", "LIMIT", "SAFE_NAME", "read_array"]

@@ -237,3 +237,52 @@ def test_select_checks_the_manifest_it_writes(digits_set, tmp_path, monkeypatch)
     monkeypatch.setattr(RandomSelector, "select", lambda self, ctx: Selection(np.array([10**9])))
     with pytest.raises(PipelineError, match="selector 'random' chose 1 ids outside its pool"):
         run_selection(digits_set.root, "random", 0.1, tmp_path / "m.json", None, seed=0)
+
+
+def test_wrong_shaped_records_are_one_line_each(digits_set, encoder, tmp_path):
+    """results.json as a list, a manifest whose producer is text, object-dtype pseudo-label arrays, a saved
+    classifier naming a branch its encoder does not have, an experiment record with a wrong-typed column."""
+    import json
+
+    import numpy as np
+
+    from conftest import write_tiny_run
+    from pipeline.checkpoint import load_checkpoint, save_checkpoint
+    from pipeline.evaluation import evaluate
+    from pipeline.evaluation.classifiers import load_saved_classifier
+    from pipeline.experiment.run import _read_state
+    from pipeline.pseudolabels import PseudoLabels, _digest
+    from pipeline.shards.manifest import Manifest
+
+    run_dir = write_tiny_run(tmp_path / "run")
+    (run_dir / "results.json").write_text("[]")
+    one_line_error(run("report", run_dir, "--out", tmp_path / "rep"), "results.json: the record = []: must be a table")
+
+    m = Manifest.for_shardset(digits_set, "train", digits_set.ids("train")[:5], producer={"name": "x"})
+    path = m.save(tmp_path / "m.json")
+    header = json.loads(path.read_text())
+    header["producer"] = "evil"
+    path.write_text(json.dumps(header))
+    one_line_error(run("inspect", path), "producer = 'evil': must be a table")
+
+    labels = PseudoLabels(np.arange(5), np.zeros((5, 1)), (2,), digits_set.fingerprint).save(tmp_path / "p.json")
+    h = json.loads(labels.read_text())
+    bad = labels.parent / h["labels_file"]
+    np.save(bad, np.array([object()] * 5, dtype=object), allow_pickle=True)
+    h["labels_sha256"] = _digest(bad)  # a consistent header: only the array's type is wrong
+    labels.write_text(json.dumps(h))
+    with pytest.raises(PipelineError, match="not a plain array"):
+        PseudoLabels.load(labels)
+
+    r = evaluate(digits_set.root, encoder, epochs=1, batch_size=256, limit=10, attack="clean", progress=False)
+    ckpt = load_checkpoint(r["classifier_path"])
+    ckpt["branches"] = {"eval": "no-such-branch"}
+    save_checkpoint(tmp_path / "clf.pt", ckpt)
+    with pytest.raises(PipelineError, match="are not batch-norm branches of its encoder"):
+        load_saved_classifier(tmp_path / "clf.pt", digits_set, "cpu")
+
+    state = tmp_path / "experiment.json"
+    state.write_text(json.dumps({"format": "pipeline.experiment", "runs": {"a-s0": {"digest": "d", "row": {
+        "arm": "a", "seed": 0, "run": "r", "method": "acl", "selector": "-", "fraction": "all", "eval": {}}}}}))
+    with pytest.raises(PipelineError, match="runs.a-s0.row.fraction = 'all': must be a finite number"):
+        _read_state(state)

@@ -16,6 +16,7 @@ from pipeline.checkpoint import load_model, save_checkpoint
 from pipeline.errors import PipelineError
 from pipeline.evaluation.protocols import LinearClassifier, OwnClassifier
 from pipeline.evaluation.recipes import FinetuneSettings
+from pipeline.models.multibn import multibn_layers
 from pipeline.runlayout import RunLayout
 from pipeline.shards.shardset import ShardSet
 
@@ -87,7 +88,14 @@ def load_saved_classifier(path: str | Path, shardset: ShardSet, device):
     if ckpt.get("n_classes") != len(shardset.classes):
         raise PipelineError(f"{path}: a classifier of {ckpt.get('n_classes')} classes; {shardset.root} has "
                             f"{len(shardset.classes)}")
-    clf = LinearClassifier(model.encoder, model.feature_dim, ckpt["n_classes"], ckpt["branches"])
+    branches = ckpt.get("branches")
+    have = {b for m in multibn_layers(model.encoder) if not m.shared for b in m.bns}
+    if (not isinstance(branches, dict) or "eval" not in branches
+            or not all(isinstance(v, str) and (not have or v in have) for v in branches.values())):
+        raise PipelineError(f"{path}: its branches {str(branches)[:80]} are not batch-norm branches of its encoder "
+                            f"({', '.join(sorted(have)) or 'one shared'}); re-run `pipeline eval` on the pre-trained "
+                            "checkpoint to make it again")
+    clf = LinearClassifier(model.encoder, model.feature_dim, ckpt["n_classes"], branches)
     try:
         clf.fc.load_state_dict(ckpt["fc"])
     except (RuntimeError, KeyError, TypeError) as exc:

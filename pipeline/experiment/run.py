@@ -28,7 +28,7 @@ from pipeline.experiment.spec import (
     arm_config,
     certify_spec,
 )
-from pipeline.experiment.table import check_outputs, write_results
+from pipeline.experiment.table import check_outputs, measure_columns, write_results
 from pipeline.locks import folder_lock
 from pipeline.progress import console
 from pipeline.pseudolabels import DEFAULT_COUNTS, make_pseudo_labels
@@ -226,7 +226,7 @@ def _read_state(path: Path) -> dict:
         return {"format": "pipeline.experiment", "runs": {}}
     try:
         state = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError):  # ours, torn or damaged: kept aside; finished runs are found again
+    except (ValueError, UnicodeDecodeError, RecursionError):  # ours, torn or damaged: kept aside; runs are found again
         aside = move_aside(path)
         console.print(f"[yellow]{path}: unreadable; kept as {aside.name}. Starting a new record: arms whose runs "
                       "finished are recognised by their run folders and only evaluated again[/]")
@@ -244,4 +244,14 @@ def _read_state(path: Path) -> dict:
         r.text("arm")
         r.int("seed")
         r.text("run")
+        r.text("method", optional=True)
+        row.setdefault("method", "-")  # records of versions before the column
+        r.text("selector")
+        if "fraction" not in row:
+            r.fail("fraction", None, "is missing")
+        if row["fraction"] is not None:
+            r.number("fraction", 0, 1)
+        r.table("eval")
+        for key in (*measure_columns(), "train_s", "wall_s", "images", "images_attacked", "selection_s", "stall_s"):
+            r.number(key, optional=True)  # null where the arm did not measure it
     return state

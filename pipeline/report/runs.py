@@ -176,8 +176,9 @@ def load_run(path: str | Path) -> RunRecord:
     if results.is_file():
         try:
             by_ckpt = json.loads(results.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise PipelineError(f"{results}: not JSON") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            raise PipelineError(f"{results}: not JSON (or nested beyond reason)") from None
+        Fields(results, by_ckpt, "evaluate again (`pipeline eval`) after moving the file away")
         for digest, entry in by_ckpt.items():
             if not isinstance(entry, dict):
                 continue

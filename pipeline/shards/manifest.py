@@ -24,7 +24,7 @@ import numpy as np
 from pipeline import __version__
 from pipeline.atomic import write_json, write_npy
 from pipeline.errors import DataError
-from pipeline.validate import Fields
+from pipeline.validate import Fields, read_array
 
 FORMAT = "pipeline.manifest"
 FORMAT_VERSION = 1
@@ -194,6 +194,11 @@ class Manifest:
         f.int("round", optional=True)
         f.int("epoch", optional=True)
         f.number("fraction", 0, 1, optional=True)
+        producer = f.table("producer", optional=True) or {}
+        pf = f.inner("producer", producer)
+        pf.text("name", optional=True)
+        pf.text("version", optional=True)
+        pf.table("params", optional=True)
         ids_path = header_path.parent / Path(h["ids_file"]).name
         if not ids_path.is_file():
             raise DataError(f"{header_path}: its id file {ids_path.name} is missing; select this round again")
@@ -213,19 +218,13 @@ class Manifest:
         known = {"format", "format_version", "dataset_fingerprint", "split", "producer", "round", "epoch", "fraction",
                  "snapshot", "count", "ids_file", "ids_sha256", "weights_file", "created"}
         return cls(ids=ids, split=h["split"], dataset_fingerprint=h["dataset_fingerprint"],
-                   producer=h.get("producer") or {}, weights=weights, round=h.get("round"), epoch=h.get("epoch"),
+                   producer=producer, weights=weights, round=h.get("round"), epoch=h.get("epoch"),
                    fraction=h.get("fraction"), snapshot=h.get("snapshot"),
                    extra={k: v for k, v in h.items() if k not in known}, path=header_path)
 
     @staticmethod
     def _load_array(path: Path, dtype) -> np.ndarray:
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise DataError(f"{path}: unreadable array ({exc}); select this round again") from exc
-        if arr.ndim != 1 or arr.dtype != dtype:
-            raise DataError(f"{path}: expected a 1-d {np.dtype(dtype).name} array, found {arr.dtype} {arr.shape}")
-        return arr
+        return read_array(path, "select this round again", dtype, ndim=1)
 
     # -- validation ---------------------------------------------------------------------------------------
     def check_against(self, shardset) -> None:
