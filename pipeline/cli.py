@@ -20,6 +20,7 @@ from rich.markup import escape
 
 from pipeline import __version__
 from pipeline.errors import PipelineError, WriteError
+from pipeline.redact import is_redacted, redact
 from pipeline.registry import load_plugins
 from pipeline.progress import console, progress_bar
 from pipeline.runlayout import RunLayout
@@ -233,6 +234,10 @@ def train(
 
     if resume is not None:
         cfg.run.out = str(resume)
+        if is_redacted(cfg.data.path):
+            raise PipelineError(f"{RunLayout(resume).config}: the data URL's credentials are not written down "
+                                f"({cfg.data.path}); resume with --data and the full URL again (or credentials in "
+                                "the environment)")
     main_rank = os.environ.get("RANK", "0") == "0"
     if main_rank and cfg.run.out:  # lock first: nothing is checked or deleted under another writer
         locks.acquire(cfg.run.out, "pipeline train")
@@ -580,6 +585,13 @@ def _on_signal(signum, frame):
     raise _Interrupted(signum)
 
 
+def _shown(text: str, limit: int = 2000) -> str:
+    """An error line as printed: secrets in URLs redacted, and a value pasted into it (a 20 MB config value)
+    cut to a readable length."""
+    text = redact(text)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text) - limit:,} more characters)"
+
+
 def main() -> None:
     import signal
 
@@ -594,13 +606,13 @@ def main() -> None:
             fill_help()
         app()  # typer handles usage errors and --help itself, and exits
     except PipelineError as exc:
-        console.print(f"[red]error:[/] {escape(str(exc))}")
+        console.print(f"[red]error:[/] {escape(_shown(str(exc)))}")
         sys.exit(exc.exit_code)
     except OSError as exc:  # a read or write the stage did not turn into a message of its own: still one line
         where = exc.filename or "a file"
         fix = ("choose a shorter name" if exc.errno == errno.ENAMETOOLONG else
                "check that the path exists, is readable and writable, and that its disk has space")
-        console.print(f"[red]error:[/] {escape(str(where))}: {escape(exc.strerror or str(exc))}; {fix}")
+        console.print(f"[red]error:[/] {escape(_shown(str(where)))}: {escape(_shown(exc.strerror or str(exc)))}; {fix}")
         sys.exit(1)
     except (KeyboardInterrupt, _Interrupted) as exc:
         term = isinstance(exc, _Interrupted) and exc.signum == signal.SIGTERM

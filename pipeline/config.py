@@ -29,6 +29,7 @@ from pipeline.errors import PipelineError
 from pipeline.kv import format_kv, parse_kv
 from pipeline.loggers import ALWAYS, LOGGERS
 from pipeline.models import arch_choices, is_known_arch
+from pipeline.redact import redacted
 from pipeline.registry import Registry
 from pipeline.shards.cache import parse_size
 from pipeline.shards.crops import parse_crop
@@ -421,9 +422,13 @@ class TrainConfig:
             k, v = item.split("=", 1)
             self.set(k.strip(), v.strip())
 
+    def to_record(self) -> dict:
+        """`to_dict` as it is written down (config.toml, checkpoints, loggers): URLs without their secrets."""
+        return redacted(self.to_dict())
+
     def save(self, path: Path) -> None:
         with atomic_path(path) as tmp:
-            tmp.write_bytes(tomli_w.dumps(self.to_dict()).encode())
+            tmp.write_bytes(tomli_w.dumps(self.to_record()).encode())
 
 
 def _kind(type_name) -> str:

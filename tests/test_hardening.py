@@ -286,3 +286,63 @@ def test_wrong_shaped_records_are_one_line_each(digits_set, encoder, tmp_path):
         "arm": "a", "seed": 0, "run": "r", "method": "acl", "selector": "-", "fraction": "all", "eval": {}}}}}))
     with pytest.raises(PipelineError, match="runs.a-s0.row.fraction = 'all': must be a finite number"):
         _read_state(state)
+
+
+# -- secrets: a data URL's credentials are never written down ----------------------------------------------
+def test_credentials_in_a_data_url_are_in_no_file_and_no_line(digits_set, tmp_path):
+    pytest.importorskip("fsspec")
+    pytest.importorskip("aiohttp")
+    from servers import RangeServer
+
+    secret = "s3cretPW"
+    with RangeServer(digits_set.root) as srv:
+        url = srv.url.replace("http://", f"http://reader:{secret}@")
+        small = ["--set", "model.head_width=16", "--set", "model.proj_dim=8", "--set", "attack.steps=1",
+                 "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+        runs = [run("train", "--data", url, "--out", tmp_path / "run", "--arch", "smallcnn", "--epochs", "1",
+                    "--batch-size", "256", "--workers", "0", *small),
+                run("eval", "--data", url, "--checkpoint", tmp_path / "run" / "checkpoints" / "last.pt",
+                    "--attack", "clean", "--epochs", "1", "--limit", "20", "--batch-size", "256"),
+                run("report", tmp_path / "run", "--out", tmp_path / "report")]
+        for r in runs:
+            assert r.returncode == 0, r.stderr[-2000:]
+        (tmp_path / "exp.toml").write_text(f"""
+[experiment]
+out = "{tmp_path / 'exp'}"
+seeds = [0]
+[data]
+path = "{url}"
+batch_size = 256
+workers = 0
+[model]
+arch = "smallcnn"
+head_width = 16
+proj_dim = 8
+[attack]
+steps = 1
+[optim]
+epochs = 1
+[eval]
+epochs = 1
+limit = 20
+attack = "clean"
+[[arm]]
+name = "full"
+""")
+        runs.append(run("experiment", tmp_path / "exp.toml"))
+        assert runs[-1].returncode == 0, runs[-1].stderr[-2000:]
+        # an error line that names the URL
+        runs.append(run("train", "--data", url + "/nowhere", "--out", tmp_path / "bad", "--epochs", "1"))
+        assert runs[-1].returncode != 0
+        one_line_error(runs[-1], "***@127.0.0.1")
+        # a resume without the URL says how to give it again
+        one_line_error(run("train", "--resume", tmp_path / "run", "--epochs", "2"), "resume with --data")
+    for r in runs:
+        assert secret not in r.stdout + r.stderr
+    leaked = [p for p in tmp_path.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()
+              and p.name != "exp.toml"]
+    assert not leaked, leaked
+    from pipeline.redact import redact
+
+    assert redact("s3://b/k?X-Amz-Signature=abc&X-Amz-Date=1") == "s3://b/k?X-Amz-Signature=***&X-Amz-Date=1"
+    assert redact("https://h/p?sig=zz&sv=2020") == "https://h/p?sig=***&sv=2020"

@@ -35,6 +35,7 @@ from pipeline.evaluation.records import save_result
 from pipeline.evaluation.smoothing import Smoothing
 from pipeline.loggers import LOGGERS, RunLoggers
 from pipeline.progress import console
+from pipeline.redact import redact
 from pipeline.runlayout import RunLayout
 from pipeline.shards.layout import file_sha256
 from pipeline.shards.shardset import ShardSet
@@ -177,12 +178,12 @@ def evaluate(data: str | Path, checkpoint: str | Path, protocol: str = "slf", at
         "attack_settings": measure_settings, "measure_samples": measure_samples, "eps": b.eps, "attack_step": b.step, "attack_steps": b.steps,
         "noise_sigma": s.noise_sigma, "smoothing": smoothing.as_dict() if smoothing else None,
         "finetune": asdict(s), "finetune_losses": info["finetune_losses"], "finetune_seconds": info["finetune_seconds"],
-        "attack_seconds": time.perf_counter() - started, "checkpoint": str(checkpoint),
+        "attack_seconds": time.perf_counter() - started, "checkpoint": redact(str(checkpoint)),
         "checkpoint_epoch": ckpt.get("epoch"), "method": ckpt.get("method"),
         "arch": spec.get("arch", type(model).__name__), "eval_branch": model.branches["eval"],
         "branch_role": branch, "classifier_path": info["classifier_path"],
         "reused_classifier": info["reused_classifier"],
-        "data": str(ss.root), "dataset_fingerprint": ss.fingerprint, "test_samples_limit": limit,
+        "data": redact(str(ss.root)), "dataset_fingerprint": ss.fingerprint, "test_samples_limit": limit,
         "chance": 1 / len(ss.classes),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

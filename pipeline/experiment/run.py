@@ -63,7 +63,7 @@ def _training(cfg) -> dict:
     base = defaults.to_dict()
     return {section: {k: v for k, v in values.items()
                       if base.get(section, {}).get(k, _MISSING) != v and f"{section}.{k}" not in _NOT_TRAINING}
-            for section, values in cfg.to_dict().items() if section != "eval"}
+            for section, values in cfg.to_record().items() if section != "eval"}
 
 
 _MISSING = object()

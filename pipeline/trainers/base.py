@@ -155,7 +155,7 @@ class Trainer:
         if resume:
             self._load_state(self.layout.last)
         # after the resume: a resumed run's loggers hide what the stopped run logged past its checkpoint
-        self.loggers = RunLoggers(self.run_dir, cfg.to_dict(), cfg.run.loggers if self.is_main else [],
+        self.loggers = RunLoggers(self.run_dir, cfg.to_record(), cfg.run.loggers if self.is_main else [],
                                   resume_step=self.global_step if resume else None)
 
     # -- hooks ------------------------------------------------------------------------------------------
@@ -223,7 +223,7 @@ class Trainer:
     def snapshot(self, epoch: int) -> dict:
         """The model as a selector sees it: weights, spec, and what the method's step looks like now."""
         return {"model_spec": self.spec, "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
-                "config": self.cfg.to_dict(), "epoch": epoch, "dataset_fingerprint": self.shardset.fingerprint,
+                "config": self.cfg.to_record(), "epoch": epoch, "dataset_fingerprint": self.shardset.fingerprint,
                 "method": self.name, "selection_settings": self.selection_settings()}
 
     # -- subsets and loaders ----------------------------------------------------------------------------
@@ -411,7 +411,7 @@ class Trainer:
         return {
             "method": self.name, "model_spec": self.spec, "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "epoch": epochs_done, "global_step": self.global_step,
-            "rng": rng, "config": self.cfg.to_dict(), "dataset_fingerprint": self.shardset.fingerprint,
+            "rng": rng, "config": self.cfg.to_record(), "dataset_fingerprint": self.shardset.fingerprint,
             "attack": self.budget.as_dict(),
             "subset": {"manifest": str(sub.path) if sub is not None else "",
                        "round": sub.round if sub is not None and sub.round is not None else -1},
