@@ -217,6 +217,12 @@ def train(
         if not RunLayout(resume).config.is_file():
             raise PipelineError(f"{resume}: not a run folder (no config.toml); start it with --out instead")
         cfg = load_config(RunLayout(resume).config)
+        # Settings read from a file never send data anywhere: W&B goes online on a resume only when this
+        # command asks (its flags below, --set, or WANDB_MODE), not because the run's config.toml says so.
+        if cfg.run.wandb_mode != "offline" and "wandb" in cfg.run.loggers:
+            console.print(f"{RunLayout(resume).config} asks for W&B mode {cfg.run.wandb_mode!r}; this resume logs "
+                          "offline unless its command asks (--set run.wandb_mode=online or WANDB_MODE=online)")
+        cfg.run.wandb_mode = "offline"
     else:
         cfg = load_config(config) if config else TrainConfig()
     flags = {flag: (key, given[flag.split("/")[0].lstrip("-").replace("-", "_")])

@@ -346,3 +346,50 @@ name = "full"
 
     assert redact("s3://b/k?X-Amz-Signature=abc&X-Amz-Date=1") == "s3://b/k?X-Amz-Signature=***&X-Amz-Date=1"
     assert redact("https://h/p?sig=zz&sv=2020") == "https://h/p?sig=***&sv=2020"
+
+
+# -- settings from someone else's files never send data anywhere ---------------------------------------------
+FAKE_WANDB = '''
+import json, os
+class _Run:
+    summary = {}
+    def define_metric(self, *a, **k): pass
+    def log(self, *a, **k): pass
+    def finish(self): pass
+def init(**kw):
+    with open(os.environ["FAKE_WANDB_LOG"], "a") as f:
+        f.write(json.dumps({"mode": kw.get("mode")}) + "\\n")
+    return _Run()
+'''
+
+
+def test_online_logging_only_when_the_invoking_command_asks(digits_set, tmp_path):
+    """A run whose config.toml says W&B online (someone else's, or an old one): evaluating its checkpoint and
+    resuming it log offline; WANDB_MODE in the invoking user's environment still decides."""
+    import json
+
+    (tmp_path / "fake").mkdir()
+    (tmp_path / "fake" / "wandb.py").write_text(FAKE_WANDB)
+    log = tmp_path / "wandb-calls.jsonl"
+    env = {**os.environ, "FAKE_WANDB_LOG": str(log), "PYTHONPATH": os.pathsep.join(
+        [str(tmp_path / "fake"), os.environ.get("PYTHONPATH", "")])}
+    env.pop("WANDB_MODE", None)
+    args = ["--data", digits_set.root, "--arch", "smallcnn", "--batch-size", "256", "--workers", "0",
+            "--set", "model.head_width=16", "--set", "model.proj_dim=8", "--set", "attack.steps=1"]
+    r = run("train", *args, "--out", tmp_path / "theirs", "--epochs", "1", "--set", "run.loggers=wandb",
+            "--set", "run.wandb_mode=online", env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [json.loads(x)["mode"] for x in log.read_text().splitlines()] == ["online"]  # their own command asked
+    log.unlink()
+    r = run("eval", "--data", digits_set.root, "--checkpoint", tmp_path / "theirs" / "checkpoints" / "last.pt",
+            "--attack", "clean", "--epochs", "1", "--limit", "20", "--batch-size", "256", env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run("train", "--resume", tmp_path / "theirs", "--epochs", "2", env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "logs offline unless its command asks" in r.stderr
+    assert {json.loads(x)["mode"] for x in log.read_text().splitlines()} == {"offline"}
+    log.unlink()
+    r = run("eval", "--data", digits_set.root, "--checkpoint", tmp_path / "theirs" / "checkpoints" / "last.pt",
+            "--attack", "clean", "--epochs", "1", "--limit", "20", "--batch-size", "256",
+            env={**env, "WANDB_MODE": "online"})
+    assert r.returncode == 0 and {json.loads(x)["mode"] for x in log.read_text().splitlines()} == {"online"}

@@ -207,6 +207,10 @@ def log_to_run(checkpoint, ckpt: dict, result: dict) -> None:
     names = [n for n in (config.get("run", {}).get("loggers") or []) if isinstance(n, str) and n in LOGGERS]
     if not names:
         return
+    # The checkpoint's settings are read from a file (perhaps someone else's): they never send data anywhere.
+    # W&B logs offline here unless the invoking user's environment asks (WANDB_MODE).
+    run_settings = config.get("run") if isinstance(config.get("run"), dict) else {}
+    config = {**config, "run": {**run_settings, "wandb_mode": "offline"}}
     loggers = RunLoggers(layout.root, config, names)
     try:
         loggers.evaluation(result, int(ckpt.get("global_step") or 0))
