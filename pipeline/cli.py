@@ -24,6 +24,7 @@ from pipeline.redact import is_redacted, redact
 from pipeline.registry import load_plugins
 from pipeline.progress import console, progress_bar
 from pipeline.runlayout import RunLayout
+from pipeline.validate import parse_json
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Streaming data selection for affordable adversarially robust pre-training.")
@@ -281,7 +282,7 @@ def select(
     checkpoint: Optional[Path] = typer.Option(None, help="Model snapshot [default: a freshly initialised model]."),
     split: str = typer.Option("train"),
     pool: Optional[Path] = typer.Option(None, help="Select from this manifest's samples instead of the split."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Seed of the selection (a whole number >= 0)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     arch: str = typer.Option("resnet18", help="Model for selection without --checkpoint."),
     batch_size: int = typer.Option(256, help="Proxy computation batch size."),
@@ -521,7 +522,7 @@ def experiment(
 
     exp = load_experiment(config, out)
     if dry_run:
-        state = json.loads((exp.out / STATE).read_text()) if (exp.out / STATE).is_file() else {"runs": {}}
+        state = parse_json((exp.out / STATE).read_text()) if (exp.out / STATE).is_file() else {"runs": {}}
         for arm, seed, run_id in exp.runs():
             done = "done" if run_id in state["runs"] else "to run"
             console.print(f"{run_id}: {done}  {escape(json.dumps(arm.overrides))}")

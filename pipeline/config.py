@@ -34,6 +34,7 @@ from pipeline.registry import Registry
 from pipeline.shards.cache import parse_size
 from pipeline.shards.crops import parse_crop
 from pipeline.shards.storage import DataSource, ReadOptions
+from pipeline.validate import parse_toml
 
 # Rules: (test, what the value must be).
 POSITIVE = (lambda v: v > 0, "must be > 0")
@@ -470,7 +471,7 @@ def load_config(path: str | Path) -> TrainConfig:
     if not path.is_file():
         raise PipelineError(f"{path}: no such config file")
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = parse_toml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise PipelineError(f"{path}: not UTF-8 text; save the config file as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:

@@ -25,3 +25,28 @@ class WriteError(PipelineError):
 
     def __reduce__(self):  # crosses process pools (prepare's encoders) intact
         return type(self), (self.path, self.reason)
+
+
+class user_code:
+    """`with user_code("importing plugin 'x'", "fix it or remove it from PIPELINE_PLUGINS"):` around code of the
+    user's own (a plugin, a model factory, an entry point): whatever it raises, SystemExit included, becomes one
+    PipelineError line naming the step and the fix (its message cut at 300 characters); a PipelineError passes
+    through as it is."""
+
+    def __init__(self, what: str, fix: str):
+        self.what, self.fix = what, fix
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if exc is None or isinstance(exc, KeyboardInterrupt):
+            return False
+        if isinstance(exc, PipelineError):  # already one line of ours (a taken name, a check of the step)
+            return False
+        if isinstance(exc, (Exception, SystemExit)):
+            why = f"exited with code {exc.code!r}" if isinstance(exc, SystemExit) else \
+                f"{type(exc).__name__}: {str(exc)[:300]}"
+            raise PipelineError(f"{self.what} failed ({why}); {self.fix}") from None
+        return False
+

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pipeline.errors import PipelineError
 from pipeline.progress import console
+from pipeline.validate import parse_json
 
 LOCK_NAME = ".pipeline.lock"
 _held: dict[str, list] = {}  # real folder path -> [fd, count]
@@ -28,7 +29,7 @@ _held: dict[str, list] = {}  # real folder path -> [fd, count]
 
 def _record(path: Path) -> dict:
     try:
-        return json.loads(path.read_text() or "{}")
+        return parse_json(path.read_text() or "{}")
     except (OSError, ValueError):
         return {}
 

@@ -16,7 +16,6 @@ message naming both.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from pipeline.progress import progress_bar
 from pipeline.shards.layout import file_sha256
 from pipeline.shards.manifest import array_digest, owned_array
 from pipeline.shards.shardset import ShardSet
-from pipeline.validate import Fields, read_array
+from pipeline.validate import Fields, parse_json, read_array
 
 FORMAT = "pipeline.pseudo-labels"
 DEFAULT_COUNTS = (2, 10, 50, 100, 500)  # AdvCL's five heads
@@ -50,7 +49,7 @@ def _header(path: str | Path) -> Path:
 
 def _read_header(header_path: Path) -> dict | None:
     try:
-        h = json.loads(header_path.read_text())
+        h = parse_json(header_path.read_text())
     except (OSError, ValueError):
         return None
     return h if isinstance(h, dict) and h.get("format") == FORMAT else None
@@ -103,7 +102,7 @@ class PseudoLabels:
     def load(cls, path: str | Path, fingerprint: str | None = None) -> "PseudoLabels":
         header_path = _header(path)
         try:
-            h = json.loads(header_path.read_text())
+            h = parse_json(header_path.read_text())
         except FileNotFoundError:
             raise DataError(f"{header_path}: no such pseudo-label file; make one with `pipeline pseudo-labels`") from None
         except (ValueError, UnicodeDecodeError):

@@ -19,7 +19,7 @@ import importlib
 import os
 from typing import Generic, Iterator, TypeVar
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, user_code
 
 T = TypeVar("T")
 
@@ -113,17 +113,10 @@ def load_plugins() -> list[str]:
     for name in names:
         # Importing a plugin is a step of its own that fails loudly: whatever the import raises, SystemExit
         # included (a plugin's `sys.exit(0)` would otherwise end the command with success, having done nothing).
-        try:
+        # A name it registers that is taken comes back as the registry's line, the plugin named.
+        with user_code(f"{PLUGINS_VARIABLE}: importing plugin {name!r}",
+                       f"put its folder on PYTHONPATH, fix it, or remove it from {PLUGINS_VARIABLE}"):
             importlib.import_module(name)
-        except ImportError as exc:
-            raise PipelineError(f"{PLUGINS_VARIABLE}: cannot import {name!r} ({exc}); put its folder on PYTHONPATH "
-                                f"or remove it from {PLUGINS_VARIABLE}") from None
-        except PipelineError as exc:
-            raise PipelineError(f"{PLUGINS_VARIABLE}: plugin {name!r}: {exc}") from None
-        except (Exception, SystemExit) as exc:
-            what = f"exited with code {exc.code!r}" if isinstance(exc, SystemExit) else f"{type(exc).__name__}: {str(exc)[:300]}"
-            raise PipelineError(f"{PLUGINS_VARIABLE}: importing plugin {name!r} failed ({what}); fix it or remove it "
-                                f"from {PLUGINS_VARIABLE}") from None
     return names
 
 

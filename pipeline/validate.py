@@ -92,6 +92,27 @@ class Fields:
         return Fields(self.path, self.record[key] if record is None else record, self.fix, f"{self.where}{key}.")
 
 
+def parse_json(text):
+    """json.loads for records read back: input nested beyond what the parser recurses through is a decoding
+    error like any other (ValueError), caught where the file is read and named, not a RecursionError."""
+    import json
+
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested deeper than any record of ours", "", 0) from None
+
+
+def parse_toml(text: str) -> dict:
+    """tomllib.loads, with deep nesting a TOMLDecodeError (a ValueError) instead of a RecursionError."""
+    import tomllib
+
+    try:
+        return tomllib.loads(text)
+    except RecursionError:
+        raise tomllib.TOMLDecodeError("nested deeper than any settings file") from None
+
+
 def read_array(path, fix: str, dtype=None, ndim: int | None = None):
     """A .npy array of ours read back: plain values only (an object array is a pickle: refused), of the kind
     and rank its reader expects; anything else is one DataError line naming the file and `fix`."""
@@ -110,4 +131,4 @@ def read_array(path, fix: str, dtype=None, ndim: int | None = None):
     return arr
 
 
-__all__ = ["Fields", "LIMIT", "SAFE_NAME", "read_array"]
+__all__ = ["Fields", "LIMIT", "SAFE_NAME", "parse_json", "parse_toml", "read_array"]

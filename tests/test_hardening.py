@@ -393,3 +393,38 @@ def test_online_logging_only_when_the_invoking_command_asks(digits_set, tmp_path
             "--attack", "clean", "--epochs", "1", "--limit", "20", "--batch-size", "256",
             env={**env, "WANDB_MODE": "online"})
     assert r.returncode == 0 and {json.loads(x)["mode"] for x in log.read_text().splitlines()} == {"online"}
+
+
+# -- one line, never a traceback ----------------------------------------------------------------------------
+def test_own_model_code_that_fails_in_any_way_is_one_line(digits_set, tmp_path):
+    (tmp_path / "nets.py").write_text("def raises():\n    raise ValueError('boom')\n"
+                                      "def needs(a, b):\n    return None\n")
+    (tmp_path / "broken.py").write_text("raise RuntimeError('import fails')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    for arch, needle in [("module:nets:raises", "calling nets.raises() failed (ValueError: boom)"),
+                         ("module:nets:needs", "calling nets.needs() failed (TypeError"),
+                         ("module:broken:f", "importing 'broken' failed (RuntimeError: import fails)")]:
+        one_line_error(run("train", "--data", digits_set.root, "--out", tmp_path / "r", "--arch", arch,
+                           "--epochs", "1", "--overwrite", env=env), needle)
+
+
+def test_deeply_nested_records_and_settings_are_one_line(digits_set, tmp_path):
+    from conftest import write_tiny_run
+
+    deep_toml = tmp_path / "deep.toml"
+    deep_toml.write_text("[run]\nseed = " + "[" * 5000 + "]" * 5000 + "\n")
+    one_line_error(run("train", "--config", deep_toml, "--data", digits_set.root, "--out", tmp_path / "r"),
+                   "deep.toml")
+    runs = write_tiny_run(tmp_path / "run")
+    (runs / "results.json").write_text('{"a":' * 100_000 + "1" + "}" * 100_000)
+    one_line_error(run("report", runs, "--out", tmp_path / "rep"), "results.json: not JSON")
+
+
+def test_a_negative_seed_is_one_line(digits_set, tmp_path):
+    r = run("select", "--data", digits_set.root, "--selector", "random", "--fraction", "0.1", "--out",
+            tmp_path / "m.json", "--seed", "-3")
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "-3" in r.stderr
+    from pipeline.selectors.run import run_selection
+
+    with pytest.raises(PipelineError, match="seed -3: a whole number >= 0"):
+        run_selection(digits_set.root, "random", 0.1, tmp_path / "m.json", seed=-3)

@@ -11,7 +11,6 @@ what an uninterrupted one would, so its TSV is the same but for the seconds colu
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from pipeline.evaluation.smoothing import certify_sample, linf_radius
 from pipeline.locks import folder_lock
 from pipeline.progress import console, progress_bar
 from pipeline.runlayout import RunLayout
+from pipeline.validate import parse_json
 
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 COLUMNS = ("id", "label", "prediction", "radius", "correct", "seconds")
@@ -99,7 +99,7 @@ def _check_settings(meta_path: Path, settings: dict) -> None:
     if not meta_path.is_file():
         return
     try:
-        before = json.loads(meta_path.read_text())["settings"]
+        before = parse_json(meta_path.read_text())["settings"]
         if not isinstance(before, dict):
             raise TypeError
     except (OSError, ValueError, KeyError, TypeError):

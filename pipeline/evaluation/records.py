@@ -23,6 +23,7 @@ from pipeline.atomic import move_aside, write_json
 from pipeline.errors import PipelineError, WriteError
 from pipeline.locks import record_lock
 from pipeline.progress import console
+from pipeline.validate import parse_json
 
 
 def result_key(result: dict, name: str) -> str:
@@ -85,7 +86,7 @@ def read_results(path: Path) -> dict:
     if not path.exists():
         return {}
     try:
-        record = json.loads(path.read_text())
+        record = parse_json(path.read_text())
     except (OSError, ValueError, RecursionError):
         aside = move_aside(path)
         console.print(f"[yellow]{path}: unreadable (a torn or edited file); kept as {aside.name}, starting a new "

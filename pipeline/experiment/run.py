@@ -4,7 +4,6 @@ recording each in OUT/experiment.json as it finishes."""
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from pipeline.shards.prepare import PrepareOptions, prepare
 from pipeline.trainers import create_trainer
 from pipeline.trainers.runfolder import start_fresh
 from pipeline.trainers.subsets import PRUNERS
-from pipeline.validate import Fields
+from pipeline.validate import Fields, parse_json
 
 
 def _ensure_pseudo_labels(exp: Experiment, arm: Arm, seed: int, data_path: str, progress: bool) -> None:
@@ -225,7 +224,7 @@ def _read_state(path: Path) -> dict:
     if not path.is_file():
         return {"format": "pipeline.experiment", "runs": {}}
     try:
-        state = json.loads(path.read_text())
+        state = parse_json(path.read_text())
     except (ValueError, UnicodeDecodeError, RecursionError):  # ours, torn or damaged: kept aside; runs are found again
         aside = move_aside(path)
         console.print(f"[yellow]{path}: unreadable; kept as {aside.name}. Starting a new record: arms whose runs "

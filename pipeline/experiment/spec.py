@@ -38,6 +38,7 @@ from pipeline.errors import PipelineError
 from pipeline.evaluation.smoothing import Smoothing
 from pipeline.kv import parse_kv
 from pipeline.trainers import TRAINERS
+from pipeline.validate import parse_toml
 
 STATE = "experiment.json"
 
@@ -81,7 +82,7 @@ def load_experiment(path: str | Path, out: str | Path | None = None) -> Experime
     if not path.is_file():
         raise PipelineError(f"{path}: no such experiment file")
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = parse_toml(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise PipelineError(f"{path}: malformed TOML ({exc})") from None
     head = _table(raw.get("experiment", {}), f"{path}: [experiment]")

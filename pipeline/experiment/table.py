@@ -3,7 +3,6 @@ with a column per registered measure; OUT/results.md, results.json and the repor
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ from pipeline.errors import PipelineError
 from pipeline.evaluation.measures import list_measures, measure_title, robust_measures
 from pipeline.experiment.spec import CERTIFIED_COLUMNS, Experiment
 from pipeline.report import build_report, figures
+from pipeline.validate import parse_json
 
 
 def _mean_std(values) -> tuple[float | None, float | None]:
@@ -192,7 +192,7 @@ def check_outputs(exp: Experiment) -> None:
                             "experiment out)")
     if js.exists():
         try:
-            record = json.loads(js.read_text())
+            record = parse_json(js.read_text())
             ours = isinstance(record, dict) and {"experiment", "rows", "arms"} <= set(record)
         except (OSError, ValueError):
             ours = False

@@ -24,7 +24,7 @@ from importlib.metadata import entry_points
 import torch
 from torch import nn
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, user_code
 from pipeline.models.multibn import convert_batchnorm
 from pipeline.models.normalize import Normalize, default_stats
 from pipeline.registry import PLUGINS_VARIABLE
@@ -108,11 +108,12 @@ def _check_module_ref(arch: str) -> tuple[str, str]:
 
 
 def _import_factory(arch: str, module: str, function: str):
-    try:
-        mod = importlib.import_module(module)
-    except ImportError as exc:
-        raise PipelineError(f"model.arch {arch}: cannot import {module!r} ({exc}); put its folder on PYTHONPATH "
-                            "or install its package") from None
+    with user_code(f"model.arch {arch}: importing {module!r}", "fix the module or choose another arch"):
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as exc:
+            raise PipelineError(f"model.arch {arch}: cannot import {module!r} ({exc}); put its folder on "
+                                "PYTHONPATH or install its package") from None
     fn = getattr(mod, function, None)
     if not callable(fn):
         raise PipelineError(f"model.arch {arch}: {module} has no function {function!r}")
@@ -135,26 +136,32 @@ def foreign_body(arch: str) -> nn.Module:
         if not is_trusted(arch):
             raise PipelineError(f"model.arch {arch}: the checkpoint names code to import ({module}); it is imported "
                                 f"only when you trust it: set {PLUGINS_VARIABLE}={module} (or pass --arch {arch})")
-        body = _import_factory(arch, module, function)()
+        factory = _import_factory(arch, module, function)
+        with user_code(f"model.arch {arch}: calling {module}.{function}()",
+                       "the function must build the nn.Module with no arguments"):
+            body = factory()
     elif arch.startswith("timm:"):
         try:
             import timm
         except Exception as exc:  # timm imports torchvision, which fails on a CPU-only torch
             raise PipelineError(f"model.arch {arch}: timm does not import here ({type(exc).__name__}: {exc}); "
                                 "install timm (and a torchvision matching torch), or use another arch") from None
-        body = timm.create_model(arch.removeprefix("timm:"), pretrained=False, num_classes=0)
+        with user_code(f"model.arch {arch}: timm.create_model", "check the model name (timm.list_models())"):
+            body = timm.create_model(arch.removeprefix("timm:"), pretrained=False, num_classes=0)
     elif arch.startswith("torchvision:"):
         try:
             from torchvision import models
         except Exception as exc:
             raise PipelineError(f"model.arch {arch}: torchvision does not import here ({type(exc).__name__}: "
                                 f"{exc}); on a CPU-only torch it cannot; use another arch") from None
-        body = _without_classifier(models.get_model(arch.removeprefix("torchvision:"), weights=None))
+        with user_code(f"model.arch {arch}: torchvision's get_model", "check the model name"):
+            body = _without_classifier(models.get_model(arch.removeprefix("torchvision:"), weights=None))
     else:
         ep = _entry_point(arch)
         if ep is None:
             raise PipelineError(f"model.arch {arch!r}: no such model")
-        body = ep.load()()
+        with user_code(f"model.arch {arch}: the entry point {ep.value}", "fix its package or choose another arch"):
+            body = ep.load()()
     if not isinstance(body, nn.Module):
         raise PipelineError(f"model.arch {arch}: its function returned {type(body).__name__}, not an nn.Module")
     return body

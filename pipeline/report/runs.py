@@ -10,7 +10,7 @@ from pathlib import Path
 from pipeline.errors import PipelineError
 from pipeline.evaluation.measures import robust_measures
 from pipeline.runlayout import RunLayout
-from pipeline.validate import Fields
+from pipeline.validate import Fields, parse_json, parse_toml
 from pipeline.shards.manifest import Manifest, round_paths
 
 
@@ -82,7 +82,7 @@ def _jsonl(path: Path) -> list[dict]:
     for n, line in enumerate(lines, 1):
         if line.strip():
             try:
-                out.append(json.loads(line))
+                out.append(parse_json(line))
             except json.JSONDecodeError:
                 if torn and n == len(lines):
                     break
@@ -125,7 +125,7 @@ def load_run(path: str | Path) -> RunRecord:
         raise PipelineError(f"{path}: not a training run (needs config.toml and metrics.jsonl); "
                             "train one with `pipeline train --out RUN`")
     try:
-        config = tomllib.loads(run_files.config.read_text())
+        config = parse_toml(run_files.config.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise PipelineError(f"{run_files.config}: unreadable ({exc})") from None
     records = _jsonl(run_files.metrics)
@@ -175,7 +175,7 @@ def load_run(path: str | Path) -> RunRecord:
     results = run_files.results
     if results.is_file():
         try:
-            by_ckpt = json.loads(results.read_text())
+            by_ckpt = parse_json(results.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise PipelineError(f"{results}: not JSON (or nested beyond reason)") from None
         Fields(results, by_ckpt, "evaluate again (`pipeline eval`) after moving the file away")
@@ -188,7 +188,7 @@ def load_run(path: str | Path) -> RunRecord:
                     run.results.append({"checkpoint": entry.get("checkpoint"), "digest": digest, "key": key, **res})
     for meta in run_files.certifications():
         try:
-            summary = json.loads(meta.read_text())
+            summary = parse_json(meta.read_text())
         except (OSError, ValueError):
             continue  # a certification being written; the report shows the finished ones
         if "certified_accuracy" in summary:

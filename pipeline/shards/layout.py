@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import DataError
-from pipeline.validate import Fields
+from pipeline.validate import Fields, parse_json
 
 INDEX_NAME = "index.json"
 FORMAT = "pipeline.shardset"
@@ -95,7 +95,7 @@ def load_index(root: Path) -> dict:
 def parse_index(path, data: bytes) -> dict:
     """index.json's content, checked field by field (`path` names it in messages: a file or a URL)."""
     try:
-        index = json.loads(data)
+        index = parse_json(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: malformed JSON ({exc}); run `pipeline prepare` again to rewrite it") from exc
     if not isinstance(index, dict) or index.get("format") != FORMAT:

@@ -24,7 +24,7 @@ import numpy as np
 from pipeline import __version__
 from pipeline.atomic import write_json, write_npy
 from pipeline.errors import DataError
-from pipeline.validate import Fields, read_array
+from pipeline.validate import Fields, parse_json, read_array
 
 FORMAT = "pipeline.manifest"
 FORMAT_VERSION = 1
@@ -51,7 +51,7 @@ def read_header(path: str | Path, strict: bool = False) -> dict | None:
             raise DataError(f"{header_path}: no such manifest (write one with `pipeline select`)")
         return None
     try:
-        h = json.loads(header_path.read_text())
+        h = parse_json(header_path.read_text())
     except (OSError, ValueError) as exc:
         if strict:
             raise DataError(f"{header_path}: malformed manifest header ({exc}); select this round again") from exc

@@ -32,6 +32,7 @@ from pipeline.shards.ffcv_write import write_betons
 from pipeline.shards.images import DEFAULT_JPEG_QUALITY, CorruptImage, Encoding
 from pipeline.shards.sources import Source, open_source
 from pipeline.shards.tarshard import ShardSample, shard_looks_intact, write_shard
+from pipeline.validate import parse_json
 
 JOURNAL_NAME = ".prepare-journal.jsonl"
 SPLIT_ORDER = ("train", "val", "test")
@@ -214,7 +215,7 @@ def _previous_records(out: Path, recipe: dict, overwrite: bool) -> tuple[dict[tu
     old_recipe = None
     if index_path.is_file():
         try:
-            index = json.loads(index_path.read_text())
+            index = parse_json(index_path.read_text())
             if not isinstance(index, dict) or index.get("format") != layout.FORMAT:
                 raise ValueError
             old_recipe = index.get("recipe")
@@ -234,7 +235,7 @@ def _previous_records(out: Path, recipe: dict, overwrite: bool) -> tuple[dict[tu
         ours.add(journal.name)
         for line in journal.read_text().splitlines():
             try:
-                entry = json.loads(line)
+                entry = parse_json(line)
             except json.JSONDecodeError:
                 continue  # a line cut short by the interruption
             if "recipe" in entry:
@@ -444,7 +445,7 @@ def _prepare_locked(spec: str, opts: PrepareOptions, source: Source, out: Path) 
             for rec in kept:
                 journal.write(json.dumps(rec) + "\n")
             _execute(todo, spec, opts, journal, total, total - sum(len(t.ids) for t in todo))
-        records = [json.loads(ln) for ln in (out / JOURNAL_NAME).read_text().splitlines()[1:]]
+        records = [parse_json(ln) for ln in (out / JOURNAL_NAME).read_text().splitlines()[1:]]
         index = build_index(source, spec, recipe, records, opts.image_size)
         for split, info in index["splits"].items():
             if info["count"] == 0:
@@ -453,7 +454,7 @@ def _prepare_locked(spec: str, opts: PrepareOptions, source: Source, out: Path) 
         write_json(index_path, index)
         (out / JOURNAL_NAME).unlink()
     else:
-        index = json.loads(index_path.read_text())
+        index = parse_json(index_path.read_text())
     result = PrepareResult(out, index, sum(len(t.ids) for t in todo), time.perf_counter() - started)
     if "ffcv" in opts.formats:
         result.index = write_betons(out, workers=opts.workers, progress=opts.progress)

@@ -19,6 +19,7 @@ from pipeline.progress import progress_bar
 from pipeline.shards import layout
 from pipeline.shards.storage import ReadOptions, is_url, open_store
 from pipeline.shards.verify import verify
+from pipeline.validate import parse_json
 
 MARKER = ".pipeline-upload.json"
 
@@ -53,7 +54,7 @@ def _check_prefix(store, index: dict, names: list[str]) -> bool:
                                 f"{other['fingerprint']}); upload to an empty prefix")
         return True
     if store.size(MARKER) is not None:
-        marker = json.loads(store.read_file(MARKER))
+        marker = parse_json(store.read_file(MARKER))
         if marker.get("fingerprint") == index["fingerprint"]:
             return True
         raise PipelineError(f"{store.url}: an unfinished upload of another shard set (fingerprint "

@@ -48,6 +48,7 @@ from pipeline.objectives import OBJECTIVES
 from pipeline.trainers.optim import build_optimizer, lr_at
 from pipeline.trainers.selective import create_selective_attack
 from pipeline.trainers.subsets import create_subset_source
+from pipeline.validate import parse_json
 
 
 @dataclass
@@ -437,13 +438,13 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.start_epoch, self.global_step = int(ckpt["epoch"]), int(ckpt["global_step"])
         self.resume_step = int(ckpt.get("step_in_epoch") or 0)
-        self._resumed_epoch = json.loads(ckpt["partial_epoch"]) if self.resume_step else None
+        self._resumed_epoch = parse_json(ckpt["partial_epoch"]) if self.resume_step else None
         torch.set_rng_state(ckpt["rng"]["torch"].cpu())
         self.gen.set_state(ckpt["rng"]["generator"].cpu())
         self.load_extra_state(ckpt.get("method_state") or {})
         sel = ckpt.get("selection") or {}
         if self.is_main and sel.get("kind") == self.subsets.kind:
-            self.subsets.restore({**json.loads(sel.get("state") or "{}"), "tensors": sel.get("tensors") or {}})
+            self.subsets.restore({**parse_json(sel.get("state") or "{}"), "tensors": sel.get("tensors") or {}})
         if self.selective is not None:
             self.selective.restore(ckpt.get("attack_selection") or {})
         if self.cuda and "cuda" in ckpt["rng"]:
@@ -495,7 +496,7 @@ def cut_metrics(path: Path, lines: int | None, epochs_done: int) -> int:
     records = []
     for line in path.read_bytes().split(b"\n"):
         try:
-            records.append((line, json.loads(line)))
+            records.append((line, parse_json(line)))
         except ValueError:
             continue  # torn or blank
     if lines is not None:
