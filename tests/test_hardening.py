@@ -428,3 +428,49 @@ def test_a_negative_seed_is_one_line(digits_set, tmp_path):
 
     with pytest.raises(PipelineError, match="seed -3: a whole number >= 0"):
         run_selection(digits_set.root, "random", 0.1, tmp_path / "m.json", seed=-3)
+
+
+# -- messages that name the problem: a full disk during certify ----------------------------------------------
+def test_certify_on_a_full_disk_names_its_table_and_the_rerun_continues(digits_set, encoder, tmp_path, monkeypatch):
+    import errno
+
+    import pipeline.evaluation.certify as cert
+    from pipeline.errors import WriteError
+
+    args = dict(sigma=0.25, n0=20, n=200, alpha=0.01, limit=4, progress=False, epochs=1, batch_size=256)
+    writes = {"left": 3}  # the header and two rows fit, then the disk is full
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            if writes["left"] == 0:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            writes["left"] -= 1
+            return self.f.write(text)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(cert, "open", lambda path, mode="r": FullDisk(open(path, mode)), raising=False)
+    tsv = tmp_path / "c" / "certify.tsv"
+    with pytest.raises(WriteError, match=r"certify.tsv: could not be written \(No space left on device; the rows "
+                                         r"already written are kept"):
+        cert.certify(digits_set.root, encoder, out=tmp_path / "c", **args)
+    assert len(cert.read_rows(tsv)) == 2
+    monkeypatch.undo()
+    done = cert.certify(digits_set.root, encoder, out=tmp_path / "c", **args)
+    assert done["samples"] == 4 and len(cert.read_rows(tsv)) == 4
+    # the first write failing leaves an empty table (or a header cut short): the rerun starts it again
+    for start in ("", "id\tlab"):
+        (tmp_path / "e").mkdir(exist_ok=True)
+        (tmp_path / "e" / "certify.tsv").write_text(start)
+        assert cert.certify(digits_set.root, encoder, out=tmp_path / "e", **args)["samples"] == 4
+        (tmp_path / "e" / "certify.tsv").unlink()

@@ -21,7 +21,7 @@ import torch
 from pipeline.atomic import write_json
 from pipeline.augment import to_float
 from pipeline.checkpoint import load_checkpoint
-from pipeline.errors import DataError, PipelineError
+from pipeline.errors import DataError, PipelineError, WriteError
 from pipeline.evaluation import _digest, attack_budget, open_shardset, prepare_classifier
 from pipeline.evaluation.classifiers import is_saved_classifier
 from pipeline.evaluation.smoothing import certify_sample, linf_radius
@@ -57,6 +57,8 @@ def read_rows(tsv: Path) -> list[dict]:
         return []
     raw = tsv.read_bytes()
     end = raw.rfind(b"\n") + 1
+    if end == 0 and ("\t".join(COLUMNS) + "\n").encode().startswith(raw):
+        return []  # empty, or a header cut short (a full disk at the first write): nothing certified yet
     lines = raw[:end].decode().splitlines()
     if not lines or tuple(lines[0].split("\t")) != COLUMNS:
         raise DataError(f"{tsv}: not a certification table (header {lines[0] if lines else 'missing'!r}); "
@@ -110,6 +112,40 @@ def _check_settings(meta_path: Path, settings: dict) -> None:
         what = ", ".join(f"{k} {before.get(k)} -> {settings.get(k)}" for k in differ)
         raise PipelineError(f"{meta_path.parent}: holds a certification with other settings ({what}); give another "
                             "--out, or delete that folder to start over")
+
+
+def _certify_into(tsv: Path, new_file: bool, todo, model, ss, split, sigma, n0, n, alpha, n_classes, seed, batch,
+                  device, workers, progress) -> None:
+    """Certify the samples `todo`, a row each appended to `tsv` and flushed (the header first in a new file). A
+    write that fails (a full disk) is one line naming the table; the rows written before it are kept and the
+    same command continues from them."""
+
+    def put(f, line: str) -> None:
+        try:
+            f.write(line + "\n")
+            f.flush()
+        except OSError as exc:
+            raise WriteError(tsv, f"{exc.strerror or exc}; the rows already written are kept, run the same "
+                                  "command again to continue") from None
+
+    try:
+        f = open(tsv, "a")
+    except OSError as exc:
+        raise WriteError(tsv, exc.strerror or str(exc)) from None
+    with f, progress_bar(progress, unit="samples/s") as bar:
+        if new_file:
+            put(f, "\t".join(COLUMNS))
+        task = bar.add_task(f"certify sigma {sigma:g}, n {n:,}", total=len(todo))
+        for b in ss.loader(split, todo, batch_size=64, shuffle=False, device=device, num_workers=workers):
+            images = to_float(b.images.to(device))
+            for x, sample_id, label in zip(images, b.ids.tolist(), b.labels.tolist()):
+                started = time.perf_counter()
+                pred, radius, _ = certify_sample(model, x, sigma, n0, n, alpha, n_classes,
+                                                 _sample_generator(device, seed, sample_id), batch)
+                row = (sample_id, label, pred, f"{radius:.6f}", int(pred == label),
+                       f"{time.perf_counter() - started:.3f}")
+                put(f, "\t".join(map(str, row)))
+                bar.advance(task)
 
 
 def certify(data, checkpoint, sigma: float, n0: int = 100, n: int = 100_000, alpha: float = 0.001,
@@ -169,23 +205,9 @@ def certify(data, checkpoint, sigma: float, n0: int = 100, n: int = 100_000, alp
             console.print(f"{tsv}: {len(done):,} samples already certified; continuing with {len(todo):,}")
         n_classes = len(ss.classes)
         if len(todo):
-            new_file = not tsv.is_file()
-            with open(tsv, "a") as f, progress_bar(progress, unit="samples/s") as bar:
-                if new_file:
-                    f.write("\t".join(COLUMNS) + "\n")
-                    f.flush()
-                task = bar.add_task(f"certify sigma {sigma:g}, n {n:,}", total=len(todo))
-                for b in ss.loader(split, todo, batch_size=64, shuffle=False, device=device, num_workers=workers):
-                    images = to_float(b.images.to(device))
-                    for x, sample_id, label in zip(images, b.ids.tolist(), b.labels.tolist()):
-                        started = time.perf_counter()
-                        pred, radius, _ = certify_sample(model, x, sigma, n0, n, alpha, n_classes,
-                                                         _sample_generator(device, seed, sample_id), batch)
-                        row = (sample_id, label, pred, f"{radius:.6f}", int(pred == label),
-                               f"{time.perf_counter() - started:.3f}")
-                        f.write("\t".join(map(str, row)) + "\n")
-                        f.flush()
-                        bar.advance(task)
+            new_file = not tsv.is_file() or tsv.stat().st_size == 0  # (cut_torn_row empties a torn header)
+            _certify_into(tsv, new_file, todo, model, ss, split, sigma, n0, n, alpha, n_classes, seed, batch,
+                          device, workers, progress)
         rows = [r for r in read_rows(tsv) if r["id"] in wanted]
         b = attack_budget(ss, info["ckpt"], eps)
         summary = summarize(rows, settings, ss.channels * ss.image_size ** 2, b.eps)
