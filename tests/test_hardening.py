@@ -474,3 +474,21 @@ def test_certify_on_a_full_disk_names_its_table_and_the_rerun_continues(digits_s
         (tmp_path / "e" / "certify.tsv").write_text(start)
         assert cert.certify(digits_set.root, encoder, out=tmp_path / "e", **args)["samples"] == 4
         (tmp_path / "e" / "certify.tsv").unlink()
+
+
+# -- report output -------------------------------------------------------------------------------------------
+def test_report_refuses_a_shard_set_folder_and_keeps_same_named_runs_apart(digits_set, tmp_path):
+    from conftest import make_prepared, write_tiny_run
+
+    ss = make_prepared("digits", tmp_path / "set")
+    before = sorted(p.name for p in ss.root.iterdir())
+    one_line_error(run("report", write_tiny_run(tmp_path / "x" / "run"), "--out", ss.root), "is a shard set")
+    assert sorted(p.name for p in ss.root.iterdir()) == before
+    a, b = write_tiny_run(tmp_path / "a" / "run"), write_tiny_run(tmp_path / "b" / "run")
+    (b / "metrics.jsonl").write_text((b / "metrics.jsonl").read_text().replace('"loss": 1.0', '"loss": 2.0'))
+    r = run("report", a, b, "--out", tmp_path / "rep")
+    assert r.returncode == 0, r.stderr
+    pngs = sorted(p.name for p in (tmp_path / "rep").glob("*-training.png"))
+    assert pngs == ["a-run-training.png", "b-run-training.png"]
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "(a-run-training.png)" in md and "(b-run-training.png)" in md

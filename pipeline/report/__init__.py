@@ -13,6 +13,8 @@ from pipeline.evaluation.records import samples_text
 from pipeline.locks import folder_lock
 from pipeline.report import figures
 from pipeline.report.runs import RunRecord, load_run, robust_of
+from pipeline.runlayout import RunLayout
+from pipeline.shards.layout import INDEX_NAME
 
 
 def _slug(name: str) -> str:
@@ -47,7 +49,7 @@ def results_table(runs: list[RunRecord]) -> list[str]:
     seen = set()
     for run in runs:
         for r in run.results:
-            key = (run.name, r["digest"], r["protocol"], r.get("branch_role"), r.get("date"))
+            key = (str(run.path), r["digest"], r["protocol"], r.get("branch_role"), r.get("date"))
             if key in seen:  # one evaluation is stored under each of its measures
                 continue
             seen.add(key)
@@ -88,15 +90,32 @@ def _is_our_report(path: Path) -> bool:
     return len(head) == 3 and head[0].startswith("# Report: ") and REPORT_MARK in head[2]
 
 
-def _check_out(out: Path, runs: list[RunRecord]) -> None:
-    """Refuse to write where the report would replace files it did not write, or into a run folder it reads."""
+def _slugs(runs: list[RunRecord]) -> list[str]:
+    """A figure-name stem per run, distinct even where run folders share a name (a/run, b/run): the parent
+    folder's name is added, then a number."""
+    plain = [_slug(r.name) for r in runs]
+    out = [s if plain.count(s) == 1 else f"{_slug(r.path.resolve().parent.name)}-{s}" for r, s in zip(runs, plain)]
+    seen: dict[str, int] = {}
+    for i, s in enumerate(out):
+        seen[s] = seen.get(s, 0) + 1
+        if seen[s] > 1:
+            out[i] = f"{s}-{seen[s]}"
+    return out
+
+
+def _check_out(out: Path, runs: list[RunRecord], slugs: list[str]) -> None:
+    """Refuse to write where the report would replace files it did not write, into a run folder it reads, or
+    into a folder that is a shard set or a run."""
     real = out.resolve()
     for run in runs:
         if real == run.path.resolve() or run.path.resolve() in real.parents:
             raise PipelineError(f"--out {out}: is inside the run folder {run.path}, which the report reads; choose a "
                                 "folder outside the runs")
-    names = ["tradeoff.png", *(f"{_slug(r.name)}-{kind}.png" for r in runs for kind in
-                               ("training", "certified", "selection"))]
+    if (out / INDEX_NAME).exists() or RunLayout(out).config.is_file():
+        what = "a shard set (index.json)" if (out / INDEX_NAME).exists() else "a run folder (config.toml)"
+        raise PipelineError(f"--out {out}: is {what}; a report goes into a folder of its own (choose another --out)")
+    names = ["tradeoff.png", *(f"{slug}-{kind}.png" for slug in slugs for kind in
+                               ("training", "divergence", "certified", "selection"))]
     foreign = [n for n in names if (out / n).exists() and not figures.is_our_figure(out / n)]
     if (out / "report.md").exists() and not _is_our_report(out / "report.md"):
         foreign.insert(0, "report.md")
@@ -110,7 +129,8 @@ def build_report(run_paths: list[str | Path], out: str | Path) -> tuple[Path, li
     figures it wrote before (their marks say so)."""
     runs = [load_run(p) for p in run_paths]
     out = Path(out)
-    _check_out(out, runs)
+    slugs = _slugs(runs)
+    _check_out(out, runs, slugs)
     with folder_lock(out, "pipeline report"):
         pngs: list[Path] = []
         md = [f"# Report: {', '.join(r.name for r in runs)}", "", f"Written {time.strftime('%Y-%m-%d %H:%M')} "
@@ -124,8 +144,7 @@ def build_report(run_paths: list[str | Path], out: str | Path) -> tuple[Path, li
         if trade:
             pngs.append(trade)
             md += ["![robust accuracy against training time](tradeoff.png)", ""]
-        for run in runs:
-            slug = _slug(run.name)
+        for run, slug in zip(runs, slugs):
             cfg = run.config
             md += [f"## {run.label}", "", f"Method {cfg.get('method', {}).get('name')}, "
                    f"{cfg.get('model', {}).get('arch')}, {len(run.epochs)} epochs, {run.images:,} images trained on "
