@@ -492,3 +492,33 @@ def test_report_refuses_a_shard_set_folder_and_keeps_same_named_runs_apart(digit
     assert pngs == ["a-run-training.png", "b-run-training.png"]
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "(a-run-training.png)" in md and "(b-run-training.png)" in md
+
+
+def test_select_watch_stops_when_its_run_folder_is_deleted_or_replaced(digits_set, tmp_path):
+    import shutil
+    import threading
+    import time
+
+    from pipeline.selectors.watch import watch_run
+
+    for replace in (False, True):
+        run_dir = tmp_path / f"run{int(replace)}"
+        run_dir.mkdir()
+        (run_dir / ".pipeline-run.json").write_text('{"method": "acl", "tool": "pipeline"}')  # a started run
+        result = {}
+
+        def watch():
+            try:
+                watch_run(run_dir, digits_set.root, "random", 0.25, {}, 0, "cpu", poll_s=0.01)
+            except PipelineError as exc:
+                result["error"] = str(exc)
+
+        t = threading.Thread(target=watch, daemon=True)
+        t.start()
+        time.sleep(0.2)  # the watch is polling a run with no checkpoint yet
+        shutil.rmtree(run_dir)
+        if replace:  # another run under the same name (its folder may even get the same inode back)
+            run_dir.mkdir()
+            (run_dir / ".pipeline-run.json").write_text('{"method": "acl", "tool": "pipeline", "new": 1}')
+        t.join()  # the event itself; a hang is pytest-timeout's
+        assert ("was replaced by another folder" if replace else "was deleted") in result["error"]
