@@ -223,6 +223,10 @@ def test_an_interrupted_upload_resumes_and_a_foreign_prefix_is_refused(digits_se
         assert verify("s3://shards/mine", progress=False) == []
         keys = {o["Key"] for o in s3.list_objects_v2(Bucket="shards", Prefix="mine/")["Contents"]}
         assert "mine/.pipeline-upload.json" not in keys and "mine/index.json" in keys
+        for damaged in (b"[1, 2]", b"\xff\xfe", b'{"fingerprint": 5}'):  # issue 39: one line, not a traceback
+            s3.put_object(Bucket="shards", Key="torn/.pipeline-upload.json", Body=damaged)
+            with pytest.raises(PipelineError, match="torn/.pipeline-upload.json: a damaged upload marker"):
+                upload(digits_set.root, "s3://shards/torn", progress=False)
 
 
 def test_the_cli_verifies_inspects_and_streams_a_url(digits_set, tmp_path):

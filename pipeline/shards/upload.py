@@ -54,7 +54,14 @@ def _check_prefix(store, index: dict, names: list[str]) -> bool:
                                 f"{other['fingerprint']}); upload to an empty prefix")
         return True
     if store.size(MARKER) is not None:
-        marker = parse_json(store.read_file(MARKER))
+        where = store.where(MARKER)
+        try:
+            marker = parse_json(store.read_file(MARKER))
+        except (ValueError, UnicodeDecodeError):
+            marker = None
+        if not isinstance(marker, dict) or not isinstance(marker.get("fingerprint"), str):
+            raise DataError(f"{where}: a damaged upload marker (not the record this tool writes); delete it and "
+                            "upload again, or upload to an empty prefix")
         if marker.get("fingerprint") == index["fingerprint"]:
             return True
         raise PipelineError(f"{store.url}: an unfinished upload of another shard set (fingerprint "
