@@ -522,3 +522,20 @@ def test_select_watch_stops_when_its_run_folder_is_deleted_or_replaced(digits_se
             (run_dir / ".pipeline-run.json").write_text('{"method": "acl", "tool": "pipeline", "new": 1}')
         t.join()  # the event itself; a hang is pytest-timeout's
         assert ("was replaced by another folder" if replace else "was deleted") in result["error"]
+
+
+def test_a_damaged_csv_log_never_stops_a_resume(digits_set, tmp_path):
+    from pipeline.trainers import create_trainer, load_config
+    from test_train import tiny_cfg
+
+    run_dir = tmp_path / "run"
+    cfg = tiny_cfg(digits_set.root, run_dir, **{"run.loggers": ["csv"], "optim.epochs": 2})
+    with create_trainer(cfg, progress=False) as trainer:
+        trainer.fit(stop_after=1)
+    (run_dir / "logs" / "train.csv").write_text("global_step,loss\nnot-a-number,1\n")
+    (run_dir / "logs" / "epoch.csv").write_bytes(b"\xff\xfe\x00garbage")
+    with create_trainer(load_config(run_dir / "config.toml"), resume=True, progress=False) as trainer:
+        trainer.fit()
+    assert len(list((run_dir / "logs").glob("train.csv.corrupt-*"))) == 1
+    assert len(list((run_dir / "logs").glob("epoch.csv.corrupt-*"))) == 1
+    assert (run_dir / "logs" / "epoch.csv").read_text().startswith("global_step")

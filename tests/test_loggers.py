@@ -150,6 +150,7 @@ def test_a_resumed_run_shows_each_step_once(digits_set, tmp_path):
     assert [v for _, v in tb["train/loss"]] == pytest.approx([r["loss"] for r in steps], rel=1e-6)
     assert [int(r["global_step"]) for r in _csv(run / "logs" / "train.csv")] == [r["step"] for r in steps]
     assert len(_csv(run / "logs" / "epoch.csv")) == 2
+    assert len(tb["epoch/loss"]) == 2  # the checkpoint's own step is kept (purging it lost a point per resume)
 
 
 def test_logger_settings_and_missing_libraries_are_one_line_errors(digits_set, tmp_path, monkeypatch):

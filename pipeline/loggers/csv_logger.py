@@ -12,8 +12,9 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from pipeline.atomic import atomic_path
+from pipeline.atomic import atomic_path, move_aside
 from pipeline.loggers.base import LOGGERS, Logger, evaluation_scalars, flat_settings
+from pipeline.progress import console
 
 FOLDER = "logs"
 
@@ -32,9 +33,16 @@ class CSVLogger(Logger):
         self.folder.mkdir(parents=True, exist_ok=True)
         self.headers: dict[Path, list[str]] = {}
         for path in self.folder.glob("*.csv"):
-            rows = self._rows(path)
-            if resume_step is not None and path.stem != "eval":
-                rows = [r for r in rows if r.get("global_step") in (None, "") or int(r["global_step"]) <= resume_step]
+            try:
+                rows = self._rows(path)
+                if resume_step is not None and path.stem != "eval":
+                    rows = [r for r in rows if r.get("global_step") in (None, "") or int(r["global_step"]) <= resume_step]
+            except (OSError, ValueError, UnicodeDecodeError, csv.Error) as exc:
+                # a damaged or foreign file where a curve goes never stops the run: kept aside, started afresh
+                aside = move_aside(path)
+                console.print(f"[yellow]{path}: unreadable as this logger's table ({type(exc).__name__}); kept as "
+                              f"{aside.name}, starting a new one[/]")
+                continue
             self._write(path, list(rows[0]) if rows else [], rows)
 
     @staticmethod

@@ -4,8 +4,8 @@
     RUN/tensorboard/eval-N/events.out.tfevents.*   each evaluation: its accuracies as hyper-parameter metrics
                                                    beside every setting of the run (the HParams tab)
 
-A resumed run opens its writer with purge_step at the checkpoint's global step: TensorBoard hides what the
-stopped run logged after it, which the resumed run logs again.
+A resumed run opens its writer with purge_step one past the checkpoint's global step: TensorBoard hides what
+the stopped run logged after it, which the resumed run logs again, and keeps the checkpoint's own step.
 """
 
 from __future__ import annotations
@@ -30,7 +30,10 @@ class TensorBoardLogger(Logger):
 
     def _open(self):
         if self.writer is None:
-            self.writer = self._writer_class(str(self.folder), purge_step=self.resume_step)
+            # purge from the first step the resumed run logs again: the checkpoint's own step was logged
+            # before the stop and is not redone (purging it lost one point per resume)
+            purge = None if self.resume_step is None else self.resume_step + 1
+            self.writer = self._writer_class(str(self.folder), purge_step=purge)
         return self.writer
 
     def log(self, record: dict, step: int) -> None:
