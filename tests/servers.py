@@ -25,8 +25,10 @@ _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 
 
 class RangeServer:
-    def __init__(self, folder: Path, fail_every: int = 0, drop_every: int = 0, delay: float = 0.0):
+    def __init__(self, folder: Path, fail_every: int = 0, drop_every: int = 0, delay: float = 0.0,
+                 ignore_range: bool = False):
         self.folder = Path(folder)
+        self.ignore_range = ignore_range  # as `python -m http.server`: 200 and the whole file, whatever was asked
         self.fail_every, self.drop_every, self.delay = fail_every, drop_every, delay
         self.bytes_sent = self.requests = self.failed = self.dropped = 0
         self._lock = threading.Lock()
@@ -67,7 +69,7 @@ class RangeServer:
                     self.end_headers()
                     return
                 data = path.read_bytes()
-                m = _RANGE.match(self.headers.get("Range", ""))
+                m = None if server.ignore_range else _RANGE.match(self.headers.get("Range", ""))
                 if m:
                     start = int(m.group(1))
                     end = min(int(m.group(2)) + 1 if m.group(2) else len(data), len(data))

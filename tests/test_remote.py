@@ -361,3 +361,18 @@ def test_a_cache_that_cannot_be_written_warns_and_reading_goes_on(digits_set, tm
         remote = ShardSet.open(srv.url, ReadOptions(cache_dir=str(blocked / "cache")))
         np.testing.assert_array_equal(_images(remote, ids), _images(digits_set, ids))
     assert "the shard cache stops here" in capsys.readouterr().err and remote.store.cache is None
+
+
+def test_a_server_that_ignores_range_is_read_whole_at_once_not_retried(digits_set, tmp_path, capsys):
+    """`python -m http.server` answers a Range request with 200 and the whole file (issue 39): detected at the
+    first answer, said in one line, and each shard then read whole with one request, never retried."""
+    ids = np.random.default_rng(2).choice(digits_set.ids("train"), 200, replace=False)
+    with RangeServer(digits_set.root, ignore_range=True) as srv:
+        remote = ShardSet.open(srv.url, _opts(tmp_path, cache_limit="0", retries=1))
+        before = srv.requests
+        np.testing.assert_array_equal(_images(remote, ids), _images(digits_set, ids))
+        first = srv.requests - before
+        assert first < 64  # fewer than a request per member of the first batch: no retries, no range reads after
+        np.testing.assert_array_equal(_images(remote, ids), _images(digits_set, ids))
+        assert srv.requests - before == first  # the whole shards were kept: the second pass asked for nothing
+    assert "ignores Range requests" in capsys.readouterr().err

@@ -159,6 +159,7 @@ class RemoteStore:
     # Bytes, not calls, are what a remote read costs once requests run in parallel: merge only close neighbours.
     # (A 10% random subset of 2 KB samples: 16 KiB reads 23% of the set, 4 KiB about 10%.)
     GAP = 4 * 1024
+    WHOLE_KEEP = 512 << 20  # bytes of whole shards kept in memory from a server that ignores Range
 
     def __init__(self, url: str, options: ReadOptions = ReadOptions()):
         self.url, self.options = url.rstrip("/"), options
@@ -168,6 +169,8 @@ class RemoteStore:
         self.bytes_read = 0  # over the wire, by this process
         self.requests = 0
         self._fs = self._base = self._pid = None
+        self.whole_objects = False  # the server ignores Range: shards are read whole and kept (WHOLE_KEEP)
+        self._whole: dict[str, bytes] = {}  # the whole shards read last, newest last
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_fs": None, "_base": None, "_pid": None}  # made again where it lands
@@ -225,9 +228,29 @@ class RemoteStore:
         except FileNotFoundError:
             pass
 
+    def _ignores_range(self) -> None:
+        if not self.whole_objects:
+            self.whole_objects = True
+            print(f"note: {self.url}: the server ignores Range requests (it answers with whole files); reading "
+                  "whole shards from it. A server that answers Range (nginx, caddy, S3, GCS) reads subsets at "
+                  "their own cost", file=sys.stderr)
+
     def _ranges(self, name: str, starts: list[int], ends: list[int]) -> list[bytes]:
         fs, _ = self.filesystem()
         path = self._path(name)
+        if self.whole_objects:  # one request for the whole shard, kept for the next reads, sliced here
+            whole = self._whole.pop(name, None)
+            if whole is None:
+                whole = self._with_retries(name, lambda: [fs.cat_file(path)], [None])[0]
+                self.requests += 1
+                self.bytes_read += len(whole)
+            self._whole[name] = whole
+            while sum(map(len, self._whole.values())) > self.WHOLE_KEEP and len(self._whole) > 1:
+                self._whole.pop(next(iter(self._whole)))
+            if len(whole) < max(ends, default=0):
+                raise DataError(f"{self.where(name)}: {len(whole):,} bytes, shorter than its .idx records; upload "
+                                "the shard set again (`pipeline upload DIR URL`)")
+            return [whole[a:b] for a, b in zip(starts, ends)]
         out: list = [None] * len(starts)
         todo = list(range(len(starts)))
 
@@ -241,8 +264,13 @@ class RemoteStore:
                     if _is_permanent(data):
                         raise data
                     failed.append((i, data))
+                elif len(data) > ends[i] - starts[i] and len(data) >= ends[i]:
+                    # a server that ignores Range sends the whole object (200): use it, and read whole from now on
+                    self._ignores_range()
+                    out[i] = data[starts[i]:ends[i]]
+                    self.bytes_read += len(data)
+                    self._whole[name] = data
                 elif len(data) != ends[i] - starts[i]:
-                    # a server that ignores Range sends the whole object: the digests would catch it, this names it
                     failed.append((i, _Transient(f"{len(data)} bytes for a {ends[i] - starts[i]}-byte range")))
                 else:
                     out[i] = data
