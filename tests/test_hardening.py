@@ -539,3 +539,39 @@ def test_a_damaged_csv_log_never_stops_a_resume(digits_set, tmp_path):
     assert len(list((run_dir / "logs").glob("train.csv.corrupt-*"))) == 1
     assert len(list((run_dir / "logs").glob("epoch.csv.corrupt-*"))) == 1
     assert (run_dir / "logs" / "epoch.csv").read_text().startswith("global_step")
+
+
+# -- the shared cache never follows planted links ------------------------------------------------------------
+def test_the_cache_never_writes_through_links_planted_under_its_names(digits_set, tmp_path):
+    pytest.importorskip("fsspec")
+    pytest.importorskip("aiohttp")
+    import numpy as np
+
+    from pipeline.shards.shardset import ShardSet
+    from pipeline.shards.storage import ReadOptions
+    from servers import RangeServer
+
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o755)
+    victims = {}
+    shard = digits_set.shard_files("train")[0]
+    for name in (f"{shard.sha256}.data", f"{shard.sha256}.have", ".lock"):
+        victim = tmp_path / f"victim-{name.strip('.')}"
+        victim.write_bytes(b"the victim's own bytes")
+        victims[victim] = victim.read_bytes()
+        (cache / name).symlink_to(victim)
+    ids = digits_set.ids("train")[:50]
+    with RangeServer(digits_set.root) as srv:
+        remote = ShardSet.open(srv.url, ReadOptions(cache_dir=str(cache)))
+        got = np.concatenate([b.images.numpy() for b in remote.loader("train", ids, batch_size=25, shuffle=False)])
+    want = np.concatenate([b.images.numpy() for b in digits_set.loader("train", ids, batch_size=25, shuffle=False)])
+    np.testing.assert_array_equal(got, want)  # read all the same, uncached where the cache refused
+    for victim, before in victims.items():
+        assert victim.read_bytes() == before, victim
+    other = tmp_path / "shared"
+    other.mkdir()
+    other.chmod(0o777)
+    with RangeServer(digits_set.root) as srv:
+        remote = ShardSet.open(srv.url, ReadOptions(cache_dir=str(other)))
+        list(remote.loader("train", ids, batch_size=25, shuffle=False))
+    assert not list(other.glob("*.data"))  # a folder others can write to is not used

@@ -13,6 +13,8 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import stat
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -47,11 +49,32 @@ class ShardCache:
     def _paths(self, sha: str) -> tuple[Path, Path]:
         return self.folder / f"{sha}.data", self.folder / f"{sha}.have"
 
+    def _check_folder(self) -> None:
+        """The cache writes only into a folder that is its user's own and that nobody else can write to: another
+        user's links planted under the cache's names would otherwise make a run write into their targets. Every
+        file is then opened without following links (O_NOFOLLOW) and temporaries are created exclusively."""
+        try:
+            st = os.lstat(self.folder)
+        except OSError as exc:
+            raise PipelineError(f"{self.folder}: the shard cache folder cannot be used ({exc.strerror}); set "
+                                "data.cache_dir to a folder of yours, or data.cache_limit = 0") from None
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            why = ("is a link, not a folder" if stat.S_ISLNK(st.st_mode) else "is not a folder"
+                   if not stat.S_ISDIR(st.st_mode) else "belongs to another user" if st.st_uid != os.geteuid()
+                   else "can be written by other users")
+            raise PipelineError(f"{self.folder}: the shard cache folder {why}; set data.cache_dir to a folder of "
+                                "your own that only you can write (chmod go-w), or data.cache_limit = 0")
+
     @contextmanager
     def _locked(self):
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+            self.folder.mkdir(parents=True, exist_ok=True, mode=0o755)
+        except OSError as exc:
+            raise PipelineError(f"{self.folder}: the shard cache is not writable ({exc.strerror}); set "
+                                "data.cache_dir to a folder of yours, or data.cache_limit = 0") from None
+        self._check_folder()
+        try:
+            fd = os.open(self.folder / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as exc:
             raise PipelineError(f"{self.folder}: the shard cache is not writable ({exc.strerror}); set "
                                 "data.cache_dir to a folder of yours, or data.cache_limit = 0") from None
@@ -63,8 +86,12 @@ class ShardCache:
 
     def _have(self, path: Path, count: int) -> np.ndarray:
         try:
-            have = np.fromfile(path, dtype=np.uint8)
-        except (OSError, ValueError):  # none yet, or unreadable: nothing held
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                have = np.frombuffer(os.pread(fd, count + 1, 0), dtype=np.uint8).copy()
+            finally:
+                os.close(fd)
+        except (OSError, ValueError):  # none yet, unreadable, or a link: nothing held
             return np.zeros(count, np.uint8)
         return have if len(have) == count else np.zeros(count, np.uint8)
 
@@ -76,7 +103,7 @@ class ShardCache:
         found: dict[int, memoryview] = {}
         if len(present):
             try:
-                fd = os.open(data_path, os.O_RDONLY)
+                fd = os.open(data_path, os.O_RDONLY | os.O_NOFOLLOW)
             except OSError:
                 fd = None
             if fd is not None:
@@ -101,7 +128,7 @@ class ShardCache:
             return
         data_path, have_path = self._paths(shard.sha256)
         with self._locked():
-            fd = os.open(data_path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(data_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             try:
                 if os.fstat(fd).st_size < shard.bytes:
                     os.ftruncate(fd, shard.bytes)  # sparse: only written blocks take disk
@@ -111,9 +138,14 @@ class ShardCache:
                 os.close(fd)
             have = self._have(have_path, shard.count)
             have[rows] = 1
-            tmp = have_path.with_name(f".{have_path.name}.{os.getpid()}.tmp")
-            have.tofile(tmp)
-            os.replace(tmp, have_path)
+            fd, tmp = tempfile.mkstemp(prefix=f".{have_path.name}.", suffix=".tmp", dir=self.folder)  # O_EXCL
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(have.tobytes())
+                os.replace(tmp, have_path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
             self._evict(keep=shard.sha256)
 
     def usage(self) -> int:
