@@ -26,8 +26,9 @@ _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 
 class RangeServer:
     def __init__(self, folder: Path, fail_every: int = 0, drop_every: int = 0, delay: float = 0.0,
-                 ignore_range: bool = False):
+                 ignore_range: bool = False, redirect_to: str | None = None):
         self.folder = Path(folder)
+        self.redirect_to = redirect_to  # answer every request with a 302 to this URL prefix
         self.ignore_range = ignore_range  # as `python -m http.server`: 200 and the whole file, whatever was asked
         self.fail_every, self.drop_every, self.delay = fail_every, drop_every, delay
         self.bytes_sent = self.requests = self.failed = self.dropped = 0
@@ -54,6 +55,12 @@ class RangeServer:
 
             def _answer(self, head: bool):
                 n = self._count()
+                if server.redirect_to:
+                    self.send_response(302)
+                    self.send_header("Location", server.redirect_to + self.path)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if server.delay:
                     time.sleep(server.delay)
                 if server.fail_every and n % server.fail_every == 0:

@@ -376,3 +376,13 @@ def test_a_server_that_ignores_range_is_read_whole_at_once_not_retried(digits_se
         np.testing.assert_array_equal(_images(remote, ids), _images(digits_set, ids))
         assert srv.requests - before == first  # the whole shards were kept: the second pass asked for nothing
     assert "ignores Range requests" in capsys.readouterr().err
+
+
+def test_a_redirect_to_another_address_is_not_followed(digits_set, tmp_path):
+    """A shard server that redirects to another origin (issue 39: a private address, say) is refused in one
+    line naming the target, and the other address is never asked."""
+    with RangeServer(digits_set.root) as elsewhere:
+        with RangeServer(digits_set.root, redirect_to=elsewhere.url) as srv:
+            with pytest.raises(DataError, match="redirects it to another address .*127.0.0.1:.*not followed"):
+                ShardSet.open(srv.url, _opts(tmp_path, retries=0))
+            assert elsewhere.requests == 0

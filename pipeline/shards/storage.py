@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import DataError, PipelineError
+from pipeline.redact import redact
 from pipeline.shards.cache import ShardCache, default_cache_dir, parse_size
 from pipeline.shards.layout import member_digest
 
@@ -145,7 +146,7 @@ class _Transient(Exception):
 
 def _is_permanent(exc: BaseException) -> bool:
     """Missing objects and refused credentials do not heal by retrying; everything else might."""
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, RedirectRefused)):
         return True
     status = getattr(exc, "status", None)  # aiohttp's answers; s3fs raises the OSError kinds above
     return isinstance(status, int) and 400 <= status < 500 and status not in (408, 429)
@@ -290,6 +291,9 @@ class RemoteStore:
             try:
                 return attempt()
             except Exception as exc:  # fsspec backends raise their own types
+                if isinstance(exc, RedirectRefused):
+                    raise DataError(f"{url}: the server redirects it to another address ({redact(exc.target)}), "
+                                    "which is not followed; give the shard set's final URL") from None
                 if _is_permanent(exc):
                     what = "missing" if isinstance(exc, FileNotFoundError) else f"refused ({exc})"
                     raise DataError(f"{url}: {what}; check the URL, and that the shard set was uploaded there "
@@ -335,6 +339,34 @@ class RemoteStore:
         return out
 
 
+class RedirectRefused(Exception):
+    """A server redirected a read to another origin (scheme, host, port): not followed."""
+
+    status = None  # not an HTTP error status: `_is_permanent` knows this type
+
+    def __init__(self, target: str):
+        super().__init__(target)
+        self.target = target
+
+
+def _same_origin_redirects():
+    """An aiohttp trace that stops a redirect to another origin before it is followed: a shard server could
+    otherwise point the tool at any address (a private one included). Redirects on the set's own origin are
+    followed as before."""
+    import aiohttp
+    from yarl import URL
+
+    async def on_redirect(session, context, params) -> None:
+        location = params.response.headers.get("Location", "")
+        target = params.url.join(URL(location))
+        if (target.scheme, target.host, target.port) != (params.url.scheme, params.url.host, params.url.port):
+            raise RedirectRefused(str(target.with_query(None)))
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_redirect.append(on_redirect)
+    return trace
+
+
 def _open_filesystem(url: str, timeout: float):
     scheme = url.partition("://")[0].lower()
     extra = REMOTE_SCHEMES[scheme]
@@ -344,7 +376,8 @@ def _open_filesystem(url: str, timeout: float):
         if scheme in ("http", "https"):
             import aiohttp
 
-            fs = fsspec.filesystem("http", client_kwargs={"timeout": aiohttp.ClientTimeout(total=timeout)},
+            fs = fsspec.filesystem("http", client_kwargs={"timeout": aiohttp.ClientTimeout(total=timeout),
+                                                          "trace_configs": [_same_origin_redirects()]},
                                    skip_instance_cache=True)
             return fs, url
         kwargs = {}
