@@ -26,8 +26,9 @@ _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 
 class RangeServer:
     def __init__(self, folder: Path, fail_every: int = 0, drop_every: int = 0, delay: float = 0.0,
-                 ignore_range: bool = False, redirect_to: str | None = None):
+                 ignore_range: bool = False, redirect_to: str | None = None, endless: str | None = None):
         self.folder = Path(folder)
+        self.endless = endless  # this file name is answered with bytes that never end
         self.redirect_to = redirect_to  # answer every request with a 302 to this URL prefix
         self.ignore_range = ignore_range  # as `python -m http.server`: 200 and the whole file, whatever was asked
         self.fail_every, self.drop_every, self.delay = fail_every, drop_every, delay
@@ -60,6 +61,16 @@ class RangeServer:
                     self.send_header("Location", server.redirect_to + self.path)
                     self.send_header("Content-Length", "0")
                     self.end_headers()
+                    return
+                if server.endless and self.path.split("?")[0].lstrip("/") == server.endless:
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(1 << 40))
+                    self.end_headers()
+                    try:
+                        while not head:
+                            self.wfile.write(b"{" * (1 << 16))
+                    except OSError:  # the client stopped reading
+                        self.close_connection = True
                     return
                 if server.delay:
                     time.sleep(server.delay)

@@ -386,3 +386,19 @@ def test_a_redirect_to_another_address_is_not_followed(digits_set, tmp_path):
             with pytest.raises(DataError, match="redirects it to another address .*127.0.0.1:.*not followed"):
                 ShardSet.open(srv.url, _opts(tmp_path, retries=0))
             assert elsewhere.requests == 0
+
+
+def test_reads_from_a_server_are_bounded(digits_set, tmp_path, monkeypatch):
+    """An endless index.json stops at the stated limit (issue 39: one took the client to 7.5 GB), and verify
+    never downloads a shard beyond its recorded size (one filled the disk)."""
+    import pipeline.shards.storage as storage
+
+    monkeypatch.setattr(storage, "READ_LIMIT", 1 << 20)
+    with RangeServer(digits_set.root, endless="index.json") as srv:
+        with pytest.raises(DataError, match=r"index.json: larger than the 1,048,576 bytes this tool reads"):
+            ShardSet.open(srv.url, _opts(tmp_path, retries=0))
+    tar = digits_set.index["splits"]["train"]["shards"][0]["tar"]
+    with RangeServer(digits_set.root, endless=tar) as srv:
+        problems = verify(srv.url, progress=False)
+    assert any(tar in p for p in problems)
+    assert not list(tmp_path.rglob(tar))

@@ -152,6 +152,10 @@ def _is_permanent(exc: BaseException) -> bool:
     return isinstance(status, int) and 400 <= status < 500 and status not in (408, 429)
 
 
+READ_LIMIT = 256 << 20  # index.json, .idx tables, markers: far above any of ours (a 1.28M-image .idx is 45 MB)
+DOWNLOAD_LIMIT = 64 << 30  # a whole object whose size nothing records
+
+
 class RemoteStore:
     """A shard set under a URL prefix. Picklable: the fsspec filesystem is made lazily in each process (an
     async filesystem's event loop does not survive a fork)."""
@@ -193,16 +197,68 @@ class RemoteStore:
     def _path(self, name: str) -> str:
         return f"{self.filesystem()[1]}/{name}"
 
-    def read_file(self, name: str) -> bytes:
+    def _stream(self, name: str, limit: int, sink) -> int:
+        """The object's bytes into `sink(chunk)` as they arrive, never more than `limit`: a server that sends
+        more (an endless answer) is stopped at the limit, whatever its headers said. Returns the byte count."""
         fs, _ = self.filesystem()
-        data = self._with_retries(name, lambda: [fs.cat_file(self._path(name))], [None])[0]
+        got = 0
+
+        def take(chunk: bytes) -> None:
+            nonlocal got
+            got += len(chunk)
+            if got > limit:
+                raise DataError(f"{self.where(name)}: larger than the {limit:,} bytes this tool reads for it "
+                                "(a damaged or hostile server?); check the URL")
+            sink(chunk)
+
+        if self.url.partition("://")[0].lower() in ("http", "https"):
+            # the answer streamed from fsspec's own session: its status errors keep their types (a 503 is
+            # retried, a 404 is missing), and no more than the limit is ever read
+            from fsspec.asyn import sync
+
+            async def stream():
+                session = await fs.set_session()
+                async with session.get(fs.encode_url(self._path(name))) as r:
+                    fs._raise_not_found_for_status(r, self._path(name))
+                    async for chunk in r.content.iter_chunked(1 << 20):
+                        take(chunk)
+
+            sync(fs.loop, stream)
+            return got
+        with fs.open(self._path(name), "rb") as f:
+            while True:
+                chunk = f.read(min(1 << 20, limit + 1 - got))
+                if not chunk:
+                    return got
+                take(chunk)
+
+    def read_file(self, name: str, limit: int | None = None) -> bytes:
+        """A whole (small) object: index.json, an .idx table, a marker; at most `limit` (READ_LIMIT) bytes."""
+        limit = READ_LIMIT if limit is None else limit
+        parts: list[bytes] = []
+
+        def attempt():
+            parts.clear()
+            return [self._stream(name, limit, parts.append)]
+
+        self._with_retries(name, attempt, [None])
+        data = b"".join(parts)
         self.bytes_read += len(data)
         return data
 
-    def download(self, name: str, path: Path) -> None:
-        """A whole object into a local file."""
-        fs, _ = self.filesystem()
-        self._with_retries(name, lambda: fs.get_file(self._path(name), str(path)), [None])
+    def download(self, name: str, path: Path, limit: int | None = None) -> None:
+        """A whole object into a local file, at most `limit` bytes (a shard's recorded size, when known)."""
+        limit = DOWNLOAD_LIMIT if limit is None else limit
+
+        def attempt():
+            with open(path, "wb") as f:
+                return [self._stream(name, limit, f.write)]
+
+        try:
+            self._with_retries(name, attempt, [None])
+        except DataError:
+            path.unlink(missing_ok=True)
+            raise
         self.bytes_read += path.stat().st_size
 
     def size(self, name: str) -> int | None:

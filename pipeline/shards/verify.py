@@ -92,7 +92,7 @@ class _Local:
     def __init__(self, root: Path):
         self.root = root
 
-    def fetch(self, name: str) -> Path:
+    def fetch(self, name: str, size: int | None = None) -> Path:
         return self.root / name
 
     def done(self) -> None:
@@ -106,10 +106,14 @@ class _Downloaded:
     def __init__(self, store, folder: Path):
         self.store, self.root, self._got = store, folder, []
 
-    def fetch(self, name: str) -> Path:
+    def fetch(self, name: str, size: int | None = None) -> Path:
+        """The file, downloaded; never more than its recorded `size` (+ 1 byte, so a longer file is reported)."""
         path = self.root / name
         try:
-            self.store.download(name, path)
+            if size is None:
+                self.store.download(name, path)
+            else:
+                self.store.download(name, path, limit=int(size) + 1)
             self._got.append(path)
         except DataError:
             pass  # the check reports it missing
@@ -148,7 +152,8 @@ def _verify(index: dict, files, index_path, progress: bool) -> list[str]:
         for split, info in index["splits"].items():
             for rec in info["shards"]:
                 try:
-                    tar_path, idx_path = files.fetch(str(rec["tar"])), files.fetch(str(rec["idx"]))
+                    tar_path = files.fetch(str(rec["tar"]), rec.get("bytes"))
+                    idx_path = files.fetch(str(rec["idx"]))
                     problems += _check_shard(tar_path, idx_path, rec, info.get("id_range"),
                                              lambda: bar.advance(task))
                 except Exception as exc:  # report it with the others rather than stop at the first surprise
@@ -157,7 +162,7 @@ def _verify(index: dict, files, index_path, progress: bool) -> list[str]:
                 files.done()
             beton = info.get("beton")
             if beton:
-                path = files.fetch(beton["file"])
+                path = files.fetch(beton["file"], beton.get("bytes"))
                 if not path.is_file():
                     problems.append(f"{path}: missing (listed in index.json)")
                 elif path.stat().st_size != beton["bytes"]:
