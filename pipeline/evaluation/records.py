@@ -87,7 +87,7 @@ def read_results(path: Path) -> dict:
         return {}
     try:
         record = parse_json(path.read_text())
-    except (OSError, ValueError, RecursionError):
+    except (OSError, ValueError):
         aside = move_aside(path)
         console.print(f"[yellow]{path}: unreadable (a torn or edited file); kept as {aside.name}, starting a new "
                       "one[/]")

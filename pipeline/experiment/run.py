@@ -225,7 +225,7 @@ def _read_state(path: Path) -> dict:
         return {"format": "pipeline.experiment", "runs": {}}
     try:
         state = parse_json(path.read_text())
-    except (ValueError, UnicodeDecodeError, RecursionError):  # ours, torn or damaged: kept aside; runs are found again
+    except (ValueError, UnicodeDecodeError):  # ours, torn or damaged: kept aside; finished runs are found again
         aside = move_aside(path)
         console.print(f"[yellow]{path}: unreadable; kept as {aside.name}. Starting a new record: arms whose runs "
                       "finished are recognised by their run folders and only evaluated again[/]")

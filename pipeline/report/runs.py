@@ -176,7 +176,7 @@ def load_run(path: str | Path) -> RunRecord:
     if results.is_file():
         try:
             by_ckpt = parse_json(results.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        except (json.JSONDecodeError, UnicodeDecodeError):  # parse_json: deep nesting is one too
             raise PipelineError(f"{results}: not JSON (or nested beyond reason)") from None
         Fields(results, by_ckpt, "evaluate again (`pipeline eval`) after moving the file away")
         for digest, entry in by_ckpt.items():
