@@ -22,6 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
+_REQUEST_LINE = re.compile(rb"(?:^|\r\n)(?:GET|HEAD|PUT|POST|DELETE) \S+ HTTP/1\.[01]\r\n")
 
 
 class RangeServer:
@@ -131,11 +132,12 @@ class RangeServer:
 
 
 class FaultyProxy:
-    """Forwards 127.0.0.1:port to `target`; every `drop_every`-th connection is closed before a byte moves."""
+    """Forwards 127.0.0.1:port to `target`; every `drop_every`-th connection is closed before a byte moves.
+    Counts the bytes carried back and the HTTP requests carried there (their request lines)."""
 
     def __init__(self, target: tuple[str, int], drop_every: int = 0):
         self.target, self.drop_every = target, drop_every
-        self.connections = self.bytes_back = 0
+        self.connections = self.bytes_back = self.requests = 0
         self._lock = threading.Lock()
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
@@ -147,9 +149,11 @@ class FaultyProxy:
         try:
             while data := src.recv(1 << 16):
                 dst.sendall(data)
-                if back:
-                    with self._lock:
+                with self._lock:
+                    if back:
                         self.bytes_back += len(data)
+                    else:
+                        self.requests += len(_REQUEST_LINE.findall(data))
         except OSError:
             pass
         finally:

@@ -5,12 +5,15 @@ stale hit): `<sha>.data` holds the members fetched so far at their offsets in th
 per member saying which are there. Members enter only after their digest was checked, are written before
 `.have` names them, and `.have` is replaced atomically under the cache's lock; a reader checks every member's
 digest again, so a torn or evicted entry is a miss, never wrong bytes. When the cache's disk use (allocated
-blocks, not logical sizes) passes its limit, the least recently read shards are evicted whole.
+blocks, not logical sizes) passes its limit, the least recently read shards are evicted whole. A shard that an
+epoch reads whole enters whole (`fill_whole`), checked against its SHA-256, fetched by one worker while the
+others wait for it (`fetching`).
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import re
 import stat
@@ -65,16 +68,20 @@ class ShardCache:
             raise PipelineError(f"{self.folder}: the shard cache folder {why}; set data.cache_dir to a folder of "
                                 "your own that only you can write (chmod go-w), or data.cache_limit = 0")
 
-    @contextmanager
-    def _locked(self):
+    def _ready(self) -> None:
         try:
             self.folder.mkdir(parents=True, exist_ok=True, mode=0o755)
         except OSError as exc:
             raise PipelineError(f"{self.folder}: the shard cache is not writable ({exc.strerror}); set "
                                 "data.cache_dir to a folder of yours, or data.cache_limit = 0") from None
         self._check_folder()
+
+    @contextmanager
+    def _locked(self, name: str = ".lock"):
+        """The cache's own lock (`.lock`: its bookkeeping), or another lock file of it."""
+        self._ready()
         try:
-            fd = os.open(self.folder / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            fd = os.open(self.folder / name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as exc:
             raise PipelineError(f"{self.folder}: the shard cache is not writable ({exc.strerror}); set "
                                 "data.cache_dir to a folder of yours, or data.cache_limit = 0") from None
@@ -83,6 +90,53 @@ class ShardCache:
             yield
         finally:
             os.close(fd)
+
+    def fetching(self, shard):
+        """Held while one process or thread fetches a whole shard: the others wait for it, then find it here
+        (a lock per open file, so threads of one process wait for each other too)."""
+        return self._locked(f".{shard.sha256}.fetch")
+
+    def holds_whole(self, shard) -> bool:
+        """Whether every member of the shard is here (each is still checked when read)."""
+        return bool(self._have(self._paths(shard.sha256)[1], shard.count).all())
+
+    def fill_whole(self, shard, fetch) -> bool:
+        """The whole shard from `fetch(sink)`, which streams its bytes into `sink`: written to a temporary of
+        the cache's own and entered only when its size and sha256 are the ones its index records. Returns
+        whether they were (False: nothing entered)."""
+        self._ready()
+        data_path, have_path = self._paths(shard.sha256)
+        fd, tmp = tempfile.mkstemp(prefix=f".{data_path.name}.", suffix=".tmp", dir=self.folder)  # O_EXCL
+        digest, size = hashlib.sha256(), 0
+        try:
+            with os.fdopen(fd, "wb") as f:
+                def sink(chunk: bytes) -> None:
+                    nonlocal size
+                    digest.update(chunk)
+                    size += len(chunk)
+                    f.write(chunk)
+                fetch(sink)
+            if size != shard.bytes or digest.hexdigest() != shard.sha256:
+                Path(tmp).unlink(missing_ok=True)
+                return False
+            with self._locked():
+                os.replace(tmp, data_path)
+                self._write_have(have_path, np.ones(shard.count, np.uint8))
+                self._evict(keep=shard.sha256)
+            return True
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def _write_have(self, have_path: Path, have: np.ndarray) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=f".{have_path.name}.", suffix=".tmp", dir=self.folder)  # O_EXCL
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(have.tobytes())
+            os.replace(tmp, have_path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     def _have(self, path: Path, count: int) -> np.ndarray:
         try:
@@ -138,14 +192,7 @@ class ShardCache:
                 os.close(fd)
             have = self._have(have_path, shard.count)
             have[rows] = 1
-            fd, tmp = tempfile.mkstemp(prefix=f".{have_path.name}.", suffix=".tmp", dir=self.folder)  # O_EXCL
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(have.tobytes())
-                os.replace(tmp, have_path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            self._write_have(have_path, have)
             self._evict(keep=shard.sha256)
 
     def usage(self) -> int:

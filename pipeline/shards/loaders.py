@@ -6,7 +6,8 @@ output order. The reader fetches a task's rows with as few reads as it can (neig
 - `stream`: the whole split (or a subset) in storage order: shards in a seeded random order, each started at
   a random rotation, read in long sequential runs; samples are shuffled within windows of `window` batches
   (read as smaller tasks on a split too small for MIN_TASKS tasks an epoch). Shards were shuffled when
-  prepared, so windows are well mixed.
+  prepared, so windows are well mixed. From a remote store each shard the epoch reads (nearly) all of is
+  fetched whole, in one request, once for all the workers (`whole_shards`): the order is the same as locally.
 - `indexed`: a seeded full permutation; each batch reads only its own members by offset, so the cost of a
   subset grows with the subset, not with the split.
 - `ffcv`: the split's `.beton` through ffcv's Loader (`indices=` for subsets), when installed.
@@ -236,7 +237,9 @@ class ShardLoader:
         self.planner = Planner(backend, rows, table.shard_starts, batch_size, window, shuffle, seed, rank,
                                world_size, drop_last)
         self.reader = TaskReader(shardset, split, image_size, batch_size, row_weights, crop, seed,
-                                 encoded=device_decode is not None)
+                                 encoded=device_decode is not None,
+                                 whole_shards=whole_shards(shardset.store, table, rows, backend),
+                                 in_process=num_workers == 0 or worker_kind == "thread")
         self.decoder = None
         if device_decode is not None:
             size = crop.size if crop else (image_size or shardset.image_size)
@@ -292,6 +295,22 @@ class ShardLoader:
                     yield b if self.device.type == "cpu" else b.to(self.device)
         except PipelineError as exc:  # from a worker: its own message, not the DataLoader's wrapping of it
             raise type(exc)(_worker_message(str(exc))) from None
+
+
+WHOLE_FROM = 0.5
+
+
+def whole_shards(store, table, rows: np.ndarray, backend: str) -> np.ndarray | None:
+    """Which shards a remote `stream` epoch fetches whole (one request each, once for all workers): those it
+    reads at least WHOLE_FROM of the members of; None when none is. A stream task takes a random part of its
+    window, so reading a whole split by ranges would cost a request every few images (issue 39: 2,546 requests
+    for 3,000 images); a subset below half of a shard keeps its byte-range economy."""
+    if store.local or backend != "stream":
+        return None
+    counts = np.diff(table.shard_starts)
+    read = np.bincount(table.shard[rows], minlength=len(counts)) if len(rows) else np.zeros(len(counts), int)
+    whole = read >= WHOLE_FROM * np.maximum(counts, 1)
+    return whole if whole.any() else None
 
 
 def _worker_message(text: str) -> str:
@@ -372,6 +391,8 @@ def auto_worker_kind(shardset, crop: RandomResizedCrop | None, image_size: int |
     """Threads where decoding an image outweighs the Python around it, which holds the GIL; else processes.
     Measured on 2 cores (benchmarks/RESULTS.md, "Thread workers"): threads read 64 px images 1.4x and 224 px
     crops 1.3-1.6x as fast as processes, 32 px CIFAR 0.82-0.95x."""
+    if not shardset.store.local and shardset.store.cache is None:
+        return "thread"  # threads share a whole shard fetched once; processes would each fetch it or read ranges
     side = crop.size if crop else (image_size or shardset.image_size or 0)
     return "thread" if side >= THREADS_FROM_SIDE else "process"
 

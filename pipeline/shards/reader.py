@@ -15,16 +15,19 @@ from pipeline.shards.device_decode import encode_batch
 from pipeline.shards.images import CorruptImage, decode
 
 
-def read_rows(store, files, table, rows: np.ndarray) -> list:
+def read_rows(store, files, table, rows: np.ndarray, whole: np.ndarray | None = None,
+              in_process: bool = False) -> list:
     """Image bytes of member-table rows, in the order of `rows`: one store read per shard touched, which
-    merges neighbouring members into one range."""
+    merges neighbouring members into one range, or (`whole[shard]`: an epoch that reads nearly all of it, from
+    a remote store) fetches the whole shard once for every worker."""
     out: list = [b""] * len(rows)
     shards = table.shard[rows]
     for s in np.unique(shards).tolist():
         mine = np.flatnonzero(shards == s)
         r = rows[mine]
         got = store.read_members(files[s], r - table.shard_starts[s], table.offsets[r], table.sizes[r],
-                                 table.digests[r])
+                                 table.digests[r], whole=whole is not None and bool(whole[s]),
+                                 in_process=in_process)
         for k, blob in zip(mine.tolist(), got):
             out[k] = blob
     return out
@@ -35,7 +38,7 @@ class TaskReader:
 
     def __init__(self, shardset, split: str, image_size: int | None, batch_size: int,
                  row_weights: np.ndarray | None = None, crop: RandomResizedCrop | None = None, seed: int = 0,
-                 encoded: bool = False):
+                 encoded: bool = False, whole_shards: np.ndarray | None = None, in_process: bool = False):
         self.table = shardset.members(split)
         self.row_weights = row_weights  # float32 per member-table row, or None
         self.store, self.files = shardset.store, shardset.shard_files(split)
@@ -45,10 +48,11 @@ class TaskReader:
         self.batch_size = batch_size
         self.crop, self.seed = crop, seed  # a random-resized crop taken while decoding, seeded per sample
         self.encoded = encoded  # yield bytes and boxes (EncodedBatch) for decoding on the device
+        self.whole_shards, self.in_process = whole_shards, in_process  # see `read_rows`
 
     def fetch(self, rows: np.ndarray) -> list:
         """Bytes of each row's image, in the order of `rows`."""
-        return read_rows(self.store, self.files, self.table, rows)
+        return read_rows(self.store, self.files, self.table, rows, self.whole_shards, self.in_process)
 
     def _path_of(self, row: int):
         return self.store.where(self.files[int(self.table.shard[row])].name)

@@ -11,9 +11,11 @@ GOOGLE_APPLICATION_CREDENTIALS for GCS), never from the project's files.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,9 +123,10 @@ class LocalStore:
             self._fds[name] = os.open(self.root / name, os.O_RDONLY)
         return self._fds[name]
 
-    def read_members(self, shard: ShardFile, rows, offsets, sizes, digests) -> list:
+    def read_members(self, shard: ShardFile, rows, offsets, sizes, digests, whole: bool = False,
+                     in_process: bool = False) -> list:
         """Bytes of each member, in the order given (rows are positions in the shard; digests unused here:
-        `pipeline verify` checks local shards)."""
+        `pipeline verify` checks local shards; the page cache makes whole-shard reads moot)."""
         order = np.argsort(offsets, kind="stable")
         offs, szs = offsets[order], sizes[order]
         starts, ends, span = coalesce(offs, szs, self.max_gap)
@@ -176,9 +179,15 @@ class RemoteStore:
         self._fs = self._base = self._pid = None
         self.whole_objects = False  # the server ignores Range: shards are read whole and kept (WHOLE_KEEP)
         self._whole: dict[str, bytes] = {}  # the whole shards read last, newest last
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_lock = threading.Lock()
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_fs": None, "_base": None, "_pid": None}  # made again where it lands
+        return {**self.__dict__, "_fs": None, "_base": None, "_pid": None, "_whole": {}, "_locks": {},
+                "_locks_lock": None}  # made again where it lands
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _locks_lock=threading.Lock())
 
     @property
     def label(self) -> str:
@@ -224,6 +233,22 @@ class RemoteStore:
                         take(chunk)
 
             sync(fs.loop, stream)
+            return got
+        if getattr(fs, "async_impl", False) and hasattr(fs, "open_async"):
+            # s3fs, gcsfs: one GET whose body is streamed (a buffered file would send a HEAD, then a GET per block)
+            from fsspec.asyn import sync
+
+            async def stream_body():
+                f = await fs.open_async(self._path(name), "rb")
+                try:
+                    while chunk := await f.read(min(1 << 20, limit + 1 - got)):
+                        take(chunk)
+                finally:
+                    body = getattr(f, "r", None)
+                    if body is not None and hasattr(body, "close"):
+                        body.close()
+
+            sync(fs.loop, stream_body)
             return got
         with fs.open(self._path(name), "rb") as f:
             while True:
@@ -347,6 +372,8 @@ class RemoteStore:
             try:
                 return attempt()
             except Exception as exc:  # fsspec backends raise their own types
+                if isinstance(exc, DataError):  # our own verdict on what arrived: retrying does not change it
+                    raise
                 if isinstance(exc, RedirectRefused):
                     raise DataError(f"{url}: the server redirects it to another address ({redact(exc.target)}), "
                                     "which is not followed; give the shard set's final URL") from None
@@ -359,9 +386,16 @@ class RemoteStore:
                                     f"({type(exc).__name__}: {exc}); check the connection and try again") from None
                 time.sleep(min(5.0, 0.1 * 2 ** k) * (0.5 + random.random()))
 
-    def read_members(self, shard: ShardFile, rows, offsets, sizes, digests) -> list:
+    def read_members(self, shard: ShardFile, rows, offsets, sizes, digests, whole: bool = False,
+                     in_process: bool = False) -> list:
         """Bytes of each member, in the order given, every one checked against its digest: from the cache
-        where it holds them, else fetched (and then cached)."""
+        where it holds them, else fetched (and then cached). `whole`: the epoch reads (nearly) all of this
+        shard, so it is fetched whole in one request, once for all the workers (`_whole_shard`); `in_process`:
+        the loader's workers are threads of this process, which can share a shard in memory."""
+        if whole:
+            found = self._whole_shard(shard, rows, offsets, sizes, digests, in_process)
+            if found is not None:
+                return found
         out: list = [None] * len(rows)
         cached = self.cache.lookup(shard, rows, offsets, sizes, digests) if self.cache else {}
         for k, blob in cached.items():
@@ -393,6 +427,63 @@ class RemoteStore:
                       f"{self.url} uncached in this process", file=sys.stderr)
                 self.cache = None
         return out
+
+
+    def _whole_shard(self, shard: ShardFile, rows, offsets, sizes, digests, in_process: bool) -> list | None:
+        """The members from the whole shard, fetched in one request by whichever worker asks first: into the
+        cache, where the other processes find it, or (no cache) kept in this process's memory for its threads.
+        None when neither can share it (worker processes without a cache read ranges instead)."""
+        if self.cache is not None:
+            with self.cache.fetching(shard):
+                if not self.cache.holds_whole(shard):
+                    self._fetch_whole(shard, lambda fetch: self.cache.fill_whole(shard, fetch))
+            got = self.cache.lookup(shard, rows, offsets, sizes, digests)
+            if len(got) == len(rows):
+                return [got[k] for k in range(len(rows))]
+            return None  # evicted meanwhile or damaged on disk: read the rest by range, checked
+        if not in_process:
+            return None
+        with self._whole_lock(shard.name):
+            whole = self._whole.pop(shard.name, None)
+            if whole is None:
+                parts: list[bytes] = []
+
+                def keep(fetch) -> bool:
+                    parts.clear()
+                    fetch(parts.append)
+                    data = b"".join(parts)
+                    if len(data) != shard.bytes or hashlib.sha256(data).hexdigest() != shard.sha256:
+                        return False
+                    parts[:] = [data]
+                    return True
+
+                self._fetch_whole(shard, keep)
+                whole = parts[0]
+            self._whole[shard.name] = whole
+            while sum(map(len, self._whole.values())) > self.WHOLE_KEEP and len(self._whole) > 1:
+                self._whole.pop(next(iter(self._whole)))
+        return [memoryview(whole)[int(o):int(o) + int(n)] for o, n in zip(offsets, sizes)]
+
+    def _fetch_whole(self, shard: ShardFile, enter) -> None:
+        """One request for the whole shard, bounded by its recorded size; `enter(fetch)` takes the bytes and
+        says whether they are the shard the index pins (size and sha256). Once more on a mismatch (bits flipped
+        in flight); a second one is the object itself."""
+        for attempt in range(2):
+            if self._with_retries(shard.name, lambda: enter(self._fetch_stream(shard)), [None]):
+                return
+        raise DataError(f"{self.where(shard.name)}: not the shard its index.json records (size or sha256 differ); "
+                        "the remote copy is damaged or from another preparation: upload the shard set again "
+                        "(`pipeline upload DIR URL`)")
+
+    def _fetch_stream(self, shard: ShardFile):
+        def fetch(sink) -> None:
+            self.requests += 1
+            self.bytes_read += self._stream(shard.name, shard.bytes, sink)
+        return fetch
+
+    def _whole_lock(self, name: str) -> threading.Lock:
+        with self._locks_lock:
+            return self._locks.setdefault(name, threading.Lock())
 
 
 class RedirectRefused(Exception):
