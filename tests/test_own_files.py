@@ -505,6 +505,12 @@ def test_a_damaged_member_table_is_refused(digits_set, tmp_path, column, value, 
     table[column][3] = value
     with open(idx, "wb") as f:
         np.save(f, table)
+    with pytest.raises(PipelineError, match="train-000000.idx: not the member table index.json records"):
+        ShardSet.open(root).members("train")  # index.json pins every .idx by size and SHA-256
+    index = json.loads((root / "index.json").read_text())
+    for rec in index["splits"]["train"]["shards"]:
+        del rec["idx_bytes"], rec["idx_sha256"]  # a set prepared before the pin: its values are still checked
+    (root / "index.json").write_text(json.dumps(index))
     with pytest.raises(PipelineError, match=needle):
         ShardSet.open(root).members("train")
 

@@ -1,7 +1,8 @@
 """The shard-set layout on disk: file names, the per-shard member table (`.idx`), `index.json`, fingerprint.
 
 A shard set is a folder:
-    index.json              what `prepare` made (see `build_index`), checked when opened
+    index.json              what `prepare` made (see `build_index`), checked when opened; it pins every file it
+                            names by size and SHA-256 (the .idx since this version: `idx_bytes`, `idx_sha256`)
     <split>-000000.tar      WebDataset shard: members <id>.jpg|.png and <id>.cls per sample
     <split>-000000.idx      numpy array of MEMBER_DTYPE: one row per sample, in the shard's order
     <split>.beton           FFCV file (fields image, label, id), rows in id order, when asked for
@@ -62,6 +63,21 @@ def read_member_table(path, data: bytes | None = None) -> np.ndarray:
             full[name] = table[name]
         table = full
     return table
+
+
+def idx_pin(path: Path) -> dict:
+    """What index.json records of a member table: its size and SHA-256."""
+    return {"idx_bytes": Path(path).stat().st_size, "idx_sha256": file_sha256(path)}
+
+
+def check_idx_pin(where, data: bytes, rec: dict, fix: str) -> None:
+    """A member table's bytes against the size and SHA-256 its index record pins (sets prepared before the pin
+    have none: nothing to check). A consistent .tar + .idx pair from another preparation fails here."""
+    if "idx_sha256" not in rec:
+        return
+    if len(data) != rec["idx_bytes"] or hashlib.sha256(data).hexdigest() != rec["idx_sha256"]:
+        raise DataError(f"{where}: not the member table index.json records ({len(data):,} bytes; index.json pins "
+                        f"{rec['idx_bytes']:,} bytes and their SHA-256); {fix}")
 
 
 def file_sha256(path: Path) -> str:
@@ -154,6 +170,9 @@ def validate_index(path: Path, index: dict) -> None:
                 r.fail("first_id", first, f"must start after id {last} and span at least its {n_rec} samples")
             r.int("bytes")
             r.text("sha256", _HEX64)
+            if r.int("idx_bytes", optional=True) is not None or "idx_sha256" in rec:
+                r.int("idx_bytes")
+                r.text("idx_sha256", _HEX64)
             total += n_rec
             last = last_id if n_rec else last
         if total != count:

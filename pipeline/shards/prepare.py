@@ -350,7 +350,7 @@ def build_index(source: Source, spec: str, recipe: dict, records: list[dict], im
         info = splits.setdefault(rec["split"], {"count": 0, "shards": []})
         info["count"] += rec["count"]
         info["shards"].append({k: rec[k] for k in ("shard", "tar", "idx", "count", "first_id", "last_id", "bytes",
-                                                    "sha256", "shapes", "exts")})
+                                                    "sha256", "idx_bytes", "idx_sha256", "shapes", "exts")})
         skipped.extend(rec["skipped"])
     order = [s for s in SPLIT_ORDER if s in splits] + sorted(s for s in splits if s not in SPLIT_ORDER)
     splits = {s: splits[s] for s in order}
@@ -446,6 +446,9 @@ def _prepare_locked(spec: str, opts: PrepareOptions, source: Source, out: Path) 
                 journal.write(json.dumps(rec) + "\n")
             _execute(todo, spec, opts, journal, total, total - sum(len(t.ids) for t in todo))
         records = [parse_json(ln) for ln in (out / JOURNAL_NAME).read_text().splitlines()[1:]]
+        for rec in records:  # a shard journaled by a version before the .idx pin
+            if "idx_sha256" not in rec:
+                rec.update(layout.idx_pin(out / rec["idx"]))
         index = build_index(source, spec, recipe, records, opts.image_size)
         for split, info in index["splits"].items():
             if info["count"] == 0:

@@ -110,8 +110,7 @@ class ShardSet:
             parts, starts = [], [0]
             for rec in info["shards"]:
                 where = self.store.where(rec["idx"])
-                data = None if self.store.local else self.store.read_file(rec["idx"])
-                table = layout.read_member_table(where, data)
+                table = layout.read_member_table(where, self._pinned_idx(rec))
                 layout.validate_member_table(where, table, rec, len(self.classes))
                 parts.append(table)
                 starts.append(starts[-1] + len(table))
@@ -124,6 +123,24 @@ class ShardSet:
                 t["digest"].copy(), shard, np.asarray(starts, dtype=np.int64),
             )
         return self._tables[split]
+
+    def _pinned_idx(self, rec: dict) -> bytes:
+        """A shard's .idx bytes, checked against the size and SHA-256 index.json pins (read no further than
+        the pinned size from a server)."""
+        where = self.store.where(rec["idx"])
+        if self.store.local:
+            try:
+                data = where.read_bytes()
+            except FileNotFoundError:
+                raise DataError(f"{where}: missing; run `pipeline prepare` again to rebuild the shard") from None
+            except OSError as exc:
+                raise DataError(f"{where}: unreadable ({exc.strerror}); run `pipeline verify`") from None
+            fix = "the shard set is damaged or mixed with another: run `pipeline verify`, then prepare it again"
+        else:
+            data = self.store.read_file(rec["idx"], limit=rec["idx_bytes"] if "idx_bytes" in rec else None)
+            fix = "the remote copy is damaged or mixed with another: upload the shard set again"
+        layout.check_idx_pin(where, data, rec, fix)
+        return data
 
     def ids(self, split: str) -> np.ndarray:
         return self.members(split).ids

@@ -296,6 +296,28 @@ class RemoteStore:
                 return None
             raise
 
+    def holds_copy_of(self, name: str, path: Path) -> bool:
+        """Whether the object `name` has the bytes of the local file `path`, not merely its size: by the MD5 the
+        service keeps of a single-part object (S3's ETag, GCS's md5Hash), else by reading it back and hashing."""
+        size = path.stat().st_size
+        if self.size(name) != size:
+            return False
+        fs, _ = self.filesystem()
+        info = self._with_retries(name, lambda: fs.info(self._path(name)), [None])
+        md5 = _service_md5(info)
+        if md5 is not None:
+            return md5 == _file_digest(path, hashlib.md5())
+        def read_back() -> str:
+            h = hashlib.sha256()
+            self._stream(name, size, h.update)
+            return h.hexdigest()
+
+        try:
+            theirs = self._with_retries(name, read_back, [None])
+        except DataError:  # longer than the file, or gone
+            return False
+        return theirs == _file_digest(path, hashlib.sha256())
+
     def upload(self, path: Path, name: str) -> None:
         """A local file to the object `name` (replacing it: callers decide what may be replaced)."""
         if self.url.partition("://")[0].lower() in ("http", "https"):
@@ -484,6 +506,31 @@ class RemoteStore:
     def _whole_lock(self, name: str) -> threading.Lock:
         with self._locks_lock:
             return self._locks.setdefault(name, threading.Lock())
+
+
+def _file_digest(path: Path, h) -> str:
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _service_md5(info: dict) -> str | None:
+    """The hex MD5 of an object's bytes as its service records it, or None where it does not (an S3 multipart
+    upload's ETag is not an MD5 of the bytes)."""
+    etag = str(info.get("ETag") or info.get("etag") or "").strip('"').lower()
+    if len(etag) == 32 and all(c in "0123456789abcdef" for c in etag):
+        return etag
+    b64 = info.get("md5Hash")
+    if isinstance(b64, str):
+        import base64
+        import binascii
+
+        try:
+            return base64.b64decode(b64, validate=True).hex()
+        except (binascii.Error, ValueError):
+            return None
+    return None
 
 
 class RedirectRefused(Exception):

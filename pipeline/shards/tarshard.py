@@ -10,7 +10,7 @@ from typing import Iterable, NamedTuple
 import numpy as np
 
 from pipeline.atomic import atomic_path, write_npy
-from pipeline.shards.layout import MEMBER_DTYPE, member_digest, member_key
+from pipeline.shards.layout import MEMBER_DTYPE, idx_pin, member_digest, member_key
 
 
 class ShardSample(NamedTuple):
@@ -89,6 +89,7 @@ def write_shard(tar_path: Path, idx_path: Path, samples: Iterable[ShardSample]) 
     return {
         "tar": tar_path.name,
         "idx": idx_path.name,
+        **idx_pin(idx_path),
         "count": len(table),
         "first_id": int(table["id"][0]) if len(table) else None,
         "last_id": int(table["id"][-1]) if len(table) else None,
@@ -111,6 +112,8 @@ def shard_looks_intact(tar_path: Path, idx_path: Path, record: dict) -> bool:
         with open(tar_path, "rb") as f:
             while chunk := f.read(1 << 22):
                 sha.update(chunk)
+        if "idx_sha256" in record and idx_pin(idx_path) != {k: record[k] for k in ("idx_bytes", "idx_sha256")}:
+            return False
     except (OSError, ValueError):
         return False
     return record.get("sha256") in (None, sha.hexdigest())

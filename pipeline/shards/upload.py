@@ -2,8 +2,8 @@
 
 The folder is verified first. A marker naming the set's fingerprint goes up before anything else, the shards
 and member tables next, index.json last: a reader never finds an index naming objects that are not there yet,
-and an interrupted upload is resumed by running the command again (objects it already put there, at their
-recorded size, are kept). A prefix holding anything this tool did not put there for this shard set is refused:
+and an interrupted upload is resumed by running the command again (objects already there are kept only when
+their bytes are the file's: by the MD5 the service records, else read back and hashed). A prefix holding anything this tool did not put there for this shard set is refused:
 nothing of anyone else's is replaced.
 """
 
@@ -38,7 +38,7 @@ def _files(root: Path, index: dict) -> list[tuple[str, int]]:
     for info in index["splits"].values():
         for rec in info["shards"]:
             out.append((rec["tar"], rec["bytes"]))
-            out.append((rec["idx"], (root / rec["idx"]).stat().st_size))
+            out.append((rec["idx"], rec.get("idx_bytes", (root / rec["idx"]).stat().st_size)))
         if info.get("beton"):
             out.append((info["beton"]["file"], info["beton"]["bytes"]))
     return out
@@ -97,7 +97,7 @@ def upload(src, url: str, progress: bool = True, options: ReadOptions = ReadOpti
     with progress_bar(progress) as bar:
         task = bar.add_task("upload", total=sum(b for _, b in files))
         for name, size in files:
-            if resuming and store.size(name) == size:
+            if resuming and store.holds_copy_of(name, src / name):
                 kept += 1
             else:
                 store.upload(src / name, name)

@@ -35,6 +35,8 @@ def _check_shard(tar_path: Path, idx_path: Path, rec: dict, id_range, on_image) 
     elif layout.file_sha256(tar_path) != rec["sha256"]:
         problems.append(f"{tar_path}: content digest differs from index.json (the file was modified)")
     try:
+        if "idx_sha256" in rec and idx_path.is_file():
+            layout.check_idx_pin(idx_path, idx_path.read_bytes(), rec, "its shard cannot be trusted")
         table = layout.read_member_table(idx_path)
     except DataError as exc:
         return problems + [str(exc)]
@@ -153,7 +155,7 @@ def _verify(index: dict, files, index_path, progress: bool) -> list[str]:
             for rec in info["shards"]:
                 try:
                     tar_path = files.fetch(str(rec["tar"]), rec.get("bytes"))
-                    idx_path = files.fetch(str(rec["idx"]))
+                    idx_path = files.fetch(str(rec["idx"]), rec.get("idx_bytes"))
                     problems += _check_shard(tar_path, idx_path, rec, info.get("id_range"),
                                              lambda: bar.advance(task))
                 except Exception as exc:  # report it with the others rather than stop at the first surprise
