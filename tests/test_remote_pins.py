@@ -1,6 +1,8 @@
-"""What index.json pins, and what an upload keeps (issue 39): every file the index names is checked by size
-and SHA-256 before use, so a consistent .tar + .idx pair from another preparation is refused, locally and
-remotely; a resumed upload keeps an object only when its bytes are the file's, not merely its size."""
+"""What index.json pins, what an upload keeps, what a remote miss says (issue 39): every file the index names is
+checked by size and SHA-256 before use, so a consistent .tar + .idx pair from another preparation is refused,
+locally and remotely; a resumed upload keeps an object only when its bytes are the file's, not merely its
+size; a set whose shards are all cached trains with the server gone; a missing bucket, a missing object and an
+over-long one are each named for what they are."""
 
 import json
 import shutil
@@ -77,3 +79,38 @@ def test_a_set_prepared_before_the_pin_still_reads(digits_set, tmp_path):
         index["splits"]["train"]["shards"][0]["idx_bytes"] = 5
         (old / "index.json").write_text(json.dumps(index))
         ShardSet.open(old)
+
+
+def test_a_fully_cached_set_trains_offline_and_an_uncached_one_says_why_not(digits_set, tmp_path, capfd):
+    opts = ReadOptions(cache_dir=str(tmp_path / "cache"), retries=1, timeout=5)
+    local_ids = np.concatenate([b.ids.numpy() for b in digits_set.loader("train", batch_size=64, seed=2)])
+    with RangeServer(digits_set.root) as srv:
+        url = srv.url
+        for _ in ShardSet.open(url, opts).loader("train", batch_size=64, seed=5):
+            pass  # one whole epoch: every shard is now in the cache
+    capfd.readouterr()
+    offline = ShardSet.open(url, opts)  # the server is gone
+    assert "Using the copy of index.json cached" in capfd.readouterr().err
+    ids = np.concatenate([b.ids.numpy() for b in offline.loader("train", batch_size=64, seed=2)])
+    np.testing.assert_array_equal(ids, local_ids)
+    with pytest.raises(DataError, match=r"index\.json: 1 read\(s\) still failing after 1 retries"):
+        ShardSet.open(url, ReadOptions(cache_dir=str(tmp_path / "empty"), retries=1, timeout=5))
+
+
+def test_remote_misses_name_what_is_missing(digits_set, tmp_path):
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto")
+    import boto3
+
+    with moto_s3() as _:
+        with pytest.raises(DataError, match="the bucket 'no-such-bucket' does not exist"):
+            ShardSet.open("s3://no-such-bucket/set", ReadOptions(cache_limit="0"))
+        upload(digits_set.root, "s3://shards/set", progress=False)
+        s3 = boto3.client("s3")
+        s3.delete_object(Bucket="shards", Key="set/train-000002.tar")
+        longer = (digits_set.root / "train-000003.tar").read_bytes() + b"\0" * 512
+        s3.put_object(Bucket="shards", Key="set/train-000003.tar", Body=longer)
+        problems = verify("s3://shards/set", progress=False)
+        assert any("set/train-000002.tar: missing; check the URL" in p for p in problems), problems
+        assert any("set/train-000003.tar: larger than the" in p and "bytes index.json records" in p
+                   for p in problems), problems

@@ -195,6 +195,34 @@ class ShardCache:
             self._write_have(have_path, have)
             self._evict(keep=shard.sha256)
 
+    def keep_file(self, key: str, data: bytes) -> None:
+        """A small whole file (index.json, an .idx table) under `key` (hex): written to a temporary of the
+        cache's own, then renamed into place."""
+        self._ready()
+        path = self.folder / f"{key}.file"
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.folder)  # O_EXCL
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def kept_file(self, key: str) -> bytes | None:
+        """The bytes kept under `key`, or None: never through a link, never from a folder another user can
+        write (index.json's copy is trusted as it stands)."""
+        try:
+            self._check_folder()
+            fd = os.open(self.folder / f"{key}.file", os.O_RDONLY | os.O_NOFOLLOW)
+        except (OSError, PipelineError):
+            return None
+        try:
+            with os.fdopen(fd, "rb") as f:
+                return f.read()
+        except OSError:
+            return None
+
     def usage(self) -> int:
         """Bytes of disk the cache's shard files take."""
         return sum(p.stat().st_blocks * 512 for p in self.folder.glob("*.data") if p.is_file())

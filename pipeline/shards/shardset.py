@@ -50,7 +50,7 @@ class ShardSet:
         store = open_store(location, options)
         if store.local:
             return cls(store, layout.load_index(store.root))
-        index = layout.parse_index(store.where(layout.INDEX_NAME), store.read_file(layout.INDEX_NAME))
+        index = layout.parse_index(store.where(layout.INDEX_NAME), store.read_index(layout.INDEX_NAME))
         if index["format_version"] < 2:
             raise DataError(f"{store.where(layout.INDEX_NAME)}: a format-{index['format_version']} shard set, "
                             "whose members carry no digests to check remote reads against; prepare it again "
@@ -137,7 +137,7 @@ class ShardSet:
                 raise DataError(f"{where}: unreadable ({exc.strerror}); run `pipeline verify`") from None
             fix = "the shard set is damaged or mixed with another: run `pipeline verify`, then prepare it again"
         else:
-            data = self.store.read_file(rec["idx"], limit=rec["idx_bytes"] if "idx_bytes" in rec else None)
+            data = self.store.read_pinned(rec["idx"], rec.get("idx_bytes"), rec.get("idx_sha256"))
             fix = "the remote copy is damaged or mixed with another: upload the shard set again"
         layout.check_idx_pin(where, data, rec, fix)
         return data

@@ -147,6 +147,14 @@ class _Transient(Exception):
     """A read worth retrying: the answer was cut short."""
 
 
+class TooLarge(DataError):
+    """An answer longer than what this tool reads of that object."""
+
+
+class Unreachable(DataError):
+    """Reads of a URL still failing after their retries (the server down, the network gone)."""
+
+
 def _is_permanent(exc: BaseException) -> bool:
     """Missing objects and refused credentials do not heal by retrying; everything else might."""
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, RedirectRefused)):
@@ -216,8 +224,8 @@ class RemoteStore:
             nonlocal got
             got += len(chunk)
             if got > limit:
-                raise DataError(f"{self.where(name)}: larger than the {limit:,} bytes this tool reads for it "
-                                "(a damaged or hostile server?); check the URL")
+                raise TooLarge(f"{self.where(name)}: larger than the {limit:,} bytes this tool reads for it "
+                               "(a damaged or hostile server?); check the URL")
             sink(chunk)
 
         if self.url.partition("://")[0].lower() in ("http", "https"):
@@ -400,13 +408,63 @@ class RemoteStore:
                     raise DataError(f"{url}: the server redirects it to another address ({redact(exc.target)}), "
                                     "which is not followed; give the shard set's final URL") from None
                 if _is_permanent(exc):
-                    what = "missing" if isinstance(exc, FileNotFoundError) else f"refused ({exc})"
-                    raise DataError(f"{url}: {what}; check the URL, and that the shard set was uploaded there "
-                                    "completely (`pipeline upload DIR URL`)") from None
+                    raise DataError(self._permanent_message(url, exc)) from None
                 if k == self.options.retries:
-                    raise DataError(f"{url}: {len(pending) or 1} read(s) still failing after {k} retries "
-                                    f"({type(exc).__name__}: {exc}); check the connection and try again") from None
+                    raise Unreachable(f"{url}: {len(pending) or 1} read(s) still failing after {k} retries "
+                                      f"({type(exc).__name__}: {_short(exc)}); check the connection and try "
+                                      "again") from None
                 time.sleep(min(5.0, 0.1 * 2 ** k) * (0.5 + random.random()))
+
+    def _permanent_message(self, url: str, exc: BaseException) -> str:
+        """What a failure that retrying does not heal means, in the words of the fix."""
+        text = str(exc)
+        if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
+            bucket = self.url.partition("://")[2].split("/", 1)[0]
+            return (f"{url}: the bucket {bucket!r} does not exist (or these credentials cannot see it); check the "
+                    "URL's bucket name and the endpoint (AWS_ENDPOINT_URL)")
+        if isinstance(exc, FileNotFoundError) or getattr(exc, "status", None) == 404:
+            return (f"{url}: missing; check the URL, and that the shard set was uploaded there completely "
+                    "(`pipeline upload DIR URL`)")
+        if isinstance(exc, PermissionError) or getattr(exc, "status", None) in (401, 403):
+            return (f"{url}: access refused ({_short(exc)}); check the credentials (AWS_* variables, "
+                    "~/.aws, GOOGLE_APPLICATION_CREDENTIALS) and the object's permissions")
+        return f"{url}: refused ({_short(exc)}); check the URL"
+
+    def read_index(self, name: str) -> bytes:
+        """index.json: from the server, a copy kept in the cache; when the server cannot be reached, that copy,
+        said in one line (a set whose shards are all cached then trains offline: the .idx tables and members
+        are pinned and checked, the copy of index.json is the last one read)."""
+        key = hashlib.sha256(f"index of {redact(self.url)}".encode()).hexdigest()
+        try:
+            data = self.read_file(name)
+        except Unreachable as exc:
+            kept = self.cache.kept_file(key) if self.cache else None
+            if kept is None:
+                raise
+            print(f"note: {exc}. Using the copy of {name} cached when it was last read ({self.cache.folder}); the "
+                  "shards must be in the cache too", file=sys.stderr)
+            return kept
+        if self.cache:
+            self._keep(key, data)
+        return data
+
+    def read_pinned(self, name: str, size: int | None, sha256: str | None) -> bytes:
+        """A small object that index.json pins (an .idx table): from the cache when it holds those bytes, else
+        read (no further than `size`) and kept there. The caller checks the pin either way."""
+        if sha256 and self.cache:
+            kept = self.cache.kept_file(sha256)
+            if kept is not None and hashlib.sha256(kept).hexdigest() == sha256:
+                return kept
+        data = self.read_file(name, limit=size)
+        if sha256 and self.cache and hashlib.sha256(data).hexdigest() == sha256:
+            self._keep(sha256, data)
+        return data
+
+    def _keep(self, key: str, data: bytes) -> None:
+        try:
+            self.cache.keep_file(key, data)
+        except (OSError, PipelineError):
+            pass  # the cache is a convenience here; the member reads say so when it cannot be written
 
     def read_members(self, shard: ShardFile, rows, offsets, sizes, digests, whole: bool = False,
                      in_process: bool = False) -> list:
@@ -506,6 +564,11 @@ class RemoteStore:
     def _whole_lock(self, name: str) -> threading.Lock:
         with self._locks_lock:
             return self._locks.setdefault(name, threading.Lock())
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _file_digest(path: Path, h) -> str:

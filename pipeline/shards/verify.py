@@ -15,7 +15,7 @@ from pipeline.errors import DataError
 from pipeline.progress import progress_bar
 from pipeline.shards import layout
 from pipeline.shards.images import CorruptImage, open_fully
-from pipeline.shards.storage import ReadOptions, is_url, open_store
+from pipeline.shards.storage import ReadOptions, TooLarge, is_url, open_store
 
 _LABEL_MAX = 32  # bytes of a label member (decimal text)
 
@@ -116,9 +116,10 @@ class _Downloaded:
                 self.store.download(name, path)
             else:
                 self.store.download(name, path, limit=int(size) + 1)
-            self._got.append(path)
-        except DataError:
-            pass  # the check reports it missing
+        except TooLarge:
+            raise DataError(f"{self.store.where(name)}: larger than the {int(size):,} bytes index.json records "
+                            "(replaced or appended to); upload the shard set again") from None
+        self._got.append(path)
         return path
 
     def done(self) -> None:
@@ -158,13 +159,19 @@ def _verify(index: dict, files, index_path, progress: bool) -> list[str]:
                     idx_path = files.fetch(str(rec["idx"]), rec.get("idx_bytes"))
                     problems += _check_shard(tar_path, idx_path, rec, info.get("id_range"),
                                              lambda: bar.advance(task))
+                except DataError as exc:  # a read that failed, in its own words (missing, refused, too large)
+                    problems.append(str(exc))
                 except Exception as exc:  # report it with the others rather than stop at the first surprise
                     problems.append(f"{files.root / str(rec.get('tar', '?'))}: could not be checked "
                                     f"({type(exc).__name__}: {exc})")
                 files.done()
             beton = info.get("beton")
             if beton:
-                path = files.fetch(beton["file"], beton.get("bytes"))
+                try:
+                    path = files.fetch(beton["file"], beton.get("bytes"))
+                except DataError as exc:
+                    problems.append(str(exc))
+                    continue
                 if not path.is_file():
                     problems.append(f"{path}: missing (listed in index.json)")
                 elif path.stat().st_size != beton["bytes"]:
