@@ -108,6 +108,18 @@ def atomic_path(path: str | os.PathLike):
             tmp.unlink()
 
 
+@contextmanager
+def appending(path: str | os.PathLike, newline: str | None = None):
+    """`path` opened to append lines to (a journal, a log, a table of results). A failed open or write (a full
+    disk, a read-only folder) is one WriteError naming the file; the lines written before stay."""
+    try:
+        with open(path, "a", newline=newline) as f:
+            yield f
+            f.flush()
+    except OSError as exc:
+        raise WriteError(path, _reason(exc), appending=True) from None
+
+
 def move_aside(path: str | os.PathLike) -> Path:
     """A damaged record of ours is kept, never dropped: renamed to NAME.corrupt-YYYYMMDD-HHMMSS beside it."""
     path = Path(path)

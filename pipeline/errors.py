@@ -18,13 +18,14 @@ class WriteError(PipelineError):
 
     exit_code = 1
 
-    def __init__(self, path, reason: str):
-        self.path, self.reason = str(path), reason
-        super().__init__(f"{path}: could not be written ({reason}); nothing there was changed. Free space on that "
-                         "disk, check its permissions, or choose another output folder (a shorter name, if too long)")
+    def __init__(self, path, reason: str, appending: bool = False):
+        self.path, self.reason, self.appending = str(path), reason, appending
+        kept = "the lines already in it are kept" if appending else "nothing there was changed"
+        super().__init__(f"{path}: could not be written ({reason}); {kept}. Free space on that disk, check its "
+                         "permissions, or choose another output folder (a shorter name, if too long)")
 
     def __reduce__(self):  # crosses process pools (prepare's encoders) intact
-        return type(self), (self.path, self.reason)
+        return type(self), (self.path, self.reason, self.appending)
 
 
 class user_code:

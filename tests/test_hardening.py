@@ -575,3 +575,48 @@ def test_the_cache_never_writes_through_links_planted_under_its_names(digits_set
         remote = ShardSet.open(srv.url, ReadOptions(cache_dir=str(other)))
         list(remote.loader("train", ids, batch_size=25, shuffle=False))
     assert not list(other.glob("*.data"))  # a folder others can write to is not used
+
+
+# -- a full disk while appending names the file, and what was written stays -----------------------------------
+def test_a_full_disk_while_appending_names_the_file_and_keeps_its_lines(tmp_path, monkeypatch):
+    import errno
+
+    import pipeline.atomic as atomic
+    import pipeline.shards.prepare as prep
+    from pipeline.errors import WriteError
+    from pipeline.loggers.csv_logger import CSVLogger
+
+    real_open = open
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    log = CSVLogger(tmp_path / "run", {})
+    log.log({"kind": "step", "loss": 1.0}, 1)
+    monkeypatch.setattr(atomic, "open", lambda *a, **k: FullDisk(real_open(*a, **k)), raising=False)
+    with pytest.raises(WriteError, match=r"/train.csv: could not be written \(no space left on device\); the "
+                                         r"lines already in it are kept"):
+        log.log({"kind": "step", "loss": 0.5}, 2)
+    monkeypatch.undo()
+    assert (log.folder / "train.csv").read_text().count("\n") == 2  # the header and the first row
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(prep.os, "fsync", full)
+    r_out = tmp_path / "set"
+    with pytest.raises(WriteError, match=r"\.prepare-journal\.jsonl: could not be written \(No space left"):
+        prep.prepare("digits", prep.PrepareOptions(out=r_out, shard_size=600, progress=False, workers=1))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from pipeline.atomic import atomic_path, move_aside
+from pipeline.atomic import appending, atomic_path, move_aside
 from pipeline.loggers.base import LOGGERS, Logger, evaluation_scalars, flat_settings
 from pipeline.progress import console
 
@@ -64,7 +64,7 @@ class CSVLogger(Logger):
             old = self._rows(path) if path.exists() else []
             self._write(path, list(dict.fromkeys([*(header or []), *row])), old)
             header = self.headers[path]
-        with open(path, "a", newline="") as f:
+        with appending(path, newline="") as f:
             csv.DictWriter(f, fieldnames=header).writerow({k: _cell(v) for k, v in row.items()})
 
     def log(self, record: dict, step: int) -> None:

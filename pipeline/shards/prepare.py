@@ -22,7 +22,7 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.atomic import is_temporary, write_json
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, WriteError
 from pipeline.kv import parse_kv
 from pipeline.locks import LOCK_NAME, folder_lock
 from pipeline.progress import console, progress_bar
@@ -290,9 +290,12 @@ def _execute(tasks: list[ShardTask], spec: str, opts: PrepareOptions, journal, t
     """Run shard tasks (in a process pool when workers > 1); journal each record as it arrives."""
 
     def finish(record):
-        journal.write(json.dumps(record) + "\n")
-        journal.flush()
-        os.fsync(journal.fileno())
+        try:
+            journal.write(json.dumps(record) + "\n")
+            journal.flush()
+            os.fsync(journal.fileno())
+        except OSError as exc:
+            raise WriteError(journal.name, exc.strerror or str(exc), appending=True) from None
 
     with progress_bar(opts.progress) as bar:
         bar_task = bar.add_task("prepare", total=total, completed=done_count)

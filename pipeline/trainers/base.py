@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from pipeline import locks
-from pipeline.atomic import atomic_path
+from pipeline.atomic import appending, atomic_path
 from pipeline.attacks import budget
 from pipeline.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from pipeline.dist import init_distributed
@@ -398,7 +398,7 @@ class Trainer:
 
     def _log(self, record: dict) -> None:
         record = {**record, "time": time.time()}
-        with open(self.layout.metrics, "a") as f:
+        with appending(self.layout.metrics) as f:
             f.write(json.dumps(record, default=float) + "\n")
         self._metrics_lines += 1
         self.loggers.log(record, self.global_step)
