@@ -11,11 +11,35 @@ Each epoch after the first trains on the subset the last round chose (its per-sa
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 
 import pipeline.api as pl
+from pipeline.errors import PipelineError
+
+
+def _at_least(least: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value}: at least {least}")
+        return value
+    return parse
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number in (0, 1]") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{value}: a share of the data, in (0, 1]")
+    return value
 
 
 def main(argv=None) -> dict:
@@ -23,10 +47,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", type=Path, default=Path("runs/own-loop"))
     ap.add_argument("--data", help="a prepared shard set (default: sklearn's digits, prepared into OUT/shards)")
     ap.add_argument("--arch", default="smallcnn", help="any model.arch form: smallcnn, wrn-16-2, module:PKG.MOD:FN")
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=_at_least(1), default=3)
     ap.add_argument("--selector", default="rcs")
-    ap.add_argument("--fraction", type=float, default=0.3)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fraction", type=_share, default=0.3)
+    ap.add_argument("--seed", type=_at_least(0), default=0)
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
@@ -73,4 +97,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except PipelineError as exc:  # bad data, a bad --arch, a run folder it cannot write: one line, as the CLI
+        sys.exit(f"error: {exc}")

@@ -10,12 +10,15 @@ models (expectation over transformation).
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
+
+from pipeline.errors import PipelineError
 
 # Default number of PGD steps by use: the paper settings (acl-and-eval.md, rcs.md).
 DEFAULT_STEPS = {"train": 5, "eval": 20, "finetune": 10, "select": 1, "validation": 3}
@@ -38,6 +41,14 @@ def budget(channels: int, eps: float | None = None, step: float | None = None, s
     """The one rule: eps defaults to 8/255 for colour and 0.3 for grey images; step to eps / 4 (2/255 at
     8/255); steps to the paper's count for the use (train 5, eval 20, finetune 10, select 1). Zero or None
     means "default"."""
+    for name, value in (("eps", eps), ("step", step), ("steps", steps)):
+        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                      and math.isfinite(value) and value >= 0):
+            raise PipelineError(f"attack {name} = {value!r}: must be a number >= 0 (0 or None: the default)")
+    if steps is not None and int(steps) != steps:
+        raise PipelineError(f"attack steps = {steps!r}: must be a whole number")
+    if channels not in (1, 3):
+        raise PipelineError(f"channels = {channels!r}: images have 1 (grey) or 3 (colour) channels")
     eps = eps or (8 / 255 if channels == 3 else 0.3)
     return Budget(float(eps), float(step or eps / 4), int(steps if steps is not None else DEFAULT_STEPS[use]))
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pipeline.errors import PipelineError
+
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 NCHW in [0, 255] -> float32 in [0, 1] (kept as is when already floating point)."""
@@ -131,6 +133,14 @@ class ContrastiveAugment:
     size: int
     strength: float = 1.0
     min_scale: float = 0.08
+
+    def __post_init__(self):
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
+            raise PipelineError(f"ContrastiveAugment size = {self.size!r}: the views' side in pixels, at least 1")
+        if not 0 <= self.strength <= 1:
+            raise PipelineError(f"ContrastiveAugment strength = {self.strength!r}: must be in [0, 1]")
+        if not 0 < self.min_scale <= 1:
+            raise PipelineError(f"ContrastiveAugment min_scale = {self.min_scale!r}: a share of the image, in (0, 1]")
 
     def __call__(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         s = self.strength

@@ -24,6 +24,10 @@ def multiview_contrastive(z: torch.Tensor, views: int = 2, temperature: float = 
     an image's rows: their mean is the "mean"). `detach_others`: every row against the others held fixed,
     so that d(row a's loss)/d z_a is that row's own gradient (the per-sample gradient selection needs).
     """
+    if z.ndim != 2:
+        raise ValueError(f"contrastive loss: z must be 2-D (rows of projections), got shape {tuple(z.shape)}")
+    if reduction not in ("mean", "rows", "sample"):
+        raise ValueError(f"contrastive loss: reduction {reduction!r}: mean, rows or sample")
     n = z.shape[0]
     if n % views:
         raise ValueError(f"contrastive loss: {n} rows is not a multiple of {views} views")
@@ -69,6 +73,9 @@ def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.T
     twice, 0 leaves it out, as if the batch held it twice or not at all."""
     if weights is None or values.ndim == 0:
         return values.mean()
+    if weights.shape != values.shape:
+        raise ValueError(f"weighted_mean: {tuple(weights.shape)} weights for {tuple(values.shape)} values; give one "
+                         "weight per sample (a batch's .weights)")
     w = weights.to(values.device, values.dtype)
     return (values * w).sum() / w.sum().clamp_min(1e-12)
 

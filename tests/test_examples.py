@@ -30,3 +30,14 @@ def test_own_loop_example_selects_trains_on_the_subset_and_evaluates(tmp_path):
     entry = next(iter(results.values()))
     assert entry["checkpoint"].endswith("epoch-2.pt") and find(entry, "slf-pgd20")
     assert re.search(r"clean [\d.]+%, PGD-20 [\d.]+%", lines[-1])
+
+
+def test_own_loop_example_answers_bad_input_in_one_line(tmp_path):
+    for args, needle in ((["--data", str(tmp_path / "none")], "no such shard-set folder"),
+                         (["--epochs", "0"], "--epochs: 0: at least 1"),
+                         (["--fraction", "1.5"], "--fraction: 1.5: a share of the data"),
+                         (["--arch", "nope"], "model.arch = 'nope' (--arch): choose one of")):
+        done = subprocess.run([sys.executable, "examples/own_loop.py", "--out", str(tmp_path / "o"), *args],
+                              capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert done.returncode != 0 and needle in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr, done.stderr

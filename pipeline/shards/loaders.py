@@ -263,7 +263,10 @@ class ShardLoader:
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         """The next iteration is epoch `epoch`, from its batch `skip` on (0: all of it): a run resumed in the
         middle of an epoch gets exactly the batches an uninterrupted one would have had next."""
-        self.epoch, self.skip = epoch, skip
+        for name, value in (("epoch", epoch), ("skip", skip)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise PipelineError(f"{name} = {value!r}: must be a whole number >= 0")
+        self.epoch, self.skip = int(epoch), int(skip)
 
     def plan(self, epoch: int) -> list[np.ndarray]:
         return self.planner.plan(epoch)
@@ -358,10 +361,9 @@ def create_loader(shardset, split: str = "train", subset=None, *, backend: str =
     process (the same batches in the same order); `auto` picks by the work per image (`auto_worker_kind`)."""
     if backend not in BACKENDS:
         raise PipelineError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    if batch_size < 1:
-        raise PipelineError(f"batch size {batch_size}: must be at least 1")
-    if num_workers < 0:
-        raise PipelineError(f"--workers {num_workers}: must be >= 0 (0 reads in this process)")
+    for name, value, least in (("batch size", batch_size, 1), ("seed", seed, 0), ("workers", num_workers, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            raise PipelineError(f"{name} {value!r}: must be a whole number >= {least}")
     if worker_kind not in WORKER_KINDS:
         raise PipelineError(f"worker kind {worker_kind!r}: choose one of {', '.join(WORKER_KINDS)}")
     crop = parse_crop(crop) if isinstance(crop, str) else crop
