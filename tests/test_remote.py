@@ -392,7 +392,7 @@ def test_a_redirect_to_another_address_is_not_followed(digits_set, tmp_path):
 def test_reads_from_a_server_are_bounded(digits_set, tmp_path, monkeypatch):
     """An endless index.json stops at the stated limit (issue 39: one took the client to 7.5 GB), and verify
     never downloads a shard beyond its recorded size (one filled the disk)."""
-    import pipeline.shards.storage as storage
+    import pipeline.shards.remote as storage
 
     monkeypatch.setattr(storage, "READ_LIMIT", 1 << 20)
     with RangeServer(digits_set.root, endless="index.json") as srv:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import DataError, PipelineError
-from pipeline.shards import storage
+from pipeline.shards import remote
 from pipeline.shards.shardset import ShardSet
 from pipeline.shards.storage import ReadOptions
 from pipeline.shards.upload import upload
@@ -48,7 +48,7 @@ def test_a_resumed_upload_replaces_an_object_that_merely_has_the_right_size(digi
     import boto3
 
     if not service_md5:
-        monkeypatch.setattr(storage, "_service_md5", lambda info: None)
+        monkeypatch.setattr(remote, "service_md5", lambda info: None)
     with moto_s3() as _:
         s3 = boto3.client("s3")
         upload(digits_set.root, "s3://shards/mine", progress=False)

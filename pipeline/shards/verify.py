@@ -15,7 +15,8 @@ from pipeline.errors import DataError
 from pipeline.progress import progress_bar
 from pipeline.shards import layout
 from pipeline.shards.images import CorruptImage, open_fully
-from pipeline.shards.storage import ReadOptions, TooLarge, is_url, open_store
+from pipeline.shards.remote_fs import TooLarge
+from pipeline.shards.storage import ReadOptions, is_url, open_store
 
 _LABEL_MAX = 32  # bytes of a label member (decimal text)
 
