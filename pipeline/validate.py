@@ -9,11 +9,23 @@ where it is read, not met later as a traceback or a 12 GB allocation.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 
-from pipeline.errors import DataError
+from pipeline.errors import DataError, PipelineError
 
 LIMIT = 1 << 40  # no count, id, offset or size of ours comes near this
+INT64_MAX = (1 << 63) - 1  # seeds, epochs: what numpy, torch and the records written down hold
+
+
+def whole_number(value, what: str, least: int = 0, why: str = "") -> int:
+    """`value` as an int when it is a whole number in [least, 2^63): one PipelineError line naming `what` else
+    (booleans, floats and numbers beyond int64 included)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not least <= value <= INT64_MAX:
+        raise PipelineError(f"{what} {value!r}: a whole number >= {least} (and below 2^63){why}")
+    return int(value)
+
+
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a file name in its own folder: no path, no link out
 
 

@@ -23,6 +23,7 @@ from pipeline.selectors.proxies import ProxyComputer
 from pipeline.selectors.recorded import RecordedRows
 from pipeline.shards.manifest import Manifest, check_manifest_target
 from pipeline.shards.shardset import ShardSet
+from pipeline.validate import whole_number
 
 
 def load_snapshot(checkpoint, shardset: ShardSet, arch: str, seed: int):
@@ -81,8 +82,7 @@ def run_selection(data, selector: str, fraction: float, out, checkpoint=None, sp
     manifest's folder is locked for the whole selection: one writer at a time. Under torch.distributed
     (torchrun) every rank calls this: the ranks share the proxy pass, rank 0 writes the manifest, and every
     rank returns it."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise PipelineError(f"seed {seed!r}: a whole number >= 0 (numpy's generators take no negative seeds)")
+    whole_number(seed, "seed", why="; numpy's generators take no negative seeds")
     check_manifest_target(out)
     rank, world = rank_and_world()
     with folder_lock(Path(out).parent, f"pipeline select --selector {selector}") if rank == 0 else nullcontext():

@@ -36,6 +36,7 @@ from pipeline.shards.device_decode import DeviceDecoder, torchvision_decoder
 from pipeline.shards.ffcv_io import FfcvLoader
 from pipeline.shards.manifest import Manifest
 from pipeline.shards.reader import TaskReader
+from pipeline.validate import whole_number
 
 BACKENDS = ("auto", "stream", "indexed", "ffcv")
 WORKER_KINDS = ("auto", "process", "thread")
@@ -263,10 +264,7 @@ class ShardLoader:
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         """The next iteration is epoch `epoch`, from its batch `skip` on (0: all of it): a run resumed in the
         middle of an epoch gets exactly the batches an uninterrupted one would have had next."""
-        for name, value in (("epoch", epoch), ("skip", skip)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-                raise PipelineError(f"{name} = {value!r}: must be a whole number >= 0")
-        self.epoch, self.skip = int(epoch), int(skip)
+        self.epoch, self.skip = whole_number(epoch, "epoch"), whole_number(skip, "skip")
 
     def plan(self, epoch: int) -> list[np.ndarray]:
         return self.planner.plan(epoch)
@@ -361,9 +359,9 @@ def create_loader(shardset, split: str = "train", subset=None, *, backend: str =
     process (the same batches in the same order); `auto` picks by the work per image (`auto_worker_kind`)."""
     if backend not in BACKENDS:
         raise PipelineError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    for name, value, least in (("batch size", batch_size, 1), ("seed", seed, 0), ("workers", num_workers, 0)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
-            raise PipelineError(f"{name} {value!r}: must be a whole number >= {least}")
+    whole_number(batch_size, "batch size", 1)
+    whole_number(seed, "seed")
+    whole_number(num_workers, "workers", why="; 0 reads in this process")
     if worker_kind not in WORKER_KINDS:
         raise PipelineError(f"worker kind {worker_kind!r}: choose one of {', '.join(WORKER_KINDS)}")
     crop = parse_crop(crop) if isinstance(crop, str) else crop
