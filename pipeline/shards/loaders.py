@@ -361,7 +361,7 @@ def create_loader(shardset, split: str = "train", subset=None, *, backend: str =
         raise PipelineError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     whole_number(batch_size, "batch size", 1)
     whole_number(seed, "seed")
-    whole_number(num_workers, "workers", why="; 0 reads in this process")
+    whole_number(num_workers, "--workers", why="; 0 reads in this process")
     if worker_kind not in WORKER_KINDS:
         raise PipelineError(f"worker kind {worker_kind!r}: choose one of {', '.join(WORKER_KINDS)}")
     crop = parse_crop(crop) if isinstance(crop, str) else crop
