@@ -1,8 +1,10 @@
 """The `pipeline` command line. Thin: parse, call the stage, print. Errors are one line and a non-zero exit.
 
-Each command imports its stage inside its function, for start-up time: `pipeline --version`, `--help` and
-`prepare` start without torch. Help texts that list names ("{methods}") are filled from the registries only
-when help is shown (`fill_help`), so a part registered anywhere (PIPELINE_PLUGINS) is listed too.
+Each command imports its stage inside its function, for start-up time: `pipeline --version`, every `--help`,
+argument errors and `prepare` start without torch. Help texts that list names ("{methods}") are filled when a
+command's help is shown (`fill_help`): from pipeline/help_catalogue.json (written from the registries by
+scripts/help_catalogue.py, kept current by a test), or from the registries themselves when PIPELINE_PLUGINS
+registers parts of its own, so those are listed too.
 """
 
 from __future__ import annotations
@@ -557,19 +559,38 @@ def _registry_names() -> dict:
             "sections": " ".join(f"[{s}]" for s in all_sections())}
 
 
-def fill_help() -> None:
-    """Fill the help texts that list registered names (kept as templates, so a later call lists later parts)."""
-    from pipeline.config import setting_help
+HELP_CATALOGUE = Path(__file__).with_name("help_catalogue.json")
 
-    names = _registry_names()
+
+def _help_templates():
+    """(option info, its help template) of every command's options."""
     for command in app.registered_commands:
         for param in signature(command.callback).parameters.values():
             info = param.default
             template = getattr(info, "help_template", None) or getattr(info, "help", None)
-            if isinstance(template, str):  # escaped: help is rich markup, where "[default: x]" would vanish
+            if isinstance(template, str):
                 info.help_template = template
-                info.help = escape(setting_help(template[1:]) if template.startswith("@") else
-                                   template.format_map(names) if "{" in template else template)
+                yield info, template
+
+
+def help_catalogue() -> dict:
+    """What the commands' help lists, from the live registries and settings declarations: importing them imports
+    every stage (torch included), so help reads a copy written by scripts/help_catalogue.py (a test keeps it
+    equal to this) unless plugins add names."""
+    from pipeline.config import setting_help
+
+    keys = sorted({t[1:] for _, t in _help_templates() if t.startswith("@")})
+    return {"names": _registry_names(), "settings": {k: setting_help(k) for k in keys}}
+
+
+def fill_help(live: bool = False) -> None:
+    """Fill the help texts that list registered names (kept as templates, so a later call lists later parts):
+    from the catalogue, or (`live`: plugins registered parts of their own) from the registries."""
+    catalogue = help_catalogue() if live or not HELP_CATALOGUE.is_file() else json.loads(HELP_CATALOGUE.read_text())
+    names, settings = catalogue["names"], catalogue["settings"]
+    for info, template in _help_templates():  # escaped: help is rich markup, where "[default: x]" would vanish
+        info.help = escape(settings.get(template[1:], "") if template.startswith("@") else
+                           template.format_map(names) if "{" in template else template)
 
 
 # What an interrupted command kept, and how to go on: set by each command before its long work.
@@ -608,9 +629,10 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     try:
-        load_plugins()
-        if "--help" in sys.argv[1:]:
-            fill_help()
+        plugins = load_plugins()
+        commands = {c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands}
+        if "--help" in sys.argv[1:] and sys.argv[1] in commands:  # a command's help: its options' texts
+            fill_help(live=bool(plugins))
         app()  # typer handles usage errors and --help itself, and exits
     except PipelineError as exc:
         console.print(f"[red]error:[/] {escape(_shown(str(exc)))}")

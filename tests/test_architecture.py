@@ -47,6 +47,25 @@ def test_no_function_local_imports_of_the_package_outside_the_cli():
     assert not found, found
 
 
+def test_the_help_catalogue_is_the_registries_and_help_imports_no_torch():
+    """`pipeline COMMAND --help` reads the names it lists from pipeline/help_catalogue.json (issue 40: help took
+    4 s importing torch); the copy must equal what the live registries say."""
+    from pipeline.cli import HELP_CATALOGUE, help_catalogue
+
+    assert json.loads(HELP_CATALOGUE.read_text()) == help_catalogue(), \
+        "pipeline/help_catalogue.json is stale: run python scripts/help_catalogue.py"
+    for args in (["--help"], ["train", "--help"], ["eval", "--help"], ["--version"], ["trian"]):
+        code = ("import sys, runpy; sys.argv = ['pipeline', *sys.argv[1:]]\n"
+                "try:\n    runpy.run_module('pipeline', run_name='__main__')\n"
+                "except SystemExit:\n    pass\n"
+                "sys.stderr.write('TORCH=%s' % ('torch' in sys.modules))")
+        out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT,
+                             env={k: v for k, v in os.environ.items() if k != "PIPELINE_PLUGINS"})
+        assert "TORCH=False" in out.stderr, (args, out.stderr[-500:])
+    assert "random | rcs" in subprocess.run([sys.executable, "-m", "pipeline", "select", "--help"],
+                                            capture_output=True, text=True, cwd=ROOT).stdout
+
+
 def test_the_settings_table_in_the_docs_is_the_declarations():
     import pipeline.trainers  # noqa: F401  (the methods' sections)
     from pipeline.config import settings_markdown
