@@ -421,7 +421,7 @@ class TrainConfig:
             if "=" not in item:
                 raise PipelineError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. optim.lr=0.5")
             k, v = item.split("=", 1)
-            self.set(k.strip(), v.strip())
+            self.set(k.strip(), override_value(v.strip()))
 
     def to_record(self) -> dict:
         """`to_dict` as it is written down (config.toml, checkpoints, loggers): URLs without their secrets."""
@@ -434,6 +434,17 @@ class TrainConfig:
 
 def _kind(type_name) -> str:
     return type_name if isinstance(type_name, str) else type_name.__name__
+
+
+def override_value(text: str):
+    """A --set value read as the config file reads it where it is a TOML list, table or quoted string
+    (`run.loggers=["jsonl","tensorboard"]`, `run.name="a b"`); anything else stays text, parsed by the setting's
+    type as before (`optim.milestones=40,60`, `model.arch=wrn-16-2`, numbers, true/false)."""
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+    return value if isinstance(value, (str, list, dict)) else text
 
 
 def _coerce(value, type_name, key: str, origin: str):

@@ -28,6 +28,7 @@ class Registry(Generic[T]):
     def __init__(self, kind: str, flag: str | None = None):
         self.kind, self.flag = kind, flag
         self._items: dict[str, T] = {}
+        self._aliases: dict[str, str] = {}  # a name users guess -> the registered one
 
     def register(self, item=None, *, name: str | None = None):
         """Decorator: `@R.register`, `@R.register("name")` or `R.register(obj, name=...)`."""
@@ -48,20 +49,30 @@ class Registry(Generic[T]):
         self._items[name] = item
         return item
 
+    def alias(self, alias: str, name: str) -> None:
+        """`alias` finds the part registered as `name` (`kcenter` for `kcg`); listed under its own name only."""
+        if alias in self._items or self._aliases.get(alias, name) != name:
+            raise PipelineError(f"{self.kind} {alias!r} is taken; it cannot also stand for {name!r}")
+        self._aliases[alias] = name
+
+    def canonical(self, name: str) -> str:
+        """The registered name `name` stands for (itself unless it is an alias)."""
+        return self._aliases.get(name, name) if isinstance(name, str) else name
+
     def remove(self, name: str) -> None:
         """For tests that register a part of their own and clean up after."""
         self._items.pop(name, None)
 
     def get(self, name: str, default=None):
         """As dict.get: the part, or `default` (see `lookup` for the one-line error)."""
-        return self._items.get(name, default)
+        return self._items.get(self.canonical(name), default)
 
     def lookup(self, name: str) -> T:
         """The part registered as `name`; one line naming the flag and every choice when there is none."""
-        if name not in self._items:
+        if self.canonical(name) not in self._items:
             where = f"{self.flag} " if self.flag else f"{self.kind} "
             raise PipelineError(f"{where}{name!r}: choose one of {self.choices(', ')}")
-        return self._items[name]
+        return self._items[self.canonical(name)]
 
     def create(self, name: str, *args, **kwargs):
         return self.lookup(name)(*args, **kwargs)
@@ -82,10 +93,10 @@ class Registry(Generic[T]):
         return self._items.values()
 
     def __contains__(self, name) -> bool:
-        return name in self._items
+        return self.canonical(name) in self._items
 
     def __getitem__(self, name: str) -> T:
-        return self._items[name]
+        return self._items[self.canonical(name)]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._items)

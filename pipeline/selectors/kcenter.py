@@ -14,7 +14,7 @@ import time
 import numpy as np
 import torch
 
-from pipeline.selectors.base import Selection, SelectionContext, Selector, register_selector
+from pipeline.selectors.base import SELECTORS, Selection, SelectionContext, Selector, register_selector
 
 
 def k_center_greedy(features: np.ndarray, budget: int, seed: int, block: int = 65536) -> tuple[np.ndarray, np.ndarray]:
@@ -54,3 +54,6 @@ class KCenterSelector(Selector):
         timing["greedy"] = time.perf_counter() - t
         covering = float(radii[-1]) if len(radii) > 1 else None  # the largest distance to a pick, before the last
         return Selection(np.sort(proxies.candidate_ids[picks]), None, covering, timing, {"radius": covering})
+
+
+SELECTORS.alias("kcenter", "kcg")  # the name users guess (issue 40)

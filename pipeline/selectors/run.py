@@ -18,7 +18,7 @@ from pipeline.errors import PipelineError
 from pipeline.locks import folder_lock
 from pipeline.models import create_model, model_spec
 from pipeline.progress import console
-from pipeline.selectors.base import SelectionContext, create_selector, draw_validation
+from pipeline.selectors.base import SELECTORS, SelectionContext, create_selector, draw_validation
 from pipeline.selectors.proxies import ProxyComputer
 from pipeline.selectors.recorded import RecordedRows
 from pipeline.shards.manifest import Manifest, check_manifest_target
@@ -97,6 +97,7 @@ def _run_selection(data, selector, fraction, out, checkpoint, split, pool, seed,
                    round_no, epoch, attack_steps, validation, validation_fraction, workers,
                    recorded) -> Manifest | None:
     started, cpu_started = time.perf_counter(), time.process_time()
+    selector = SELECTORS.canonical(selector)  # recorded under its registered name, whatever alias was typed
     ss = data if isinstance(data, ShardSet) else ShardSet.open(data)
     if not 0 < fraction <= 1:
         raise PipelineError(f"--fraction {fraction}: must be in (0, 1]")

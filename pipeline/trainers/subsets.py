@@ -358,7 +358,7 @@ def register_pruner(cls: type[SubsetSource]) -> type[SubsetSource]:
     return PRUNERS.register(cls)
 
 
-declare_choices("select.selector", lambda: [*SELECTORS, *PRUNERS], empty_ok=True)
+declare_choices("select.selector", lambda: [*SELECTORS, *PRUNERS], empty_ok=True, also=lambda v: v in SELECTORS)
 
 
 def overlap(previous: Manifest | None, current: Manifest) -> float | None:
