@@ -35,14 +35,32 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         raise DataError(f"{path}: no such checkpoint (train one with `pipeline train`, or check the path)")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: not a readable checkpoint (an empty file); use another checkpoint of the run")
+    with open(path, "rb") as f:
+        head = f.read(64).lstrip()
+    if head[:1] in (b"{", b"[") or head.startswith(b"\x93NUMPY"):
+        what = "a numpy array" if head.startswith(b"\x93NUMPY") else "a JSON record (a manifest, results?)"
+        raise DataError(f"{path}: {what}, not a checkpoint; give a .pt file written by `pipeline train` "
+                        "(RUN/last.pt, RUN/epoch-N.pt) or by save_snapshot")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for truncated files and foreign pickles
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise DataError(f"{path}: not a readable checkpoint ({type(exc).__name__}{': ' + first if first else ''})") from exc
+        # torch's own advice (load with weights_only=False) would run whatever the file holds: never given
+        first = (str(exc).strip().splitlines() or [""])[0].split(" In PyTorch 2.6")[0][:200]
+        if "weights_only" in first or "Unpickl" in type(exc).__name__:
+            first = "it holds objects a checkpoint of this tool never does; it is not loaded"
+        raise DataError(f"{path}: not a readable checkpoint ({type(exc).__name__}{': ' + first if first else ''}); "
+                        "give a checkpoint written by `pipeline train` or save_snapshot") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt or "model_spec" not in ckpt:
         raise DataError(f"{path}: not a checkpoint written by `pipeline train` (no model spec); cannot rebuild its model")
     return ckpt
+
+
+def check_fits(path, spec: dict, channels: int, data) -> None:
+    """One line when a checkpoint's model cannot take the data's images (the channel count): before any work,
+    not a convolution's traceback."""
+    if spec.get("in_channels") != channels:
+        raise DataError(f"{path}: the model takes {spec.get('in_channels')}-channel images, {data} has "
+                        f"{channels}-channel ones; use a checkpoint trained on data like it")
 
 
 def load_model(path: str | Path, map_location="cpu"):

@@ -17,6 +17,7 @@ from inspect import signature
 from pathlib import Path
 from typing import Optional
 
+import click
 import typer
 from rich.markup import escape
 
@@ -27,6 +28,14 @@ from pipeline.registry import load_plugins
 from pipeline.progress import console, progress_bar
 from pipeline.runlayout import RunLayout
 from pipeline.validate import parse_json
+
+try:  # typer 0.2x carries its own copy of click, whose exceptions are not click's
+    from typer._click import exceptions as _click_exceptions
+except ImportError:
+    _click_exceptions = click.exceptions
+_USAGE_ERRORS = (click.UsageError, _click_exceptions.UsageError)
+_NO_ARGS = (click.exceptions.NoArgsIsHelpError, _click_exceptions.NoArgsIsHelpError)
+_ABORT = (click.exceptions.Abort, getattr(typer, "Abort", click.exceptions.Abort))
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Streaming data selection for affordable adversarially robust pre-training.")
@@ -633,7 +642,17 @@ def main() -> None:
         commands = {c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands}
         if "--help" in sys.argv[1:] and sys.argv[1] in commands:  # a command's help: its options' texts
             fill_help(live=bool(plugins))
-        app()  # typer handles usage errors and --help itself, and exits
+        code = app(standalone_mode=False)  # --help and --version print and return; usage errors come here
+        sys.exit(code if isinstance(code, int) else 0)
+    except _NO_ARGS as exc:  # `pipeline` alone: the list of commands
+        console.print(exc.ctx.get_help() if exc.ctx else "")
+        sys.exit(0)
+    except _USAGE_ERRORS as exc:  # a mistyped flag, a missing argument: one line, not click's box
+        where = exc.ctx.command_path if exc.ctx else "pipeline"
+        console.print(f"[red]error:[/] {escape(exc.format_message())} (see `{escape(where)} --help`)")
+        sys.exit(exc.exit_code)
+    except _ABORT:  # end of input at a prompt
+        sys.exit(1)
     except PipelineError as exc:
         console.print(f"[red]error:[/] {escape(_shown(str(exc)))}")
         sys.exit(exc.exit_code)

@@ -45,3 +45,78 @@ def test_kcenter_is_the_k_center_greedy_selector_and_is_recorded_as_kcg(digits_s
     assert "kcenter" not in SELECTORS.names()  # listed once, under its own name
     manifest = pl.select(digits_set, "kcenter", 0.05, tmp_path / "m.json", arch="smallcnn")
     assert manifest.producer["name"] == "kcg"
+
+
+# -- one line for every mistake, with the right hint ----------------------------------------------------------
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+PY = [sys.executable, "-m", "pipeline"]
+
+
+def _run(*args, **kw):
+    return subprocess.run([*PY, *map(str, args)], capture_output=True, text=True, **kw)
+
+
+def _one_line(r, needle):
+    assert r.returncode != 0, r.stderr
+    lines = [ln for ln in (r.stderr + r.stdout).strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and needle in lines[0], r.stderr + r.stdout
+    assert "Traceback" not in r.stderr
+
+
+def test_a_mistyped_flag_is_one_line_naming_the_help(digits_set):
+    r = _run("train", "--dat", digits_set.root)
+    _one_line(r, "No such option: --dat (Possible options: --data")
+    assert r.returncode == 2 and "train --help" in r.stderr
+    _one_line(_run("select", "--data", digits_set.root, "--fraction", "x", "--out", "m.json"), "--fraction")
+    assert "Usage" in _run().stdout  # `pipeline` alone still lists the commands
+
+
+def test_a_checkpoint_of_other_images_or_a_manifest_given_as_one_is_one_line(digits_set, synthetic_set, tmp_path):
+    import pipeline.api as pl
+
+    model = pl.create_model("smallcnn", digits_set, method="acl", model__head_width=16, model__proj_dim=8)
+    grey = pl.save_snapshot(tmp_path / "grey.pt", model, digits_set)
+    _one_line(_run("select", "--data", synthetic_set.root, "--selector", "rcs", "--fraction", "0.1", "--checkpoint",
+                   grey, "--out", tmp_path / "a.json"), "grey.pt: the model takes 1-channel images")
+    manifest = tmp_path / "m.json"
+    pl.select(digits_set, "random", 0.1, manifest)
+    for command in (["select", "--selector", "rcs", "--fraction", "0.1", "--out", tmp_path / "b.json"], ["eval"]):
+        r = _run(command[0], "--data", digits_set.root, "--checkpoint", manifest, *command[1:])
+        _one_line(r, "m.json: a JSON record (a manifest, results?), not a checkpoint")
+        assert "weights_only" not in r.stderr  # torch's advice would run whatever the file holds
+
+
+def test_untrusted_model_code_is_refused_with_a_hint_every_command_can_follow():
+    from pipeline.models.custom import foreign_body
+
+    with pytest.raises(PipelineError) as info:
+        foreign_body("module:someones.models:build")
+    assert "PIPELINE_PLUGINS=someones.models" in str(info.value)
+    assert "pass --arch" not in str(info.value)  # eval has no --arch
+
+
+def test_an_empty_data_set_says_what_was_skipped_and_why(tmp_path):
+    from conftest import write_image_folder
+
+    real = tmp_path / "elsewhere"
+    write_image_folder(real, n_per_class=2)
+    src = tmp_path / "src"
+    src.mkdir()
+    for cls in ("cat", "dog", "eel"):
+        os.symlink(real / cls, src / cls)
+    _one_line(_run("prepare", f"folder:{src}", "--out", tmp_path / "out"), "--follow-symlinks to read it")
+    assert _run("prepare", f"folder:{src}", "--out", tmp_path / "out", "--follow-symlinks").returncode == 0
+
+
+def test_uploading_to_a_missing_bucket_names_the_bucket(digits_set):
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto")
+    from servers import moto_s3
+
+    with moto_s3():
+        r = _run("upload", digits_set.root, "s3://no-such-bucket/set", env=dict(os.environ))
+    assert r.returncode != 0 and "the bucket 'no-such-bucket' does not exist" in r.stderr, r.stderr
+    assert "upload DIR URL" not in r.stderr

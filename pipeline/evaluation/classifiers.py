@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from pipeline.checkpoint import load_model, save_checkpoint
+from pipeline.checkpoint import check_fits, load_model, save_checkpoint
 from pipeline.errors import PipelineError
 from pipeline.evaluation.protocols import LinearClassifier, OwnClassifier
 from pipeline.evaluation.recipes import FinetuneSettings
@@ -25,9 +25,7 @@ KIND = "classifier"
 
 def _check(checkpoint, model, ckpt, shardset: ShardSet, role: str) -> None:
     spec = model.spec
-    if spec.get("in_channels") != shardset.channels:
-        raise PipelineError(f"{checkpoint}: the model takes {spec.get('in_channels')}-channel images, "
-                            f"{shardset.root} has {shardset.channels}-channel ones")
+    check_fits(checkpoint, spec, shardset.channels, shardset.root)
     if role not in spec["roles"]:
         raise PipelineError(f"--branch {role!r}: the model has branches for {', '.join(spec['roles'])}")
 

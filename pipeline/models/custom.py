@@ -135,7 +135,8 @@ def foreign_body(arch: str) -> nn.Module:
         module, function = _check_module_ref(arch)
         if not is_trusted(arch):
             raise PipelineError(f"model.arch {arch}: the checkpoint names code to import ({module}); it is imported "
-                                f"only when you trust it: set {PLUGINS_VARIABLE}={module} (or pass --arch {arch})")
+                                f"only when you trust it: set {PLUGINS_VARIABLE}={module} for this command (train and select "
+                               "also trust the --arch given on their own command line)")
         factory = _import_factory(arch, module, function)
         with user_code(f"model.arch {arch}: calling {module}.{function}()",
                        "the function must build the nn.Module with no arguments"):

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from pipeline.attacks import budget
-from pipeline.checkpoint import load_model
+from pipeline.checkpoint import check_fits, load_model
 from pipeline.dist import barrier, rank_and_world
 from pipeline.errors import PipelineError
 from pipeline.locks import folder_lock
@@ -33,6 +33,7 @@ def load_snapshot(checkpoint, shardset: ShardSet, arch: str, seed: int):
         console.print(f"no --checkpoint: selecting with a freshly initialised {arch} (seed {seed})")
         return create_model(model_spec(arch, shardset.channels, shardset.image_size)), "fresh-init", {"method": "acl"}
     model, ckpt = load_model(checkpoint)
+    check_fits(checkpoint, model.spec, shardset.channels, shardset.root)
     digest = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()[:16]
     settings = dict(ckpt.get("selection_settings") or {})
     if "attack" not in settings and ckpt.get("attack"):  # checkpoints of `pipeline train` record their attack

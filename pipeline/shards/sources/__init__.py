@@ -44,7 +44,10 @@ def open_source(spec: str, follow_symlinks: bool = False) -> Source:
         )
     source = SOURCES[form](arg or None, follow_symlinks) if form == "folder" else SOURCES[form](arg or None)
     if sum(len(source.labels(s)) for s in source.splits()) == 0:
-        raise PipelineError(f"{spec}: the data set is empty")
+        skipped = list(source.skipped())
+        why = (f": all {len(skipped)} entries found were skipped, e.g. {skipped[0]['source']}: {skipped[0]['reason']}"
+               if skipped else "")
+        raise PipelineError(f"{spec}: the data set is empty{why}")
     return source
 
 
