@@ -120,3 +120,40 @@ def test_uploading_to_a_missing_bucket_names_the_bucket(digits_set):
         r = _run("upload", digits_set.root, "s3://no-such-bucket/set", env=dict(os.environ))
     assert r.returncode != 0 and "the bucket 'no-such-bucket' does not exist" in r.stderr, r.stderr
     assert "upload DIR URL" not in r.stderr
+
+
+# -- progress in logs: lines at a steady pace when stderr is not a terminal ---------------------------------
+def test_long_commands_log_progress_lines_when_stderr_is_a_file(digits_set, tmp_path):
+    env = {**os.environ, "PIPELINE_LOG_EVERY": "0", "OMP_NUM_THREADS": "1"}  # a line per step, for the test
+    r = _run("train", "--data", digits_set.root, "--out", tmp_path / "run", "--epochs", "1", "--arch", "smallcnn",
+             "--batch-size", "256", "--set", "model.head_width=16", "--set", "model.proj_dim=8", env=env)
+    assert r.returncode == 0, r.stderr
+    import re
+
+    lines = re.findall(r"^acl epoch 1/1 loss [\d.]+: ([\d,]+)/([\d,]+) \(\d+%\), [\d,]+ img/s, (?:ETA|done)",
+                       r.stderr, re.M)
+    assert len(lines) >= 3, r.stderr  # one per step at this pace (5 steps of 256)
+    assert lines[-1][0] == lines[-1][1]  # the last says the epoch is complete
+    r = _run("eval", "--data", digits_set.root, "--checkpoint", tmp_path / "run" / "checkpoints" / "last.pt",
+             "--attack", "pgd20", "--limit", "100", "--epochs", "1", env=env)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"^measure clean, pgd20: 100/100 \(100%\), [\d,]+ img/s", r.stderr, re.M), r.stderr
+
+
+def test_log_lines_keep_their_pace():
+    import io
+
+    from pipeline.progress import LogLines
+
+    out = io.StringIO()
+    with LogLines("img/s", every=3600, stream=out) as bar:
+        task = bar.add_task("work", total=10)
+        for _ in range(10):
+            bar.advance(task, 1)
+    assert out.getvalue().count("\n") == 1 and "work: 10/10 (100%)" in out.getvalue()  # only the end, in an hour
+    out = io.StringIO()
+    with LogLines("img/s", every=0, stream=out) as bar:
+        task = bar.add_task("work", total=4)
+        for _ in range(4):
+            bar.advance(task, 1)
+    assert out.getvalue().count("\n") == 4 and "ETA" in out.getvalue().splitlines()[0]

@@ -167,7 +167,8 @@ def evaluate(data: str | Path, checkpoint: str | Path, protocol: str = "slf", at
         test_ids = ss.ids("test")[:count] if count else None
         test_loader = ss.loader("test", test_ids, batch_size=eval_batch_size, shuffle=False, device=device,
                                 num_workers=workers)
-        part, part_settings = accuracies(model, test_loader, group, b, len(ss.classes), device, s.seed, smoothing)
+        part, part_settings = accuracies(model, test_loader, group, b, len(ss.classes), device, s.seed, smoothing,
+                                         progress)
         acc.setdefault("samples", part["samples"])  # the first group's: the eval.limit measures, clean among them
         acc.update({k: v for k, v in part.items() if k != "samples"})
         measure_settings.update(part_settings)
