@@ -8,6 +8,7 @@ from pipeline.config import TrainConfig, load_config
 from pipeline.progress import console
 from pipeline.trainers import acl, simclr, advcl, ascl, supervised, pruning  # noqa: F401,I001  (registration, in this order)
 from pipeline.trainers.base import TRAINERS, StepRecord, Trainer, list_trainers, register_trainer
+from pipeline.trainers.optim import lr_at
 
 
 def create_trainer(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trainer:
@@ -16,6 +17,12 @@ def create_trainer(cfg: TrainConfig, resume: bool = False, progress: bool = True
     cfg.validate()
     if cfg.data.split == "test":
         console.print("[yellow]warning:[/] training on the test split, which evaluation measures accuracy on")
+    o = cfg.optim
+    if 0 < o.epochs <= o.warmup_epochs:
+        peak = lr_at(o.epochs, o.lr, o.epochs, o.warmup_epochs, o.schedule, o.milestones, o.gamma)
+        console.print(f"[yellow]warning:[/] optim.warmup_epochs = {o.warmup_epochs} is not below optim.epochs = "
+                      f"{o.epochs}: the learning rate only rises, to {peak:.3g} of {o.lr:g} at the end, and never "
+                      f"decays; shorten it (--set optim.warmup_epochs={max(0, o.epochs // 10)})")
     return cls(cfg, resume=resume, progress=progress)
 
 
