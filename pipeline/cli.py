@@ -27,6 +27,7 @@ from pipeline.redact import is_redacted, redact
 from pipeline.registry import load_plugins
 from pipeline.progress import console, progress_bar
 from pipeline.runlayout import RunLayout
+from pipeline.runtime import Interrupted, interrupt, signals_seen
 from pipeline.validate import parse_json
 
 try:  # typer 0.2x carries its own copy of click, whose exceptions are not click's
@@ -248,7 +249,7 @@ def train(
     import os
 
     from pipeline import locks
-    from pipeline.trainers.runfolder import start_fresh
+    from pipeline.trainers.runfolder import start_fresh, started
 
     if resume is not None:
         cfg.run.out = str(resume)
@@ -259,6 +260,10 @@ def train(
     main_rank = os.environ.get("RANK", "0") == "0"
     if main_rank and cfg.run.out:  # lock first: nothing is checked or deleted under another writer
         locks.acquire(cfg.run.out, "pipeline train")
+    if resume is not None and not started(Path(resume)):  # stopped before its first epoch ended
+        console.print(f"{resume}: no epoch of it had finished (no checkpoint); starting it from the beginning with "
+                      "its config.toml")
+        resume, overwrite = None, True
     if resume is None and main_rank:
         start_fresh(Path(cfg.run.out) if cfg.run.out else None, overwrite)
     run_dir = Path(cfg.run.out) if cfg.run.out else None
@@ -266,7 +271,7 @@ def train(
     def kept() -> str:
         last = RunLayout(run_dir).last if run_dir else None
         if last is None or not last.is_file():
-            return "no epoch had finished, so no checkpoint was kept; start again"
+            return "no epoch had finished, so no checkpoint was kept; run the same command again to start it afresh"
         from pipeline.checkpoint import load_checkpoint
 
         return (f"the checkpoint of epoch {load_checkpoint(last).get('epoch')} is kept in {last}; continue with "
@@ -610,18 +615,6 @@ def _interrupt_hint(text) -> None:
     _on_interrupt["hint"] = text
 
 
-class _Interrupted(BaseException):
-    """Raised by our signal handlers: not KeyboardInterrupt, which click swallows into a silent exit."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _on_signal(signum, frame):
-    raise _Interrupted(signum)
-
-
 def _shown(text: str, limit: int = 2000) -> str:
     """An error line as printed: secrets in URLs redacted, and a value pasted into it (a 20 MB config value)
     cut to a readable length."""
@@ -635,8 +628,8 @@ def main() -> None:
     from pipeline.runtime import tune_allocator
 
     tune_allocator()
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
     try:
         plugins = load_plugins()
         commands = {c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands}
@@ -662,9 +655,16 @@ def main() -> None:
                "check that the path exists, is readable and writable, and that its disk has space")
         console.print(f"[red]error:[/] {escape(_shown(str(where)))}: {escape(_shown(exc.strerror or str(exc)))}; {fix}")
         sys.exit(1)
-    except (KeyboardInterrupt, _Interrupted) as exc:
-        term = isinstance(exc, _Interrupted) and exc.signum == signal.SIGTERM
+    except (KeyboardInterrupt, Interrupted, Exception) as exc:
+        if not isinstance(exc, (KeyboardInterrupt, Interrupted)) and not signals_seen():
+            raise  # a real failure: its traceback is the report
+        # an interrupt that landed inside torch's DataLoader can come out as its RuntimeError ("worker exited
+        # unexpectedly"): still the interruption, said as one
+        term = (exc.signum if isinstance(exc, Interrupted) else signals_seen()[-1] if signals_seen()
+                else signal.SIGINT) == signal.SIGTERM
         name, code = ("SIGTERM", 143) if term else ("SIGINT", 130)
         hint = _on_interrupt["hint"]
         console.print(f"interrupted ({name}): {escape(hint() if callable(hint) else hint)}")
+        # what was cut off half-built (a loader's workers starting) complains as it is collected: not the user's
+        sys.unraisablehook = lambda *_: None
         sys.exit(code)

@@ -15,6 +15,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
+from pipeline.runtime import check_interrupt
+
 console = Console(stderr=True, soft_wrap=True)  # never break a path across lines in logs
 LOG_EVERY_VARIABLE = "PIPELINE_LOG_EVERY"
 
@@ -61,6 +63,7 @@ class LogLines:
         self.update(task, advance=advance)
 
     def update(self, task: int, advance=None, completed=None, total=None, description=None, **_) -> None:
+        check_interrupt()
         t = self._tasks[task]
         if description is not None:
             t["description"] = description
@@ -88,6 +91,18 @@ class LogLines:
         t["last"], t["reported"] = now, done
 
 
+class Bar(Progress):
+    """rich's Progress, checking at every step for a stop a signal asked for (`runtime.check_interrupt`)."""
+
+    def advance(self, task_id, advance: float = 1) -> None:
+        check_interrupt()
+        super().advance(task_id, advance)
+
+    def update(self, task_id, **kwargs) -> None:
+        check_interrupt()
+        super().update(task_id, **kwargs)
+
+
 def log_every() -> float:
     try:
         return max(0.0, float(os.environ.get(LOG_EVERY_VARIABLE, "30")))
@@ -100,7 +115,7 @@ def progress_bar(enabled: bool = True, unit: str = "img/s"):
     `enabled` (tests, ranks other than the first)."""
     if enabled and not sys.stderr.isatty():
         return LogLines(unit, log_every())
-    return Progress(
+    return Bar(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),

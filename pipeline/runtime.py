@@ -46,3 +46,33 @@ def die_with_parent() -> bool:
     if os.getppid() != parent or os.getppid() == 1:  # the parent died before the request took effect
         os._exit(1)
     return ok
+
+
+class Interrupted(BaseException):
+    """A stop asked for by a signal (SIGINT, SIGTERM): not KeyboardInterrupt, which click swallows into a silent
+    exit. Raised by the command line's signal handler, and again by `check_interrupt` where it was lost."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+_pending: list[int] = []  # signals received and not yet acted on
+
+
+def interrupt(signum: int, frame=None) -> None:
+    """The signal handler: note the signal, then stop. The exception can land inside code that swallows it (a
+    fork hook of `logging` while the loader starts its workers prints "Exception ignored" and goes on), so the
+    signal stays noted and `check_interrupt` raises it again at the next step."""
+    _pending.append(signum)
+    raise Interrupted(signum)
+
+
+def check_interrupt() -> None:
+    """Raise the stop a signal asked for, if one came: called at every step of long work (progress advances)."""
+    if _pending:
+        raise Interrupted(_pending[-1])
+
+
+def signals_seen() -> list[int]:
+    return list(_pending)

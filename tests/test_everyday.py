@@ -172,3 +172,39 @@ def test_a_warm_up_longer_than_the_run_and_a_dropped_tail_are_announced(digits_s
     r = _run("train", "--data", digits_set.root, "--out", tmp_path / "b", "--epochs", "2", "--batch-size",
              str(n // 2 if n % 2 == 0 else n // 3), "--set", "optim.warmup_epochs=0", *small, env=env)
     assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+
+
+# -- no dead ends: a run stopped before its first epoch ended starts again, by either road ------------------
+def _interrupted_before_its_first_epoch(digits_set, run, env):
+    import signal
+
+    from conftest import wait_for
+
+    proc = subprocess.Popen([*PY, "train", "--data", str(digits_set.root), "--out", str(run), "--epochs", "50",
+                             "--arch", "smallcnn", "--batch-size", "64"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: (run / "metrics.jsonl").is_file() or (run / "config.toml").is_file(), proc, "the run started")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate()
+    assert proc.returncode == 130 and "Traceback" not in err, err[:3000]
+    assert "run the same command again to start it afresh" in err, err
+    assert not (run / "checkpoints" / "last.pt").exists()
+
+
+def test_a_run_stopped_before_its_first_epoch_starts_again_by_rerun_or_resume(digits_set, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = tmp_path / "run"
+    _interrupted_before_its_first_epoch(digits_set, run, env)
+    again = _run("train", "--data", digits_set.root, "--out", run, "--epochs", "1", "--arch", "smallcnn",
+                 "--batch-size", "64", env=env)
+    assert again.returncode == 0, again.stderr
+    assert "no epoch of the run there had finished (no checkpoint); starting it afresh" in again.stderr
+    assert (run / "checkpoints" / "last.pt").is_file()
+    other = tmp_path / "other"
+    _interrupted_before_its_first_epoch(digits_set, other, env)
+    resumed = _run("train", "--resume", other, "--epochs", "1", env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "no epoch of it had finished (no checkpoint); starting it from the beginning" in resumed.stderr
+    assert (other / "checkpoints" / "last.pt").is_file()
+    refused = _run("train", "--data", digits_set.root, "--out", run, "--epochs", "1", env=env)
+    assert refused.returncode != 0 and "--overwrite" in refused.stderr  # a run with an epoch done is kept

@@ -7,6 +7,7 @@ from pathlib import Path
 from pipeline.atomic import is_temporary
 from pipeline.errors import PipelineError
 from pipeline.locks import LOCK_NAME
+from pipeline.progress import console
 from pipeline.runlayout import RunLayout
 from pipeline.shards.manifest import header_arrays, read_header
 
@@ -24,6 +25,12 @@ def _manifest_files(folder: Path) -> list[Path]:
     return out
 
 
+def started(run: Path) -> bool:
+    """Whether a run folder holds a checkpoint: an epoch of it finished."""
+    layout = RunLayout(run)
+    return layout.last.is_file() or (layout.checkpoints.is_dir() and any(layout.checkpoints.glob("epoch-*.pt")))
+
+
 def start_fresh(run: Path | None, overwrite: bool) -> None:
     """Check `run` can take a new run; with `overwrite`, delete the files an earlier run wrote (only those)."""
     if run is None or not run.exists():
@@ -37,7 +44,11 @@ def start_fresh(run: Path | None, overwrite: bool) -> None:
         shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
         raise PipelineError(f"--out {run}: holds files that are not a training run ({shown}); choose an empty or "
                             "new run folder")
-    if not overwrite:
+    if not overwrite and not started(run):
+        # interrupted before its first epoch ended: nothing to continue and nothing of value; starting it again
+        # is what its interruption message promised (issue 40: --resume and a rerun sent each other round)
+        console.print(f"{run}: no epoch of the run there had finished (no checkpoint); starting it afresh")
+    elif not overwrite:
         raise PipelineError(f"{run}: already holds a run; continue it with --resume {run}, start afresh with "
                             "--overwrite, or choose another --out")
     for sub, pattern in RunLayout.OWNED.items():
