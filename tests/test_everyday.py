@@ -208,3 +208,26 @@ def test_a_run_stopped_before_its_first_epoch_starts_again_by_rerun_or_resume(di
     assert (other / "checkpoints" / "last.pt").is_file()
     refused = _run("train", "--data", digits_set.root, "--out", run, "--epochs", "1", env=env)
     assert refused.returncode != 0 and "--overwrite" in refused.stderr  # a run with an epoch done is kept
+
+
+def test_selection_rounds_that_could_never_land_are_refused_before_any_work(digits_set, tmp_path):
+    r = _run("train", "--data", digits_set.root, "--out", tmp_path / "r", "--epochs", "3", "--selector", "rcs",
+             "--fraction", "0.3", "--set", "select.warmup=2")
+    _one_line(r, "its first round is taken at epoch 3 and trained on from epoch 4, after this run's 3 epochs")
+    assert not (tmp_path / "r" / "checkpoints").exists()
+    exp = tmp_path / "exp.toml"
+    exp.write_text(f"""[experiment]
+out = "{tmp_path / 'exp'}"
+seeds = [0]
+[data]
+path = "{digits_set.root}"
+[optim]
+epochs = 2
+[[arm]]
+name = "full"
+[[arm]]
+name = "late"
+select = {{selector = "random", fraction = 0.3, warmup = 1}}
+""")
+    r = _run("experiment", exp, "--dry-run")
+    _one_line(r, "arm late: select.selector = 'random': its first round is taken at epoch 2")

@@ -136,7 +136,8 @@ def test_rounds_from_recorded_rows_are_the_default_where_they_can_be(digits_set,
     first = next(r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "epoch")
     assert m.extra["timing"]["fresh_rows"] == digits_set.count("train") - first["images"]  # the dropped batch
     for over in ({"select.selector": "alignment"}, {"method.name": "pgd-at", "select.selector": "facility"}):
-        cfg = tiny_cfg(digits_set.root, tmp_path / "f", **{"select.selector": "rcs", "select.warmup": 1, **over})
+        cfg = tiny_cfg(digits_set.root, tmp_path / "f", **{"select.selector": "rcs", "select.warmup": 1,
+                                                     "optim.epochs": 3, **over})
         with create_trainer(cfg, progress=False) as t:
             assert not t.subsets.scheduler.recorded and t.subsets.book is None
 

@@ -124,10 +124,13 @@ def test_a_run_with_a_held_out_u_logs_rd_u_and_the_report_plots_it(digits_set, t
     assert f"{start[0]['rd_u']:.5f} after 0 epochs, {epochs[-1]['rd_u']:.5f} after 4" in md
     assert "warm-up's linear trend" in md and "never trained on a subset" not in md
 
-    late = tmp_path / "late"
+    late = tmp_path / "late"  # a run whose only round came due after it ended: refused at start since issue 40,
     cfg = tiny_cfg(digits_set.root, late, **{"optim.epochs": 2, "select.selector": "random", "select.fraction": 0.3,
                                             "select.warmup": 1, "select.every": 1, "select.lag": 1})
-    with create_trainer(cfg, progress=False) as t:
+    from pipeline.trainers import TRAINERS  # so made as earlier versions made it, past create_trainer's check
+
+    TRAINERS.lookup(cfg.method.name).complete_config(cfg)
+    with TRAINERS.lookup(cfg.method.name)(cfg.validate(), progress=False) as t:
         t.fit()
     r = subprocess.run([sys.executable, "-m", "pipeline", "report", late, "--out", tmp_path / "r2"],
                        capture_output=True, text=True)

@@ -38,6 +38,7 @@ from pipeline.errors import PipelineError
 from pipeline.evaluation.smoothing import Smoothing
 from pipeline.kv import parse_kv
 from pipeline.trainers import TRAINERS
+from pipeline.trainers.subsets import check_rounds_land
 from pipeline.validate import parse_toml
 
 STATE = "experiment.json"
@@ -165,7 +166,9 @@ def arm_config(exp: Experiment, arm: Arm, seed: int, data_path: str):
             certify_spec(cfg.eval.certify)
             if not (cfg.eval.smoothing or cfg.eval.noise_sigma):
                 raise PipelineError("eval.certify needs the noise sigma: set eval.noise_sigma or eval.smoothing")
-        return cfg.validate()
+        cfg.validate()
+        check_rounds_land(cfg)
+        return cfg
     except PipelineError as exc:
         raise PipelineError(f"{origin}: {exc}") from None
 

@@ -9,12 +9,14 @@ from pipeline.progress import console
 from pipeline.trainers import acl, simclr, advcl, ascl, supervised, pruning  # noqa: F401,I001  (registration, in this order)
 from pipeline.trainers.base import TRAINERS, StepRecord, Trainer, list_trainers, register_trainer
 from pipeline.trainers.optim import lr_at
+from pipeline.trainers.subsets import check_rounds_land
 
 
 def create_trainer(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trainer:
     cls = TRAINERS.lookup(cfg.method.name)
     cls.complete_config(cfg)
     cfg.validate()
+    check_rounds_land(cfg)
     if cfg.data.split == "test":
         console.print("[yellow]warning:[/] training on the test split, which evaluation measures accuracy on")
     o = cfg.optim

@@ -111,6 +111,22 @@ class ManifestFolder(SubsetSource):
         return self._cached if self._cached is not None else self.fallback
 
 
+def check_rounds_land(cfg) -> None:
+    """One line, before any work, when a run's selection rounds could never be trained on: the first is taken at
+    the start of epoch `warmup` and used from epoch warmup + lag, which must come before the run ends (issue
+    40: such an arm trained on all data and was found out in the results table)."""
+    name = cfg.select.selector
+    if not name or name not in SELECTORS:
+        return
+    warmup, _ = cfg.select.schedule(cfg.optim.epochs)
+    lag = 0 if cfg.select.sync else cfg.select.lag
+    if warmup + lag >= cfg.optim.epochs:
+        raise PipelineError(f"select.selector = {name!r}: its first round is taken at epoch {warmup + 1} and trained "
+                            f"on from epoch {warmup + lag + 1}, after this run's {cfg.optim.epochs} epochs, so no "
+                            "subset would ever be used; lower select.warmup (or select.lag, or set select.sync), or "
+                            "train for more epochs")
+
+
 class SelectionRounds(ManifestFolder):
     """Background selection from snapshots (pipeline.selectors.background), on a fixed schedule: the round
     whose snapshot is taken at the start of epoch e is trained on from epoch e + `select.lag` (0 with `sync`);
