@@ -630,6 +630,13 @@ def main() -> None:
     tune_allocator()
     signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGINT, interrupt)
+    default_hook = sys.unraisablehook
+
+    def quiet_lost_interrupts(info) -> None:  # swallowed where it landed; raised again at the next step
+        if not isinstance(info.exc_value, Interrupted):
+            default_hook(info)
+
+    sys.unraisablehook = quiet_lost_interrupts
     try:
         plugins = load_plugins()
         commands = {c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands}

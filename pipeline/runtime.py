@@ -1,9 +1,12 @@
-"""Process-wide settings for fast CPU work, applied by the command line and the selection worker."""
+"""Process-wide settings for fast CPU work, applied by the command line and the selection worker; how a signal
+stops a command (`interrupt`, `check_interrupt`)."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging  # noqa: F401  (its fork hooks first: ours must enclose them)
+import os
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
@@ -58,14 +61,35 @@ class Interrupted(BaseException):
 
 
 _pending: list[int] = []  # signals received and not yet acted on
+_forking = [0]  # inside os.fork's hooks: logging's releases its lock there, and an exception would leave it held
+
+
+def _before_fork() -> None:
+    _forking[0] += 1
+
+
+def _after_fork_in_parent() -> None:
+    _forking[0] -= 1
+
+
+def _after_fork_in_child() -> None:
+    _forking[0] = 0
+    _pending.clear()
+
+
+# registered after logging's own hooks (imported above), so this window spans them: before-hooks run newest first,
+# after-hooks oldest first
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
 
 
 def interrupt(signum: int, frame=None) -> None:
-    """The signal handler: note the signal, then stop. The exception can land inside code that swallows it (a
-    fork hook of `logging` while the loader starts its workers prints "Exception ignored" and goes on), so the
-    signal stays noted and `check_interrupt` raises it again at the next step."""
+    """The signal handler: note the signal, then stop. Inside a fork's hooks it only notes it (raising there left
+    logging's lock held and the loader hung); an exception that lands where it is swallowed (a __del__, a
+    callback from C) is lost the same way. Either way the signal stays noted, and `check_interrupt` raises it
+    at the next step."""
     _pending.append(signum)
-    raise Interrupted(signum)
+    if not _forking[0]:
+        raise Interrupted(signum)
 
 
 def check_interrupt() -> None:
