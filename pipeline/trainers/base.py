@@ -401,10 +401,13 @@ class Trainer:
 
     def _warn_dropped(self, n: int, per_rank: int) -> None:
         """One line when dropping the last partial batch leaves out more than 5% of an epoch's samples (a batch
-        of 512 trains on 2,560 of 3,000 images, and on 512 of a 600-image subset)."""
+        of 512 trains on 2,560 of 3,000 images, and on 512 of a 600-image subset). Said once a run."""
         bs = self.cfg.data.batch_size
         kept = per_rank - per_rank % bs if per_rank >= bs else per_rank
+        if getattr(self, "_dropped_warned", False):
+            return  # once a run: every round's subset would say it again
         if self.is_main and per_rank and (per_rank - kept) / per_rank > self.DROP_WARN:
+            self._dropped_warned = True
             whose = "the subset's" if self.subset is not None else "the split's"
             console.print(f"[yellow]warning:[/] data.batch_size = {bs} trains on {kept * self.dist.world_size:,} of "
                           f"{whose} {n:,} samples an epoch ({1 - kept / per_rank:.0%} left out: the last partial "
