@@ -163,13 +163,13 @@ def test_log_lines_keep_their_pace():
 def test_a_warm_up_longer_than_the_run_and_a_dropped_tail_are_announced(digits_set, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     small = ["--arch", "smallcnn", "--set", "model.head_width=16", "--set", "model.proj_dim=8"]
-    r = _run("train", "--data", digits_set.root, "--out", tmp_path / "a", "--epochs", "2", "--batch-size", "512",
+    r = _run("train", "--data", digits_set.root, "--out", tmp_path / "a", "--epochs", "1", "--batch-size", "512",
              *small, env=env)
     assert r.returncode == 0, r.stderr
     n = digits_set.count("train")
-    assert "warning: optim.warmup_epochs = 10 is not below optim.epochs = 2: the learning rate only rises" in r.stderr
+    assert "warning: optim.warmup_epochs = 10 is not below optim.epochs = 1: the learning rate only rises" in r.stderr
     assert f"trains on {n - n % 512:,} of the split's {n:,} samples an epoch" in r.stderr
-    r = _run("train", "--data", digits_set.root, "--out", tmp_path / "b", "--epochs", "2", "--batch-size",
+    r = _run("train", "--data", digits_set.root, "--out", tmp_path / "b", "--epochs", "1", "--batch-size",
              str(n // 2 if n % 2 == 0 else n // 3), "--set", "optim.warmup_epochs=0", *small, env=env)
     assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
 
