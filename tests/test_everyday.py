@@ -196,13 +196,14 @@ def test_a_run_stopped_before_its_first_epoch_starts_again_by_rerun_or_resume(di
     run = tmp_path / "run"
     _interrupted_before_its_first_epoch(digits_set, run, env)
     again = _run("train", "--data", digits_set.root, "--out", run, "--epochs", "1", "--arch", "smallcnn",
-                 "--batch-size", "64", env=env)
+                 "--batch-size", "256", "--set", "attack.steps=1", env=env)
     assert again.returncode == 0, again.stderr
     assert "no epoch of the run there had finished (no checkpoint); starting it afresh" in again.stderr
     assert (run / "checkpoints" / "last.pt").is_file()
     other = tmp_path / "other"
     _interrupted_before_its_first_epoch(digits_set, other, env)
-    resumed = _run("train", "--resume", other, "--epochs", "1", env=env)
+    resumed = _run("train", "--resume", other, "--epochs", "1", "--batch-size", "256", "--set", "attack.steps=1",
+                   env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert "no epoch of it had finished (no checkpoint); starting it from the beginning" in resumed.stderr
     assert (other / "checkpoints" / "last.pt").is_file()
