@@ -430,36 +430,38 @@ def test_a_negative_seed_is_one_line(digits_set, tmp_path):
         run_selection(digits_set.root, "random", 0.1, tmp_path / "m.json", seed=-3)
 
 
+class FullDisk:
+    """A file whose disk fills after `writes["left"]` more writes: each after that raises ENOSPC."""
+
+    def __init__(self, f, writes: dict):
+        self.f, self.writes = f, writes
+
+    def write(self, text):
+        import errno
+
+        if self.writes["left"] == 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.writes["left"] -= 1
+        return self.f.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
 # -- messages that name the problem: a full disk during certify ----------------------------------------------
 def test_certify_on_a_full_disk_names_its_table_and_the_rerun_continues(digits_set, encoder, tmp_path, monkeypatch):
-    import errno
-
     import pipeline.evaluation.certify as cert
     from pipeline.errors import WriteError
 
     args = dict(sigma=0.25, n0=20, n=200, alpha=0.01, limit=4, progress=False, epochs=1, batch_size=256)
     writes = {"left": 3}  # the header and two rows fit, then the disk is full
-
-    class FullDisk:
-        def __init__(self, f):
-            self.f = f
-
-        def write(self, text):
-            if writes["left"] == 0:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            writes["left"] -= 1
-            return self.f.write(text)
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-    monkeypatch.setattr(cert, "open", lambda path, mode="r": FullDisk(open(path, mode)), raising=False)
+    monkeypatch.setattr(cert, "open", lambda path, mode="r": FullDisk(open(path, mode), writes), raising=False)
     tsv = tmp_path / "c" / "certify.tsv"
     with pytest.raises(WriteError, match=r"certify.tsv: could not be written \(No space left on device; the rows "
                                          r"already written are kept"):
@@ -587,26 +589,9 @@ def test_a_full_disk_while_appending_names_the_file_and_keeps_its_lines(tmp_path
     from pipeline.loggers.csv_logger import CSVLogger
 
     real_open = open
-
-    class FullDisk:
-        def __init__(self, f):
-            self.f = f
-
-        def write(self, text):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
     log = CSVLogger(tmp_path / "run", {})
     log.log({"kind": "step", "loss": 1.0}, 1)
-    monkeypatch.setattr(atomic, "open", lambda *a, **k: FullDisk(real_open(*a, **k)), raising=False)
+    monkeypatch.setattr(atomic, "open", lambda *a, **k: FullDisk(real_open(*a, **k), {"left": 0}), raising=False)
     with pytest.raises(WriteError, match=r"/train.csv: could not be written \(no space left on device\); the "
                                          r"lines already in it are kept"):
         log.log({"kind": "step", "loss": 0.5}, 2)
