@@ -100,3 +100,82 @@ def check_interrupt() -> None:
 
 def signals_seen() -> list[int]:
     return list(_pending)
+
+
+THREADS_VARIABLE = "PIPELINE_THREADS"  # auto (default) | torch (torch's own defaults) | a number of threads
+
+
+def cgroup_cpu_limit(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup") -> float | None:
+    """The CPUs this process's cgroup may use per second (its CFS quota / period), the tightest along its path;
+    None without a quota. cgroup v2 (`cpu.max`: "QUOTA PERIOD" or "max PERIOD") and v1 (`cpu.cfs_quota_us`)."""
+    limits = []
+    try:
+        lines = open(proc_cgroup).read().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        hier, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        path = path.strip("/")
+        parts = path.split("/") if path else []
+        if hier == "0" and controllers == "":  # v2: the unified tree, the process's folder and every folder above it
+            for depth in range(len(parts), -1, -1):
+                limits.append(_quota(os.path.join(root, *parts[:depth], "cpu.max"), v2=True))
+        elif "cpu" in controllers.split(","):  # v1: the cpu controller's own tree
+            base = next((os.path.join(root, d) for d in ("cpu,cpuacct", "cpu") if os.path.isdir(os.path.join(root, d))),
+                        os.path.join(root, "cpu"))
+            for depth in range(len(parts), -1, -1):
+                limits.append(_quota(os.path.join(base, *parts[:depth]), v2=False))
+    found = [x for x in limits if x]
+    return min(found) if found else None
+
+
+def _quota(path: str, v2: bool) -> float | None:
+    try:
+        if v2:
+            quota, period = open(path).read().split()[:2]
+        else:
+            quota = open(os.path.join(path, "cpu.cfs_quota_us")).read().strip()
+            period = open(os.path.join(path, "cpu.cfs_period_us")).read().strip()
+        if quota in ("max", "-1") or int(period) <= 0:
+            return None
+        return int(quota) / int(period)
+    except (OSError, ValueError):
+        return None
+
+
+def usable_cpus() -> int:
+    """The cores this process may actually run on: its affinity mask (taskset, Slurm's cpuset), capped by its
+    cgroup's CPU quota (a container's --cpus); at least 1."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    quota = cgroup_cpu_limit()
+    if quota is not None:
+        cpus = min(cpus, max(1, int(quota + 0.5)))
+    return max(1, cpus)
+
+
+def prepare_threads() -> str:
+    """Before torch loads: intra-op threads from the cores this process may use, and OpenMP threads that sleep
+    when they have nothing to do instead of spinning.
+
+    Why: OpenMP's threads spin at every barrier waiting for work (GNU libgomp: 300,000 turns by default). Beside
+    another torch process on the same cores they spin against each other's working threads, and a trainer fell
+    from about 550 to 9 images/s (issue 40; benchmarks/bench_side_by_side.py). A quota'd container (--cpus 2 on
+    a 64-core host) gets 64 threads from torch's defaults. Applied only where the user set nothing: OMP_NUM_THREADS
+    and OMP_WAIT_POLICY are theirs to set, PIPELINE_THREADS=torch leaves torch's defaults, PIPELINE_THREADS=N
+    sets N threads. Returns what it did, in words (`pipeline.THREADS`; every epoch record has its thread count)."""
+    import sys
+
+    choice = os.environ.get(THREADS_VARIABLE, "auto").strip().lower() or "auto"
+    if choice == "torch":
+        return "torch's defaults (PIPELINE_THREADS=torch)"
+    if "torch" in sys.modules:  # too late: libgomp read its settings when torch loaded
+        return "torch was imported before pipeline: its defaults"
+    if choice != "auto" and not (choice.isdigit() and int(choice) > 0):
+        return f"PIPELINE_THREADS={choice!r} is not auto, torch or a number of threads: torch's defaults"
+    threads = str(usable_cpus()) if choice == "auto" else choice
+    os.environ.setdefault("OMP_NUM_THREADS", threads)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return f"{os.environ['OMP_NUM_THREADS']} threads, OpenMP wait policy {os.environ['OMP_WAIT_POLICY']}"

@@ -373,7 +373,7 @@ class Trainer:
         return {"epoch": epoch + 1, "loss": totals["loss"] / max(totals["images"], 1), **means, "lr": lr,
                 "images": images, "images_attacked": attacked, "seconds": secs, "images_per_s": images / secs if secs > 0 else 0.0,
                 "attack_s": totals["attack_s"], "attack_share": totals["attack_s"] / secs if secs > 0 else 0.0,
-                "steps": steps,
+                "steps": steps, "threads": torch.get_num_threads(),  # images/s depends on it (runtime.prepare_threads)
                 "subset_round": getattr(sub, "round", None),
                 "subset_size": len(sub) if sub is not None else self.shardset.count(cfg.data.split),
                 "subset": str(sub.path) if sub is not None else None}
