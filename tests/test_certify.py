@@ -1,8 +1,6 @@
 """pipeline certify and smoothed evaluation on digits: resume equality, settings guard, saved classifiers reused."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -13,6 +11,7 @@ import pipeline.evaluation.certify as certify_mod
 from pipeline.evaluation.certify import certify, read_rows
 from pipeline.evaluation.records import find
 from pipeline.models import create_model, model_spec
+from clirun import pipeline as pipeline_cli
 
 FINETUNE = dict(protocol="slf", epochs=1, lr=0.1, batch_size=128)
 
@@ -96,8 +95,8 @@ def test_smoothed_eval_saves_a_classifier_that_measures_the_same_when_reused(dig
 
 def test_certify_cli_reports_and_refuses_bad_input(digits_set, encoder, tmp_path):
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "pipeline", "certify", "--data", str(digits_set.root),
-                               "--checkpoint", str(encoder), *map(str, args)], capture_output=True, text=True)
+        return pipeline_cli("certify", "--data", str(digits_set.root),
+                               "--checkpoint", str(encoder), *map(str, args))
 
     ok = cli("--sigma", "0.25", "--n0", "10", "--n", "100", "--limit", "3", "--epochs", "1", "--lr", "0.1",
              "--batch-size", "128", "--out", tmp_path / "c", "--device", "cpu")

@@ -1,16 +1,15 @@
 """The command line: real invocations, exit codes, one-line errors, no tracebacks."""
 
-import subprocess
-import sys
 
 import pytest
 
 from pipeline.shards.manifest import Manifest
 from pipeline.shards.shardset import ShardSet
+from clirun import pipeline as pipeline_cli
 
 
 def run(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+    return pipeline_cli(*args, cwd=cwd)
 
 
 @pytest.fixture(scope="module")

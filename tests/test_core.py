@@ -15,6 +15,7 @@ from pipeline.config import SelectConfig
 from pipeline.trainers.optim import LARS, build_optimizer
 
 from test_train import tiny_cfg
+from clirun import pipeline as pipeline_cli
 
 
 def test_lars_step_equals_a_hand_computation():
@@ -247,12 +248,10 @@ def test_a_manifest_folder_loads_each_round_once(digits_set, tmp_path, monkeypat
 
 
 def test_cli_errors_name_the_flag_the_user_typed(digits_set, tmp_path):
-    import subprocess
-    import sys
 
-    r = subprocess.run([sys.executable, "-m", "pipeline", "train", "--data", digits_set.root, "--out", tmp_path / "x",
-                        "--selector", "rcs", "--fraction", "2"], capture_output=True, text=True)
+    r = pipeline_cli("train", "--data", digits_set.root, "--out", tmp_path / "x",
+                        "--selector", "rcs", "--fraction", "2")
     assert r.returncode != 0 and "select.fraction = 2.0 (--fraction)" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run([sys.executable, "-m", "pipeline", "train", "--data", digits_set.root, "--out", tmp_path / "y",
-                        "--set", "method.temperature=0.2"], capture_output=True, text=True)
+    r = pipeline_cli("train", "--data", digits_set.root, "--out", tmp_path / "y",
+                        "--set", "method.temperature=0.2")
     assert r.returncode != 0 and "acl.temperature" in r.stderr

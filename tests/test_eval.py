@@ -1,8 +1,6 @@
 """pipeline eval: protocols on a tiny trained model, agreement with torchattacks, clear errors."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,6 +15,7 @@ from pipeline.models import create_model, model_spec
 from pipeline.trainers import create_trainer
 
 from test_train import tiny_cfg
+from clirun import pipeline as pipeline_cli
 
 
 @pytest.fixture(scope="module")
@@ -95,12 +94,12 @@ def test_bad_checkpoints_are_clear_errors(digits_set, trained, tmp_path):
 
 
 def test_eval_cli_prints_a_table(digits_set, trained):
-    r = subprocess.run([sys.executable, "-m", "pipeline", "eval", "--data", digits_set.root, "--checkpoint", trained,
-                        "--epochs", "1", "--limit", "50", "--device", "cpu"], capture_output=True, text=True)
+    r = pipeline_cli("eval", "--data", digits_set.root, "--checkpoint", trained,
+                        "--epochs", "1", "--limit", "50", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     assert "SLF evaluation" in r.stderr and "results.json" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "pipeline", "eval", "--data", digits_set.root, "--checkpoint",
-                        "/nope.pt"], capture_output=True, text=True)
+    r = pipeline_cli("eval", "--data", digits_set.root, "--checkpoint",
+                        "/nope.pt")
     assert r.returncode != 0 and "no such checkpoint" in r.stderr and "Traceback" not in r.stderr
 
 

@@ -1,6 +1,7 @@
 """A researcher's day with the tool (issue 40): names users guess, settings written as in the config file,
 help at once."""
 
+import json
 import tomllib
 
 import pytest
@@ -8,6 +9,7 @@ import pytest
 import pipeline.trainers  # noqa: F401  (the methods' sections)
 from pipeline.config import TrainConfig
 from pipeline.errors import PipelineError
+from clirun import pipeline as pipeline_cli
 
 
 @pytest.mark.parametrize("item,key,expected", [
@@ -56,7 +58,7 @@ PY = [sys.executable, "-m", "pipeline"]
 
 
 def _run(*args, **kw):
-    return subprocess.run([*PY, *map(str, args)], capture_output=True, text=True, **kw)
+    return pipeline_cli(*args, **kw)
 
 
 def _one_line(r, needle):
@@ -169,6 +171,9 @@ def test_a_warm_up_longer_than_the_run_and_a_dropped_tail_are_announced(digits_s
     n = digits_set.count("train")
     assert "warning: optim.warmup_epochs = 10 is not below optim.epochs = 1: the learning rate only rises" in r.stderr
     assert f"trains on {n - n % 512:,} of the split's {n:,} samples an epoch" in r.stderr
+    [epoch] = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+               if '"kind": "epoch"' in line]
+    assert epoch["threads"] == 1  # images/s depends on it: every epoch says how many threads made it
     r = _run("train", "--data", digits_set.root, "--out", tmp_path / "b", "--epochs", "1", "--batch-size",
              str(n // 2 if n % 2 == 0 else n // 3), "--set", "optim.warmup_epochs=0", *small, env=env)
     assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
@@ -232,3 +237,56 @@ select = {{selector = "random", fraction = 0.3, warmup = 1}}
 """)
     r = _run("experiment", exp, "--dry-run")
     _one_line(r, "arm late: select.selector = 'random': its first round is taken at epoch 2")
+
+
+# -- threads: a fair share beside other work -----------------------------------------------------------------
+def test_the_cpu_quota_is_read_from_cgroup_v2_and_v1_files(tmp_path):
+    """Hand-written cgroup trees: v2 takes the tightest cpu.max along the process's path ("max" is none), v1
+    cpu.cfs_quota_us / cpu.cfs_period_us (-1 is none); no quota anywhere is None."""
+    from pipeline.runtime import cgroup_cpu_limit
+
+    v2 = tmp_path / "v2"
+    (v2 / "job" / "step").mkdir(parents=True)
+    (v2 / "cpu.max").write_text("max 100000\n")
+    (v2 / "job" / "cpu.max").write_text("250000 100000\n")
+    (v2 / "job" / "step" / "cpu.max").write_text("max 100000\n")
+    (tmp_path / "self-v2").write_text("0::/job/step\n")
+    assert cgroup_cpu_limit(str(v2), str(tmp_path / "self-v2")) == 2.5
+    (v2 / "job" / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_limit(str(v2), str(tmp_path / "self-v2")) is None
+    v1 = tmp_path / "v1" / "cpu,cpuacct" / "docker"
+    v1.mkdir(parents=True)
+    (v1 / "cpu.cfs_quota_us").write_text("150000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    (tmp_path / "self-v1").write_text("12:memory:/docker\n4:cpu,cpuacct:/docker\n")
+    assert cgroup_cpu_limit(str(tmp_path / "v1"), str(tmp_path / "self-v1")) == 1.5
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cgroup_cpu_limit(str(tmp_path / "v1"), str(tmp_path / "self-v1")) is None
+    assert cgroup_cpu_limit(str(tmp_path / "none"), str(tmp_path / "missing")) is None
+
+
+def _threads_in_child(env_extra: dict, affinity=None, torch_first=False) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "PIPELINE_THREADS")}
+    env.update(env_extra)
+    code = ("import json, os\n" + ("import torch\n" if torch_first else "")
+            + "import pipeline, torch\nprint(json.dumps({'threads': torch.get_num_threads(), "
+            "'policy': os.environ.get('OMP_WAIT_POLICY'), 'said': pipeline.THREADS}))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       preexec_fn=(lambda: os.sched_setaffinity(0, affinity)) if affinity else None)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_importing_pipeline_gives_torch_the_usable_cores_and_threads_that_sleep_while_they_wait():
+    """Spinning OpenMP threads beside another torch process took a trainer to a third of its share
+    (benchmarks/bench_side_by_side.py); pipeline sets the wait policy before torch loads, and leaves alone
+    whatever the user set: their OMP_* variables, PIPELINE_THREADS=torch or a count, or a torch imported first."""
+    auto = _threads_in_child({})
+    assert auto["policy"] == "PASSIVE" and auto["threads"] == len(os.sched_getaffinity(0))
+    one_core = _threads_in_child({}, affinity={sorted(os.sched_getaffinity(0))[0]})
+    assert one_core["threads"] == 1
+    assert _threads_in_child({"OMP_WAIT_POLICY": "ACTIVE"})["policy"] == "ACTIVE"
+    theirs = _threads_in_child({"PIPELINE_THREADS": "torch"})
+    assert theirs["policy"] is None and "torch's defaults" in theirs["said"]
+    assert _threads_in_child({"PIPELINE_THREADS": "1"})["threads"] == 1
+    assert "torch was imported before pipeline" in _threads_in_child({}, torch_first=True)["said"]

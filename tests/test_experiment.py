@@ -191,4 +191,4 @@ def test_paired_differences_against_random_at_the_same_budget():
     assert "**+3.00 / +2.00 / +4.00 (+3.00 ± 1.00)**" in md and "+1.00 / -1.00 / +2.00 (+0.67 ± 1.53)" in md
     points = tradeoff_points(summarize(rows))
     assert {p["label"] for p in points} == {"random-0.2", "rcs-0.2", "facility-0.2", "rcs-0.1"}
-    assert all(p["measure"] == "pgd20" for p in points)
+    assert all(p["measure"] == "PGD-20" for p in points)

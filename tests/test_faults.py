@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import time
 import tracemalloc
 from pathlib import Path
 
@@ -21,12 +20,13 @@ from pipeline.shards.prepare import PrepareOptions, prepare
 from pipeline.shards.verify import verify
 
 from conftest import make_prepared, wait_for, write_image_folder
+from clirun import pipeline as pipeline_cli
 
 PY = [sys.executable, "-m", "pipeline"]
 
 
 def run(*args, **kw):
-    return subprocess.run([*PY, *map(str, args)], capture_output=True, text=True, **kw)
+    return pipeline_cli(*args, **kw)
 
 
 def one_line_error(r, needle):

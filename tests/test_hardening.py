@@ -5,18 +5,18 @@ makes its own data."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
 
 from pipeline.errors import PipelineError
+from clirun import pipeline as pipeline_cli
 
 PY = [sys.executable, "-m", "pipeline"]
 
 
 def run(*args, env=None, **kw):
-    return subprocess.run([*PY, *map(str, args)], capture_output=True, text=True, env=env, **kw)
+    return pipeline_cli(*args, env=env, **kw)
 
 
 def one_line_error(r, needle):

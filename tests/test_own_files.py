@@ -18,15 +18,13 @@ from pipeline.atomic import atomic_path, is_temporary, write_json
 from pipeline.errors import PipelineError
 
 from conftest import write_image_folder, write_tiny_run
+from clirun import pipeline as pipeline_cli
 
 PY = [sys.executable, "-m", "pipeline"]
 
 
 def run(*args, limit_file_bytes: int | None = None, **kw):
-    def limit():
-        if limit_file_bytes is not None:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (limit_file_bytes, limit_file_bytes))
-    return subprocess.run([*PY, *map(str, args)], capture_output=True, text=True, preexec_fn=limit, **kw)
+    return pipeline_cli(*args, limit_file_bytes=limit_file_bytes, **kw)
 
 
 def one_line_error(r, needle):

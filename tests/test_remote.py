@@ -20,6 +20,7 @@ from pipeline.shards.verify import verify
 
 from conftest import wait_for
 from servers import FaultyProxy, RangeServer, moto_s3
+from clirun import pipeline as pipeline_cli
 
 pytest.importorskip("fsspec")
 pytest.importorskip("aiohttp")
@@ -234,11 +235,10 @@ def test_the_cli_verifies_inspects_and_streams_a_url(digits_set, tmp_path):
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")}
     with RangeServer(digits_set.root) as srv:
         for args in (["verify", srv.url], ["inspect", srv.url], ["stream", srv.url, "--batch-size", "256"]):
-            r = subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, env=env)
+            r = pipeline_cli(*args, env=env)
             assert r.returncode == 0, (args, r.stdout, r.stderr)
         assert "1,438 images" in r.stdout + r.stderr
-        r = subprocess.run([sys.executable, "-m", "pipeline", "inspect", srv.url + "/absent"], capture_output=True,
-                           text=True, env=env)
+        r = pipeline_cli("inspect", srv.url + "/absent", env=env)
         assert r.returncode != 0 and "absent/index.json: missing" in r.stdout + r.stderr
         assert "Traceback" not in r.stdout + r.stderr
 

@@ -1,8 +1,6 @@
 """pipeline report: files written, figures decode and are not blank, the table's numbers are the run's."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,6 +11,7 @@ from pipeline.evaluation.records import find
 from pipeline.trainers import create_trainer
 
 from test_train import tiny_cfg
+from clirun import pipeline as pipeline_cli
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +29,7 @@ def selected_run(digits_set, tmp_path_factory):
 def test_report_of_a_run_with_one_selection_round(selected_run, tmp_path):
     pytest.importorskip("matplotlib", reason="report extra not installed")
     out = tmp_path / "report"
-    r = subprocess.run([sys.executable, "-m", "pipeline", "report", selected_run, "--out", out],
-                       capture_output=True, text=True)
+    r = pipeline_cli("report", selected_run, "--out", out)
     assert r.returncode == 0, r.stderr
     md = (out / "report.md").read_text()
     pngs = sorted(out.glob("*.png"))
@@ -85,8 +83,7 @@ def test_a_report_again_draws_only_the_figures_whose_data_changed(selected_run, 
 
 def test_report_refuses_a_folder_that_is_not_a_run(tmp_path):
     (tmp_path / "x").mkdir()
-    r = subprocess.run([sys.executable, "-m", "pipeline", "report", tmp_path / "x", "--out", tmp_path / "o"],
-                       capture_output=True, text=True)
+    r = pipeline_cli("report", tmp_path / "x", "--out", tmp_path / "o")
     assert r.returncode != 0 and "not a training run" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -117,7 +114,7 @@ def test_a_run_with_a_held_out_u_logs_rd_u_and_the_report_plots_it(digits_set, t
     rounds = [r for r in recs if r["kind"] == "selection"]
     assert [r["epoch"] for r in rounds] == [3] and rounds[0]["rd_u"] == epochs[1]["rd_u"]  # snapshot after epoch 2
     out = tmp_path / "report"
-    r = subprocess.run([sys.executable, "-m", "pipeline", "report", run, "--out", out], capture_output=True, text=True)
+    r = pipeline_cli("report", run, "--out", out)
     assert r.returncode == 0, r.stderr
     md = (out / "report.md").read_text()
     assert (out / "rd-divergence.png").is_file()
@@ -132,8 +129,7 @@ def test_a_run_with_a_held_out_u_logs_rd_u_and_the_report_plots_it(digits_set, t
     TRAINERS.lookup(cfg.method.name).complete_config(cfg)
     with TRAINERS.lookup(cfg.method.name)(cfg.validate(), progress=False) as t:
         t.fit()
-    r = subprocess.run([sys.executable, "-m", "pipeline", "report", late, "--out", tmp_path / "r2"],
-                       capture_output=True, text=True)
+    r = pipeline_cli("report", late, "--out", tmp_path / "r2")
     assert r.returncode == 0, r.stderr
     assert "This run never trained on a subset" in (tmp_path / "r2" / "report.md").read_text()
 
@@ -155,3 +151,44 @@ def test_noise_line_is_two_standard_errors_of_a_difference():
     line = noise_line(runs)
     assert "1,000 test images" in line and "4.4 points (clean)" in line and "2.9 points (PGD-20)" in line
     assert noise_line(runs[:1]) is None  # one run: no difference to judge
+
+
+def _evaluated_run(folder, config: str, epochs: int, subset_size: int, result: dict):
+    """A run folder as training and `pipeline eval` leave it: config, epoch records, one evaluation."""
+    folder.mkdir(parents=True)
+    (folder / "config.toml").write_text(config)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(
+        {"kind": "epoch", "epoch": e, "loss": 1.0, "lr": 0.1, "images": subset_size, "seconds": 2.0 * e,
+         "images_per_s": 100.0, "time": 100.0 + e, "subset_size": subset_size}) + "\n" for e in range(1, epochs + 1)))
+    entry = {"protocol": "slf", "eps": 0.1, "data": "/data/digits-16", "dataset_fingerprint": "abcdef1234567890",
+             **result}
+    (folder / "results.json").write_text(json.dumps({"d1": {"checkpoint": str(folder / "last.pt"),
+                                                          "checkpoint_epoch": epochs, "slf-pgd20@x": entry}}))
+    return folder
+
+
+def test_the_report_says_what_was_measured_on_what(tmp_path):
+    """Issue 40: a run trained on a manifest is not "(all data)"; AutoAttack and PGD-20 never share an axis; runs
+    measured on other test images are not put under one noise note; the data sets are named."""
+    pytest.importorskip("matplotlib", reason="report extra not installed")
+    from pipeline.report import build_report
+
+    cfg = '[data]\npath = "/data/digits-16"\n{extra}[method]\nname = "acl"\n[model]\narch = "smallcnn"\n'
+    subset = _evaluated_run(tmp_path / "subset", cfg.format(extra='manifest = "/m/keep-600.json"\n'), 3, 600,
+                            {"clean": 0.8, "pgd20": 0.30, "autoattack": 0.25, "samples": 1000,
+                             "measure_samples": {"autoattack": 200}})
+    full = _evaluated_run(tmp_path / "full", cfg.format(extra=""), 3, 1438, {"clean": 0.6, "pgd20": 0.35, "samples": 1000})
+    quick = _evaluated_run(tmp_path / "quick", cfg.format(extra=""), 1, 1438, {"clean": 0.5, "pgd20": 0.2, "samples": 200})
+    md_path, _ = build_report([subset, full, quick], tmp_path / "out")
+    md = md_path.read_text()
+    assert "## subset (manifest keep-600.json, 600 images)" in md and "subset (all data)" not in md
+    assert "## full (all data)" in md and "Trained on digits-16, train split" in md
+    assert "| digits-16 (abcdef12) | 1,000 (autoattack 200) |" in md  # the test data and each measure's count
+    noise = next(line for line in md.splitlines() if line.startswith("One seed"))
+    # subset and full share their 1,000 images: p = 0.7 clean, 0.325 PGD-20; quick's 200 are compared with none
+    assert "on the same 1,000 test images of digits-16 (abcdef12), below 4.1 points (clean) and 4.2 points (PGD-20)" in noise
+    assert "200" not in noise
+    panels = Image.open(tmp_path / "out" / "tradeoff.png").info["Description"].split(" || ")
+    assert len(panels) == 2
+    for panel, measure, where in zip(panels, ("PGD-20", "AutoAttack"), ("test images as labelled", "200 test images of")):
+        assert panel.startswith(f"{measure} on") and where in panel and panel.endswith(f"y: {measure} accuracy, %")

@@ -9,6 +9,7 @@ import torch
 
 from pipeline.selectors.greedy import facility_value, maximize
 from pipeline.selectors.knn import knn_graph
+from clirun import pipeline as pipeline_cli
 
 
 def _random_graph(n, k, seed):
@@ -237,13 +238,11 @@ def test_knn_backends_agree_on_exact_neighbours():
 
 
 def test_select_cli(digits_set, tmp_path):
-    import subprocess
-    import sys
 
     from pipeline.shards.manifest import Manifest
 
-    run = lambda *a: subprocess.run([sys.executable, "-m", "pipeline", "select", "--data", digits_set.root,
-                                     "--device", "cpu", *map(str, a)], capture_output=True, text=True)
+    run = lambda *a: pipeline_cli("select", "--data", digits_set.root,
+                                     "--device", "cpu", *map(str, a))
     r = run("--selector", "facility", "--fraction", "0.05", "--arch", "smallcnn", "--out", tmp_path / "m.json")
     assert r.returncode == 0, r.stderr
     assert "freshly initialised smallcnn" in r.stderr and "selected 72 of 1,438" in r.stderr

@@ -14,6 +14,7 @@ from pipeline.errors import PipelineError
 from pipeline.report.runs import load_run
 from pipeline.shards.manifest import Manifest, round_path
 from pipeline.trainers import StepRecord, TrainConfig, create_trainer, load_config
+from clirun import pipeline as pipeline_cli
 
 
 def tiny_cfg(data, out, **over) -> TrainConfig:
@@ -112,8 +113,8 @@ def test_config_file_overrides_and_saved_config(digits_set, tmp_path):
     conf = tmp_path / "c.toml"
     conf.write_text(f'[data]\npath = "{digits_set.root}"\nbatch_size = 64\nworkers = 0\n[model]\narch = "smallcnn"\n'
                     'head_width = 32\nproj_dim = 16\n[optim]\nepochs = 1\noptimizer = "sgd"\nlr = 0.05\n[attack]\nsteps = 1\n')
-    r = subprocess.run([sys.executable, "-m", "pipeline", "train", "--config", conf, "--out", tmp_path / "run",
-                        "--set", "optim.warmup_epochs=0", "--lr", "0.02"], capture_output=True, text=True)
+    r = pipeline_cli("train", "--config", conf, "--out", tmp_path / "run",
+                        "--set", "optim.warmup_epochs=0", "--lr", "0.02")
     assert r.returncode == 0, r.stderr
     saved = load_config(tmp_path / "run" / "config.toml")
     assert saved.optim.lr == 0.02 and saved.optim.warmup_epochs == 0 and saved.data.batch_size == 64
@@ -129,8 +130,8 @@ def test_config_file_overrides_and_saved_config(digits_set, tmp_path):
     (["--device", "tpu"], "run.device = 'tpu' (--device): must be auto, cpu or cuda"),
 ])
 def test_bad_training_settings_are_one_line(digits_set, tmp_path, args, needle):
-    r = subprocess.run([sys.executable, "-m", "pipeline", "train", "--data", digits_set.root, "--out",
-                        tmp_path / "x", *args], capture_output=True, text=True)
+    r = pipeline_cli("train", "--data", digits_set.root, "--out",
+                        tmp_path / "x", *args)
     assert r.returncode != 0 and needle in r.stderr and "Traceback" not in r.stderr
 
 
@@ -155,12 +156,12 @@ def test_existing_run_needs_resume_or_overwrite(digits_set, tmp_path):
     t = create_trainer(tiny_cfg(digits_set.root, tmp_path / "r", **{"optim.epochs": 1}), progress=False)
     t.fit()
     t.close()  # the trainer holds the run folder's lock until closed
-    base = [sys.executable, "-m", "pipeline", "train", "--data", digits_set.root, "--out", tmp_path / "r",
+    base = ["train", "--data", digits_set.root, "--out", tmp_path / "r",
             "--arch", "smallcnn", "--epochs", "1", "--batch-size", "64", "--workers", "0",
             "--set", "attack.steps=1", "--set", "model.head_width=32", "--set", "model.proj_dim=16"]
-    r = subprocess.run(base, capture_output=True, text=True)
+    r = pipeline_cli(*base)
     assert r.returncode != 0 and "already holds a run" in r.stderr
-    r = subprocess.run(base + ["--overwrite"], capture_output=True, text=True)
+    r = pipeline_cli(*base, "--overwrite")
     assert r.returncode == 0, r.stderr
     lines = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(l)["epoch"] for l in lines if json.loads(l)["kind"] == "epoch"] == [1]

@@ -97,14 +97,17 @@ def _paired_markdown(rows: list[dict]) -> list[str]:
     return lines
 
 
-def tradeoff_points(groups: list[dict]) -> list[dict]:
-    """What the trade-off figure plots: each arm's strongest robust measure (AutoAttack where measured)."""
+def tradeoff_points(groups: list[dict], ev: dict | None = None) -> list[dict]:
+    """What the trade-off figure plots: each arm's strongest robust measure (AutoAttack where measured), one
+    measure for all arms, with the number of test images it was measured on (`ev`: the evaluation's record)."""
     robust = [m for m in robust_measures() if any(g.get(m) is not None for g in groups)]
     if not robust:
         return []
     measure = "autoattack" if "autoattack" in robust else robust[0]
+    n = ((ev or {}).get("measure_samples") or {}).get(measure, (ev or {}).get("samples"))
     return [{"label": g["arm"], "selector": g["selector"], "fraction": g["fraction"], "x": g["wall_s"],
-             "x_std": g["wall_s_std"], "y": g[measure], "y_std": g[f"{measure}_std"], "measure": measure}
+             "x_std": g["wall_s_std"], "y": g[measure], "y_std": g[f"{measure}_std"],
+             "measure": measure_title(measure), "images": n}
             for g in groups if g.get(measure) is not None and g.get("wall_s") is not None]
 
 
@@ -211,7 +214,7 @@ def write_results(exp: Experiment, rows: list[dict]) -> list[Path]:
     groups = summarize(rows)
     write_json(exp.out / "results.json", {"experiment": str(exp.path), "rows": rows, "arms": groups,
                                           "paired_against_random": paired_against_random(rows)})
-    figures.arms_tradeoff(tradeoff_points(groups), exp.out / "tradeoff.png")
+    figures.arms_tradeoff(tradeoff_points(groups, rows[0].get("eval")), exp.out / "tradeoff.png")
 
     report, _ = build_report([r["run"] for r in rows], exp.out / "report")
     return [md, exp.out / "results.json", report]

@@ -140,13 +140,13 @@ def build_report(run_paths: list[str | Path], out: str | Path) -> tuple[Path, li
         noise = noise_line(runs)
         if noise:
             md += [noise, ""]
-        trade = figures.tradeoff(runs, out / "tradeoff.png")
+        trade = figures.tradeoff(runs, out / "tradeoff.png", _test_data)
         if trade:
             pngs.append(trade)
-            md += ["![robust accuracy against training time](tradeoff.png)", ""]
+            md += ["![robust accuracy against training time, a panel per measure](tradeoff.png)", ""]
         for run, slug in zip(runs, slugs):
             cfg = run.config
-            md += [f"## {run.label}", "", f"Method {cfg.get('method', {}).get('name')}, "
+            md += [f"## {run.label}", "", f"Trained on {run.train_data}: method {cfg.get('method', {}).get('name')}, "
                    f"{cfg.get('model', {}).get('arch')}, {len(run.epochs)} epochs, {run.images:,} images trained on "
                    f"({run.images_attacked:,} attacked) in {run.train_seconds:.1f} s of epochs ({run.wall_seconds:.1f} s wall).", ""]
             pngs.append(figures.training(run, out / f"{slug}-training.png"))
@@ -222,23 +222,27 @@ def _deployed(run: RunRecord) -> tuple[dict, dict]:
 
 def noise_line(runs: list[RunRecord]) -> str | None:
     """Which differences between these runs one seed cannot tell apart: two standard errors of the difference
-    of two accuracies measured on the same number n of test images, sqrt(2 p (1 - p) / n) each, at the runs'
-    mean accuracy p, per measure. The spread between seeds, which one seed cannot show, comes on top."""
-    parts, sizes = [], set()
+    of two accuracies measured on the same n test images, sqrt(2 p (1 - p) / n) each, at those runs' mean
+    accuracy p, per measure. Runs are compared only with runs measured on the same images (data set and count):
+    each such group gets its own numbers. The spread between seeds, which one seed cannot show, comes on top."""
+    groups: dict[tuple[str, int], list[str]] = {}
     for key, title in (("clean", "clean"), ("pgd20", "PGD-20")):
-        vals = [(r[key], r["samples"]) for r in (_deployed(run)[0] for run in runs) if r.get(key) is not None
-                and r.get("samples")]
-        if len(vals) < 2:
-            continue
-        p = sum(v for v, _ in vals) / len(vals)
-        n = min(k for _, k in vals)
-        sizes.add(n)
-        parts.append(f"{200 * (2 * p * (1 - p) / n) ** 0.5:.1f} points ({title})")
-    if not parts:
+        by_images: dict[tuple[str, int], list[float]] = {}
+        for r in (_deployed(run)[0] for run in runs):
+            n = (r.get("measure_samples") or {}).get(key, r.get("samples"))
+            if r.get(key) is not None and n:
+                by_images.setdefault((_test_data(r), n), []).append(r[key])
+        for (data, n), vals in by_images.items():
+            if len(vals) > 1:
+                p = sum(vals) / len(vals)
+                groups.setdefault((data, n), []).append(f"{200 * (2 * p * (1 - p) / n) ** 0.5:.1f} points ({title})")
+    if not groups:
         return None
-    return (f"One seed on {', '.join(f'{n:,}' for n in sorted(sizes))} test images: differences below "
-            f"{' and '.join(parts)} are within two standard errors of the test sample alone, and the spread between "
-            "seeds comes on top; telling selectors apart takes several seeds (configs/experiments/).")
+    said = "; ".join(f"on the same {n:,} test images" + (f" of {data}" if data != "-" else "") + f", below {' and '.join(parts)}"
+                     for (data, n), parts in groups.items())
+    return (f"One seed: differences between runs measured {said} are within two standard errors of the test sample "
+            "alone, and the spread between seeds comes on top; telling selectors apart takes several seeds "
+            "(configs/experiments/).")
 
 
 def summary_table(run_paths):

@@ -9,13 +9,13 @@ from pathlib import Path
 from pipeline.atomic import atomic_path
 from pipeline.errors import PipelineError
 from pipeline.evaluation.certify import read_rows
-from pipeline.report.runs import RunRecord, robust_of
+from pipeline.report.runs import RunRecord
 
 
 SOFTWARE = "pipeline report"  # in every figure's PNG text: the mark that this tool wrote it
 
 
-DRAWING = 1  # raise when a figure's drawing changes: figures drawn before are drawn again
+DRAWING = 2  # raise when a figure's drawing changes: figures drawn before are drawn again
 
 
 def _digest(kind: str, *inputs) -> str:
@@ -30,9 +30,10 @@ def _file_digest(path: Path) -> str | None:
 
 def _save(fig, path: Path, digest: str) -> None:
     """Through a temporary file, as every artefact: a failed write leaves no half figure. The PNG's text says
-    this tool drew it, and from what."""
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png", metadata={"Software": SOFTWARE, "Source": digest})
+    this tool drew it, from what, and what each panel shows."""
+    panels = " || ".join(f"{ax.get_title()} | x: {ax.get_xlabel()} | y: {ax.get_ylabel()}" for ax in fig.get_axes())
+    with atomic_path(path) as tmp:  # the panels' titles and axes in words: what a reader (or a test) can check
+        fig.savefig(tmp, dpi=90, format="png", metadata={"Software": SOFTWARE, "Source": digest, "Description": panels})
 
 
 def _png_text(path: Path) -> dict:
@@ -160,27 +161,39 @@ def divergence(run: RunRecord, path: Path) -> Path:
     return path
 
 
-def tradeoff(runs: list[RunRecord], path: Path) -> Path | None:
-    """Robust accuracy against training wall time: what selection buys."""
+def tradeoff(runs: list[RunRecord], path: Path, test_data=lambda r: "-") -> Path | None:
+    """Robust accuracy against training wall time, what selection buys: a panel per robust measure (two attacks
+    never share an axis: the weaker one would make its runs look more robust), each titled with the test images
+    it was measured on. `test_data(result)` names a result's test set."""
+    from pipeline.evaluation.measures import measure_title, robust_measures
+
     points = []
     for run in runs:
         for res in run.results:
-            name, value = robust_of(res)
-            if value is not None:
-                points.append((run.train_seconds, value, f"{run.label} {res['protocol']}", name))
+            for m in robust_measures():
+                if res.get(m) is not None:
+                    n = (res.get("measure_samples") or {}).get(m, res.get("samples"))
+                    points.append((m, run.train_seconds, res[m], f"{run.label} {res['protocol']}", test_data(res), n))
     if not points:
         return None
     digest = _digest("tradeoff", points)
     if _current(path, digest):
         return path
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for x, y, label, name in points:
-        ax.scatter(x, 100 * y, s=40)
-        ax.annotate(f"{label} ({name})", (x, 100 * y), fontsize=7, xytext=(4, 4), textcoords="offset points")
-    ax.set(xlabel="training wall time, s (selection overlapped)", ylabel="robust accuracy, %",
-           title="robust accuracy against training time")
-    ax.margins(0.2)
+    measures = list(dict.fromkeys(p[0] for p in points))
+    fig, axes = plt.subplots(1, len(measures), figsize=(6.5 * len(measures), 4), squeeze=False)
+    for ax, m in zip(axes[0], measures):
+        mine = [p for p in points if p[0] == m]
+        sets = sorted({(data, n) for *_, data, n in mine}, key=str)
+        for _, x, y, label, data, n in mine:
+            ax.scatter(x, 100 * y, s=40)
+            ax.annotate(label if len(sets) == 1 else f"{label} ({data}, {n})", (x, 100 * y), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points")
+        where = (f"{sets[0][1]:,} test images" + (f" of {sets[0][0]}" if sets[0][0] != "-" else "")
+                 if len(sets) == 1 else "test images as labelled")
+        ax.set(xlabel="training wall time, s (selection overlapped)", ylabel=f"{measure_title(m)} accuracy, %",
+               title=f"{measure_title(m)} on {where}")
+        ax.margins(0.2)
     fig.tight_layout()
     _save(fig, path, digest)
     plt.close(fig)
@@ -234,9 +247,10 @@ def arms_tradeoff(points: list[dict], path: Path) -> Path | None:
                     fmt=markers.get(p["fraction"], "*"), color=colours[selectors.index(p["selector"]) % len(colours)],
                     ms=6, capsize=2, lw=0.8)
         ax.annotate(p["label"], (p["x"], 100 * p["y"]), fontsize=6, xytext=(4, 3), textcoords="offset points")
-    measure = points[0]["measure"]
+    measure, n = points[0]["measure"], points[0].get("images")
     ax.set(xlabel="training wall time, s (selection included)", ylabel=f"robust accuracy ({measure}), %",
-           title="robust accuracy against training time (mean and sd over seeds)")
+           title=f"{measure} accuracy" + (f" on {n:,} test images" if isinstance(n, int) else "")
+           + " against training time (mean and sd over seeds)")
     ax.margins(0.15)
     fig.tight_layout()
     _save(fig, path, digest)

@@ -38,10 +38,27 @@ class RunRecord:
 
     @property
     def label(self) -> str:
-        sel = self.config.get("select", {})
+        """The run's name and what it trained on: a selector and its fraction, a manifest and its size, the
+        manifests of a folder, or all data; and a selective attack's share."""
+        sel, data, attack = (self.config.get(k, {}) for k in ("select", "data", "attack"))
         if sel.get("selector"):
-            return f"{self.name} ({sel['selector']} {sel.get('fraction', 0):g})"
-        return f"{self.name} (all data)"
+            what = f"{sel['selector']} {sel.get('fraction', 0):g}"
+        elif data.get("manifest"):
+            size = self.epochs[0].get("subset_size") if self.epochs else None
+            what = f"manifest {Path(data['manifest']).name}" + (f", {size:,} images" if size else "")
+        elif data.get("manifests"):
+            what = f"manifests of {Path(data['manifests']).name}/"
+        else:
+            what = "all data"
+        if attack.get("fraction", 1.0) < 1:
+            what += f", attack on {attack['fraction']:.0%} ({attack.get('select', 'random')})"
+        return f"{self.name} ({what})"
+
+    @property
+    def train_data(self) -> str:
+        """The data it trained on: the shard set's folder name and the split."""
+        data = self.config.get("data", {})
+        return f"{Path(str(data.get('path') or '-')).name}, {data.get('split', 'train')} split"
 
     @property
     def start(self) -> float:
