@@ -9,6 +9,7 @@ from pathlib import Path
 from pipeline.atomic import atomic_path
 from pipeline.errors import PipelineError
 from pipeline.evaluation.certify import read_rows
+from pipeline.evaluation.measures import measure_title, robust_measures
 from pipeline.report.runs import RunRecord
 
 
@@ -165,8 +166,6 @@ def tradeoff(runs: list[RunRecord], path: Path, test_data=lambda r: "-") -> Path
     """Robust accuracy against training wall time, what selection buys: a panel per robust measure (two attacks
     never share an axis: the weaker one would make its runs look more robust), each titled with the test images
     it was measured on. `test_data(result)` names a result's test set."""
-    from pipeline.evaluation.measures import measure_title, robust_measures
-
     points = []
     for run in runs:
         for res in run.results:
