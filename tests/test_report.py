@@ -186,7 +186,7 @@ def test_the_report_says_what_was_measured_on_what(tmp_path):
     assert "| digits-16 (abcdef12) | 1,000 (autoattack 200) |" in md  # the test data and each measure's count
     noise = next(line for line in md.splitlines() if line.startswith("One seed"))
     # subset and full share their 1,000 images: p = 0.7 clean, 0.325 PGD-20; quick's 200 are compared with none
-    assert "on the same 1,000 test images of digits-16 (abcdef12), below 4.1 points (clean) and 4.2 points (PGD-20)" in noise
+    assert "on the same 1,000 test images of digits-16 (abcdef12), differences below 4.1 points (clean) and 4.2 points (PGD-20)" in noise
     assert "200" not in noise
     panels = Image.open(tmp_path / "out" / "tradeoff.png").info["Description"].split(" || ")
     assert len(panels) == 2

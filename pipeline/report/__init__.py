@@ -238,9 +238,9 @@ def noise_line(runs: list[RunRecord]) -> str | None:
                 groups.setdefault((data, n), []).append(f"{200 * (2 * p * (1 - p) / n) ** 0.5:.1f} points ({title})")
     if not groups:
         return None
-    said = "; ".join(f"on the same {n:,} test images" + (f" of {data}" if data != "-" else "") + f", below {' and '.join(parts)}"
-                     for (data, n), parts in groups.items())
-    return (f"One seed: differences between runs measured {said} are within two standard errors of the test sample "
+    said = "; ".join(f"on the same {n:,} test images" + (f" of {data}" if data != "-" else "")
+                     + f", differences below {' and '.join(parts)}" for (data, n), parts in groups.items())
+    return (f"One seed: between runs measured {said} are within two standard errors of the test sample "
             "alone, and the spread between seeds comes on top; telling selectors apart takes several seeds "
             "(configs/experiments/).")
 
