@@ -17,6 +17,7 @@ import select
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 _SERVER = r"""
@@ -80,26 +81,37 @@ for line in sys.stdin:
 """
 
 _server: subprocess.Popen | None = None
+_pending = bytearray()  # what the server said past the last line read: read from the pipe's fd, never a buffer
+# that select() cannot see (the pid and the exit code can arrive in one read)
 
 
 def _start() -> subprocess.Popen:
     global _server
     if _server is None or _server.poll() is not None:
+        _pending.clear()
         _server = subprocess.Popen([sys.executable, "-c", _SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                   text=True, cwd=Path(__file__).resolve().parents[1])
-        if _server.stdout.readline().strip() != "ready":
+                                   cwd=Path(__file__).resolve().parents[1])
+        if _reply(_server, 300) != "ready":
             raise RuntimeError("the pipeline fork server did not start")
     return _server
 
 
-def _reply(server: subprocess.Popen, timeout: float | None) -> dict:
-    ready, _, _ = select.select([server.stdout], [], [], timeout)
-    if not ready:
-        raise TimeoutError
-    line = server.stdout.readline()
-    if not line:
-        raise RuntimeError("the pipeline fork server died")
-    return json.loads(line)
+def _reply(server: subprocess.Popen, timeout: float | None):
+    """The server's next line (JSON, or "ready"); TimeoutError after `timeout` seconds without one."""
+    fd = server.stdout.fileno()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while b"\n" not in _pending:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not select.select([fd], [], [], left)[0]:
+            raise TimeoutError
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            raise RuntimeError("the pipeline fork server died")
+        _pending.extend(chunk)
+    line, _, rest = bytes(_pending).partition(b"\n")
+    _pending[:] = rest
+    text = line.decode().strip()
+    return text if text == "ready" else json.loads(text)
 
 
 def pipeline(*args, cwd=None, env=None, input: str | None = None, timeout: float | None = None,
@@ -114,7 +126,7 @@ def pipeline(*args, cwd=None, env=None, input: str | None = None, timeout: float
             Path(io[name]).touch()
         req = {"argv": argv, "cwd": str(cwd or os.getcwd()), "env": dict(os.environ if env is None else env),
                "fsize": limit_file_bytes, **io}
-        server.stdin.write(json.dumps(req) + "\n")
+        server.stdin.write((json.dumps(req) + "\n").encode())
         server.stdin.flush()
         pid = _reply(server, 60)["pid"]
         try:
