@@ -177,3 +177,63 @@ def test_bad_sources_are_one_clear_error(tmp_path):
         open_source(f"folder:{tmp_path / 'none'}")
     with pytest.raises(PipelineError, match="whole number"):
         open_source("synthetic:abc")
+
+
+def _write_imagenet_small(root, size=32, batches=(3, 4), val=5, zipped=False, seed=0):
+    """The release's npz form: rows of the red, green and blue planes, 1-based labels, a mean, the map file.
+    Returns source split -> (images, 0-based labels), decoded here by hand, plane by plane."""
+    import zipfile
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True)
+    expected, files = {}, {}
+    for split, counts in (("train", batches), ("test", (val,))):
+        imgs, labs = [], []
+        for b, n in enumerate(counts, 1):
+            data = rng.integers(0, 256, (n, 3 * size * size), dtype=np.uint8)
+            labels = rng.integers(1, 6, n)
+            labels[0] = 5  # every class number up to 5 in use
+            name = f"train_data_batch_{b}.npz" if split == "train" else "val_data.npz"
+            np.savez(root / name, data=data, labels=labels.tolist(), mean=data.mean(0))
+            files.setdefault(split, []).append(root / name)
+            planes = [data[:, k * size * size:(k + 1) * size * size].reshape(n, size, size) for k in range(3)]
+            imgs.append(np.stack(planes, axis=-1))
+            labs.append(labels - 1)
+        expected[split] = (np.concatenate(imgs), np.concatenate(labs))
+    (root / "map_clsloc.txt").write_text("n01 1 tench\nn02 2 crane\nn03 3 goldfish\nn04 4 crane\nn05 5 kit_fox\n")
+    if zipped:
+        for split, paths in files.items():
+            with zipfile.ZipFile(root / f"Imagenet{size}_{'val' if split == 'test' else split}_npz.zip", "w") as z:
+                for p in paths:
+                    z.write(p, arcname=f"Imagenet{size}_{split}/{p.name}")
+                    p.unlink()
+    return expected
+
+
+@pytest.mark.parametrize("size,zipped", [(32, False), (64, True)])
+def test_downsampled_imagenet_round_trip(tmp_path, size, zipped):
+    expected = _write_imagenet_small(tmp_path / "in", size=size, zipped=zipped)
+    first = expected["train"][0][0]
+    row = np.load(tmp_path / "in" / "train_data_batch_1.npz")["data"][0] if not zipped else None
+    if row is not None:  # one pixel by hand: green plane, row 2, column 7
+        assert first[2, 7, 1] == row[size * size + 2 * size + 7]
+    ss = make_prepared(f"imagenet{size}:{tmp_path / 'in'}", tmp_path / "out", shard_size=4)
+    assert ss.count("train") == 7 and ss.count("test") == 5
+    assert ss.classes == ["tench", "crane (n02)", "goldfish", "crane (n04)", "kit_fox"]  # two cranes in ImageNet
+    assert _round_trip_arrays(ss, expected) == 12
+
+
+def test_downsampled_imagenet_bad_files_are_one_line(tmp_path):
+    _write_imagenet_small(tmp_path / "in64", size=64)
+    with pytest.raises(PipelineError, match=r"not uint8 rows of 3072 pixels \(32 px: is this imagenet64\?\)"):
+        open_source(f"imagenet32:{tmp_path / 'in64'}")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    for name in ("train_data_batch_1", "val_data"):
+        with open(pickled / name, "wb") as f:
+            pickle.dump({"data": np.zeros((1, 3072), np.uint8), "labels": [1]}, f)
+    with pytest.raises(PipelineError, match="pickle files, which are not read: use its npz form"):
+        open_source(f"imagenet32:{pickled}")
+    (tmp_path / "in64" / "map_clsloc.txt").write_text("n01 1 tench\n")
+    with pytest.raises(PipelineError, match="map_clsloc.txt: no line for class 2"):
+        open_source(f"imagenet64:{tmp_path / 'in64'}")

@@ -10,6 +10,7 @@ from pipeline.shards.sources.base import Encoded, Source
 from pipeline.shards.sources.cifar import CifarSource
 from pipeline.shards.sources.digits import DigitsSource
 from pipeline.shards.sources.folder import FolderSource
+from pipeline.shards.sources.imagenet_small import ImagenetSmallSource
 from pipeline.shards.sources.mnist import MnistSource
 from pipeline.shards.sources.synthetic import SyntheticSource
 
@@ -23,6 +24,8 @@ SOURCES: Registry[Callable[..., Source]] = Registry("source")
 SOURCES.add("folder", lambda arg, follow_symlinks=False: FolderSource(arg, follow_symlinks))
 SOURCES.add("cifar10", _cifar("cifar10"))
 SOURCES.add("cifar100", _cifar("cifar100"))
+SOURCES.add("imagenet32", lambda arg: ImagenetSmallSource(arg, 32))
+SOURCES.add("imagenet64", lambda arg: ImagenetSmallSource(arg, 64))
 SOURCES.add("mnist", MnistSource)
 SOURCES.add("digits", DigitsSource)
 SOURCES.add("synthetic", SyntheticSource)
