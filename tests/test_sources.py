@@ -237,3 +237,46 @@ def test_downsampled_imagenet_bad_files_are_one_line(tmp_path):
     (tmp_path / "in64" / "map_clsloc.txt").write_text("n01 1 tench\n")
     with pytest.raises(PipelineError, match="map_clsloc.txt: no line for class 2"):
         open_source(f"imagenet64:{tmp_path / 'in64'}")
+
+
+def _write_stl10(root, counts=(("train", 4), ("test", 3)), seed=0):
+    """STL-10's binary files; returns split -> (images decoded by hand, 0-based labels): pixel (row r, column
+    c, channel k) of an image is byte k * 96 * 96 + c * 96 + r of its record (channels column-major)."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True)
+    r, c, k = np.meshgrid(np.arange(96), np.arange(96), np.arange(3), indexing="ij")
+    offset = k * 96 * 96 + c * 96 + r
+    expected = {}
+    for split, n in counts:
+        raw = rng.integers(0, 256, (n, 3 * 96 * 96), dtype=np.uint8)
+        labels = rng.integers(1, 11, n).astype(np.uint8)
+        (root / f"{split}_X.bin").write_bytes(raw.tobytes())
+        (root / f"{split}_y.bin").write_bytes(labels.tobytes())
+        expected[split] = (np.stack([row[offset] for row in raw]), labels.astype(np.int64) - 1)
+    (root / "class_names.txt").write_text("\n".join(["airplane", "bird", "car", "cat", "deer", "dog", "horse",
+                                                      "monkey", "ship", "truck"]) + "\n")
+    (root / "unlabeled_X.bin").write_bytes(rng.integers(0, 256, 2 * 3 * 96 * 96, dtype=np.uint8).tobytes())
+    return expected
+
+
+@pytest.mark.parametrize("archived", [False, True])
+def test_stl10_binary_round_trip(tmp_path, archived):
+    expected = _write_stl10(tmp_path / "stl10_binary")
+    spec = tmp_path / "stl10_binary"
+    if archived:
+        spec = tmp_path / "stl10_binary.tar.gz"
+        with tarfile.open(spec, "w:gz") as tar:
+            tar.add(tmp_path / "stl10_binary", arcname="stl10_binary")
+    ss = make_prepared(f"stl10:{spec}", tmp_path / "out", shard_size=3)
+    assert ss.count("train") == 4 and ss.count("test") == 3 and ss.classes[7] == "monkey"
+    assert _round_trip_arrays(ss, expected) == 7
+
+
+def test_stl10_truncated_file_is_one_line(tmp_path):
+    _write_stl10(tmp_path / "s")
+    (tmp_path / "s" / "test_X.bin").write_bytes((tmp_path / "s" / "test_X.bin").read_bytes()[:-5])
+    with pytest.raises(PipelineError, match=r"test_X.bin: 82939 bytes for 3 labels in test_y.bin"):
+        open_source(f"stl10:{tmp_path / 's'}")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PipelineError, match="test_X.bin, test_y.bin, train_X.bin, train_y.bin not found"):
+        open_source(f"stl10:{tmp_path / 'empty'}")

@@ -12,6 +12,7 @@ from pipeline.shards.sources.digits import DigitsSource
 from pipeline.shards.sources.folder import FolderSource
 from pipeline.shards.sources.imagenet_small import ImagenetSmallSource
 from pipeline.shards.sources.mnist import MnistSource
+from pipeline.shards.sources.stl10 import Stl10Source
 from pipeline.shards.sources.synthetic import SyntheticSource
 
 
@@ -27,6 +28,7 @@ SOURCES.add("cifar100", _cifar("cifar100"))
 SOURCES.add("imagenet32", lambda arg: ImagenetSmallSource(arg, 32))
 SOURCES.add("imagenet64", lambda arg: ImagenetSmallSource(arg, 64))
 SOURCES.add("mnist", MnistSource)
+SOURCES.add("stl10", Stl10Source)
 SOURCES.add("digits", DigitsSource)
 SOURCES.add("synthetic", SyntheticSource)
 PATHLESS = {"digits": "digits", "synthetic": "synthetic[:N]"}  # forms that take no PATH

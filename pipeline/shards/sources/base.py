@@ -52,6 +52,22 @@ class Source(ABC):
         return []
 
 
+class RowImages:
+    """A split's images as rows of the release's files, batch by batch (no copy, no second array of the whole
+    split); image i comes out as an HxW[xC] array through `decode(row)`. Stands in for ArraySource's array."""
+
+    def __init__(self, batches: list[np.ndarray], decode):
+        self.batches, self.decode = batches, decode
+        self.starts = np.cumsum([0] + [len(b) for b in batches])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        b = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return np.ascontiguousarray(self.decode(self.batches[b][index - self.starts[b]]))
+
+
 class ArraySource(Source):
     """A source whose images are already uint8 arrays in memory (CIFAR, MNIST, digits, synthetic)."""
 

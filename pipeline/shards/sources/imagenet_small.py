@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.shards.sources.base import ArraySource
+from pipeline.shards.sources.base import ArraySource, RowImages
 
 _TRAIN = re.compile(r"train_data_batch_(\d+)\.npz$")
 _VAL = "val_data.npz"
@@ -52,22 +52,6 @@ def _read(where: tuple[Path, str | None]) -> bytes:
         return z.read(member)
 
 
-class _Rows:
-    """A split's images as the release's rows, batch by batch (no copy): image i as an HxWx3 array."""
-
-    def __init__(self, batches: list[np.ndarray], size: int):
-        self.batches, self.size = batches, size
-        self.starts = np.cumsum([0] + [len(b) for b in batches])
-
-    def __len__(self) -> int:
-        return int(self.starts[-1])
-
-    def __getitem__(self, index: int) -> np.ndarray:
-        b = int(np.searchsorted(self.starts, index, side="right")) - 1
-        row = self.batches[b][index - self.starts[b]]
-        return np.ascontiguousarray(row.reshape(3, self.size, self.size).transpose(1, 2, 0))
-
-
 class ImagenetSmallSource(ArraySource):
     def __init__(self, arg: str | None, size: int):
         super().__init__()
@@ -87,12 +71,17 @@ class ImagenetSmallSource(ArraySource):
             raise PipelineError(f"{path}: no {form} batches found (expected train_data_batch_N.npz and "
                                 f"{_VAL}){hint}")
         parts = [self._batch(members[name], path / name) for _, name in train]
-        self._images["train"] = _Rows([p[0] for p in parts], size)
+        planes = self._planes
+        self._images["train"] = RowImages([p[0] for p in parts], planes)
         self._labels["train"] = np.concatenate([p[1] for p in parts])
         rows, self._labels["test"] = self._batch(members[_VAL], path / _VAL)
-        self._images["test"] = _Rows([rows], size)
+        self._images["test"] = RowImages([rows], planes)
         n_classes = int(max(self._labels["train"].max(), self._labels["test"].max())) + 1
         self.classes = self._class_names(members, path, n_classes)
+
+    def _planes(self, row: np.ndarray) -> np.ndarray:
+        """A row of red, green and blue planes, each row-major, as HxWx3."""
+        return row.reshape(3, self.size, self.size).transpose(1, 2, 0)
 
     def _batch(self, where, origin: Path) -> tuple[np.ndarray, np.ndarray]:
         try:
