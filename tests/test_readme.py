@@ -71,7 +71,7 @@ def shrink(argv: list[str], paths: dict[str, str]) -> list[str]:
     """The same command at the size of a test: paths to the small sets, 1 epoch, a small network, few images."""
     out, i = [], 0
     argv = [paths.get(a, a) for a in argv]
-    argv = [re.sub(r"^(folder|cifar10):(.*)$", lambda m: f"{m.group(1)}:{paths.get(m.group(2), m.group(2))}", a)
+    argv = [re.sub(r"^(folder|cifar10|imagenet32|stl10):(.*)$", lambda m: f"{m.group(1)}:{paths.get(m.group(2), m.group(2))}", a)
             for a in argv]
     selecting = "--selector" in argv and argv[1] == "train"
     sized = {"--epochs": "3" if selecting else "1", "--limit": "20", "--workers": "2", "--image-size": "16",
@@ -137,7 +137,15 @@ def workspace(digits_set, tmp_path):
     write_cifar_pickles(tmp_path / "src" / "cifar-10-batches-py", n_train=50, n_test=10)
     with tarfile.open(tmp_path / "src" / "cifar-10-python.tar.gz", "w:gz") as tar:
         tar.add(tmp_path / "src" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    from test_sources import _write_imagenet_small, _write_stl10
+
+    _write_imagenet_small(tmp_path / "src" / "Imagenet32_npz")
+    _write_stl10(tmp_path / "src" / "stl10_binary")
+    with tarfile.open(tmp_path / "src" / "stl10_binary.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "src" / "stl10_binary", arcname="stl10_binary")
     paths = {"../shared/data/cifar10": str(tmp_path / "src" / "cifar10-folder"),
+             "/data/Imagenet32_npz": str(tmp_path / "src" / "Imagenet32_npz"),
+             "/data/stl10_binary.tar.gz": str(tmp_path / "src" / "stl10_binary.tar.gz"),
              "~/data/cifar-10-python.tar.gz": str(tmp_path / "src" / "cifar-10-python.tar.gz"),
              "/data/imagenet": str(tmp_path / "src" / "imagenet"),
              "/data/cifar-10-batches-py": str(tmp_path / "src" / "cifar-10-batches-py")}
