@@ -180,12 +180,14 @@ def stream(
             task = bar.add_task(f"epoch {epoch}", total=loader.samples_per_epoch if hasattr(loader, "samples_per_epoch") else None)
             for batch in loader:
                 seen += len(batch.ids)
-                label_counts += np.bincount(batch.labels.cpu().numpy(), minlength=len(ss.classes))
+                labels = batch.labels.cpu().numpy()
+                label_counts += np.bincount(labels[labels >= 0], minlength=len(ss.classes))
                 bar.advance(task, len(batch.ids))
         secs = time.perf_counter() - start
         shape = "x".join(map(str, batch.images.shape[1:])) if seen else "-"
+        classes = f"per class {label_counts.tolist()}" if ss.labelled(split) else "no labels"
         console.print(f"epoch {epoch}: {seen:,} images ({shape} {batch.images.dtype if seen else ''}) in {secs:.2f} s, "
-                      f"{seen / secs:,.0f} images/s; per class {label_counts.tolist()}")
+                      f"{seen / secs:,.0f} images/s; {classes}")
 
 
 @app.command()

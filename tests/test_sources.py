@@ -239,9 +239,10 @@ def test_downsampled_imagenet_bad_files_are_one_line(tmp_path):
         open_source(f"imagenet64:{tmp_path / 'in64'}")
 
 
-def _write_stl10(root, counts=(("train", 4), ("test", 3)), seed=0):
-    """STL-10's binary files; returns split -> (images decoded by hand, 0-based labels): pixel (row r, column
-    c, channel k) of an image is byte k * 96 * 96 + c * 96 + r of its record (channels column-major)."""
+def _write_stl10(root, counts=(("train", 4), ("test", 3), ("unlabeled", 2)), seed=0):
+    """STL-10's binary files; returns split -> (images decoded by hand, 0-based labels, -1 for the unlabeled):
+    pixel (row r, column c, channel k) of an image is byte k * 96 * 96 + c * 96 + r of its record (channels
+    column-major)."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True)
     r, c, k = np.meshgrid(np.arange(96), np.arange(96), np.arange(3), indexing="ij")
@@ -249,13 +250,13 @@ def _write_stl10(root, counts=(("train", 4), ("test", 3)), seed=0):
     expected = {}
     for split, n in counts:
         raw = rng.integers(0, 256, (n, 3 * 96 * 96), dtype=np.uint8)
-        labels = rng.integers(1, 11, n).astype(np.uint8)
+        labels = rng.integers(1, 11, n).astype(np.uint8) if split != "unlabeled" else np.zeros(n, np.uint8)
         (root / f"{split}_X.bin").write_bytes(raw.tobytes())
-        (root / f"{split}_y.bin").write_bytes(labels.tobytes())
+        if split != "unlabeled":
+            (root / f"{split}_y.bin").write_bytes(labels.tobytes())
         expected[split] = (np.stack([row[offset] for row in raw]), labels.astype(np.int64) - 1)
     (root / "class_names.txt").write_text("\n".join(["airplane", "bird", "car", "cat", "deer", "dog", "horse",
                                                       "monkey", "ship", "truck"]) + "\n")
-    (root / "unlabeled_X.bin").write_bytes(rng.integers(0, 256, 2 * 3 * 96 * 96, dtype=np.uint8).tobytes())
     return expected
 
 
@@ -268,8 +269,36 @@ def test_stl10_binary_round_trip(tmp_path, archived):
         with tarfile.open(spec, "w:gz") as tar:
             tar.add(tmp_path / "stl10_binary", arcname="stl10_binary")
     ss = make_prepared(f"stl10:{spec}", tmp_path / "out", shard_size=3)
-    assert ss.count("train") == 4 and ss.count("test") == 3 and ss.classes[7] == "monkey"
-    assert _round_trip_arrays(ss, expected) == 7
+    assert ss.count("train") == 4 and ss.count("test") == 3 and ss.count("unlabeled") == 2
+    assert ss.classes[7] == "monkey" and ss.labelled("train") and not ss.labelled("unlabeled")
+    assert _round_trip_arrays(ss, expected) == 9  # the unlabeled split's labels are all -1
+
+
+def test_a_split_without_labels_pretrains_and_is_refused_where_labels_are_needed(tmp_path):
+    """STL-10's unlabeled split: verified, streamed and trained on by ACL; a supervised method, per-class
+    selection and per-class preparation refuse it in one line each."""
+    from pipeline.selectors import run as selection
+    from pipeline.shards.prepare import PrepareOptions, prepare
+    from pipeline.shards.verify import verify
+    from pipeline.trainers import create_trainer
+    from test_train import tiny_cfg
+
+    _write_stl10(tmp_path / "s", counts=(("train", 4), ("test", 3), ("unlabeled", 8)))
+    ss = make_prepared(f"stl10:{tmp_path / 's'}", tmp_path / "out", shard_size=5, image_size=16)
+    assert verify(ss.root, progress=False) == []
+    assert [int(b.labels.min()) for b in ss.loader("unlabeled", batch_size=4)] == [-1, -1]
+    over = {"data.split": "unlabeled", "data.batch_size": 4, "optim.epochs": 1, "attack.steps": 1}
+    with create_trainer(tiny_cfg(ss.root, tmp_path / "acl", **over), progress=False) as t:
+        t.fit()
+    assert (tmp_path / "acl" / "checkpoints" / "last.pt").is_file()
+    with pytest.raises(PipelineError, match="split 'unlabeled' has no labels, and method 'pgd-at' trains on labels"):
+        create_trainer(tiny_cfg(ss.root, tmp_path / "at", **over, **{"method.name": "pgd-at"}), progress=False)
+    with pytest.raises(PipelineError, match="per_class: the split has no labels"):
+        selection.run_selection(ss.root, "random", 0.5, tmp_path / "m.json", split="unlabeled",
+                                params={"per_class": True})
+    with pytest.raises(PipelineError, match="split 'unlabeled' has no labels, so no classes to balance"):
+        prepare(f"stl10:{tmp_path / 's'}", PrepareOptions(out=tmp_path / "pc", per_class={"unlabeled": 1},
+                                                          progress=False))
 
 
 def test_stl10_truncated_file_is_one_line(tmp_path):

@@ -116,6 +116,9 @@ def draw_validation(pool_ids: np.ndarray, fraction: float, seed: int) -> np.ndar
 
 def class_budgets(labels: np.ndarray, budget: int) -> dict[int, int]:
     """Budget per class proportional to its size (largest remainders), summing to `budget`."""
+    if len(labels) and labels.min() < 0:
+        raise PipelineError("per_class: the split has no labels (a split prepared without them, such as STL-10's "
+                            "unlabeled), so there are no classes to balance; select without per_class")
     classes, counts = np.unique(labels, return_counts=True)
     exact = counts / counts.sum() * budget
     base = np.floor(exact).astype(int)

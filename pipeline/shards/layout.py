@@ -156,6 +156,8 @@ def validate_index(path: Path, index: dict) -> None:
             f.fail(f"splits.{split}", split, "must be a split name of letters, digits, '-' or '_'")
         s = f.inner(f"splits.{split}", info)
         count = s.int("count")
+        if "labelled" in info and info["labelled"] is not False:
+            s.fail("labelled", info["labelled"], "must be false where present (a split without labels)")
         shards = s.list("shards")
         total, last = 0, -1
         for n, rec in enumerate(shards):
@@ -197,9 +199,9 @@ def validate_index(path: Path, index: dict) -> None:
             f.fail(f"splits.{b}.id_range", [lo2, hi2], f"overlaps split {a}'s ids [{lo}, {hi}]")
 
 
-def validate_member_table(path: Path, table: np.ndarray, rec: dict, n_classes: int) -> None:
+def validate_member_table(path: Path, table: np.ndarray, rec: dict, n_classes: int, labelled: bool = True) -> None:
     """A shard's .idx against its index record: the row count, ids in the shard's range and increasing, labels
-    of known classes, every member inside the tar's recorded size."""
+    of known classes (-1, none, in a split without labels), every member inside the tar's recorded size."""
     fix = "the shard set is damaged: run `pipeline verify`, then prepare it again"
     if len(table) != rec["count"]:
         raise DataError(f"{path}: {len(table)} rows, index.json says {rec['count']}; {fix}")
@@ -209,7 +211,11 @@ def validate_member_table(path: Path, table: np.ndarray, rec: dict, n_classes: i
     if ids[0] < rec["first_id"] or ids[-1] > rec["last_id"] or (len(ids) > 1 and np.any(np.diff(ids) <= 0)):
         raise DataError(f"{path}: ids must increase within [{rec['first_id']}, {rec['last_id']}] as index.json "
                         f"says (found {int(ids.min())}..{int(ids.max())}); {fix}")
-    if labels.min() < 0 or labels.max() >= n_classes:
+    if not labelled:
+        if labels.min() != -1 or labels.max() != -1:
+            raise DataError(f"{path}: a split without labels must label every sample -1 (found "
+                            f"{int(labels.min())}..{int(labels.max())}); {fix}")
+    elif labels.min() < 0 or labels.max() >= n_classes:
         raise DataError(f"{path}: labels must be class numbers in [0, {n_classes}) (found {int(labels.min())}.."
                         f"{int(labels.max())}); {fix}")
     offsets, sizes = table["offset"].astype(np.int64), table["size"].astype(np.int64)

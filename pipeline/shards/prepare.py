@@ -132,6 +132,10 @@ def plan_splits(source: Source, test_fraction: float, seed: int,
     if unknown:
         raise PipelineError(f"--per-class {unknown[0]}=...: the data has no {unknown[0]!r} split "
                             f"(it has {', '.join(refs)})")
+    unlabeled = sorted(set(per_class or {}) & set(source.unlabeled_splits))
+    if unlabeled:
+        raise PipelineError(f"--per-class {unlabeled[0]}=...: split {unlabeled[0]!r} has no labels, so no classes to "
+                            "balance; leave it out of --per-class")
     picker = np.random.default_rng([seed, 1])  # its own stream: the sample order of full splits is unchanged
     for split, n in sorted((per_class or {}).items()):
         (name, idx), = refs[split]  # every split is one part of one source split
@@ -358,6 +362,8 @@ def build_index(source: Source, spec: str, recipe: dict, records: list[dict], im
     order = [s for s in SPLIT_ORDER if s in splits] + sorted(s for s in splits if s not in SPLIT_ORDER)
     splits = {s: splits[s] for s in order}
     for s, info in splits.items():
+        if s in source.unlabeled_splits:
+            info["labelled"] = False  # labels are -1: methods and selectors that need labels refuse the split
         firsts = [sh["first_id"] for sh in info["shards"] if sh["count"]]
         lasts = [sh["last_id"] for sh in info["shards"] if sh["count"]]
         info["id_range"] = [min(firsts), max(lasts)] if firsts else None
@@ -456,7 +462,8 @@ def _prepare_locked(spec: str, opts: PrepareOptions, source: Source, out: Path) 
         for split, info in index["splits"].items():
             if info["count"] == 0:
                 raise PipelineError(f"{spec}: every image of split {split!r} failed to decode; see {out / JOURNAL_NAME}")
-            _check_classes(out, source, split, info, plan[split][2])
+            if split not in source.unlabeled_splits:
+                _check_classes(out, source, split, info, plan[split][2])
         write_json(index_path, index)
         (out / JOURNAL_NAME).unlink()
     else:

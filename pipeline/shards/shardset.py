@@ -96,6 +96,10 @@ class ShardSet:
             raise PipelineError(f"{self.root}: has no split {split!r} (it has {', '.join(self.splits)})")
         return self.index["splits"][split]
 
+    def labelled(self, split: str) -> bool:
+        """Whether the split's samples carry labels (STL-10's unlabeled split does not: its labels are -1)."""
+        return self._split_info(split).get("labelled", True) is not False
+
     def shard_path(self, split: str, shard_no: int):
         """Where a shard's tar is: a Path, or a URL for a remote set."""
         return self.store.where(self._split_info(split)["shards"][shard_no]["tar"])
@@ -111,7 +115,7 @@ class ShardSet:
             for rec in info["shards"]:
                 where = self.store.where(rec["idx"])
                 table = layout.read_member_table(where, self._pinned_idx(rec))
-                layout.validate_member_table(where, table, rec, len(self.classes))
+                layout.validate_member_table(where, table, rec, len(self.classes), self.labelled(split))
                 parts.append(table)
                 starts.append(starts[-1] + len(table))
             t = np.concatenate(parts) if parts else np.zeros(0, layout.MEMBER_DTYPE)

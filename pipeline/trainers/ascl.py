@@ -88,6 +88,7 @@ def scaled_milestones(epochs: int) -> list[int]:
 @register_trainer
 class ASCLTrainer(Trainer):
     name = "ascl"
+    needs_labels = True
     sections = ("ascl",)
     config_defaults = {"optim.optimizer": "sgd", "optim.lr": 0.1, "optim.momentum": 0.9, "optim.weight_decay": 5e-4,
                        "optim.schedule": "step", "optim.warmup_epochs": 0, "optim.epochs": 120,

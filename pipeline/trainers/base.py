@@ -93,6 +93,7 @@ class Trainer:
     name = "base"
     sections: tuple[str, ...] = ()  # config sections the method reads, besides the fixed ones
     config_defaults: dict = {}  # the method's reference settings, for what the user left unset
+    needs_labels = False  # whether its loss reads the labels: a split without them is refused at start
     selective_attack = False  # whether its step attacks only the samples `attack_positions` names (attack.fraction)
 
     @classmethod
@@ -120,6 +121,10 @@ class Trainer:
         if cfg.run.deterministic:
             torch.use_deterministic_algorithms(True)
         self.shardset = ShardSet.open(cfg.data.source())
+        if self.needs_labels and not self.shardset.labelled(cfg.data.split):
+            raise PipelineError(f"{cfg.data.path}: split {cfg.data.split!r} has no labels, and method {self.name!r} "
+                                "trains on labels; choose a labelled split (data.split) or a method that needs none "
+                                "(acl, dynacl, simclr; advcl with pseudo-labels)")
         self.crop = parse_crop(cfg.data.crop)  # taken while decoding: the model sees crop.size images
         if self.shardset.image_size is None and self.crop is None:
             raise PipelineError(f"{cfg.data.path}: images vary in size; prepare it with --image-size N for training "

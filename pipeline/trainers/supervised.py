@@ -61,6 +61,7 @@ class SupervisedATTrainer(Trainer):
     """The shared step; a method says how it attacks (`attack_loss`, `start`) and what it minimises (`loss`)."""
 
     name = "supervised-at"
+    needs_labels = True
     sections = ("at",)
     config_defaults = {"optim.optimizer": "sgd", "optim.lr": 0.1, "optim.momentum": 0.9, "optim.weight_decay": 5e-4,
                        "optim.schedule": "step", "optim.warmup_epochs": 0, "attack.steps": 10,

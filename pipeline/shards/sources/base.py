@@ -23,13 +23,15 @@ class Source(ABC):
     """A readable data set. Items are addressed by (split, index) in a fixed, deterministic order.
 
     Subclasses set `name`, `classes`, `mode` ("RGB" or "L") and `native_splits` (False when the data comes as
-    one pool, so prepare holds out a test split itself).
+    one pool, so prepare holds out a test split itself); `unlabeled_splits` names splits that come without
+    labels (STL-10's unlabeled images): their items' label is -1, and index.json marks them `labelled: false`.
     """
 
     name: str
     classes: list[str]
     mode: str
     native_splits: bool = True
+    unlabeled_splits: frozenset = frozenset()
 
     @abstractmethod
     def splits(self) -> list[str]:

@@ -2,9 +2,10 @@
 
 `train_X.bin` / `test_X.bin`: uint8 images of 3x96x96, each channel stored column-major (the release's own
 reader transposes (N, 3, 96, 96) to (N, 96, 96, 3) over axes 3, 2, 1); `train_y.bin` / `test_y.bin`: one byte
-per image, classes 1..10 (here 0..9); `class_names.txt`. PATH is the extracted folder (searched below it) or
-the archive, read in one pass that stops once the labelled files are in. The 100,000 `unlabeled` images come
-with the label-free split (issue 41, next step); until then they are left out and said so.
+per image, classes 1..10 (here 0..9); `class_names.txt`; `unlabeled_X.bin`: 100,000 images without labels,
+the split `unlabeled` (labels -1, `labelled: false` in index.json: for pre-training with the methods that need
+no labels, as the ACL family does; the others refuse it). PATH is the extracted folder (searched below it; the
+files are memory-mapped, not read whole) or the archive (read in one pass, front to back).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from pipeline.shards.sources.base import ArraySource, RowImages
 
 SIZE = 96
 PIXELS = 3 * SIZE * SIZE
-FILES = {"train": ("train_X.bin", "train_y.bin"), "test": ("test_X.bin", "test_y.bin")}
+FILES = {"train": ("train_X.bin", "train_y.bin"), "test": ("test_X.bin", "test_y.bin"),
+         "unlabeled": ("unlabeled_X.bin", None)}
 NAMES = "class_names.txt"
 
 
@@ -27,13 +29,14 @@ def _column_major(row: np.ndarray) -> np.ndarray:
     return row.reshape(3, SIZE, SIZE).transpose(2, 1, 0)
 
 
-def _read_members(path: Path, wanted: set[str]) -> dict[str, bytes]:
-    """The wanted files by base name, from the folder below `path` or from the archive `path`."""
+def _read_members(path: Path, wanted: set[str]) -> dict[str, np.ndarray]:
+    """The wanted files by base name as uint8 arrays, from the folder below `path` (memory-mapped) or from the
+    archive `path`."""
     if path.is_dir():
         found = {}
         for p in sorted(path.rglob("*")):
             if p.name in wanted and p.is_file() and p.name not in found:
-                found[p.name] = p.read_bytes()
+                found[p.name] = np.memmap(p, dtype=np.uint8, mode="r") if p.stat().st_size else np.zeros(0, np.uint8)
         return found
     found = {}
     try:
@@ -41,7 +44,7 @@ def _read_members(path: Path, wanted: set[str]) -> dict[str, bytes]:
             for m in tar:
                 name = Path(m.name).name
                 if m.isfile() and name in wanted and name not in found:
-                    found[name] = tar.extractfile(m).read()
+                    found[name] = np.frombuffer(tar.extractfile(m).read(), dtype=np.uint8)
                     if len(found) == len(wanted):
                         break
     except (tarfile.TarError, OSError, EOFError) as exc:
@@ -58,25 +61,28 @@ class Stl10Source(ArraySource):
         if not path.exists():
             raise PipelineError(f"{path}: no such file or folder (stl10:PATH)")
         self.name, self.mode = "stl10", "RGB"
-        wanted = {n for pair in FILES.values() for n in pair} | {NAMES}
+        wanted = {n for pair in FILES.values() for n in pair if n} | {NAMES}
         found = _read_members(path, wanted)
-        missing = sorted(n for pair in FILES.values() for n in pair if n not in found)
+        missing = sorted(n for split, pair in FILES.items() if split != "unlabeled" for n in pair if n not in found)
         if missing:
             raise PipelineError(f"{path}: {', '.join(missing)} not found (stl10:PATH takes the extracted stl10_binary "
                                 "folder or stl10_binary.tar.gz)")
         for split, (x_name, y_name) in FILES.items():
-            raw = np.frombuffer(found[x_name], dtype=np.uint8)
-            labels = np.frombuffer(found[y_name], dtype=np.uint8).astype(np.int64)
+            if x_name not in found:  # the unlabeled images are optional: some copies leave them out
+                continue
+            raw = found[x_name]
+            labels = (np.asarray(found[y_name]).astype(np.int64) if y_name
+                      else np.zeros(raw.size // PIXELS, np.int64))  # 1 less below: -1, no label
+            y_name = y_name or "its size"
             if raw.size % PIXELS or raw.size // PIXELS != len(labels):
                 raise PipelineError(f"{path}/{x_name}: {raw.size} bytes for {len(labels)} labels in {y_name} (each "
                                     f"image is {PIXELS} bytes); the file is truncated or not STL-10's")
-            if len(labels) and (labels.min() < 1 or labels.max() > 10):
+            if split != "unlabeled" and len(labels) and (labels.min() < 1 or labels.max() > 10):
                 raise PipelineError(f"{path}/{y_name}: labels must be 1..10 (found {labels.min()}..{labels.max()})")
             self._images[split] = RowImages([raw.reshape(-1, PIXELS)], _column_major)
             self._labels[split] = labels - 1
-        names = [ln.strip() for ln in found.get(NAMES, b"").decode(errors="replace").splitlines() if ln.strip()]
+        if "unlabeled" in self._images:
+            self.unlabeled_splits = frozenset({"unlabeled"})
+        text = bytes(found[NAMES]).decode(errors="replace") if NAMES in found else ""
+        names = [ln.strip() for ln in text.splitlines() if ln.strip()]
         self.classes = names if len(names) == 10 else [str(i) for i in range(10)]
-
-    def skipped(self) -> list[dict]:
-        return [{"source": "unlabeled_X.bin (where present)", "reason": "STL-10's unlabeled split needs the "
-                 "label-free split, not read yet"}]
