@@ -384,16 +384,19 @@ def eval_(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     workers: int = typer.Option(0),
     seed: Optional[int] = typer.Option(None, help="@eval.seed"),
+    resize: Optional[str] = typer.Option(None, help="@eval.resize"),
 ):
     """Finetune a pre-trained encoder (SLF, ALF, AFF) and report clean, PGD-20 and AutoAttack accuracy.
 
-    The finetuned classifier is saved under RUN/classifiers/; give that file as --checkpoint to measure it
-    again without finetuning (or to `pipeline certify`)."""
+    --data may be other data than the checkpoint was pre-trained on (transfer: other classes, another image size;
+    the same channel count). The finetuned classifier is saved under RUN/classifiers/; give that file as
+    --checkpoint to measure it again without finetuning (or to `pipeline certify`)."""
     from rich.table import Table
 
     from pipeline.dist import resolve_device
     from pipeline.evaluation import evaluate, results_path
     from pipeline.evaluation.records import samples_text
+    from pipeline.evaluation.transfer import transfer_text
     from pipeline.trainers import TrainConfig, load_config
 
     e = (load_config(config) if config else TrainConfig()).eval
@@ -404,7 +407,7 @@ def eval_(
                  device=resolve_device(device), workers=workers, eps=pick(eps, e.eps),
                  step=pick(step, e.step), steps=pick(steps, e.steps), seed=pick(seed, e.seed) or 0, branch=branch,
                  noise_sigma=pick(noise_sigma, e.noise_sigma) or 0.0, smoothing=pick(smoothing, e.smoothing),
-                 limits=pick(limits, e.limits))
+                 limits=pick(limits, e.limits), resize=pick(resize, e.resize) or "auto")
     names = r["measures"]
     where = "" if branch == "eval" else f" ({branch} branch)"
     if r["smoothing"]:
@@ -417,6 +420,8 @@ def eval_(
     t.add_row(r["protocol"], r["recipe"], *(f"{r[n]:.2%}" for n in names), samples_text(r), f"{r['eps']:.4g}",
               f"{f['epochs']} ep, bs {f['batch_size']}, lr {f['lr']:g}, {r['finetune_seconds']:.0f} s")
     console.print(t)
+    if transfer_text(r):
+        console.print(transfer_text(r))
     for n in names[1:]:
         st = r["attack_settings"][n]
         console.print(f"{n}: " + ", ".join(f"{k_}={v}" for k_, v in st.items()))

@@ -84,6 +84,17 @@ def _measure_limits(text) -> dict[str, int]:
     return limits
 
 
+def parse_resize(value) -> str | int:
+    """eval.resize: "auto", "none" or a size in pixels (a whole number, or its digits)."""
+    text = str(value).strip().lower()
+    if text in ("auto", "none"):
+        return text
+    size = value if isinstance(value, int) and not isinstance(value, bool) else int(text) if text.isdigit() else 0
+    if not 1 <= size <= 4096:
+        raise PipelineError(f"eval.resize {value!r}: must be auto, none or an image size in pixels (1-4096), e.g. 32")
+    return size
+
+
 @dataclass
 class DataConfig:
     path: str = setting("", "Shard-set folder, or its s3://, gs:// or http(s):// prefix.", flag="--data")
@@ -253,6 +264,10 @@ class EvalConfig:
                                    "batches of 256 (memory grows with it).", check=AT_LEAST_ONE,
                                    flag="--test-batch-size")
     seed: int = setting(0, "Finetuning and attack seed.", flag="--seed")
+    resize: str = setting("auto", "The size the encoder sees the evaluation data at: auto (resized to the "
+                          "checkpoint's pre-training size where it differs: transfer to data of another size), "
+                          "none (as stored), or N (N x N pixels). Recorded in results.json.",
+                          check=_parses(parse_resize, "auto, none or a size in pixels"), flag="--resize")
     noise_sigma: float = setting(0.0, "Finetune with Gaussian noise N(0, S^2) on every input: the base classifier of "
                                  "a smoothed one [default 0: none].", check=NONNEG, flag="--noise-sigma")
     smoothing: str = setting("", "sigma=S,n=N,alpha=A[,eot=M]: measure the smoothed classifier (majority of N noisy "

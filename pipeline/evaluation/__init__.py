@@ -33,6 +33,7 @@ from pipeline.evaluation.protocols import PROTOCOLS, finetune
 from pipeline.evaluation.recipes import DEFAULT_RECIPE, RECIPES, FinetuneSettings, recipe_settings
 from pipeline.evaluation.records import save_result
 from pipeline.evaluation.smoothing import Smoothing
+from pipeline.evaluation.transfer import input_record, input_size, pretrained_on
 from pipeline.loggers import LOGGERS, RunLoggers
 from pipeline.progress import console
 from pipeline.redact import redact
@@ -72,11 +73,13 @@ def prepare_classifier(ss: ShardSet, checkpoint: str | Path, protocol: str = "sl
                        epochs=None, lr=None, batch_size=None, milestones=None, device="cpu", workers: int = 0,
                        eps=None, step=None, seed: int = 0, progress: bool = True,
                        settings: FinetuneSettings | None = None, branch: str = "eval", noise_sigma: float = 0.0,
-                       save: bool = True, reuse: bool = False) -> tuple[torch.nn.Module, dict]:
+                       save: bool = True, reuse: bool = False, resize="auto") -> tuple[torch.nn.Module, dict]:
     """(the classifier to measure, what it is): a classifier `pipeline eval` saved is used as it is; a
     pre-trained checkpoint is finetuned by `protocol` (with Gaussian noise at `noise_sigma` when > 0) and the
-    result saved under RUN/classifiers/ (`reuse`: a classifier saved there before with the same settings is
-    taken instead of finetuning again); `direct` deploys the checkpoint's own classifier."""
+    result saved under RUN/classifiers/ (`reuse`: a classifier saved there before with the same settings, data
+    and input size is taken instead of finetuning again); `direct` deploys the checkpoint's own classifier.
+    `resize` (eval.resize) sets the size the data's images are decoded at (`info["image_size"]`, None: as
+    stored; `info["input"]` records the choice)."""
     if protocol not in PROTOCOLS:
         raise PipelineError(f"--protocol {protocol!r}: choose one of {', '.join(PROTOCOLS)}")
     if noise_sigma < 0:
@@ -89,10 +92,12 @@ def prepare_classifier(ss: ShardSet, checkpoint: str | Path, protocol: str = "sl
     if is_saved_classifier(probe):
         model, ckpt = load_saved_classifier(checkpoint, ss, device)
         s = finetune_settings_of(ckpt)
+        info.update(_input(ckpt, ss, resize))
         return model, {**info, "ckpt": ckpt, "settings": s, "protocol": s.protocol, "recipe": s.recipe,
                        "reused_classifier": True, "classifier_path": str(checkpoint)}
     direct = PROTOCOLS[protocol].own_classifier
     model, ckpt = (load_own_classifier if direct else load_classifier)(checkpoint, ss, device, branch)
+    info.update(_input(ckpt, ss, resize))
     method = ckpt.get("method") or DEFAULT_RECIPE
     recipe = recipe or (method if method in RECIPES else DEFAULT_RECIPE)
     if direct:  # nothing is finetuned: the settings only record that
@@ -102,24 +107,42 @@ def prepare_classifier(ss: ShardSet, checkpoint: str | Path, protocol: str = "sl
         return model, {**info, "ckpt": ckpt, "settings": s, "protocol": protocol, "recipe": "-"}
     s = settings or recipe_settings(recipe, protocol, len(ss.classes), epochs, lr, batch_size, milestones, seed,
                                     noise_sigma)
-    path = classifier_path(checkpoint, s, info["checkpoint_sha256"], branch)
+    path = classifier_path(checkpoint, s, info["checkpoint_sha256"], branch, _data_tag(ckpt, ss, info["image_size"]))
     if reuse and path.is_file():
         saved, saved_ckpt = load_saved_classifier(path, ss, device)
-        if saved_ckpt.get("finetune") == asdict(s):
+        if (saved_ckpt.get("finetune") == asdict(s) and saved_ckpt.get("dataset_fingerprint") == ss.fingerprint
+                and saved_ckpt.get("input_size") == info["image_size"]):
             return saved, {**info, "ckpt": saved_ckpt, "settings": s, "protocol": protocol, "recipe": recipe,
                            "reused_classifier": True, "classifier_path": str(path)}
     b = attack_budget(ss, ckpt, eps, step)
     torch.manual_seed(s.seed)
     started = time.perf_counter()
-    train_loader = ss.loader("train", batch_size=s.batch_size, seed=s.seed, device=device, num_workers=workers)
+    train_loader = ss.loader("train", batch_size=s.batch_size, seed=s.seed, device=device, num_workers=workers,
+                             image_size=info["image_size"])
     losses = finetune(model, train_loader, protocol, s, b.eps, b.step, device, progress)
     info.update(finetune_losses=losses, finetune_seconds=time.perf_counter() - started)
     if save:
         try:
-            info["classifier_path"] = str(save_classifier(path, model, ckpt, checkpoint, info["checkpoint_sha256"], s, ss))
+            info["classifier_path"] = str(save_classifier(path, model, ckpt, checkpoint, info["checkpoint_sha256"], s, ss,
+                                                          info["image_size"]))
         except WriteError as exc:  # the numbers are measured all the same
             console.print(f"{path}: could not save the finetuned classifier ({exc.reason}); results are kept")
     return model, {**info, "ckpt": ckpt, "settings": s, "protocol": protocol, "recipe": recipe}
+
+
+def _input(ckpt: dict, ss: ShardSet, resize) -> dict:
+    """The size the data is decoded at for this checkpoint (a saved classifier: the size it was finetuned at,
+    unless `resize` names one) and its record."""
+    model_size = ckpt.get("input_size") or (ckpt.get("model_spec") or {}).get("image_size")
+    size = input_size(resize, model_size, ss.image_size, ss.root)
+    return {"image_size": size, "input": input_record(resize, model_size, ss.image_size, size)}
+
+
+def _data_tag(ckpt: dict, ss: ShardSet, size: int | None) -> str:
+    """Part of a saved classifier's file name: empty on the pre-training data at its size, else the data's
+    fingerprint and the input size, so that a transfer classifier never stands in for the other."""
+    tag = "" if ckpt.get("dataset_fingerprint") in (None, ss.fingerprint) else f"-on-{ss.fingerprint[:8]}"
+    return tag + (f"-{size}px" if size else "")
 
 
 def attack_budget(ss: ShardSet, ckpt: dict, eps=None, step=None, steps=None):
@@ -136,9 +159,10 @@ def evaluate(data: str | Path, checkpoint: str | Path, protocol: str = "slf", at
              device="cpu", workers: int = 0, eps: float | None = None, step: float | None = None,
              steps: int | None = None, seed: int = 0, progress: bool = True, settings: FinetuneSettings | None = None,
              branch: str = "eval", noise_sigma: float = 0.0, smoothing: Smoothing | str | None = None,
-             limits: str | dict | None = None) -> dict:
+             limits: str | dict | None = None, resize="auto") -> dict:
     """`limits`: per measure, the first N test samples it runs on (`autoattack=1000`); the others run on
-    `limit` (all when None). Each measure's count is in the result (`measure_samples`)."""
+    `limit` (all when None). Each measure's count is in the result (`measure_samples`). `resize`: eval.resize
+    (transfer to data of another size: see `evaluation.transfer`)."""
     _check_options(limit, workers, eps=eps, step=step, steps=steps, epochs=epochs, lr=lr,
                    batch_size=batch_size)
     names = parse_measures(attack)
@@ -153,7 +177,8 @@ def evaluate(data: str | Path, checkpoint: str | Path, protocol: str = "slf", at
     device = torch.device(device)
     ss = open_shardset(data)
     model, info = prepare_classifier(ss, checkpoint, protocol, recipe, epochs, lr, batch_size, milestones, device,
-                                     workers, eps, step, seed, progress, settings, branch, noise_sigma)
+                                     workers, eps, step, seed, progress, settings, branch, noise_sigma,
+                                     resize=resize)
     ckpt, s = info["ckpt"], info["settings"]
     b = attack_budget(ss, ckpt, eps, step, steps)
     if smoothing is not None:  # EOT passes hold m noisy copies of each image: fewer images per batch
@@ -166,7 +191,7 @@ def evaluate(data: str | Path, checkpoint: str | Path, protocol: str = "slf", at
     for count, group in groups.items():
         test_ids = ss.ids("test")[:count] if count else None
         test_loader = ss.loader("test", test_ids, batch_size=eval_batch_size, shuffle=False, device=device,
-                                num_workers=workers)
+                                num_workers=workers, image_size=info["image_size"])
         part, part_settings = accuracies(model, test_loader, group, b, len(ss.classes), device, s.seed, smoothing,
                                          progress)
         acc.setdefault("samples", part["samples"])  # the first group's: the eval.limit measures, clean among them
@@ -184,7 +209,8 @@ def evaluate(data: str | Path, checkpoint: str | Path, protocol: str = "slf", at
         "arch": spec.get("arch", type(model).__name__), "eval_branch": model.branches["eval"],
         "branch_role": branch, "classifier_path": info["classifier_path"],
         "reused_classifier": info["reused_classifier"],
-        "data": redact(str(ss.root)), "dataset_fingerprint": ss.fingerprint, "test_samples_limit": limit,
+        "data": redact(str(ss.root)), "data_name": ss.name, "dataset_fingerprint": ss.fingerprint,
+        "test_samples_limit": limit, "input": info["input"], "pretrained_on": _redacted(pretrained_on(ckpt)),
         "chance": 1 / len(ss.classes),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -197,6 +223,10 @@ def evaluate(data: str | Path, checkpoint: str | Path, protocol: str = "slf", at
         result["results_path"], result["save_error"] = None, exc.reason
     log_to_run(checkpoint, ckpt, result)
     return result
+
+
+def _redacted(where: dict) -> dict:
+    return {**where, "path": redact(str(where["path"])) if where.get("path") else where.get("path")}
 
 
 def log_to_run(checkpoint, ckpt: dict, result: dict) -> None:

@@ -115,7 +115,7 @@ def _check_settings(meta_path: Path, settings: dict) -> None:
 
 
 def _certify_into(tsv: Path, new_file: bool, todo, model, ss, split, sigma, n0, n, alpha, n_classes, seed, batch,
-                  device, workers, progress) -> None:
+                  device, workers, progress, image_size: int | None = None) -> None:
     """Certify the samples `todo`, a row each appended to `tsv` and flushed (the header first in a new file). A
     write that fails (a full disk) is one line naming the table; the rows written before it are kept and the
     same command continues from them."""
@@ -136,7 +136,8 @@ def _certify_into(tsv: Path, new_file: bool, todo, model, ss, split, sigma, n0, 
         if new_file:
             put(f, "\t".join(COLUMNS))
         task = bar.add_task(f"certify sigma {sigma:g}, n {n:,}", total=len(todo))
-        for b in ss.loader(split, todo, batch_size=64, shuffle=False, device=device, num_workers=workers):
+        for b in ss.loader(split, todo, batch_size=64, shuffle=False, device=device, num_workers=workers,
+                           image_size=image_size):
             images = to_float(b.images.to(device))
             for x, sample_id, label in zip(images, b.ids.tolist(), b.labels.tolist()):
                 started = time.perf_counter()
@@ -186,7 +187,8 @@ def certify(data, checkpoint, sigma: float, n0: int = 100, n: int = 100_000, alp
     settings = {"sigma": sigma, "n0": n0, "n": n, "alpha": alpha, "seed": seed, "split": split, "batch": batch,
                 "classifier_sha256": _digest(classifier_file), "dataset_fingerprint": ss.fingerprint,
                 "classifier": classifier_file, "checkpoint": str(checkpoint), "data": str(data),
-                "trained_noise_sigma": trained_sigma, "limit": limit}
+                "trained_noise_sigma": trained_sigma, "limit": limit,
+                **({"input_size": info["image_size"]} if info["image_size"] else {})}  # resized: transfer
     with folder_lock(out, "pipeline certify"):  # one certification at a time appends to the table
         out.mkdir(parents=True, exist_ok=True)
         tsv, meta = out / "certify.tsv", out / "certify.json"
@@ -207,10 +209,10 @@ def certify(data, checkpoint, sigma: float, n0: int = 100, n: int = 100_000, alp
         if len(todo):
             new_file = not tsv.is_file() or tsv.stat().st_size == 0  # (cut_torn_row empties a torn header)
             _certify_into(tsv, new_file, todo, model, ss, split, sigma, n0, n, alpha, n_classes, seed, batch,
-                          device, workers, progress)
+                          device, workers, progress, info["image_size"])
         rows = [r for r in read_rows(tsv) if r["id"] in wanted]
         b = attack_budget(ss, info["ckpt"], eps)
-        summary = summarize(rows, settings, ss.channels * ss.image_size ** 2, b.eps)
+        summary = summarize(rows, settings, ss.channels * (info["image_size"] or ss.image_size) ** 2, b.eps)
         write_json(meta, summary)
     summary["tsv"], summary["json"], summary["out"], summary["name"] = str(tsv), str(meta), str(out), stem
     return summary

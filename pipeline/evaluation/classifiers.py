@@ -59,14 +59,16 @@ def is_saved_classifier(ckpt: dict) -> bool:
     return ckpt.get("kind") == KIND
 
 
-def classifier_path(checkpoint: str | Path, s: FinetuneSettings, digest: str, role: str = "eval") -> Path:
+def classifier_path(checkpoint: str | Path, s: FinetuneSettings, digest: str, role: str = "eval",
+                    data_tag: str = "") -> Path:
+    """`data_tag`: "" on the pre-training data, else what tells transfer classifiers apart (data, input size)."""
     noise = f"-noise{s.noise_sigma:g}" if s.noise_sigma else ""
     branch = "" if role == "eval" else f"-{role}"
-    return RunLayout.of_checkpoint(checkpoint).classifiers / f"{s.protocol}{noise}{branch}-{digest}.pt"
+    return RunLayout.of_checkpoint(checkpoint).classifiers / f"{s.protocol}{noise}{branch}{data_tag}-{digest}.pt"
 
 
 def save_classifier(path: Path, clf: LinearClassifier, source: dict, source_path, digest: str, s: FinetuneSettings,
-                    shardset: ShardSet) -> Path:
+                    shardset: ShardSet, input_size: int | None = None) -> Path:
     """The finetuned classifier as a checkpoint: the source model's weights with the (possibly finetuned)
     encoder's in place, the linear layer, the deployed branches, and how it was made."""
     state = dict(source["model"])
@@ -76,7 +78,9 @@ def save_classifier(path: Path, clf: LinearClassifier, source: dict, source_path
         "attack": source.get("attack"), "epoch": source.get("epoch"),
         "fc": {k: v.detach().cpu() for k, v in clf.fc.state_dict().items()}, "branches": dict(clf.branches),
         "n_classes": len(shardset.classes), "finetune": asdict(s), "source_checkpoint": str(source_path),
-        "source_sha256": digest, "dataset_fingerprint": shardset.fingerprint})
+        "source_sha256": digest, "dataset_fingerprint": shardset.fingerprint, "dataset_name": shardset.name,
+        "input_size": input_size, "pretrained_on": {"fingerprint": source.get("dataset_fingerprint"),
+                                                    "name": source.get("dataset_name")}})
 
 
 def load_saved_classifier(path: str | Path, shardset: ShardSet, device):

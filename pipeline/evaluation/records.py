@@ -38,7 +38,9 @@ def result_key(result: dict, name: str) -> str:
 def definition(result: dict, name: str) -> dict:
     """Everything that defines measure `name`'s number in `result` (an evaluation's result dict)."""
     samples = (result.get("measure_samples") or {}).get(name, result.get("samples"))
-    return {
+    inp = result.get("input") or {}
+    resized = {"input_size": inp["size"]} if inp.get("size") and inp.get("size") != inp.get("data_size") else {}
+    return {**resized,
         "dataset_fingerprint": result.get("dataset_fingerprint"), "split": "test",
         "samples": samples, "which": "first", "protocol": result.get("protocol"),
         "finetune": result.get("finetune"), "measure": name,

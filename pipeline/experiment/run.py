@@ -28,11 +28,13 @@ from pipeline.experiment.spec import (
     certify_spec,
 )
 from pipeline.experiment.table import check_outputs, measure_columns, write_results
+from pipeline.experiment.transfer import PREPARE_SETTINGS, EvalData
 from pipeline.locks import folder_lock
 from pipeline.progress import console
 from pipeline.pseudolabels import DEFAULT_COUNTS, make_pseudo_labels
 from pipeline.report import load_run
 from pipeline.runlayout import RunLayout
+from pipeline.shards.shardset import ShardSet
 from pipeline.shards.prepare import PrepareOptions, prepare
 from pipeline.trainers import create_trainer
 from pipeline.trainers.runfolder import start_fresh
@@ -76,18 +78,21 @@ def _digest(settings: dict) -> str:
 def _prepare(exp: Experiment, progress: bool) -> str:
     if not exp.prepare:
         return exp.shared["data"]["path"]
+    return _prepared(exp, exp.prepare, exp.out / "shards", "[prepare]", progress)
 
-    p = dict(exp.prepare)
+
+def _prepared(exp: Experiment, settings: dict, out: Path, where: str, progress: bool) -> str:
+    """The shard set `settings` (source + [prepare] settings) describes, prepared (or resumed) at its `out`."""
+    p = dict(settings)
     source = p.pop("source", None)
     if not source:
-        raise PipelineError(f"{exp.path}: [prepare] needs source = \"folder:PATH\" (or cifar10:PATH, digits, ...)")
-    allowed = {"out", "image_size", "jpeg_quality", "per_class", "workers", "seed", "shard_size", "formats", "test_fraction"}
-    if set(p) - allowed:
-        raise PipelineError(f"{exp.path}: [prepare] has unknown setting(s) {', '.join(sorted(set(p) - allowed))} "
-                            f"({', '.join(sorted(allowed))})")
+        raise PipelineError(f"{exp.path}: {where} needs source = \"folder:PATH\" (or cifar10:PATH, digits, ...)")
+    if set(p) - PREPARE_SETTINGS:
+        raise PipelineError(f"{exp.path}: {where} has unknown setting(s) {', '.join(sorted(set(p) - PREPARE_SETTINGS))} "
+                            f"({', '.join(sorted(PREPARE_SETTINGS))})")
     if "formats" in p:
         p["formats"] = tuple(p["formats"])
-    p.setdefault("out", exp.out / "shards")
+    p.setdefault("out", out)
     result = prepare(source, PrepareOptions(progress=progress, **p))
     return str(result.out)
 
@@ -123,14 +128,15 @@ def _train(cfg, progress: bool) -> str:
     return note
 
 
-def _evaluate(cfg, seed: int, progress: bool) -> dict:
+def _evaluate(cfg, seed: int, progress: bool, data: str | None = None) -> dict:
+    """The arm's evaluation on its own data (certified too where [eval] says so), or on `data` (transfer)."""
     e = cfg.eval
-    result = evaluate(cfg.data.path, RunLayout(cfg.run.out).last, e.protocol, e.attack,
+    result = evaluate(data or cfg.data.path, RunLayout(cfg.run.out).last, e.protocol, e.attack,
                       e.recipe or None, e.epochs or None, e.lr or None, e.batch_size or None, limit=e.limit or None,
                       eval_batch_size=e.test_batch_size, device=_device(cfg), eps=e.eps or None, step=e.step or None, steps=e.steps, seed=e.seed + seed,
                       progress=progress, noise_sigma=e.noise_sigma, smoothing=e.smoothing or None,
-                      limits=e.limits or None)
-    if e.certify:
+                      limits=e.limits or None, resize=e.resize)
+    if e.certify and data is None:
         c = certify_spec(e.certify)
         sigma = result["smoothing"]["sigma"] if result["smoothing"] else e.noise_sigma
         summary = certify(cfg.data.path, result["classifier_path"] or result["checkpoint"], sigma, c["n0"], c["n"],
@@ -145,6 +151,58 @@ def _evaluate(cfg, seed: int, progress: bool) -> dict:
 
 def _device(cfg):
     return resolve_device(cfg.run.device)
+
+
+def _eval_settings(cfg) -> dict:
+    """[eval] as the evaluation record's digest takes it: settings added since (at their defaults) left out, so
+    that a finished experiment is not evaluated again by a newer version."""
+    defaults = TrainConfig().eval
+    return {k: v for k, v in cfg.to_dict()["eval"].items()
+            if not (k in _EVAL_ADDED and v == getattr(defaults, k))}
+
+
+_EVAL_ADDED = {"resize"}
+
+
+def _transfer_row(arm: Arm, seed: int, cfg, entry: EvalData, location: str, result: dict) -> dict:
+    measures = list(result["measures"])
+    return {"arm": arm.name, "seed": seed, "run": cfg.run.out, "eval_data": entry.name, "data": location,
+            "dataset_fingerprint": result["dataset_fingerprint"],
+            "pretrained_on": (result.get("pretrained_on") or {}).get("name"), "input": result.get("input"),
+            "measures": measures, **{m: result.get(m) for m in measures},
+            "eval": {k: result.get(k) for k in ("protocol", "recipe", "eps", "samples", "measure_samples",
+                                                "checkpoint_sha256")}}
+
+
+def _eval_data(exp: Experiment, arms: list[Arm], progress: bool) -> dict[str, tuple[str, str]]:
+    """Every evaluation data set these arms name: {name: (location, fingerprint)}, prepared (or resumed) first,
+    before any training, so that a wrong path fails in the first minute, not after the first arm."""
+    found = {}
+    for entry in (e for arm in arms for e in arm.eval_data):
+        if entry.name not in found:
+            location = entry.location(exp.out)
+            if entry.prepare:
+                location = _prepared(exp, entry.prepare, Path(location), f"eval_data {entry.name}", progress)
+            found[entry.name] = (location, ShardSet.open(location).fingerprint)
+    return found
+
+
+def _transfers(arm: Arm, seed: int, cfg, record: dict, eval_digest: str, data: dict, progress: bool,
+               say) -> bool:
+    """Evaluate the run on each of its arm's eval_data not measured with these settings yet; True if any was."""
+    done = record.setdefault("transfer", {})
+    changed = False
+    for entry in arm.eval_data:
+        location, fingerprint = data[entry.name]
+        kept = done.get(entry.name)
+        if (kept and kept.get("eval_digest") == eval_digest and kept["row"].get("data") == location
+                and kept["row"].get("dataset_fingerprint") == fingerprint):
+            continue
+        say(f"evaluating on {entry.name} ({location})")
+        result = _evaluate(cfg, seed, progress, data=location)
+        done[entry.name] = {"eval_digest": eval_digest, "row": _transfer_row(arm, seed, cfg, entry, location, result)}
+        changed = True
+    return changed
 
 
 def _row(arm: Arm, seed: int, cfg, result: dict) -> dict:
@@ -186,15 +244,19 @@ def run_experiment(exp: Experiment, progress: bool = True, only: list[str] | Non
         state = _read_state(state_path)
         data_path = _prepare(exp, progress)
         todo = exp.runs()
+        eval_data = _eval_data(exp, [a for a in exp.arms if not only or a.name in only], progress)
         for n, (arm, seed, run_id) in enumerate(todo, 1):
             if (only and arm.name not in only) or (seeds is not None and seed not in seeds):
                 continue
             cfg = arm_config(exp, arm, seed, data_path)
-            digest, eval_digest = _digest(_training(cfg)), _digest(cfg.to_dict()["eval"])
+            digest, eval_digest = _digest(_training(cfg)), _digest(_eval_settings(cfg))
             kept = state["runs"].get(run_id)
             trained = kept and kept.get("digest") == digest and RunLayout(cfg.run.out).last.is_file()
+            say = lambda text: console.print(f"[{n}/{len(todo)}] {run_id}: {text}")  # noqa: B023, E731
             if trained and kept.get("eval_digest", eval_digest) == eval_digest:
-                console.print(f"[{n}/{len(todo)}] {run_id}: done earlier, kept")
+                say("done earlier, kept")
+                if _transfers(arm, seed, cfg, kept, eval_digest, eval_data, progress, say):
+                    write_json(state_path, state)
                 continue
             started = time.perf_counter()
             if trained:
@@ -208,15 +270,22 @@ def run_experiment(exp: Experiment, progress: bool = True, only: list[str] | Non
                     # by an older version): its evaluation stands
                     state["runs"][run_id] = {**kept, "digest": digest}
                     write_json(state_path, state)
-                    console.print(f"[{n}/{len(todo)}] {run_id}: done earlier, kept")
+                    say("done earlier, kept")
+                    if _transfers(arm, seed, cfg, state["runs"][run_id], eval_digest, eval_data, progress, say):
+                        write_json(state_path, state)
                     continue
             console.print(f"[{n}/{len(todo)}] {run_id}: {note}; evaluating")
             row = _row(arm, seed, cfg, _evaluate(cfg, seed, progress))
             row["experiment_s"] = round(time.perf_counter() - started, 1)
             state["runs"][run_id] = {"digest": digest, "eval_digest": eval_digest, "row": row}
             write_json(state_path, state)  # after every arm: an interruption loses at most the arm in flight
+            if _transfers(arm, seed, cfg, state["runs"][run_id], eval_digest, eval_data, progress, say):
+                write_json(state_path, state)
         rows = [state["runs"][rid]["row"] for _, _, rid in todo if rid in state["runs"]]
-        write_results(exp, rows)
+        names = {a.name: {e.name for e in a.eval_data} for a in exp.arms}
+        transfer = [t["row"] for arm, _, rid in todo if rid in state["runs"]
+                    for name, t in state["runs"][rid].get("transfer", {}).items() if name in names[arm.name]]
+        write_results(exp, rows, transfer)
     return rows
 
 
@@ -251,6 +320,14 @@ def _read_state(path: Path) -> dict:
         if row["fraction"] is not None:
             r.number("fraction", 0, 1)
         r.table("eval")
+        for name, t in f.table("transfer", optional=True).items() if "transfer" in kept else ():
+            tf = Fields(path, t, "move the file away to run the experiment afresh", f"runs.{run_id}.transfer.{name}.")
+            tf.text("eval_digest")
+            tr = tf.inner("row", tf.table("row"))
+            tr.text("arm")
+            tr.int("seed")
+            tr.text("data")
+            tr.list("measures")
         for key in (*measure_columns(), "train_s", "wall_s", "images", "images_attacked", "selection_s", "stall_s"):
             r.number(key, optional=True)  # null where the arm did not measure it
     return state

@@ -20,6 +20,9 @@ after every arm: an interrupted experiment resumes with the arms it has not fini
 mid-training continues from its last epoch); an arm whose training settings changed since is trained again, one
 whose [eval] settings alone changed is only evaluated again.
 
+`eval_data = [...]` in [experiment] (or in an arm, for that arm) adds transfer evaluations: each arm's encoder
+finetuned and measured on other data sets as well (`experiment/transfer.py`).
+
 [eval] may also say noise_sigma, smoothing and certify (randomized smoothing: the RUSH arm), e.g.
 eval = {noise_sigma = 0.25, smoothing = "sigma=0.25,n=100", attack = "pgd20,eot-pgd20", certify = "n=10000,limit=500"}.
 """
@@ -36,6 +39,7 @@ import tomllib
 from pipeline.config import TrainConfig
 from pipeline.errors import PipelineError
 from pipeline.evaluation.smoothing import Smoothing
+from pipeline.experiment.transfer import EvalData, parse_eval_data
 from pipeline.kv import parse_kv
 from pipeline.trainers import TRAINERS
 from pipeline.trainers.subsets import check_rounds_land
@@ -52,6 +56,7 @@ class Arm:
     name: str
     overrides: dict  # section -> {key: value}, on top of the shared settings
     seeds: list[int]
+    eval_data: list[EvalData] = field(default_factory=list)  # transfer evaluations after its own
 
 
 @dataclass
@@ -87,10 +92,12 @@ def load_experiment(path: str | Path, out: str | Path | None = None) -> Experime
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise PipelineError(f"{path}: malformed TOML ({exc})") from None
     head = _table(raw.get("experiment", {}), f"{path}: [experiment]")
-    unknown = set(head) - {"out", "seeds"}
+    unknown = set(head) - {"out", "seeds", "eval_data"}
     if unknown:
-        raise PipelineError(f"{path}: [experiment] has unknown setting(s) {', '.join(sorted(unknown))} (out, seeds)")
+        raise PipelineError(f"{path}: [experiment] has unknown setting(s) {', '.join(sorted(unknown))} (out, seeds, "
+                            "eval_data)")
     seeds = _seeds(head.get("seeds", [0]), f"{path}: [experiment]")
+    eval_data = parse_eval_data(head.get("eval_data", []), f"{path}: [experiment]")
     out = Path(out or head.get("out") or Path("runs") / "experiments" / path.stem)
     prepare = _table(raw.get("prepare", {}), f"{path}: [prepare]")
     shared = {k: _table(v, f"{path}: [{k}]") for k, v in raw.items() if k not in _OWN}
@@ -109,7 +116,15 @@ def load_experiment(path: str | Path, out: str | Path | None = None) -> Experime
             raise PipelineError(f"{path}: two arms are named {name!r}")
         names.add(name)
         arm_seeds = _seeds(a.pop("seeds"), f"{path}: arm {name}") if "seeds" in a else seeds
-        arms.append(Arm(name, {k: _table(v, f"{path}: arm {name}: {k}") for k, v in a.items()}, arm_seeds))
+        arm_data = parse_eval_data(a.pop("eval_data"), f"{path}: arm {name}") if "eval_data" in a else eval_data
+        arms.append(Arm(name, {k: _table(v, f"{path}: arm {name}: {k}") for k, v in a.items()}, arm_seeds,
+                        arm_data))
+    named: dict = {}
+    for arm in arms:  # one name, one evaluation data set: its prepared folder is shared
+        for entry in arm.eval_data:
+            if named.setdefault(entry.name, entry) != entry:
+                raise PipelineError(f"{path}: arm {arm.name} gives eval_data {entry.name!r} another meaning than an "
+                                    "earlier entry of that name: name them apart")
     for n, arm in enumerate(arms):  # pseudo-labels come from an arm trained before, with the same seeds
         earlier = {a.name: a for a in arms[:n]}
         for ref in _pseudo_refs(arm):

@@ -11,6 +11,7 @@ from pipeline.atomic import atomic_path, write_json
 from pipeline.errors import PipelineError
 from pipeline.evaluation.measures import list_measures, measure_title, robust_measures
 from pipeline.experiment.spec import CERTIFIED_COLUMNS, Experiment
+from pipeline.experiment.transfer import transfer_groups, transfer_markdown
 from pipeline.report import build_report, figures
 from pipeline.validate import parse_json
 
@@ -132,7 +133,7 @@ def _samples_text(ev: dict) -> str:
     return parts[0] + " test samples, " + ", ".join(parts[1:])
 
 
-def results_markdown(exp: Experiment, rows: list[dict]) -> str:
+def results_markdown(exp: Experiment, rows: list[dict], transfer: list[dict] = ()) -> str:
     groups = summarize(rows)
     measures = [k for k in measure_columns() if any(g.get(k) is not None for g in groups)]
     ev = rows[0]["eval"] if rows else {}
@@ -162,6 +163,7 @@ def results_markdown(exp: Experiment, rows: list[dict]) -> str:
                      + (f"{_pm(g['selection_s'], g['selection_s_std'])} | {_pm(g['stall_s'], None, digits=2)} |"
                         if g["selector"] != "-" else "- | - |"))
     lines += _paired_markdown(rows)
+    lines += transfer_markdown(list(transfer))
     if tradeoff_points(groups):
         lines += ["", "![robust accuracy against training wall time, every arm](tradeoff.png)"]
     lines += ["", "Every run:", "", "| run | " + " | ".join(measures) + " | train s | wall s | images | attacked | "
@@ -204,16 +206,19 @@ def check_outputs(exp: Experiment) -> None:
                                 "it (choose another experiment out)")
 
 
-def write_results(exp: Experiment, rows: list[dict]) -> list[Path]:
-    """OUT/results.md and results.json; OUT/report/ (figures, the trade-off plot) through `pipeline report`."""
+def write_results(exp: Experiment, rows: list[dict], transfer: list[dict] = ()) -> list[Path]:
+    """OUT/results.md and results.json (with the transfer evaluations' rows, when there are any); OUT/report/
+    (figures, the trade-off plot) through `pipeline report`."""
     if not rows:
         return []
     md = exp.out / "results.md"
     with atomic_path(md) as tmp:
-        tmp.write_text(results_markdown(exp, rows))
+        tmp.write_text(results_markdown(exp, rows, transfer))
     groups = summarize(rows)
     write_json(exp.out / "results.json", {"experiment": str(exp.path), "rows": rows, "arms": groups,
-                                          "paired_against_random": paired_against_random(rows)})
+                                          "paired_against_random": paired_against_random(rows),
+                                          **({"transfer": list(transfer), "transfer_arms": transfer_groups(list(transfer))}
+                                             if transfer else {})})
     figures.arms_tradeoff(tradeoff_points(groups, rows[0].get("eval")), exp.out / "tradeoff.png")
 
     report, _ = build_report([r["run"] for r in rows], exp.out / "report")

@@ -10,6 +10,7 @@ from pipeline.atomic import atomic_path
 from pipeline.errors import PipelineError
 from pipeline.evaluation.measures import list_measures, measure_title
 from pipeline.evaluation.records import samples_text
+from pipeline.evaluation.transfer import is_transfer
 from pipeline.locks import folder_lock
 from pipeline.report import figures
 from pipeline.report.runs import RunRecord, load_run, robust_of
@@ -32,10 +33,17 @@ def _smoothing(r: dict) -> str:
 
 def _test_data(r: dict) -> str:
     """The data set an evaluation measured on, by folder name and fingerprint: a transfer evaluation is a row
-    of its own, never mistaken for the in-domain one."""
+    of its own, never mistaken for the in-domain one, and says what the encoder was pre-trained on."""
     name = Path(str(r.get("data") or "-")).name
     fp = r.get("dataset_fingerprint")
-    return f"{name} ({fp[:8]})" if isinstance(fp, str) else name
+    text = f"{name} ({fp[:8]})" if isinstance(fp, str) else name
+    if is_transfer(r):
+        source = r["pretrained_on"]
+        text += f"; pre-trained on {source.get('name') or source.get('fingerprint', '?')[:8]}"
+    inp = r.get("input") or {}
+    if inp.get("size") and inp.get("size") != inp.get("data_size"):
+        text += f"; resized {inp.get('data_size') or 'varying'} -> {inp['size']} px"
+    return text
 
 
 def results_table(runs: list[RunRecord]) -> list[str]:
@@ -49,7 +57,8 @@ def results_table(runs: list[RunRecord]) -> list[str]:
     seen = set()
     for run in runs:
         for r in run.results:
-            key = (str(run.path), r["digest"], r["protocol"], r.get("branch_role"), r.get("date"))
+            key = (str(run.path), r["digest"], r["protocol"], r.get("branch_role"), r.get("date"),
+                   r.get("dataset_fingerprint"), (r.get("input") or {}).get("size"), r.get("noise_sigma"))
             if key in seen:  # one evaluation is stored under each of its measures
                 continue
             seen.add(key)
@@ -214,9 +223,11 @@ def _divergence_line(run: RunRecord) -> str:
 
 
 def _deployed(run: RunRecord) -> tuple[dict, dict]:
-    """(the evaluation of the deployed branch with PGD-20, the natural branch's), each {} when absent."""
-    adv = next((r for r in run.results if r.get("branch_role", "eval") == "eval" and r.get("pgd20") is not None), {})
-    nat = next((r for r in run.results if r.get("branch_role") == "natural"), {})
+    """(the evaluation of the deployed branch with PGD-20, the natural branch's), each {} when absent; on the
+    data the run trained on where it was measured there (a transfer evaluation is not the run's own number)."""
+    own = sorted(run.results, key=is_transfer)
+    adv = next((r for r in own if r.get("branch_role", "eval") == "eval" and r.get("pgd20") is not None), {})
+    nat = next((r for r in own if r.get("branch_role") == "natural"), {})
     return adv, nat
 
 

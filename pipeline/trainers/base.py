@@ -435,7 +435,7 @@ class Trainer:
             "method": self.name, "model_spec": self.spec, "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "epoch": epochs_done, "global_step": self.global_step,
             "rng": rng, "config": self.cfg.to_record(), "dataset_fingerprint": self.shardset.fingerprint,
-            "attack": self.budget.as_dict(),
+            "dataset_name": self.shardset.name, "attack": self.budget.as_dict(),
             "subset": {"manifest": str(sub.path) if sub is not None else "",
                        "round": sub.round if sub is not None and sub.round is not None else -1},
             "summary": {k: v for k, v in summary.items() if isinstance(v, (int, float)) and v is not None},
