@@ -539,11 +539,13 @@ def experiment(
     seeds: Optional[str] = typer.Option(None, help="Run only these seeds (comma-separated), e.g. one seed of every "
                                         "arm first."),
     dry_run: bool = typer.Option(False, help="List the runs and whether each is done; run nothing."),
+    set_: list[str] = typer.Option([], "--set", help="Any setting of the file, SECTION.KEY=VALUE (repeatable; over "
+                                   "the profile and every arm), e.g. experiment.profile=cpu for a file's small size."),
 ):
     """Train and evaluate a grid of arms the same way; resumable; a results table and a report."""
     from pipeline.experiment import STATE, load_experiment, results_markdown, run_experiment
 
-    exp = load_experiment(config, out)
+    exp = load_experiment(config, out, set_)
     if dry_run:
         state = parse_json((exp.out / STATE).read_text()) if (exp.out / STATE).is_file() else {"runs": {}}
         for arm, seed, run_id in exp.runs():

@@ -214,3 +214,86 @@ def test_eval_data_names_mean_one_thing(tmp_path):
                     '[[arm]]\nname = "a"\n[[arm]]\nname = "b"\neval_data = [{name = "d", source = "synthetic"}]\n')
     with pytest.raises(PipelineError, match="another meaning"):
         load_experiment(spec)
+
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "experiments").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_experiments_load_at_every_profile(path):
+    from pipeline.experiment.spec import arm_config
+
+    raw = __import__("tomllib").loads(path.read_text())
+    for profile in [None, *raw.get("profile", {})]:
+        exp = load_experiment(path, sets=[f"experiment.profile={profile}"] if profile else [])
+        for arm in exp.arms:
+            arm_config(exp, arm, arm.seeds[0], "shards/x")
+        if profile == "cpu":  # the small size runs on this machine's kind
+            cfg = arm_config(exp, exp.arms[0], 0, "shards/x")
+            assert cfg.run.device == "cpu" and not cfg.run.bf16
+            assert exp.out != load_experiment(path).out  # its runs never mix with the paper-size ones
+
+
+def test_transfer_config_runs_small_from_the_releases(tmp_path):
+    """configs/experiments/cifar10-transfer.toml at its CPU size, made tinier by --set, on the three releases'
+    formats written here (CIFAR-10 and CIFAR-100 pickles, STL-10 binary in its tar.gz)."""
+    import tarfile
+
+    from conftest import write_cifar_pickles
+    from test_sources import _write_stl10
+
+    write_cifar_pickles(tmp_path / "cifar-10-batches-py", n_train=100, n_test=20)
+    write_cifar_pickles(tmp_path / "cifar-100-python", n_train=60, n_test=20, hundred=True)
+    _write_stl10(tmp_path / "stl10_binary", counts=(("train", 12), ("test", 10), ("unlabeled", 2)))
+    with tarfile.open(tmp_path / "stl10_binary.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "stl10_binary", arcname="stl10_binary")
+    out = tmp_path / "exp"
+    sets = ["experiment.profile=cpu", f'experiment.out="{out}"', "experiment.seeds=[0]",
+            f'prepare.source="cifar10:{tmp_path / "cifar-10-batches-py"}"', f'prepare.out="{tmp_path / "c10"}"',
+            "prepare.per_class={train=8}",
+            f'experiment.eval_data=[{{name="cifar100", source="cifar100:{tmp_path / "cifar-100-python"}", '
+            f'image_size=16}}, {{name="stl10", source="stl10:{tmp_path / "stl10_binary.tar.gz"}", image_size=16}}]',
+            "optim.epochs=3", "optim.warmup_epochs=0", "data.batch_size=40", "attack.steps=1", "eval.epochs=1",
+            'eval.attack="pgd20"', "eval.limits={}"]
+    r = pipeline_cli("experiment", str(REPO / "configs" / "experiments" / "cifar10-transfer.toml"), "--only", "full",
+                     *[a for s in sets for a in ("--set", s)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    state = json.loads((out / "experiment.json").read_text())
+    transfer = state["runs"]["full-s0"]["transfer"]
+    assert set(transfer) == {"cifar100", "stl10"}
+    assert transfer["stl10"]["row"]["input"] == {"resize": "auto", "pretrained_size": 16, "data_size": 16, "size": 16}
+    assert ShardSet.open(out / "eval-data" / "cifar100").classes[:2] == ["c0", "c1"]
+    md = (out / "results.md").read_text()
+    assert "| full | " in md and "| cifar100 |" in md and "| stl10 |" in md
+    from pipeline.config import load_config
+
+    cfg = load_config(out / "runs" / "full-s0" / "config.toml")
+    assert (cfg.model.arch, cfg.optim.epochs, cfg.optim.lr) == ("smallcnn", 3, 0.5)  # the profile, then --set
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["experiment.profile=gpu"], "profile = 'gpu'.*no \\[profile.NAME\\]"),
+    (["optim"], "SECTION.KEY=VALUE"),
+    (["arm.name=x"], "set in"),
+    (["experiment.colour=1"], "unknown setting"),
+])
+def test_experiment_set_and_profile_errors_are_one_line(tmp_path, sets, message):
+    spec = tmp_path / "e.toml"
+    spec.write_text('[data]\npath = "x"\n[[arm]]\nname = "a"\n')
+    with pytest.raises(PipelineError, match=message):
+        load_experiment(spec, sets=sets)
+
+
+def test_set_wins_over_profile_and_arm(tmp_path):
+    from pipeline.experiment.spec import arm_config
+
+    spec = tmp_path / "e.toml"
+    spec.write_text('[data]\npath = "x"\n[optim]\nepochs = 100\n[profile.small.optim]\nepochs = 5\nlr = 0.3\n'
+                    '[[arm]]\nname = "a"\noptim = { epochs = 50 }\n[[arm]]\nname = "b"\n')
+    plain = load_experiment(spec)
+    assert [arm_config(plain, a, 0, "x").optim.epochs for a in plain.arms] == [50, 100]
+    small = load_experiment(spec, sets=["experiment.profile=small"])
+    assert [(arm_config(small, a, 0, "x").optim.epochs, arm_config(small, a, 0, "x").optim.lr)
+            for a in small.arms] == [(50, 0.3), (5, 0.3)]  # the profile replaces the file's; an arm's own stays
+    forced = load_experiment(spec, sets=["experiment.profile=small", "optim.epochs=2"])
+    assert [arm_config(forced, a, 0, "x").optim.epochs for a in forced.arms] == [2, 2]  # --set over everything

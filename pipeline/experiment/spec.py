@@ -20,6 +20,11 @@ after every arm: an interrupted experiment resumes with the arms it has not fini
 mid-training continues from its last epoch); an arm whose training settings changed since is trained again, one
 whose [eval] settings alone changed is only evaluated again.
 
+Sizes: `[profile.NAME]` tables hold sections (training ones, [prepare], [experiment]) that replace the file's
+when `experiment.profile = "NAME"`, so one file runs at the paper's size on a GPU and small on a CPU:
+`pipeline experiment FILE --set experiment.profile=cpu`. `--set SECTION.KEY=VALUE` changes any setting of the
+file, over the profile and over every arm.
+
 `eval_data = [...]` in [experiment] (or in an arm, for that arm) adds transfer evaluations: each arm's encoder
 finetuned and measured on other data sets as well (`experiment/transfer.py`).
 
@@ -48,7 +53,7 @@ from pipeline.validate import parse_toml
 STATE = "experiment.json"
 
 
-_OWN = ("experiment", "prepare", "arm")
+_OWN = ("experiment", "prepare", "arm", "profile")
 
 
 @dataclass
@@ -66,6 +71,7 @@ class Experiment:
     shared: dict  # training config sections every arm starts from
     arms: list[Arm]
     prepare: dict = field(default_factory=dict)
+    forced: dict = field(default_factory=dict)  # training settings of --set: over every arm's own
 
     def runs(self) -> list[tuple[Arm, int, str]]:
         return [(arm, seed, f"{arm.name}-s{seed}") for arm in self.arms for seed in arm.seeds]
@@ -83,7 +89,54 @@ def _seeds(value, where: str) -> list[int]:
     return value
 
 
-def load_experiment(path: str | Path, out: str | Path | None = None) -> Experiment:
+def _parse_sets(items, path) -> dict[str, dict]:
+    """--set SECTION.KEY=VALUE items as {section: {key: value}}; VALUE is read as TOML (a number, a list, a table,
+    a quoted string), else kept as text."""
+    sets: dict[str, dict] = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not eq or not dot or not section or not name:
+            raise PipelineError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. experiment.profile=cpu or "
+                                "optim.epochs=2")
+        if section in ("arm", "profile"):
+            raise PipelineError(f"--set {item!r}: arms and profiles are set in {path} itself")
+        try:
+            value = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text.strip()
+        sets.setdefault(section, {})[name] = value
+    return sets
+
+
+def _merged(raw: dict, sections: dict, where: str) -> dict:
+    """`raw` with each section's settings replaced by `sections`' (one level deep: a table value replaces)."""
+    out = dict(raw)
+    for section, values in sections.items():
+        out[section] = {**_table(out.get(section, {}), f"{where}: [{section}]"),
+                        **_table(values, f"{where}: [{section}]")}
+    return out
+
+
+def _with_profile(raw: dict, sets: dict, path: Path) -> dict:
+    """The file's settings under its chosen profile (experiment.profile, which --set may give), then --set's."""
+    raw = _merged(raw, sets, str(path))
+    name = _table(raw.get("experiment", {}), f"{path}: [experiment]").get("profile")
+    if name is None:
+        return raw
+    profiles = _table(raw.get("profile", {}), f"{path}: [profile]")
+    if name not in profiles:
+        raise PipelineError(f"{path}: experiment.profile = {name!r}: the file has "
+                            + (f"profiles {', '.join(profiles)}" if profiles else "no [profile.NAME] tables"))
+    chosen = _table(profiles[name], f"{path}: [profile.{name}]")
+    bad = sorted(k for k in chosen if k in ("arm", "profile"))
+    if bad:
+        raise PipelineError(f"{path}: [profile.{name}] may hold sections, not {', '.join(bad)}")
+    return _merged(_merged(raw, chosen, f"{path}: [profile.{name}]"), sets, str(path))
+
+
+def load_experiment(path: str | Path, out: str | Path | None = None, sets: list[str] = ()) -> Experiment:
+    """The experiment file at `path`, checked; `sets`: --set SECTION.KEY=VALUE items over the file."""
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path}: no such experiment file")
@@ -91,11 +144,14 @@ def load_experiment(path: str | Path, out: str | Path | None = None) -> Experime
         raw = parse_toml(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise PipelineError(f"{path}: malformed TOML ({exc})") from None
+    forced = _parse_sets(sets, path)
+    raw = _with_profile(raw, forced, path)
+    forced = {k: v for k, v in forced.items() if k not in ("experiment", "prepare")}
     head = _table(raw.get("experiment", {}), f"{path}: [experiment]")
-    unknown = set(head) - {"out", "seeds", "eval_data"}
+    unknown = set(head) - {"out", "seeds", "eval_data", "profile"}
     if unknown:
         raise PipelineError(f"{path}: [experiment] has unknown setting(s) {', '.join(sorted(unknown))} (out, seeds, "
-                            "eval_data)")
+                            "eval_data, profile)")
     seeds = _seeds(head.get("seeds", [0]), f"{path}: [experiment]")
     eval_data = parse_eval_data(head.get("eval_data", []), f"{path}: [experiment]")
     out = Path(out or head.get("out") or Path("runs") / "experiments" / path.stem)
@@ -136,7 +192,7 @@ def load_experiment(path: str | Path, out: str | Path | None = None) -> Experime
             if missing:
                 raise PipelineError(f"{path}: arm {arm.name} takes pseudo-labels from arm {ref!r}, which has no run "
                                     f"with seed {missing[0]}: give both arms the same seeds")
-    exp = Experiment(path, out, shared, arms, prepare)
+    exp = Experiment(path, out, shared, arms, prepare, forced)
     for arm in arms:  # every arm's settings are checked before anything runs
         arm_config(exp, arm, arm.seeds[0], data_path=shared.get("data", {}).get("path") or "-")
     return exp
@@ -165,7 +221,7 @@ def _pseudo_path(exp: Experiment, ref: str, seed: int) -> Path:
 
 def arm_config(exp: Experiment, arm: Arm, seed: int, data_path: str):
     merged = copy.deepcopy(exp.shared)
-    for section, values in arm.overrides.items():
+    for section, values in [*arm.overrides.items(), *exp.forced.items()]:
         merged.setdefault(section, {}).update(
             {k: str(_pseudo_path(exp, _pseudo_ref(v), seed)) if _pseudo_ref(v) else v for k, v in values.items()}
             if isinstance(values, dict) else values)
