@@ -96,6 +96,39 @@ def prepare(
 
 
 @app.command()
+def index(
+    shards: str = typer.Argument(..., help="The folder or URL prefix (s3://, gs://, http(s)://) of existing WebDataset "
+                                 "tar shards, or a brace pattern of their names (URL/train-{{000000..000099}}.tar)."),
+    out: Optional[Path] = typer.Option(None, help="Where index.json and the member tables go [default: the shards' "
+                                       "own folder; a URL needs --out]."),
+    split: list[str] = typer.Option([], help="NAME=PATTERN: the shards of a split (repeatable) [default: *train* "
+                                    "train, *val* and *test* test]."),
+    classes: Optional[Path] = typer.Option(None, help="A text file of class names, one a line in label order "
+                                           "[default: the label numbers]."),
+    name: Optional[str] = typer.Option(None, help="The shard set's name [default: the folder's]."),
+    digests: bool = typer.Option(False, help="Read every byte once: record each image's digest and each shard's "
+                                 "SHA-256, so reads are checked as a prepared set's [default: headers only]."),
+    workers: int = typer.Option(8, help="Shards read at once."),
+    overwrite: bool = typer.Option(False, help="Index again where `pipeline index` wrote an index before."),
+):
+    """Index existing WebDataset shards in place ({key}.jpg|.png|.webp + {key}.cls|.label|.json): they then stream,
+    subset, verify and train like a prepared set, without a byte rewritten."""
+    from pipeline.shards.describe import shardset_table
+    from pipeline.shards.shardset import ShardSet
+    from pipeline.shards.wds_index import index_shards
+
+    result = index_shards(shards, out, split, str(classes) if classes else None, name, digests, workers, overwrite)
+    console.print(shardset_table(ShardSet.open(result.out)))
+    console.print(f"read {result.bytes_read:,} bytes in {result.requests:,} reads"
+                  + (" (every byte: --digests)" if digests else " (tar headers and label members only)")
+                  + f"; index written to {escape(str(result.out / 'index.json'))}")
+    if result.skipped:
+        s0 = result.skipped[0]
+        console.print(f"[yellow]skipped {len(result.skipped)} samples[/] (listed under 'skipped' in index.json), "
+                      f"e.g. {escape(s0['shard'])}: {escape(s0['key'])}: {escape(s0['reason'])}")
+
+
+@app.command()
 def verify(directory: str = typer.Argument(..., help="Shard-set folder or URL (s3://, gs://, http(s)://).")):
     """Re-read every shard against its index and decode every image. Exit 0 when healthy, else 1."""
     from pipeline.shards.verify import verify as run_verify

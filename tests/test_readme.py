@@ -147,6 +147,9 @@ def workspace(digits_set, tmp_path):
     from test_sources import _write_imagenet_small, _write_stl10
 
     _write_imagenet_small(tmp_path / "src" / "Imagenet32_npz")
+    from test_wds_index import write_wds
+
+    write_wds(tmp_path / "src" / "imagenet-wds", counts=(("train", 12), ("val", 6)))
     _write_stl10(tmp_path / "src" / "stl10_binary")
     with tarfile.open(tmp_path / "src" / "stl10_binary.tar.gz", "w:gz") as tar:
         tar.add(tmp_path / "src" / "stl10_binary", arcname="stl10_binary")
@@ -156,6 +159,7 @@ def workspace(digits_set, tmp_path):
              "~/data/cifar-10-python.tar.gz": str(tmp_path / "src" / "cifar-10-python.tar.gz"),
              "/data/cifar-100-python.tar.gz": str(tmp_path / "src" / "cifar-100-python.tar.gz"),
              "/data/imagenet": str(tmp_path / "src" / "imagenet"),
+             "/data/imagenet-wds": str(tmp_path / "src" / "imagenet-wds"),
              "/data/cifar-10-batches-py": str(tmp_path / "src" / "cifar-10-batches-py")}
     return tmp_path, paths
 

@@ -94,7 +94,8 @@ def fingerprint(classes: list[str], image: dict, splits: dict) -> str:
     content = {
         "classes": classes,
         "image": image,
-        "splits": {s: [sh["sha256"] for sh in info["shards"]] for s, info in splits.items()},
+        # an indexed set read by headers only (`pipeline index` without --digests): its headers' digest
+        "splits": {s: [sh.get("sha256") or sh["headers_sha256"] for sh in info["shards"]] for s, info in splits.items()},
     }
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -130,6 +131,7 @@ def parse_index(path, data: bytes) -> dict:
 
 _SPLIT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_SHARD_PATH = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.,+=@-]*(/[A-Za-z0-9_][A-Za-z0-9_.,+=@-]*)*\.tar$")
 
 
 def validate_index(path: Path, index: dict) -> None:
@@ -150,6 +152,11 @@ def validate_index(path: Path, index: dict) -> None:
     splits = f.table("splits")
     if not splits:
         f.fail("splits", splits, "must name at least one split")
+    indexed = (index.get("recipe") or {}).get("made_by") == "pipeline index" if isinstance(index.get("recipe"), dict) else False
+    f.text("shards_at", optional=True)
+    digests = index.get("member_digests", True)
+    if not isinstance(digests, bool):
+        f.fail("member_digests", digests, "must be true or false")
     seen_ids: list[tuple[int, int, str]] = []
     for split, info in splits.items():
         if not _SPLIT.fullmatch(split):
@@ -162,16 +169,21 @@ def validate_index(path: Path, index: dict) -> None:
         total, last = 0, -1
         for n, rec in enumerate(shards):
             r = s.inner(f"shards.{n}", rec)
-            tar, idx = r.name("tar"), r.name("idx")
-            if not (tar.startswith(f"{split}-") and tar.endswith(".tar") and idx.startswith(f"{split}-")
-                    and idx.endswith(".idx")):
+            tar, idx = (r.text("tar", _SHARD_PATH) if indexed else r.name("tar")), r.name("idx")
+            if not (idx.startswith(f"{split}-") and idx.endswith(".idx")
+                    and (indexed or (tar.startswith(f"{split}-") and tar.endswith(".tar")))):
                 r.fail("tar", tar, f"must be {split}-NNNNNN.tar beside {split}-NNNNNN.idx")
+            if indexed and ".." in tar.split("/"):
+                r.fail("tar", tar, "must be a path inside the shards' folder")
             n_rec = r.int("count")
             first, last_id = r.int("first_id", optional=not n_rec), r.int("last_id", optional=not n_rec)
             if n_rec and (last_id < first or first <= last or last_id - first + 1 < n_rec):
                 r.fail("first_id", first, f"must start after id {last} and span at least its {n_rec} samples")
             r.int("bytes")
-            r.text("sha256", _HEX64)
+            if digests or rec.get("sha256") is not None:
+                r.text("sha256", _HEX64)
+            else:  # headers only: the shard is known by its size and its headers' digest
+                r.text("headers_sha256", _HEX64)
             if r.int("idx_bytes", optional=True) is not None or "idx_sha256" in rec:
                 r.int("idx_bytes")
                 r.text("idx_sha256", _HEX64)

@@ -214,6 +214,10 @@ class RemoteStore:
                   "whole shards from it. A server that answers Range (nginx, caddy, S3, GCS) reads subsets at "
                   "their own cost", file=sys.stderr)
 
+    def read_range(self, name: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of an object, with the retries of every read (`pipeline index` walks headers so)."""
+        return self._ranges(name, [start], [end])[0]
+
     def _ranges(self, name: str, starts: list[int], ends: list[int]) -> list[bytes]:
         fs, _ = self.filesystem()
         path = self._path(name)
@@ -324,6 +328,13 @@ class RemoteStore:
         where it holds them, else fetched (and then cached). `whole`: the epoch reads (nearly) all of this
         shard, so it is fetched whole in one request, once for all the workers (`_whole_shard`); `in_process`:
         the loader's workers are threads of this process, which can share a shard in memory."""
+        if shard.sha256 is None:  # indexed by headers only (`pipeline index`): nothing to check, nothing cached
+            order = np.argsort(offsets, kind="stable")
+            offs, szs = offsets[order], sizes[order]
+            starts, ends, span = coalesce(offs, szs, self.max_gap)
+            out = [None] * len(rows)
+            slice_members(order, offs, szs, span, starts, self._ranges(shard.name, starts.tolist(), ends.tolist()), out)
+            return out
         if whole:
             found = self._whole_shard(shard, rows, offsets, sizes, digests, in_process)
             if found is not None:

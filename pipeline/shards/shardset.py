@@ -34,12 +34,15 @@ class MemberTable:
 
 
 class ShardSet:
-    """`root` is the folder (a Path) or the URL (a str) it was opened from; `store` reads its bytes."""
+    """`root` is the folder (a Path) or the URL (a str) it was opened from; `meta` reads its index and member
+    tables there, `store` its shards: the same store, or for a set `pipeline index` made over shards kept
+    elsewhere, the store of `shards_at` (a folder or a URL)."""
 
     def __init__(self, store, index: dict):
         if isinstance(store, (str, os.PathLike, DataSource)):
             store = open_store(store)
-        self.store, self.index = store, index
+        self.meta, self.index = store, index
+        self.store = open_store(index["shards_at"], store.options) if index.get("shards_at") else store
         self.root = store.label
         self._tables: dict[str, MemberTable] = {}
 
@@ -113,7 +116,7 @@ class ShardSet:
             info = self._split_info(split)
             parts, starts = [], [0]
             for rec in info["shards"]:
-                where = self.store.where(rec["idx"])
+                where = self.meta.where(rec["idx"])
                 table = layout.read_member_table(where, self._pinned_idx(rec))
                 layout.validate_member_table(where, table, rec, len(self.classes), self.labelled(split))
                 parts.append(table)
@@ -131,8 +134,8 @@ class ShardSet:
     def _pinned_idx(self, rec: dict) -> bytes:
         """A shard's .idx bytes, checked against the size and SHA-256 index.json pins (read no further than
         the pinned size from a server)."""
-        where = self.store.where(rec["idx"])
-        if self.store.local:
+        where = self.meta.where(rec["idx"])
+        if self.meta.local:
             try:
                 data = where.read_bytes()
             except FileNotFoundError:
@@ -141,7 +144,7 @@ class ShardSet:
                 raise DataError(f"{where}: unreadable ({exc.strerror}); run `pipeline verify`") from None
             fix = "the shard set is damaged or mixed with another: run `pipeline verify`, then prepare it again"
         else:
-            data = self.store.read_pinned(rec["idx"], rec.get("idx_bytes"), rec.get("idx_sha256"))
+            data = self.meta.read_pinned(rec["idx"], rec.get("idx_bytes"), rec.get("idx_sha256"))
             fix = "the remote copy is damaged or mixed with another: upload the shard set again"
         layout.check_idx_pin(where, data, rec, fix)
         return data

@@ -17,6 +17,7 @@ from pipeline.shards import layout
 from pipeline.shards.images import CorruptImage, open_fully
 from pipeline.shards.remote_fs import TooLarge
 from pipeline.shards.storage import ReadOptions, is_url, open_store
+from pipeline.shards.wds_index import is_indexed, verify_indexed
 
 _LABEL_MAX = 32  # bytes of a label member (decimal text)
 
@@ -137,6 +138,8 @@ def verify(root: str | Path, progress: bool = True, options: ReadOptions = ReadO
             index = layout.load_index(root)
         except DataError as exc:
             return [str(exc)]
+        if is_indexed(index):  # shards `pipeline index` found, not wrote: their own names and keys
+            return verify_indexed(root, progress)
         return _verify(index, _Local(root), root / layout.INDEX_NAME, progress)
     store = open_store(str(root), options)
     try:
