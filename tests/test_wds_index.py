@@ -22,7 +22,7 @@ from clirun import pipeline as pipeline_cli
 from servers import RangeServer
 from test_train import tiny_cfg
 
-SIDE = 64  # random PNGs of about 12 KB: the header windows read a fraction of the shards
+SIDE = 96  # random PNGs of about 27 KB: the 8 KiB header windows read a fraction of the shards
 
 
 def _encoded(pix, fmt):

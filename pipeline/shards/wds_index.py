@@ -8,9 +8,11 @@ fields (captions, ...) are left alone. Samples without an image or a label, with
 that is no class number are listed and skipped, as `prepare` lists the files it cannot use.
 
 Only tar headers are read, through Python's `tarfile` over a file object that reads by range (`RangeReader`): a
-window of `WINDOW` bytes at each header, which holds the small label member that follows an image and the
-first bytes of the image (its width and height where the format puts them early: PNG, WebP, most JPEGs). A
-remote set is read by range requests; the command says how many bytes and requests it took. `--digests` reads
+window of `WINDOW` bytes at each header, which holds a small label member written before the image (WebDataset
+writes members in sorted order: .cls before .jpg; each with its pax header) and the first `IMAGE_HEAD` bytes of
+the image (its width and height where the format puts them early: PNG, WebP, most JPEGs): one read a sample. A
+remote set is read by range requests; the command says how many bytes and requests it took. Each read is a
+round trip: where latency dominates, streaming whole shards (`--digests`) can be quicker (bench_index.py). `--digests` reads
 every byte once instead and records each image's digest and each shard's SHA-256, so reads are checked as a
 prepared set's are; without it, reads trust the storage (the shards' sizes and their headers' digest are kept).
 
@@ -48,7 +50,8 @@ from pipeline.shards.storage import open_store
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 LABEL_EXTS = ("cls", "label", "json")
-WINDOW = 2 * 1024  # bytes read at each header: a small label member and the first bytes of an image come with it
+WINDOW = 8 * 1024  # bytes read at a header: a label member before the image (pax headers too) and its first 2 KiB
+IMAGE_HEAD = 2048  # bytes of an image read for its width and height
 LABEL_MAX = 4096  # bytes of a label member read at most
 MARK = "pipeline index"  # index.json's recipe says it was made here: only such an index is replaced
 
@@ -143,7 +146,7 @@ def scan_shard(name: str, size: int, fetch, window: int = WINDOW) -> ShardScan:
                 ext = base.split(".", 1)[1].lower()
                 sample = samples.setdefault(key, {"images": [], "labels": []})
                 if ext in IMAGE_EXTS:
-                    sample["images"].append((m.offset_data, m.size, _shape(head(m, window - 512))))
+                    sample["images"].append((m.offset_data, m.size, _shape(head(m, IMAGE_HEAD))))
                 elif ext in LABEL_EXTS:
                     data = head(m, LABEL_MAX) if m.size <= LABEL_MAX else None
                     sample["labels"].append((ext, data))
@@ -299,9 +302,12 @@ def index_shards(location: str, out: str | Path | None = None, splits: list[str]
                 moved["requests"] += 1
             return data
         try:
-            scan = scan_shard(shard, size, fetch, window)
-            if digests:
-                _digests(scan, fetch(0, size) if size else b"")
+            if digests:  # every byte once, in one read: the headers are walked in memory
+                data = fetch(0, size) if size else b""
+                scan = scan_shard(shard, size, lambda a, b: data[a:b], window)
+                _digests(scan, data)
+            else:
+                scan = scan_shard(shard, size, fetch, window)
         finally:
             if handle is not None:
                 handle.close()
