@@ -205,3 +205,22 @@ def test_an_edited_index_is_refused(tmp_path):
     (shards / "index.json").write_text(json.dumps(index))
     with pytest.raises(DataError, match="tar"):
         layout.load_index(shards)
+
+
+def test_index_a_bucket_by_its_listing_and_read_it_with_digests(tmp_path):
+    """s3:// (moto on 127.0.0.1): the bucket's listing finds the shards; with --digests the reads are checked."""
+    pytest.importorskip("s3fs")
+    boto3 = pytest.importorskip("boto3")
+    from servers import moto_s3
+
+    shards = tmp_path / "shards"
+    truth, _ = write_wds(shards, counts=(("train", 20), ("val", 6)))
+    with moto_s3():
+        s3 = boto3.client("s3")
+        for p in shards.glob("*.tar"):
+            s3.upload_file(str(p), "shards", f"wds/{p.name}")
+        r = index_shards("s3://shards/wds", out=tmp_path / "index", digests=True, progress=False)
+        assert r.requests == len(list(shards.glob("*.tar")))  # one read a shard: every byte once
+        ss = ShardSet.open(tmp_path / "index")
+        assert ss.index["shards_at"] == "s3://shards/wds" and ss.members("train").digests.all()
+        _check_round_trip(ss, truth)
