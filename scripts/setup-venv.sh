@@ -11,7 +11,7 @@ have_ffcv_libs() {
         && { [ -f /usr/include/turbojpeg.h ] || pkg-config --exists libturbojpeg 2>/dev/null; }
 }
 
-extras="dev,attacks,report,remote,loggers"
+extras="dev,attacks,report,remote,loggers,hf"
 if [ "${PIPELINE_NO_FFCV:-0}" != 1 ]; then
     if ! have_ffcv_libs; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -24,7 +24,7 @@ if [ "${PIPELINE_NO_FFCV:-0}" != 1 ]; then
             echo "setup: ffcv's system libraries are missing and this is not root: the ffcv parts are skipped"
         fi
     fi
-    have_ffcv_libs && extras="dev,attacks,report,remote,loggers,ffcv"
+    have_ffcv_libs && extras="dev,attacks,report,remote,loggers,hf,ffcv"
 fi
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
@@ -32,9 +32,9 @@ stamp="$VENV/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)-${extras/
 if [ ! -f "$stamp" ]; then
     echo "setup: installing pipeline[$extras] into $VENV"
     log="$VENV/install.log"
-    if ! "$VENV/bin/python" -m pip install -e ".[$extras]" >"$log" 2>&1 && [ "$extras" = "dev,attacks,report,remote,loggers,ffcv" ]; then
+    if ! "$VENV/bin/python" -m pip install -e ".[$extras]" >"$log" 2>&1 && [ "$extras" = "dev,attacks,report,remote,loggers,hf,ffcv" ]; then
         echo "setup: installing with ffcv failed (see $log); installing without it"
-        extras="dev,attacks,report,remote,loggers"
+        extras="dev,attacks,report,remote,loggers,hf"
         "$VENV/bin/python" -m pip install -e ".[$extras]" >>"$log" 2>&1 || true
     fi
     if ! "$VENV/bin/python" -c "import pipeline, torch, webdataset, faiss, simplejpeg" 2>/dev/null; then
@@ -42,7 +42,7 @@ if [ ! -f "$stamp" ]; then
         tail -n 20 "$log" >&2
         exit 1
     fi
-    if [ "$extras" = "dev,attacks,report,remote,loggers,ffcv" ] && ! "$VENV/bin/python" -c "import ffcv.loader" 2>/dev/null; then
+    if [ "$extras" = "dev,attacks,report,remote,loggers,hf,ffcv" ] && ! "$VENV/bin/python" -c "import ffcv.loader" 2>/dev/null; then
         echo "setup: ffcv did not install; the ffcv parts will be skipped"
     fi
     rm -f "$VENV"/.installed-*

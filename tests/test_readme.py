@@ -75,7 +75,7 @@ def shrink(argv: list[str], paths: dict[str, str]) -> list[str]:
     """The same command at the size of a test: paths to the small sets, 1 epoch, a small network, few images."""
     out, i = [], 0
     argv = [paths.get(a, a) for a in argv]
-    argv = [re.sub(r"^(folder|cifar10|cifar100|imagenet32|stl10):(.*)$", lambda m: f"{m.group(1)}:{paths.get(m.group(2), m.group(2))}", a)
+    argv = [re.sub(r"^(folder|cifar10|cifar100|imagenet32|stl10|hf):(.*)$", lambda m: f"{m.group(1)}:{paths.get(m.group(2), m.group(2))}", a)
             for a in argv]
     selecting = "--selector" in argv and argv[1] == "train"
     sized = {"--epochs": "3" if selecting else "1", "--limit": "20", "--workers": "2", "--image-size": "16",
@@ -150,6 +150,9 @@ def workspace(digits_set, tmp_path):
     from test_wds_index import write_wds
 
     write_wds(tmp_path / "src" / "imagenet-wds", counts=(("train", 12), ("val", 6)))
+    from test_hf_source import _rows, write_saved
+
+    write_saved(tmp_path / "src" / "cifar10-hf", {"train": _rows(12, 0)[1:], "test": _rows(6, 1)[1:]})
     _write_stl10(tmp_path / "src" / "stl10_binary")
     with tarfile.open(tmp_path / "src" / "stl10_binary.tar.gz", "w:gz") as tar:
         tar.add(tmp_path / "src" / "stl10_binary", arcname="stl10_binary")
@@ -160,6 +163,7 @@ def workspace(digits_set, tmp_path):
              "/data/cifar-100-python.tar.gz": str(tmp_path / "src" / "cifar-100-python.tar.gz"),
              "/data/imagenet": str(tmp_path / "src" / "imagenet"),
              "/data/imagenet-wds": str(tmp_path / "src" / "imagenet-wds"),
+             "/data/cifar10-hf": str(tmp_path / "src" / "cifar10-hf"),
              "/data/cifar-10-batches-py": str(tmp_path / "src" / "cifar-10-batches-py")}
     return tmp_path, paths
 

@@ -172,6 +172,9 @@ def _run_task(task: ShardTask) -> dict:
 
     def samples():
         pending = 0
+        src = np.asarray(task.src_split)
+        for split in dict.fromkeys(task.src_split):  # a source read by blocks reads each once for the shard
+            source.prefetch(split, np.asarray(task.src_index)[src == split])
         for k in range(len(task.ids)):
             split, index = task.src_split[k], int(task.src_index[k])
             try:

@@ -10,6 +10,7 @@ from pipeline.shards.sources.base import Encoded, Source
 from pipeline.shards.sources.cifar import CifarSource
 from pipeline.shards.sources.digits import DigitsSource
 from pipeline.shards.sources.folder import FolderSource
+from pipeline.shards.sources.hf import HfSource
 from pipeline.shards.sources.imagenet_small import ImagenetSmallSource
 from pipeline.shards.sources.mnist import MnistSource
 from pipeline.shards.sources.stl10 import Stl10Source
@@ -29,6 +30,7 @@ SOURCES.add("imagenet32", lambda arg: ImagenetSmallSource(arg, 32))
 SOURCES.add("imagenet64", lambda arg: ImagenetSmallSource(arg, 64))
 SOURCES.add("mnist", MnistSource)
 SOURCES.add("stl10", Stl10Source)
+SOURCES.add("hf", HfSource)
 SOURCES.add("digits", DigitsSource)
 SOURCES.add("synthetic", SyntheticSource)
 PATHLESS = {"digits": "digits", "synthetic": "synthetic[:N]"}  # forms that take no PATH

@@ -49,6 +49,10 @@ class Source(ABC):
         """Where an item comes from, for messages and `pipeline inspect`."""
         return f"{split}[{index}]"
 
+    def prefetch(self, split: str, indices) -> None:
+        """Read ahead the items `indices` of `split` that a prepare shard is about to load (a source read by blocks,
+        parquet's row groups, reads each block once); nothing by default."""
+
     def skipped(self) -> list[dict]:
         """Source files the reader passed over while listing (not images), with the reason."""
         return []
