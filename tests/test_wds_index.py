@@ -224,3 +224,19 @@ def test_index_a_bucket_by_its_listing_and_read_it_with_digests(tmp_path):
         ss = ShardSet.open(tmp_path / "index")
         assert ss.index["shards_at"] == "s3://shards/wds" and ss.members("train").digests.all()
         _check_round_trip(ss, truth)
+
+
+def test_only_its_own_member_tables_are_replaced(tmp_path):
+    shards = tmp_path / "shards"
+    write_wds(shards, counts=(("train", 40),))
+    (shards / "train-000001.idx").write_text("someone else's file")
+    with pytest.raises(PipelineError, match="train-000001.idx: exists and is not a member table"):
+        index_shards(str(shards), progress=False)
+    assert (shards / "train-000001.idx").read_text() == "someone else's file" and not (shards / "index.json").exists()
+    (shards / "train-000001.idx").unlink()
+    index_shards(str(shards), progress=False)
+    for p in sorted(shards.glob("ds-train-00000[12].tar")):  # fewer shards: the index is made again, smaller
+        p.unlink()
+    index_shards(str(shards), overwrite=True, progress=False)
+    assert sorted(p.name for p in shards.glob("*.idx")) == ["train-000000.idx"]  # its stale tables are gone
+    assert ShardSet.open(shards).count("train") == 16 - 3  # the first shard: 16 less samples 3, 6 and 8 (broken)

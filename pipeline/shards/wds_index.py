@@ -267,10 +267,13 @@ def index_shards(location: str, out: str | Path | None = None, splits: list[str]
     if out is None:
         raise PipelineError(f"{location}: a remote set's index is written here: give --out DIR")
     index_path = out / layout.INDEX_NAME
+    ours: set[str] = set()  # the member tables an earlier `pipeline index` wrote here: the only files replaced
     if index_path.exists():
         try:
-            mine = json.loads(index_path.read_text()).get("recipe", {}).get("made_by") == MARK
-        except (OSError, ValueError, AttributeError):
+            old = json.loads(index_path.read_text())
+            mine = old.get("recipe", {}).get("made_by") == MARK
+            ours = {sh["idx"] for info in old["splits"].values() for sh in info["shards"]} if mine else set()
+        except (OSError, ValueError, AttributeError, KeyError, TypeError):
             mine = False
         if not mine:
             raise PipelineError(f"{index_path}: exists and was not written by `pipeline index`; refusing to replace "
@@ -322,6 +325,11 @@ def index_shards(location: str, out: str | Path | None = None, splits: list[str]
             scans[shard] = scan
             bar.advance(task)
     out.mkdir(parents=True, exist_ok=True)
+    planned = {f"{split}-{n:06d}.idx" for split, shards in by_split.items() for n in range(len(shards))}
+    foreign = sorted(name for name in planned - ours if (out / name).exists())
+    if foreign:
+        raise PipelineError(f"{out / foreign[0]}: exists and is not a member table `pipeline index` wrote; refusing "
+                            "to replace it (index into another --out)")
     next_id, records, skipped, shapes = 0, {}, [], set()
     for split, shards in by_split.items():
         info = {"count": 0, "shards": []}
@@ -370,6 +378,8 @@ def index_shards(location: str, out: str | Path | None = None, splits: list[str]
     index["fingerprint"] = layout.fingerprint(class_names, image, records)
     layout.validate_index(index_path, index)
     write_json(index_path, index)
+    for stale in ours - planned:  # tables of the earlier index that this one does not use
+        (out / stale).unlink(missing_ok=True)
     return IndexResult(out, index, moved["bytes"], moved["requests"], skipped)
 
 
