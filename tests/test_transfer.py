@@ -85,6 +85,23 @@ def test_transfer_to_other_classes_and_size_is_resized_to_the_pretraining_size(s
     assert "-on-" in r["classifier_path"]
 
 
+def test_auto_keeps_the_pretraining_data_as_stored(sets, tmp_path, monkeypatch):
+    """A model trained on 12-px crops of A's 16-px images: on A itself it sees A's images whole, as before
+    transfer existed; on B it sees them at 12 px."""
+    _, a, b = sets
+    run = tmp_path / "crop"
+    create_trainer(tiny_cfg(a.root, run, **{"optim.epochs": 1, "optim.warmup_epochs": 0,
+                                            "data.crop": "random-resized:12"}), progress=False).fit()
+    ckpt = run / "checkpoints" / "last.pt"
+    seen = _spy_sizes(monkeypatch)
+    own = evaluate(a.root, ckpt, "slf", "clean", **FAST)
+    assert set(seen) == {(16, 16)}
+    assert own["input"] == {"resize": "auto", "pretrained_size": 12, "data_size": 16, "size": 16}
+    seen.clear()
+    evaluate(b.root, ckpt, "slf", "clean", **FAST)
+    assert set(seen) == {(12, 12)}
+
+
 def test_resized_pixels_are_the_decoders_resize(sets, pretrained, monkeypatch):
     """What the encoder sees of a transferred image: the stored pixels resized by hand with PIL (bilinear, the
     shorter side to 16, then the centre 16 x 16: these are square, so no crop)."""

@@ -131,11 +131,18 @@ def prepare_classifier(ss: ShardSet, checkpoint: str | Path, protocol: str = "sl
 
 
 def _input(ckpt: dict, ss: ShardSet, resize) -> dict:
-    """The size the data is decoded at for this checkpoint (a saved classifier: the size it was finetuned at,
-    unless `resize` names one) and its record."""
-    model_size = ckpt.get("input_size") or (ckpt.get("model_spec") or {}).get("image_size")
-    size = input_size(resize, model_size, ss.image_size, ss.root)
-    return {"image_size": size, "input": input_record(resize, model_size, ss.image_size, size)}
+    """The size the data is decoded at for this checkpoint and its record: what `auto` means is
+    `evaluation.transfer`'s (other data: the pre-training size; its own: as stored; a saved classifier: the size
+    it was finetuned at)."""
+    spec_size = (ckpt.get("model_spec") or {}).get("image_size")
+    if is_saved_classifier(ckpt):
+        auto = ckpt.get("input_size")
+    else:
+        auto = spec_size if ckpt.get("dataset_fingerprint") not in (None, ss.fingerprint) else None
+    if auto is None and ss.image_size is None:  # images that vary in size need one
+        auto = spec_size
+    size = input_size(resize, auto, ss.image_size, ss.root)
+    return {"image_size": size, "input": input_record(resize, spec_size, ss.image_size, size)}
 
 
 def _data_tag(ckpt: dict, ss: ShardSet, size: int | None) -> str:

@@ -6,7 +6,9 @@ another image size and the same channel count (another count is refused before a
 sees is explicit (`eval.resize`):
 
     auto  B's images resized to the size the encoder was pre-trained at, when they differ (the papers' protocol:
-          STL-10's 96 px go in at 32 px for a CIFAR-10 encoder); B's own size when the checkpoint records none
+          STL-10's 96 px go in at 32 px for a CIFAR-10 encoder); the pre-training data itself as stored (as
+          before: a 224-px crop model on 256-px images sees them whole), a saved classifier at the size it was
+          finetuned at, and images that vary in size at the pre-training size
     none  B's images as stored (the encoder's pooling takes any size)
     N     every image resized to N x N
 
@@ -19,16 +21,15 @@ from __future__ import annotations
 from pipeline.config import parse_resize
 from pipeline.errors import PipelineError
 
-def input_size(resize, model_size: int | None, data_size: int | None, data) -> int | None:
-    """The size the evaluation decodes `data`'s images at: None keeps them as stored. `model_size` is the
-    checkpoint's pre-training size, `data_size` the shard set's (None where its images vary in size)."""
+def input_size(resize, auto_size: int | None, data_size: int | None, data) -> int | None:
+    """The size the evaluation decodes `data`'s images at: None keeps them as stored. `auto_size` is what `auto`
+    means here (see the module's text; None: as stored), `data_size` the shard set's (None where its images vary
+    in size)."""
     choice = parse_resize(resize)
-    if choice == "none" or (choice == "auto" and not model_size):
-        if data_size is None:
-            raise PipelineError(f"{data}: its images vary in size and the checkpoint records no pre-training size; "
-                                "give --resize N (the encoder's input size)")
-        return None
-    size = model_size if choice == "auto" else choice
+    size = auto_size if choice == "auto" else None if choice == "none" else choice
+    if size is None and data_size is None:
+        raise PipelineError(f"{data}: its images vary in size and the checkpoint records no pre-training size; "
+                            "give --resize N (the encoder's input size)")
     return None if size == data_size else size
 
 
