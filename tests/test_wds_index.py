@@ -240,3 +240,16 @@ def test_only_its_own_member_tables_are_replaced(tmp_path):
     index_shards(str(shards), overwrite=True, progress=False)
     assert sorted(p.name for p in shards.glob("*.idx")) == ["train-000000.idx"]  # its stale tables are gone
     assert ShardSet.open(shards).count("train") == 16 - 3  # the first shard: 16 less samples 3, 6 and 8 (broken)
+
+
+def test_upload_takes_an_indexed_set_only_with_digests_and_its_shards(tmp_path):
+    from pipeline.shards.upload import upload
+
+    shards = tmp_path / "shards"
+    write_wds(shards, counts=(("train", 8),))
+    index_shards(str(shards), progress=False)
+    with pytest.raises(PipelineError, match="--digests --overwrite"):
+        upload(shards, "s3://bucket/x", progress=False)
+    index_shards(str(shards), out=tmp_path / "elsewhere", digests=True, progress=False)
+    with pytest.raises(PipelineError, match="indexes shards kept at"):
+        upload(tmp_path / "elsewhere", "s3://bucket/x", progress=False)

@@ -82,6 +82,12 @@ def upload(src, url: str, progress: bool = True, options: ReadOptions = ReadOpti
         raise DataError(f"{src}: not healthy ({len(problems)} problem(s); the first: {problems[0]}); run "
                         f"`pipeline verify {src}` and prepare it again before uploading")
     index = layout.load_index(src)
+    if index.get("shards_at"):
+        raise PipelineError(f"{src}: indexes shards kept at {index['shards_at']} (`pipeline index`); they stay there: "
+                            "copy the shards to the bucket and index them where they lie")
+    if index.get("member_digests") is False:
+        raise PipelineError(f"{src}: indexed from tar headers only, so remote reads of it could not be checked; "
+                            f"run `pipeline index {src} --digests --overwrite`, then upload")
     if index["format_version"] < 2:
         raise DataError(f"{src / layout.INDEX_NAME}: a format-{index['format_version']} shard set, without the "
                         "member digests remote reads check; prepare it again with this version, then upload it")
