@@ -69,6 +69,8 @@ def prepare(
                                          "(skipped and listed by default)."),
     per_class: Optional[str] = typer.Option(None, help="Keep a seeded random N samples of each class in a split: "
                                             "SPLIT=N[,SPLIT=N], e.g. train=1000 (a fixed, class-balanced subset)."),
+    splits: Optional[str] = typer.Option(None, help="Keep only these splits, comma-separated (e.g. train,test: "
+                                         "STL-10 without its 100,000 unlabeled images) [default: all]."),
 ):
     """Convert a data set into a shard set (WebDataset tar shards with offset indexes, optionally FFCV)."""
     from pipeline.shards.describe import shardset_table
@@ -81,7 +83,8 @@ def prepare(
     opts = PrepareOptions(out=out, formats=tuple(f.strip() for f in formats.split(",") if f.strip()),
                           image_size=image_size, jpeg_quality=jpeg_quality, shard_size=shard_size, workers=workers,
                           test_fraction=test_fraction, seed=seed, overwrite=overwrite,
-                          follow_symlinks=follow_symlinks, per_class=parse_per_class(per_class))
+                          follow_symlinks=follow_symlinks, per_class=parse_per_class(per_class),
+                          splits=tuple(x.strip() for x in (splits or "").split(",") if x.strip()))
     result = run_prepare(source, opts)
     console.print(shardset_table(ShardSet(result.out, result.index)))
     if result.written:

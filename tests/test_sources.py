@@ -6,8 +6,10 @@ import tarfile
 import numpy as np
 import pytest
 
+from clirun import pipeline as pipeline_cli
 from conftest import make_prepared, write_cifar_pickles, write_image_folder, write_mnist
 from pipeline.errors import PipelineError
+from pipeline.shards.shardset import ShardSet
 from pipeline.shards.sources import open_source
 
 
@@ -309,3 +311,18 @@ def test_stl10_truncated_file_is_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(PipelineError, match="test_X.bin, test_y.bin, train_X.bin, train_y.bin not found"):
         open_source(f"stl10:{tmp_path / 'empty'}")
+
+
+def test_prepare_keeps_only_the_splits_asked_for(tmp_path):
+    """STL-10 for evaluation: train and test, not its unlabeled images; the choice is part of the recipe."""
+    from pipeline.shards.layout import load_index
+
+    _write_stl10(tmp_path / "stl10_binary")
+    ss = make_prepared(f"stl10:{tmp_path / 'stl10_binary'}", tmp_path / "two", splits=("train", "test"))
+    assert ss.splits == ["train", "test"] and load_index(tmp_path / "two")["recipe"]["splits"] == ["test", "train"]
+    with pytest.raises(PipelineError, match="--splits train,val: the data has no 'val' split"):
+        make_prepared(f"stl10:{tmp_path / 'stl10_binary'}", tmp_path / "bad", splits=("train", "val"))
+    r = pipeline_cli("prepare", f"stl10:{tmp_path / 'stl10_binary'}", "--out", str(tmp_path / "cli"),
+                     "--splits", "test")
+    assert r.returncode == 0, r.stderr
+    assert ShardSet.open(tmp_path / "cli").splits == ["test"]

@@ -90,8 +90,9 @@ def _prepared(exp: Experiment, settings: dict, out: Path, where: str, progress: 
     if set(p) - PREPARE_SETTINGS:
         raise PipelineError(f"{exp.path}: {where} has unknown setting(s) {', '.join(sorted(set(p) - PREPARE_SETTINGS))} "
                             f"({', '.join(sorted(PREPARE_SETTINGS))})")
-    if "formats" in p:
-        p["formats"] = tuple(p["formats"])
+    for key in ("formats", "splits"):
+        if key in p:
+            p[key] = tuple(p[key])
     p.setdefault("out", out)
     result = prepare(source, PrepareOptions(progress=progress, **p))
     return str(result.out)

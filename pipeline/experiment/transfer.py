@@ -22,7 +22,7 @@ import numpy as np
 from pipeline.errors import PipelineError
 
 PREPARE_SETTINGS = {"out", "image_size", "jpeg_quality", "per_class", "workers", "seed", "shard_size", "formats",
-                    "test_fraction"}
+                    "test_fraction", "splits"}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 

@@ -53,6 +53,7 @@ class PrepareOptions:
     progress: bool = True
     follow_symlinks: bool = False  # folder sources: read links that leave the source folder
     per_class: dict[str, int] = field(default_factory=dict)  # split -> keep N samples of each class (seeded)
+    splits: tuple[str, ...] = ()  # keep only these splits (STL-10's train and test for evaluation); () all
 
     @property
     def encoding(self) -> Encoding:
@@ -72,6 +73,8 @@ class PrepareOptions:
             raise PipelineError(f"--workers {self.workers}: must be at least 1")
         if not 0.0 <= self.test_fraction < 1.0:
             raise PipelineError(f"--test-fraction {self.test_fraction}: must be in [0, 1)")
+        if not all(isinstance(s, str) and s.strip() for s in self.splits):
+            raise PipelineError(f"--splits {self.splits!r}: split names, comma-separated, e.g. --splits train,test")
         for split, n in self.per_class.items():
             if not isinstance(n, int) or n < 1:
                 raise PipelineError(f"--per-class {split}={n}: must be a whole number of samples >= 1")
@@ -102,14 +105,15 @@ class ShardTask:
     out: Path = field(repr=False, default=None)
 
 
-def plan_splits(source: Source, test_fraction: float, seed: int,
-                per_class: dict[str, int] | None = None) -> dict[str, tuple[list[str], np.ndarray, np.ndarray]]:
+def plan_splits(source: Source, test_fraction: float, seed: int, per_class: dict[str, int] | None = None,
+                only: tuple[str, ...] = ()) -> dict[str, tuple[list[str], np.ndarray, np.ndarray]]:
     """split -> (source split of each item, source index, label), shuffled with `seed`.
 
     Shuffling before sharding makes neighbouring samples unrelated, which is what lets the streaming loader
     read long contiguous runs and still build well-mixed batches. A data set without its own test split gets
     a per-class held-out test split of `test_fraction`. `per_class` keeps, in the splits it names, a seeded
-    random `n` samples of each class (a fixed, class-balanced subset: the same for the same seed).
+    random `n` samples of each class (a fixed, class-balanced subset: the same for the same seed). `only` keeps
+    those splits alone.
     """
     rng = np.random.default_rng(seed)
     refs: dict[str, list[tuple[str, np.ndarray]]] = {}
@@ -128,6 +132,11 @@ def plan_splits(source: Source, test_fraction: float, seed: int,
         refs["train"] = [(pool, np.sort(np.concatenate(train)))]
         if test_fraction > 0:
             refs["test"] = [(pool, np.sort(np.concatenate(test)))]
+    missing = sorted(set(only) - set(refs))
+    if missing:
+        raise PipelineError(f"--splits {','.join(only)}: the data has no {missing[0]!r} split (it has "
+                            f"{', '.join(refs)})")
+    refs = {s: r for s, r in refs.items() if not only or s in only}
     unknown = sorted(set(per_class or {}) - set(refs))
     if unknown:
         raise PipelineError(f"--per-class {unknown[0]}=...: the data has no {unknown[0]!r} split "
@@ -210,6 +219,7 @@ def _recipe(spec: str, opts: PrepareOptions, source: Source) -> dict:
         "seed": opts.seed,
         "format_version": layout.FORMAT_VERSION,
     } | ({"per_class": dict(sorted(opts.per_class.items()))} if opts.per_class else {}) | (
+        {"splits": sorted(opts.splits)} if opts.splits else {}) | (
         {"jpeg_quality": opts.jpeg_quality} if opts.jpeg_quality != DEFAULT_JPEG_QUALITY else {})
 
 
@@ -429,7 +439,7 @@ def _prepare_locked(spec: str, opts: PrepareOptions, source: Source, out: Path) 
     recipe = _recipe(spec, opts, source)
     previous, ours = _previous_records(out, recipe, opts.overwrite)
 
-    plan = plan_splits(source, opts.test_fraction, opts.seed, opts.per_class)
+    plan = plan_splits(source, opts.test_fraction, opts.seed, opts.per_class, tuple(opts.splits))
     tasks = _tasks(plan, opts.shard_size, out)
     if ours:  # resuming our own run: the shards it was writing carry the planned names
         ours |= {f"{layout.shard_stem(t.split, t.shard_no)}.{ext}" for t in tasks for ext in ("tar", "idx")}
