@@ -518,10 +518,14 @@ def test_select_watch_stops_when_its_run_folder_is_deleted_or_replaced(digits_se
         t = threading.Thread(target=watch, daemon=True)
         t.start()
         time.sleep(0.2)  # the watch is polling a run with no checkpoint yet
-        shutil.rmtree(run_dir)
-        if replace:  # another run under the same name (its folder may even get the same inode back)
-            run_dir.mkdir()
-            (run_dir / ".pipeline-run.json").write_text('{"method": "acl", "tool": "pipeline", "new": 1}')
+        if replace:  # another run under the same name, put in place with no moment where the name is missing
+            new = tmp_path / "new"  # (rmtree then mkdir leaves one: a watcher polling then rightly says deleted)
+            new.mkdir()
+            (new / ".pipeline-run.json").write_text('{"method": "acl", "tool": "pipeline", "new": 1}')
+            (run_dir / ".pipeline-run.json").unlink()  # an emptied folder: rename(2) replaces it in one step
+            os.rename(new, run_dir)
+        else:
+            shutil.rmtree(run_dir)
         t.join()  # the event itself; a hang is pytest-timeout's
         assert ("was replaced by another folder" if replace else "was deleted") in result["error"]
 
