@@ -177,6 +177,8 @@ def test_the_cli_indexes_and_says_what_it_read(tmp_path):
 def test_bad_shards_and_places_are_one_line(tmp_path, digits_set):
     empty = tmp_path / "empty"
     empty.mkdir()
+    with pytest.raises(PipelineError, match="no .tar shards found"):
+        index_shards(str(empty), progress=False)
     (empty / "notes.tar").write_bytes(b"this is not a tar archive at all" * 40)
     with pytest.raises(DataError, match="notes.tar: not a readable tar"):
         index_shards(str(empty), progress=False)

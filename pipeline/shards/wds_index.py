@@ -145,7 +145,11 @@ def index_shards(location: str, out: str | Path | None = None, splits: list[str]
                                 "it (index into another --out)")
         if not overwrite:
             raise PipelineError(f"{index_path}: already indexed; --overwrite indexes the shards again")
-    by_split = assign_splits(list_shards(store, pattern), list(splits))
+    found = list_shards(store, pattern)
+    if not found:
+        raise PipelineError(f"{location}: no .tar shards found; give the folder or URL prefix that holds them, or a "
+                            "brace pattern of their names (URL/train-{000000..000099}.tar)")
+    by_split = assign_splits(found, list(splits))
     moved, lock = {"bytes": 0, "requests": 0}, threading.Lock()
 
     def one(shard: str) -> ShardScan:
