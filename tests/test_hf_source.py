@@ -126,3 +126,23 @@ def test_bad_hf_paths_are_one_line(tmp_path):
     pq.write_table(_table(cells, labs), tmp_path / "mixed.parquet")
     with pytest.raises(PipelineError, match="some samples have label -1"):
         open_source(f"hf:{tmp_path / 'mixed.parquet'}")
+
+
+def test_validation_is_the_test_split_only_where_there_is_none(tmp_path):
+    train, val, test = _rows(10, 7), _rows(4, 8), _rows(5, 9)
+    write_saved(tmp_path / "three", {"train": train[1:], "validation": val[1:], "test": test[1:]}, parts=1)
+    ss = make_prepared(f"hf:{tmp_path / 'three'}", tmp_path / "out3")
+    assert sorted(ss.splits) == ["test", "train", "validation"]  # nothing merged
+    assert (ss.count("test"), ss.count("validation")) == (5, 4)
+    _check(ss, "validation", *val[::2])
+    data = tmp_path / "hub" / "data"
+    data.mkdir(parents=True)
+    pq.write_table(_table(*train[1:]), data / "train-00000-of-00001.parquet")
+    pq.write_table(_table(*val[1:]), data / "validation-00000-of-00001.parquet")
+    two = make_prepared(f"hf:{tmp_path / 'hub'}", tmp_path / "out2")
+    assert two.splits == ["train", "test"] and two.count("test") == 4
+    bad = tmp_path / "bad"
+    write_saved(bad, {"train": train[1:]}, parts=1)
+    (bad / "dataset_dict.json").write_text(json.dumps({"splits": ["../train"]}))
+    with pytest.raises(PipelineError, match="split names"):
+        open_source(f"hf:{bad}")

@@ -5,8 +5,9 @@ The image column is the one the features call `Image` (else the one of `{bytes, 
 column is the `ClassLabel` one (its names become the classes), else one named `label`; `hf:PATH#image=COL,
 label=COL` names them. Image bytes are stored as they are (JPEG and PNG byte for byte, as `folder:` does). A
 split whose labels are all -1 (the hub's "no label") is a split without labels. Splits: a DatasetDict's own;
-parquet files by the split their name or folder begins with (train, test, validation/val); one Dataset or one
-file is `train`, and prepare holds out a test split. Needs pyarrow (`pip install -e '.[hf]'`).
+parquet files by the split their name or folder begins with (train, test, validation/val); a validation split
+is the test split where there is no test split (the hub's train/validation sets), else it keeps its name; one
+Dataset or one file is `train`, and prepare holds out a test split. Needs pyarrow (`pip install -e '.[hf]'`).
 
 Arrow files are memory-mapped: any image costs its own bytes. Parquet is read by row group: `prefetch` reads
 the groups one prepare shard needs once each; a shuffled prepare therefore reads a group once per shard that
@@ -16,6 +17,7 @@ holds one of its rows (save_to_disk's Arrow avoids that for large sets).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,19 @@ from pipeline.errors import PipelineError
 from pipeline.shards.images import CorruptImage, Encoding, open_fully, transcode_file
 from pipeline.shards.sources.base import Encoded, Source
 
-SPLIT_NAMES = {"train": "train", "test": "test", "validation": "test", "val": "test", "valid": "test"}
+SPLIT_WORDS = ("train", "test", "validation", "val", "valid")
+VALIDATION = ("validation", "val", "valid")
+
+
+def _split_names(raw: list[str]) -> dict[str, str]:
+    """A data set's split names -> ours: its validation split is the test split when it has no test split of its
+    own (the hub's train/validation sets); with both, each keeps its name (none is merged into another)."""
+    out = {r: r for r in raw}
+    if "test" not in raw:
+        val = next((r for r in VALIDATION if r in raw), None)
+        if val is not None:
+            out[val] = "test"
+    return out
 LABEL_NAMES = ("label", "labels", "fine_label", "class", "target")
 
 
@@ -72,11 +86,13 @@ class HfSource(Source):
             raise PipelineError(f"{p}: no such file or folder (hf:PATH takes a save_to_disk folder or parquet files)")
         if (p / "dataset_dict.json").is_file():
             splits = self._json(p / "dataset_dict.json").get("splits")
-            if not isinstance(splits, list) or not splits:
-                raise PipelineError(f"{p / 'dataset_dict.json'}: no list of splits; save the data set again")
-            features = {}
+            if (not isinstance(splits, list) or not splits
+                    or not all(isinstance(x, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", x) for x in splits)):
+                raise PipelineError(f"{p / 'dataset_dict.json'}: no list of split names (letters, digits, '-', '_'); "
+                                    "save the data set again")
+            features, names = {}, _split_names([str(s) for s in splits])
             for s in splits:
-                features = self._arrow_split(SPLIT_NAMES.get(s, s), p / s) or features
+                features = self._arrow_split(names[str(s)], p / str(s)) or features
             return features
         if (p / "state.json").is_file():
             return self._arrow_split("train", p)
@@ -88,6 +104,8 @@ class HfSource(Source):
         for f in files:
             split = "train" if p.is_file() else self._split_of(f.relative_to(p))
             by_split.setdefault(split, []).append(f)
+        names = _split_names(list(by_split))
+        by_split = {names[s]: fs for s, fs in by_split.items()}
         features = {}
         for split, fs in by_split.items():
             features = self._parquet_split(split, fs) or features
@@ -97,8 +115,8 @@ class HfSource(Source):
     def _split_of(rel: Path) -> str:
         for part in (*rel.parent.parts, rel.name):
             word = part.split("-", 1)[0].split("_", 1)[0].split(".", 1)[0].lower()
-            if word in SPLIT_NAMES:
-                return SPLIT_NAMES[word]
+            if word in SPLIT_WORDS:
+                return word
         raise PipelineError(f"{rel}: cannot tell its split (its name or folder should begin with train, test or "
                             "validation); give one parquet file, or a folder laid out as the hub's data/")
 
