@@ -51,6 +51,31 @@ def die_with_parent() -> bool:
     return ok
 
 
+def become_worker() -> None:
+    """Set up a helper process (a loader worker, a prepare worker, a selection round): it dies with its parent,
+    and leaves a stop to the command. A terminal's Ctrl-C reaches the whole process group: a worker ignores it,
+    and the command ends its workers itself. A SIGTERM to the group (Slurm signals every process of a job step)
+    ends a worker quietly, as multiprocessing's own terminate() expects (ignoring it hung the command's exit in
+    multiprocessing's join); the command's handler then no longer listens for its workers' ends (`interrupt`).
+    Before this, a worker that raised on either signal made the loader report "worker exited unexpectedly",
+    with tracebacks under the command's "interrupted" line. And a command stopped while it was taking a batch
+    over hangs up on the worker mid-handover: multiprocessing's fd-sharing thread in the worker printed that
+    ConnectionResetError through sys.excepthook (seen in the suite). A hang-up from the command is not news."""
+    import signal
+    import sys
+
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the command's handler, inherited through fork
+    default_hook = sys.excepthook
+
+    def quiet_hangups(kind, value, tb) -> None:
+        if not isinstance(value, (ConnectionError, EOFError)):
+            default_hook(kind, value, tb)
+
+    sys.excepthook = quiet_hangups
+
+
 class Interrupted(BaseException):
     """A stop asked for by a signal (SIGINT, SIGTERM): not KeyboardInterrupt, which click swallows into a silent
     exit. Raised by the command line's signal handler, and again by `check_interrupt` where it was lost."""
@@ -88,8 +113,25 @@ def interrupt(signum: int, frame=None) -> None:
     callback from C) is lost the same way. Either way the signal stays noted, and `check_interrupt` raises it
     at the next step."""
     _pending.append(signum)
+    _stop_watching_workers()
     if not _forking[0]:
         raise Interrupted(signum)
+
+
+def _stop_watching_workers() -> None:
+    """A stopping command expects its workers to end (a group's SIGTERM ends them with it): torch's loader
+    watches for that with a SIGCHLD handler that raises "worker exited unexpectedly" wherever the command is,
+    even while it prints its "interrupted" line. Pending signals run after this one, so a handler that does
+    nothing, put in here, also takes a SIGCHLD that came with the stop (SIG_DFL would make Python print
+    "Signal 17 ignored due to race condition" for it)."""
+    import signal
+
+    if callable(signal.getsignal(signal.SIGCHLD)):
+        signal.signal(signal.SIGCHLD, _ignore)
+
+
+def _ignore(signum: int, frame=None) -> None:
+    pass
 
 
 def check_interrupt() -> None:

@@ -2,6 +2,7 @@
 other classes and another image size; what size it sees, what is recorded, and the experiment's eval_data."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -55,8 +56,13 @@ def _spy_sizes(monkeypatch) -> list:
     return seen
 
 
-def test_transfer_to_other_classes_and_size_is_resized_to_the_pretraining_size(sets, pretrained, monkeypatch):
+def test_transfer_to_other_classes_and_size_is_resized_to_the_pretraining_size(sets, pretrained, monkeypatch,
+                                                                             tmp_path):
     root, a, b = sets
+    # its own copy of the checkpoint: the other tests measure the shared one in an order pytest-xdist chooses, and this
+    # test counts the definitions in results.json
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    pretrained = shutil.copy(pretrained, tmp_path / "run" / "checkpoints" / pretrained.name)
     seen = _spy_sizes(monkeypatch)
     r = evaluate(b.root, pretrained, "slf", "pgd20", **FAST)
     assert set(seen) == {(16, 16)}  # B's 24 px images reach the encoder at A's 16 px

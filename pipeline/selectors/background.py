@@ -33,7 +33,7 @@ from pipeline.errors import PipelineError
 from pipeline.kv import parse_kv
 from pipeline.registry import load_plugins
 from pipeline.runlayout import RunLayout
-from pipeline.runtime import die_with_parent, tune_allocator
+from pipeline.runtime import become_worker, tune_allocator
 from pipeline.selectors.base import create_selector, round_seed
 from pipeline.selectors.run import run_selection
 from pipeline.shards.manifest import read_header, round_path
@@ -41,8 +41,7 @@ from pipeline.shards.manifest import read_header, round_path
 
 def _worker(kwargs: dict, threads: int, nice: int, group: tuple | None = None) -> None:
     load_plugins()  # a fresh interpreter: the user's own selectors and methods register again
-    die_with_parent()  # a killed trainer takes its selection round with it
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle; it ends this round
+    become_worker()  # dies with the trainer; Ctrl-C is the trainer's to handle: it ends the round
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # ended by the trainer: exit cleanly, lock released
     if nice:
         os.nice(nice)

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.dist import rank_and_world
 from pipeline.errors import PipelineError
-from pipeline.runtime import die_with_parent
+from pipeline.runtime import become_worker
 from pipeline.shards.batch import Batch
 from pipeline.shards.crops import RandomResizedCrop, parse_crop
 from pipeline.shards.device_decode import DeviceDecoder, torchvision_decoder
@@ -223,7 +223,7 @@ def threaded_batches(dataset: _TaskStream, workers: int, pin: bool, prefetch: in
 
 
 def _worker_init(_worker_id: int) -> None:
-    die_with_parent()
+    become_worker()
 
 
 class ShardLoader:

@@ -11,7 +11,6 @@ import json
 import os
 import queue as queue_mod
 import re
-import signal
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from pipeline.errors import PipelineError, WriteError
 from pipeline.kv import parse_kv
 from pipeline.locks import LOCK_NAME, folder_lock
 from pipeline.progress import console, progress_bar
-from pipeline.runtime import die_with_parent
+from pipeline.runtime import become_worker
 from pipeline.shards import ffcv_io, layout
 from pipeline.shards.ffcv_write import write_betons
 from pipeline.shards.images import DEFAULT_JPEG_QUALITY, CorruptImage, Encoding
@@ -170,8 +169,7 @@ _worker: dict = {}
 
 
 def _init_worker(spec: str, encoding: Encoding, progress_queue, follow_symlinks: bool = False) -> None:
-    die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops the work
+    become_worker()  # Ctrl-C reaches the whole group: the parent stops the work
     _worker.update(source=open_source(spec, follow_symlinks), encoding=encoding, queue=progress_queue)
 
 
