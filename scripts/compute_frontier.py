@@ -2,7 +2,7 @@
 subsets *at the same compute*, and the frontier figure.
 
     python scripts/compute_frontier.py runs/experiments/cifar10-compute-cpu/results.json [MORE.json ...] \
-        [--figure benchmarks/figures/compute-frontier.png] [--time-seeds 0,1]
+        [--figure benchmarks/figures/compute-frontier.png] [--time-seeds 0,1] [--untimed ARM-sSEED,...]
 
 Inputs: the experiment's results.json (or its experiment.json record), one or more (several sessions' parts of
 one experiment: a later file's row for the same arm and seed wins). Random at equal compute: for each seed, the
@@ -11,6 +11,8 @@ is compared with that curve at its own compute, interpolated linearly between th
 (none outside their range). Compute is counted two ways: images attacked (a count: the same on any machine)
 and training wall time (selection included: it depends on the machine and on what ran beside it). A difference
 is beyond the noise when it has the same sign on every seed and its mean is more than twice its standard error.
+Wall times count only for runs that ran alone: `--time-seeds` keeps those seeds', `--untimed` drops single runs'
+(marked † in the table of every run).
 """
 
 from __future__ import annotations
@@ -62,7 +64,14 @@ def beyond(diffs: list[float]) -> bool:
     return sd is not None and (all(d > 0 for d in diffs) or all(d < 0 for d in diffs)) and abs(m) > 2 * sd / np.sqrt(len(diffs))
 
 
-def paired_at_equal_compute(rows: list[dict], compute: str, time_seeds=None) -> list[dict]:
+def mark_timed(rows: list[dict], time_seeds=None, untimed=()) -> None:
+    """Which runs' wall times count: those of `time_seeds` (all seeds when None), less the runs named in
+    `untimed` ("ARM-sSEED")."""
+    for r in rows:
+        r["timed"] = (time_seeds is None or r["seed"] in time_seeds) and f"{r['arm']}-s{r['seed']}" not in untimed
+
+
+def paired_at_equal_compute(rows: list[dict], compute: str) -> list[dict]:
     arms = list(dict.fromkeys(r["arm"] for r in rows))
     by = {(r["arm"], r["seed"]): r for r in rows}
     out = []
@@ -74,11 +83,12 @@ def paired_at_equal_compute(rows: list[dict], compute: str, time_seeds=None) -> 
         for m, _ in MEASURES:
             diffs, seeds, shares = [], [], []
             for r in mine:
-                if compute == "wall_s" and time_seeds is not None and r["seed"] not in time_seeds:
+                if compute == "wall_s" and not r.get("timed", True):
                     continue
                 curve = [(by[(a, r["seed"])][compute], by[(a, r["seed"])][m]) for a in arms
                          if (a, r["seed"]) in by and is_random(by[(a, r["seed"])])
-                         and by[(a, r["seed"])].get(m) is not None and by[(a, r["seed"])].get(compute) is not None]
+                         and by[(a, r["seed"])].get(m) is not None and by[(a, r["seed"])].get(compute) is not None
+                         and (compute != "wall_s" or by[(a, r["seed"])].get("timed", True))]
                 at = interpolate(curve, r[compute]) if r.get(m) is not None else None
                 if at is not None:
                     diffs.append(100 * (r[m] - at))
@@ -95,7 +105,7 @@ def _pm(mean, sd, digits=2) -> str:
     return f"{mean:,.{digits}f}" + (f" ± {sd:,.{digits}f}" if sd is not None else "")
 
 
-def markdown(rows: list[dict], time_seeds=None) -> str:
+def markdown(rows: list[dict], timing: str = "") -> str:
     arms = list(dict.fromkeys(r["arm"] for r in rows))
     seeds = sorted({r["seed"] for r in rows})
     out = ["Every run (accuracies in %):", "",
@@ -108,20 +118,20 @@ def markdown(rows: list[dict], time_seeds=None) -> str:
                 continue
             out.append(f"| {arm} | {s} | " + " | ".join("-" if r.get(m) is None else f"{100 * r[m]:.2f}"
                                                        for m, _ in MEASURES)
-                       + f" | {r['wall_s']:.0f} | {r['images']:,} | {r.get('images_attacked', r['images']):,} |")
-    out += ["", "Each arm, mean ± sd over its seeds" + (f" (wall s over seeds {','.join(map(str, time_seeds))})"
-                                                       if time_seeds else "") + ":", "",
+                       + f" | {r['wall_s']:.0f}{'' if r.get('timed', True) else ' †'} | {r['images']:,} | "
+                       f"{r.get('images_attacked', r['images']):,} |")
+    out += ["", "Each arm, mean ± sd over its seeds" + (f" (wall s: {timing})" if timing else "") + ":", "",
             "| arm | seeds | " + " | ".join(t for _, t in MEASURES) + " | wall s | images trained on | images attacked |",
             "| --- | ---: | " + " | ".join("---:" for _ in MEASURES) + " | ---: | ---: | ---: |"]
     for arm in arms:
         rs = [r for r in rows if r["arm"] == arm]
-        walls = [r["wall_s"] for r in rs if time_seeds is None or r["seed"] in time_seeds]
+        walls = [r["wall_s"] for r in rs if r.get("timed", True)]
         out.append(f"| {arm} | {len(rs)} | " + " | ".join(_pm(*mean_sd([100 * r[m] for r in rs if r.get(m) is not None]))
                                                        for m, _ in MEASURES)
                    + f" | {_pm(*mean_sd(walls), digits=0)} | {_pm(*mean_sd([r['images'] for r in rs]), digits=0)} | "
                    f"{_pm(*mean_sd([r.get('images_attacked', r['images']) for r in rs]), digits=0)} |")
     for compute, title in COMPUTE:
-        paired = paired_at_equal_compute(rows, compute, time_seeds)
+        paired = paired_at_equal_compute(rows, compute)
         out += ["", f"Against random subsets at the same {title} (arm minus random's curve at the arm's {title}, "
                 "same seed, points; per seed, then mean ± sd; **bold**: beyond the noise):", "",
                 "| arm | " + " | ".join(t for _, t in MEASURES) + " |", "| --- | " + " | ".join("---" for _ in MEASURES) + " |"]
@@ -138,7 +148,7 @@ def markdown(rows: list[dict], time_seeds=None) -> str:
     return "\n".join(out) + "\n"
 
 
-def figure(rows: list[dict], path: Path, time_seeds=None) -> None:
+def figure(rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,7 +160,7 @@ def figure(rows: list[dict], path: Path, time_seeds=None) -> None:
         random_pts = []
         for arm in arms:
             rs = [r for r in rows if r["arm"] == arm and r.get(m) is not None]
-            walls = [r["wall_s"] for r in rs if time_seeds is None or r["seed"] in time_seeds]
+            walls = [r["wall_s"] for r in rs if r.get("timed", True)]
             if not rs or not walls:
                 continue
             x, xs = mean_sd(walls)
@@ -178,12 +188,22 @@ def main() -> None:
     ap.add_argument("results", nargs="+", type=Path)
     ap.add_argument("--figure", type=Path)
     ap.add_argument("--time-seeds", default="", help="seeds whose wall times count (the runs that ran alone)")
+    ap.add_argument("--untimed", default="", help="runs (ARM-sSEED) whose wall times do not count: they ran "
+                                                  "beside other work")
     args = ap.parse_args()
     time_seeds = [int(s) for s in args.time_seeds.split(",") if s] or None
+    untimed = {u for u in args.untimed.split(",") if u}
     rows = load_rows(args.results)
-    print(markdown(rows, time_seeds))
+    unknown = untimed - {f"{r['arm']}-s{r['seed']}" for r in rows}
+    if unknown:
+        ap.error(f"--untimed names runs the results do not have: {', '.join(sorted(unknown))}")
+    mark_timed(rows, time_seeds, untimed)
+    timing = ", ".join(filter(None, [f"seeds {','.join(map(str, time_seeds))}" if time_seeds else "",
+                                      f"less {', '.join(sorted(untimed))}" if untimed else ""]))
+    timing += "; † marks the wall times not counted" if timing else ""
+    print(markdown(rows, timing))
     if args.figure:
-        figure(rows, args.figure, time_seeds)
+        figure(rows, args.figure)
 
 
 if __name__ == "__main__":
