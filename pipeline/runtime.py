@@ -3,9 +3,11 @@ stops a command (`interrupt`, `check_interrupt`)."""
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import ctypes.util
 import logging  # noqa: F401  (its fork hooks first: ours must enclose them)
+import multiprocessing.util  # noqa: F401  (its exit hook first: ours must run before it)
 import os
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
@@ -132,6 +134,13 @@ def _stop_watching_workers() -> None:
 
 def _ignore(signum: int, frame=None) -> None:
     pass
+
+
+# A command that ends on an error (a sample that does not decode, a bad value) still holds its loader, whose
+# workers multiprocessing's exit hook then ends with SIGTERM; torch's SIGCHLD handler would report that end as
+# "worker killed by signal: Terminated", with a traceback under the command's one-line error (seen in CI).
+# atexit runs its hooks newest first, so this one runs before multiprocessing's.
+atexit.register(_stop_watching_workers)
 
 
 def check_interrupt() -> None:

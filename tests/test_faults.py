@@ -313,6 +313,32 @@ def test_a_loader_worker_error_shows_its_own_message(tmp_path):
     assert "DataLoader worker" not in r.stderr and "Original Traceback" not in r.stderr
 
 
+_EXIT_WITH_LIVE_WORKERS = """
+import sys, time
+import multiprocessing.popen_fork as popen_fork
+from torch.utils.data import DataLoader
+from pipeline import runtime
+send = popen_fork.Popen._send_signal
+def send_then_wait(self, sig):  # the race CI lost, made certain: the worker is dead before the exit hook goes on
+    send(self, sig)
+    time.sleep(1)
+popen_fork.Popen._send_signal = send_then_wait
+loader = DataLoader(range(100), num_workers=1, worker_init_fn=lambda i: runtime.become_worker(),
+                    multiprocessing_context="fork")
+batches = iter(loader)
+next(batches)
+sys.exit(3)  # as a command's error exit does: its loader and the worker are still alive
+"""
+
+
+def test_an_error_exit_with_loader_workers_alive_adds_nothing_to_its_message():
+    """multiprocessing's exit hook ends live workers with SIGTERM; torch's SIGCHLD handler reported that as
+    "DataLoader worker is killed by signal: Terminated", with a traceback, under a command's one-line error."""
+    r = subprocess.run([sys.executable, "-c", _EXIT_WITH_LIVE_WORKERS], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3, r.stderr
+    assert r.stderr == "", r.stderr
+
+
 # -- signals -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("sig,group,workers", [
     (signal.SIGTERM, False, 0),
